@@ -1,0 +1,103 @@
+"""The attention seam: how a flat batch of tokens meets the paged KV cache.
+
+KV cache layout (one pair per layer), shared by every backend and kernel:
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+A token at position p of a sequence lives in block ``block_table[p // block_size]`` at offset
+``p % block_size``; its flat slot is ``block_id * block_size + offset`` (``slot_mapping``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step description of the flat batch, built once by the model runner.
+
+    Sequences are laid end to end in the flat token dimension T. Sequence i owns query
+    tokens ``query_start_loc[i]:query_start_loc[i+1]``; its context after this step is
+    ``seq_lens[i]`` tokens, so its first new token sits at position
+    ``seq_lens[i] - (query_start_loc[i+1] - query_start_loc[i])``.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64, flat cache slot of each new token (-1: skip)
+    query_start_loc: torch.Tensor  # [B+1] int32, cumulative query lengths
+    seq_lens: torch.Tensor  # [B] int32, context length after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    seq_lens_cpu: list[int] | None = None  # host copies, so backends need not synchronise
+    query_lens_cpu: list[int] | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(ABC):
+    """Writes new K/V into the paged cache and computes causal attention for a flat batch.
+
+    Contract: ``forward(q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], k_cache, v_cache, meta)``
+    returns ``[T, Hq, D]``: for each query token, softmax(q·Kᵀ·scale) over the sequence's
+    cached tokens at positions ≤ its own position (new tokens included), times V. GQA: query
+    head h reads KV head ``h // (Hq // Hkv)``.
+    """
+
+    name: str = "base"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} not divisible by num_kv_heads {num_kv_heads}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor: ...
+
+
+def write_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Reference scatter of new K/V [T, Hkv, D] into the paged cache at ``slot_mapping``."""
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    num_blocks, block_size = k_cache.shape[:2]
+    k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
+
+
+_BACKENDS: dict[str, type[AttentionBackend]] = {}
+
+
+def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
+    _BACKENDS[cls.name] = cls
+    return cls
+
+
+def get_backend_cls(name: str) -> type[AttentionBackend]:
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
+    return _BACKENDS[name]

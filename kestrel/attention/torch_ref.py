@@ -1,0 +1,64 @@
+"""Plain torch attention over the paged cache: the oracle every fast kernel is tested against."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kestrel.attention.base import AttentionBackend, AttentionMetadata, register_backend, write_kv_cache
+
+
+def gather_paged(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
+    """[num_blocks, bs, H, D] paged cache → [B, max_len, H, D] contiguous per-sequence context."""
+    b, nblk = block_tables.shape
+    bs = cache.shape[1]
+    ctx = cache[block_tables.long()]  # [B, nblk, bs, H, D]
+    return ctx.reshape(b, nblk * bs, *cache.shape[2:])[:, :max_len]
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of flat queries [T, Hq, D] against each sequence's paged context."""
+    t, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    b = meta.num_seqs
+    qsl = meta.query_start_loc.long()
+    q_lens = qsl[1:] - qsl[:-1]  # [B]
+    seq_lens = meta.seq_lens.long()
+    max_q, max_l = meta.max_query_len, meta.max_seq_len
+    # Scatter flat queries into a padded [B, max_q] grid.
+    seq_idx = torch.repeat_interleave(torch.arange(b, device=q.device), q_lens, output_size=t)
+    tok_idx = torch.arange(t, device=q.device) - qsl[seq_idx]
+    qp = q.new_zeros(b, max_q, hq, d)
+    qp[seq_idx, tok_idx] = q
+    k = gather_paged(k_cache, meta.block_tables, max_l).to(q.dtype)  # [B, L, Hkv, D]
+    v = gather_paged(v_cache, meta.block_tables, max_l).to(q.dtype)
+    # Query t of sequence i sits at position seq_len - q_len + t and sees keys at positions <= it.
+    q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_q, device=q.device)[None]  # [B, max_q]
+    k_pos = torch.arange(max_l, device=q.device)
+    mask = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, max_q, L]
+    mask &= k_pos[None, None, :] < seq_lens[:, None, None]
+    mask[:, :, 0] = True  # padded query rows: keep softmax finite; they are dropped below
+    if hkv != hq:
+        k = k.repeat_interleave(hq // hkv, dim=2)
+        v = v.repeat_interleave(hq // hkv, dim=2)
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale
+    )  # [B, Hq, max_q, D]
+    return out.transpose(1, 2)[seq_idx, tok_idx]
+
+
+@register_backend
+class TorchAttention(AttentionBackend):
+    """Reference backend: works on any device and dtype; slow but obviously right."""
+
+    name = "torch"
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        return paged_attention_ref(q, k_cache, v_cache, meta, self.scale)

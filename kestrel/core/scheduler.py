@@ -1,0 +1,168 @@
+"""Continuous batching by token budget, with chunked prefill, prefix caching and preemption.
+
+Each step every running request asks for the tokens it has not computed yet (one for a decode,
+up to the budget for a prompt); waiting requests join while budget, sequence slots and KV blocks
+last. When blocks run out the newest running request is preempted: its blocks are freed and it
+goes back to the front of the queue to be recomputed later. No request is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kestrel.config import SchedulerConfig
+from kestrel.core.block_pool import KVCacheManager
+from kestrel.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step, as plain data the runner (or a remote worker) can use."""
+
+    request_id: str
+    token_ids: list[int]  # tokens at positions start .. start + len - 1
+    start: int  # tokens already in the cache before this step
+    block_ids: list[int]  # the request's whole block table
+    sample: bool  # this chunk reaches the end of the known tokens: sample the next one
+    prompt_logprobs: bool = False  # return logits of every scheduled position
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    """The one contract between scheduler and model runner."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.cfg = cfg
+        self.kv = kv
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+        if self.cfg.policy == "priority":
+            self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Leave the scheduler (stopped, length, aborted): free blocks at once."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = status
+        self.kv.free(req)
+        self.kv.forget(req)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.cfg.max_num_batched_tokens
+        budget = self._schedule_running(out, budget)
+        if not out.preempted_ids:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, num_new):
+                victim = self._pick_victim(self.running[i:])
+                self._preempt(victim)
+                out.preempted_ids.append(victim.request_id)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break  # it preempted itself: nothing later in the list fits either
+            out.scheduled.append(self._scheduled(req, num_new))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            req = self.waiting[0]
+            if self._defer_sibling(req):
+                skipped.append(self.waiting.pop(0))
+                continue
+            computed = self.kv.get_computed_blocks(req)
+            num_cached = len(computed) * self.kv.block_size
+            num_new = req.num_tokens - num_cached
+            if not self.cfg.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            if not self.kv.allocate_slots(req, num_new, computed):
+                break
+            self.waiting.pop(0)
+            req.num_computed_tokens = num_cached
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(self._scheduled(req, num_new))
+            budget -= num_new
+        self.waiting[:0] = skipped
+
+    def _defer_sibling(self, req: Request) -> bool:
+        """n > 1: later samples wait until the first has computed the shared prompt blocks."""
+        first = req.first_sibling
+        if first is None or first.is_finished or not self.kv.pool.enable_prefix_caching:
+            return False
+        shared = (req.num_prompt_tokens - 1) // self.kv.block_size * self.kv.block_size
+        return first.num_computed_tokens < shared
+
+    def _pick_victim(self, candidates: list[Request]) -> Request:
+        """Newest (FCFS) or least urgent (priority) among those not yet scheduled this step."""
+        if self.cfg.policy == "priority":
+            return max(candidates, key=lambda r: (r.priority, r.arrival_time))
+        return candidates[-1]
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.insert(0, req)
+
+    @staticmethod
+    def _scheduled(req: Request, num_new: int) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        end = start + num_new
+        p = req.num_prompt_tokens
+        tokens = (req.prompt_token_ids[start:end] if end <= p
+                  else req.all_token_ids[start:end])
+        return ScheduledRequest(
+            request_id=req.request_id, token_ids=tokens, start=start,
+            block_ids=list(req.block_ids), sample=end == req.num_tokens,
+            prompt_logprobs=req.params.prompt_logprobs is not None and start < p,
+        )
+
+    def advance(self, out: SchedulerOutput, requests: dict[str, Request]) -> None:
+        """After the step ran: the scheduled tokens are now in the cache."""
+        for s in out.scheduled:
+            req = requests[s.request_id]
+            req.num_computed_tokens = s.start + s.num_new_tokens

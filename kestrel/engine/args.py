@@ -1,0 +1,156 @@
+"""User-facing engine arguments (vLLM's names) → a frozen EngineConfig and a tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kestrel.config import (CacheConfig, EngineConfig, ParallelConfig, QuantConfig,
+                            SchedulerConfig, resolve_dtype)
+from kestrel.loader.dummy import PRESETS, preset_config
+from kestrel.loader.hf import load_model_config, read_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # folder, .gguf file, preset name (with load_format dummy), or None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str | None = None  # None: cuda if available else cpu
+    load_format: str = "auto"
+    quantization: str | None = None
+    fp8_activation_scale_ub: float = 1200.0
+    fp8_attention: bool = False
+    fp8_skip_layers: bool = True
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.90
+    kv_cache_memory_bytes: int | None = None  # CPU pool size
+    kv_cache_dtype: str = "auto"
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"
+    max_waiting: int | None = None
+    seed: int = 0
+    enforce_eager: bool = False
+    attention_backend: str = "auto"
+    debug_checks: bool = False
+
+    def create_config(self) -> EngineConfig:
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model_path, load_format = resolve_model(self.model, self.load_format)
+        if load_format == "dummy":
+            mcfg = (preset_config(model_path) if model_path in PRESETS
+                    else load_model_config(model_path))
+        else:
+            mcfg = load_model_config(model_path)
+        max_len = self.max_model_len or mcfg.max_position_embeddings
+        if max_len > mcfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's context "
+                             f"({mcfg.max_position_embeddings} positions)")
+        quant = _quant_config(self, model_path if load_format != "dummy" else None)
+        cache_kw: dict[str, Any] = {}
+        if self.kv_cache_memory_bytes is not None:
+            cache_kw["cpu_kv_cache_bytes"] = self.kv_cache_memory_bytes
+        return EngineConfig(
+            model=model_path, model_config=mcfg, tokenizer=self.tokenizer,
+            dtype=resolve_dtype(self.dtype, device), device=device, seed=self.seed,
+            load_format=load_format, attention_backend=self.attention_backend,
+            enforce_eager=self.enforce_eager, debug_checks=self.debug_checks,
+            cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
+                              gpu_memory_utilization=self.gpu_memory_utilization,
+                              enable_prefix_caching=self.enable_prefix_caching,
+                              kv_cache_dtype=self.kv_cache_dtype, **cache_kw),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=self._token_budget(max_len),
+                max_num_seqs=self.max_num_seqs, max_model_len=max_len,
+                enable_chunked_prefill=self.enable_chunked_prefill,
+                policy=self.scheduling_policy, max_waiting=self.max_waiting),
+            parallel=ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size),
+            quant=quant,
+        )
+
+    def _token_budget(self, max_len: int) -> int:
+        if self.enable_chunked_prefill:
+            return self.max_num_batched_tokens or 2048
+        return max(max_len, self.max_num_batched_tokens or 0)  # a whole prompt in one step
+
+
+def _quant_config(args: EngineArgs, folder: str | None) -> QuantConfig:
+    """From --quantization, or from the checkpoint's own quantization_config."""
+    method = args.quantization
+    if method is None and folder is not None:
+        qc = read_config(folder).get("quantization_config")
+        if qc:
+            from kestrel.quant.fp8_checkpoint import quant_config_from_hf
+
+            found = quant_config_from_hf(read_config(folder))
+            if found is not None:
+                return found
+            raise ValueError(f"{folder}: unsupported quantization_config {qc.get('quant_method')!r}")
+    return QuantConfig(method=method, fp8_activation_scale_ub=args.fp8_activation_scale_ub,
+                       fp8_attention=args.fp8_attention, fp8_skip_layers=args.fp8_skip_layers)
+
+
+def kestrel_home() -> Path:
+    return Path(os.environ.get("KESTREL_HOME", Path.home() / ".cache" / "kestrel"))
+
+
+def resolve_model(model: str | None, load_format: str) -> tuple[str, str]:
+    """Map what the user named to (a local HF folder or preset, load format). Never a hub."""
+    if load_format == "dummy":
+        if model is None:
+            raise ValueError("load_format dummy needs a preset name or a model folder")
+        if model in PRESETS or Path(model).is_dir():
+            return model, "dummy"
+        raise ValueError(f"unknown preset {model!r}; known: {sorted(PRESETS)}")
+    if model is None:
+        from kestrel.loader.pull import pull_default_model
+
+        return str(pull_default_model()), "safetensors"
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path), "safetensors"
+    if path.is_file() and path.suffix == ".gguf":
+        return str(_converted_gguf(path)), "safetensors"
+    if model in PRESETS:
+        raise ValueError(f"{model!r} is a random-weight preset: pass load_format='dummy' "
+                         f"(--load-format dummy) to use it")
+    raise ValueError(f"model {model!r} not found: give a Hugging Face model folder, a .gguf file, "
+                     f"or nothing for the default model (Kestrel never downloads from a hub)")
+
+
+def _converted_gguf(path: Path) -> Path:
+    """GGUF files are converted once to a cached HF folder keyed by their size and mtime."""
+    from kestrel.loader.gguf import gguf_to_hf_folder
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    out = kestrel_home() / "converted" / f"{path.stem}-{key[:12]}"
+    if not (out / "config.json").is_file():
+        log.info("converting %s to %s", path, out)
+        gguf_to_hf_folder(path, out)
+    return out
+
+
+def load_engine_tokenizer(cfg: EngineConfig) -> Any:
+    """The model's tokenizer, or None for random-weight presets (token-id prompts only)."""
+    source = cfg.tokenizer or (None if cfg.load_format == "dummy" else cfg.model)
+    if source is None:
+        return None
+    from kestrel.loader.tokenizer import load_tokenizer
+
+    return load_tokenizer(source)

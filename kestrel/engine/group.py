@@ -1,0 +1,105 @@
+"""A user's request: its n samples, their detokenizers, stop checks and the RequestOutput view."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kestrel.engine.detokenizer import IncrementalDetokenizer, find_stop
+from kestrel.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kestrel.request import Request, RequestStatus
+from kestrel.sampling_params import SamplingParams
+
+
+class RequestGroup:
+    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int],
+                 params: SamplingParams, samples: list[Request], tokenizer: Any) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.samples = samples
+        self.detok = [IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
+                      for _ in samples]
+        self.texts = [""] * len(samples)
+        self.holdback = max((len(s) for s in params.stop), default=1) - 1
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+
+    @property
+    def finished(self) -> bool:
+        return all(r.is_finished for r in self.samples)
+
+    def append_token(self, r: Request, token: int, logprobs: dict[int, float] | None,
+                     now: float) -> RequestStatus | None:
+        """Record a sampled token; return the finishing status if the sample is done."""
+        r.output_token_ids.append(token)
+        if logprobs is not None:
+            r.logprobs.append(logprobs)
+        if r.first_token_time is None:
+            r.first_token_time = now
+        r.token_times.append(now)
+        i = r.sample_index
+        p = self.params
+        stop_tok = token in p.stop_token_ids
+        is_eos = not p.ignore_eos and token in r.eos_token_ids
+        delta = self.detok[i].add(token) if not (is_eos or stop_tok) else ""
+        self.texts[i] += delta
+        hit = find_stop(self.texts[i], p.stop, len(delta))
+        if hit is not None:
+            idx, s = hit
+            self.texts[i] = self.texts[i][: idx + (len(s) if p.include_stop_str_in_output else 0)]
+            r.stop_reason = s
+            return RequestStatus.FINISHED_STOPPED
+        if is_eos:
+            return RequestStatus.FINISHED_STOPPED
+        if stop_tok:
+            r.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if len(r.output_token_ids) >= r.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def add_prompt_logprobs(self, r: Request, start: int, logits: torch.Tensor) -> None:
+        """Logits of prompt positions start.. predict tokens start+1..; only sample 0 records."""
+        if r.sample_index != 0 or self.prompt_logprobs is None:
+            return
+        k = self.params.prompt_logprobs or 0
+        lp = logits.log_softmax(-1)
+        n = len(self.prompt_ids)
+        for row in range(lp.shape[0]):
+            pos = start + row + 1  # the prompt token this row predicts
+            if pos >= n or pos < len(self.prompt_logprobs):
+                continue
+            tok = self.prompt_ids[pos]
+            d = {tok: float(lp[row, tok])}
+            if k:
+                v, ids = lp[row].topk(k)
+                for t, x in zip(ids.tolist(), v.tolist()):
+                    d.setdefault(t, x)
+            self.prompt_logprobs.append(d)
+
+    def output(self) -> RequestOutput:
+        outs = []
+        for r, text in zip(self.samples, self.texts):
+            done = r.is_finished
+            visible = text if done or self.holdback == 0 else text[: max(0, len(text) - self.holdback)]
+            outs.append(CompletionOutput(
+                index=r.sample_index, text=visible, token_ids=list(r.output_token_ids),
+                logprobs=list(r.logprobs) if self.params.logprobs is not None else None,
+                finish_reason=r.status.value if done else None, stop_reason=r.stop_reason))
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, self.finished,
+                             self.prompt_logprobs, self.metrics(),
+                             self.samples[0].num_cached_tokens)
+
+    def metrics(self) -> RequestMetrics:
+        r0 = self.samples[0]
+        firsts = [r.first_token_time for r in self.samples if r.first_token_time is not None]
+        ends = [r.finished_time for r in self.samples if r.finished_time is not None]
+        return RequestMetrics(
+            arrival_time=r0.arrival_time, first_scheduled_time=r0.first_scheduled_time,
+            first_token_time=min(firsts) if firsts else None,
+            finished_time=max(ends) if self.finished and ends else None,
+            token_times=list(r0.token_times), num_cached_tokens=r0.num_cached_tokens,
+            num_preemptions=sum(r.num_preemptions for r in self.samples))

@@ -1,0 +1,31 @@
+"""Counters the engine keeps for /metrics and benchmarks (prometheus export lives in server/)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kestrel.core.scheduler import SchedulerOutput
+
+
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    prompt_tokens: int = 0  # prompt tokens computed (cache hits excluded, recompute included)
+    generation_tokens: int = 0
+    num_preemptions: int = 0
+    finished_requests: int = 0
+    finished_reasons: dict[str, int] = field(default_factory=dict)
+
+    def on_schedule(self, out: SchedulerOutput, total_preemptions: int) -> None:
+        self.num_steps += 1
+        self.num_preemptions = total_preemptions
+        for s in out.scheduled:
+            if s.sample and s.num_new_tokens == 1 and s.start > 0:
+                self.generation_tokens += 1
+            else:
+                self.prompt_tokens += s.num_new_tokens
+
+    def on_finished(self, group) -> None:
+        self.finished_requests += 1
+        for r in group.samples:
+            self.finished_reasons[r.status.value] = self.finished_reasons.get(r.status.value, 0) + 1

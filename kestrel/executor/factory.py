@@ -1,0 +1,40 @@
+"""Pick the executor for a configuration: one process, or one process per parallel rank."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from kestrel.config import EngineConfig
+from kestrel.core.scheduler import SchedulerOutput
+from kestrel.executor.model_runner import ModelRunner, RunnerOutput
+
+
+class Executor(Protocol):
+    num_blocks: int
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput: ...
+
+    def shutdown(self) -> None: ...
+
+
+class UniProcExecutor:
+    """The model runner in this process."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.runner = ModelRunner(cfg)
+        self.num_blocks = self.runner.num_blocks_that_fit()
+        self.runner.allocate_kv_cache(self.num_blocks)
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        return self.runner.execute(out)
+
+    def shutdown(self) -> None:
+        self.runner.kv_caches = []
+
+
+def make_executor(cfg: EngineConfig) -> Executor:
+    if cfg.parallel.world_size == 1:
+        return UniProcExecutor(cfg)
+    from kestrel.executor.multiproc import MultiProcExecutor
+
+    return MultiProcExecutor(cfg)

@@ -1,0 +1,25 @@
+"""Build a model on its device and fill its weights: from a checkpoint folder or random."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kestrel.attention.base import AttentionBackend
+from kestrel.config import EngineConfig
+from kestrel.loader.dummy import init_dummy_weights
+from kestrel.loader.hf import iterate_weights
+from kestrel.models.registry import get_model_cls
+from kestrel.parallel.state import TPGroup
+
+
+def build_model(cfg: EngineConfig, backend_cls: type[AttentionBackend], tp: TPGroup,
+                layer_range: tuple[int, int] | None) -> nn.Module:
+    cls = get_model_cls(cfg.model_config.architecture)
+    with torch.device(cfg.device):
+        model = cls(cfg.model_config, cfg.dtype, backend_cls, cfg.quant, tp, layer_range)
+    if cfg.load_format == "dummy":
+        init_dummy_weights(model, seed=cfg.seed)
+    else:
+        model.load_weights(iterate_weights(cfg.model))
+    return model.eval()

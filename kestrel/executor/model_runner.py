@@ -1,0 +1,168 @@
+"""SchedulerOutput → tensors → model forward → logits. Owns the model and the KV cache tensors."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kestrel.attention.base import AttentionMetadata, get_backend_cls
+from kestrel.config import EngineConfig
+from kestrel.core.scheduler import SchedulerOutput
+from kestrel.executor.loading import build_model
+from kestrel.parallel.state import SINGLE, TPGroup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ForwardBatch:
+    """The flat batch the model sees; built once per step from a SchedulerOutput."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [N] rows of the hidden states to turn into logits
+    sample_rows: list[int]  # per scheduled request with sample=True: its row in the logits
+    prompt_rows: dict[str, tuple[int, int]]  # request id → (first, end) logits rows of its chunk
+
+
+@dataclass
+class RunnerOutput:
+    sample_logits: torch.Tensor  # [num sampled requests, V] float32, in scheduled order
+    prompt_logits: dict[str, torch.Tensor]  # request id → [chunk len, V] float32
+
+
+def select_backend(cfg: EngineConfig) -> str:
+    """The one place that picks GPU kernels: triton on CUDA when available, torch elsewhere."""
+    if cfg.attention_backend != "auto":
+        return cfg.attention_backend
+    if cfg.device.startswith("cuda"):
+        try:
+            import kestrel.attention.triton_backend  # noqa: F401 - registers "triton"
+
+            return "triton"
+        except ImportError as e:
+            log.warning("triton attention unavailable (%s); using the torch reference", e)
+    import kestrel.attention.torch_ref  # noqa: F401 - registers "torch"
+
+    return "torch"
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, tp: TPGroup = SINGLE,
+                 layer_range: tuple[int, int] | None = None) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.block_size = cfg.cache.block_size
+        self.backend_name = select_backend(cfg)
+        backend_cls = get_backend_cls(self.backend_name)
+        self.model = build_model(cfg, backend_cls, tp, layer_range)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_blocks = 0
+
+    # ---- KV cache -------------------------------------------------------------------------
+    def kv_dtype(self) -> torch.dtype:
+        if self.cfg.cache.kv_cache_dtype in ("auto", None):
+            return self.cfg.dtype
+        if self.cfg.cache.kv_cache_dtype == "fp8":
+            return torch.float8_e4m3fn
+        raise ValueError(f"unknown kv_cache_dtype {self.cfg.cache.kv_cache_dtype!r}")
+
+    def block_bytes(self) -> int:
+        attn = next(iter(self.model.layers.values())).self_attn
+        per_layer = 2 * self.block_size * attn.num_kv_heads * attn.head_dim
+        return per_layer * len(self.model.layers) * self.kv_dtype().itemsize
+
+    def num_blocks_that_fit(self) -> int:
+        """Blocks in the pool: explicit, a CPU byte budget, or what GPU memory leaves."""
+        if self.cfg.cache.num_blocks is not None:
+            return self.cfg.cache.num_blocks
+        if self.device.type != "cuda":
+            return max(1, self.cfg.cache.cpu_kv_cache_bytes // self.block_bytes())
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak = self.profile_peak_activation_bytes()
+        budget = total * self.cfg.cache.gpu_memory_utilization - (total - free) - peak
+        n = int(budget // self.block_bytes())
+        if n < 1:
+            raise RuntimeError(
+                f"out of GPU memory for the KV cache: weights use {(total - free) / 2**30:.1f} GiB, "
+                f"activations {peak / 2**30:.1f} GiB, of {total / 2**30:.1f} GiB x "
+                f"gpu_memory_utilization {self.cfg.cache.gpu_memory_utilization}; use a smaller "
+                f"max_num_batched_tokens, quantization, or more GPUs (tensor/pipeline parallel)")
+        return n
+
+    def profile_peak_activation_bytes(self) -> int:
+        """Run one forward at the full token budget to measure activation memory."""
+        from kestrel.core.scheduler import ScheduledRequest
+
+        n = min(self.cfg.scheduler.max_num_batched_tokens, self.cfg.model_config.max_position_embeddings)
+        nb = -(-n // self.block_size)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.allocate_kv_cache(nb)
+        kv_bytes = torch.cuda.memory_allocated(self.device) - before
+        self.execute(SchedulerOutput([ScheduledRequest("profile", [0] * n, 0, list(range(nb)),
+                                                       True)]))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before - kv_bytes
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        return int(peak)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        attn = next(iter(self.model.layers.values())).self_attn
+        shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+        dt = self.kv_dtype()
+        self.kv_caches = [(torch.zeros(shape, dtype=dt, device=self.device),
+                           torch.zeros(shape, dtype=dt, device=self.device))
+                          for _ in self.model.layers]
+        self.num_blocks = num_blocks
+
+    # ---- one step -------------------------------------------------------------------------
+    def prepare(self, out: SchedulerOutput) -> ForwardBatch:
+        bs = self.block_size
+        seqs = out.scheduled
+        q_lens = np.array([s.num_new_tokens for s in seqs], dtype=np.int64)
+        starts = np.array([s.start for s in seqs], dtype=np.int64)
+        qsl = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=qsl[1:])
+        ids = np.concatenate([np.asarray(s.token_ids, dtype=np.int64) for s in seqs])
+        # position of each flat token: its sequence's start + its offset in the chunk
+        seq_of = np.repeat(np.arange(len(seqs)), q_lens)
+        pos = starts[seq_of] + np.arange(int(qsl[-1])) - qsl[:-1][seq_of]
+        max_blocks = max(len(s.block_ids) for s in seqs)
+        table = np.zeros((len(seqs), max_blocks), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            table[i, : len(s.block_ids)] = s.block_ids
+        slots = table[seq_of, pos // bs] * bs + pos % bs
+        seq_lens = starts + q_lens
+        rows, sample_rows, prompt_rows = [], [], {}
+        for i, s in enumerate(seqs):
+            if s.prompt_logprobs:
+                prompt_rows[s.request_id] = (len(rows), len(rows) + s.num_new_tokens)
+                rows.extend(range(qsl[i], qsl[i + 1]))
+                if s.sample:
+                    sample_rows.append(len(rows) - 1)
+            elif s.sample:
+                sample_rows.append(len(rows))
+                rows.append(qsl[i + 1] - 1)
+        dev = self.device
+        t = lambda a, dt=torch.int64: torch.from_numpy(np.asarray(a)).to(dev, dt)  # noqa: E731
+        meta = AttentionMetadata(
+            slot_mapping=t(slots), query_start_loc=t(qsl, torch.int32),
+            seq_lens=t(seq_lens, torch.int32), block_tables=t(table, torch.int32),
+            max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()),
+            seq_lens_cpu=seq_lens.tolist(), query_lens_cpu=q_lens.tolist())
+        return ForwardBatch(t(ids), t(pos), meta, t(np.array(rows, dtype=np.int64)), sample_rows,
+                            prompt_rows)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        batch = self.prepare(out)
+        hidden, _ = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        prompt = {rid: logits[a:b] for rid, (a, b) in batch.prompt_rows.items()}
+        return RunnerOutput(logits[batch.sample_rows], prompt)

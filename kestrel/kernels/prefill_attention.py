@@ -1,0 +1,202 @@
+"""Varlen causal prefill/extend attention over the paged KV cache (flash-attention style).
+
+A flat batch holds B sequences end to end: sequence i owns query tokens
+``query_start_loc[i]:query_start_loc[i+1]`` (q_len of them) and has ``seq_lens[i]`` tokens of
+context after this step, so its queries sit at positions ``seq_len - q_len .. seq_len - 1``.
+All keys, the cached prefix and the new tokens alike, are read from the paged cache through
+the block table (the new K/V must already be written there), so prefill, chunked prefill and
+prefix-cache hits are one code path.
+
+One program computes a [BLOCK_M, D] tile of queries of one sequence and one query head with
+a tiled online softmax over key tiles of BLOCK_N tokens, in two loops:
+
+1. key tiles entirely at or before the tile's first query position: every row sees every
+   key, so no causal or length mask is evaluated (the bulk of the work for long contexts);
+2. the remaining tiles up to the tile's last query position, with the causal mask.
+
+The grid is (cdiv(max_query_len, BLOCK_M), B, Hq); programs whose tile starts beyond their
+sequence's q_len exit at once, so ragged batches cost only those launches.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(
+    q, acc, m_i, l_i,  # [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_D], [BLOCK_M], [BLOCK_M]
+    k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale,
+    stride_kb, stride_kt, stride_vb, stride_vt,
+    offs_n, offs_d, d_mask,
+    PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step of a query tile against the key tile at positions n0.."""
+    pos = n0 + offs_n  # [BLOCK_N] key positions
+    if MASKED:
+        n_mask = pos < seq_len
+        page = tl.load(bt_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+    else:
+        page = tl.load(bt_row + pos // PAGE_SIZE).to(tl.int64)
+    in_page = pos % PAGE_SIZE
+    k_ptrs = k_base + (page * stride_kb + in_page * stride_kt)[None, :] + offs_d[:, None]
+    v_ptrs = v_base + (page * stride_vb + in_page * stride_vt)[:, None] + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
+    else:
+        k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+    qk = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        causal = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        qk = tl.where(causal, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [N, D]
+    else:
+        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,  # [T, Hq, D]
+    k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    out_ptr,  # [T, Hq, D]
+    query_start_loc_ptr,  # [B+1] int32
+    seq_lens_ptr,  # [B] int32
+    block_tables_ptr,  # [B, max_blocks] int32
+    qk_scale,  # softmax scale * log2(e)
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ot, stride_oh,
+    stride_bt,
+    GROUP: tl.constexpr,  # query heads per KV head
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    seq = tl.program_id(1).to(tl.int64)
+    head = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    first_pos = seq_len - q_len  # position of this sequence's first query token
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the sequence
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < q_len
+    d_mask = offs_d < HEAD_DIM
+    q_pos = first_pos + offs_m  # [BLOCK_M]
+    tok = (q_start + offs_m).to(tl.int64)  # [BLOCK_M] flat token index
+    q_ptrs = q_ptr + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    kv_head = head // GROUP
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+    bt_row = block_tables_ptr + seq * stride_bt
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Loop 1: keys before the tile's first query position are visible to every row.
+    full_end = (first_pos + tile * BLOCK_M) // BLOCK_N * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale,
+            stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d, d_mask,
+            PAGE_SIZE, False, DOT_PREC,
+        )  # fmt: skip
+    # Loop 2: the diagonal, up to the tile's last valid query position (inclusive). Key 0 is
+    # visible to every row, so the first masked tile leaves every m_i finite (no NaN rows).
+    last_pos = first_pos + tl.minimum((tile + 1) * BLOCK_M, q_len)  # exclusive bound
+    for n0 in range(full_end, last_pos, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale,
+            stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d, d_mask,
+            PAGE_SIZE, True, DOT_PREC,
+        )  # fmt: skip
+
+    o = acc / l_i[:, None]
+    o_ptrs = out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the device and element size."""
+    if device.type != "cuda":
+        return 32, 32, 4, 1  # interpreter: fewer, larger programs run faster
+    if dtype == torch.float32:
+        return 64, 32, 4, 2
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    return 128, 64, 8, 3
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Causal varlen attention of flat queries q [T, Hq, D] against the paged cache.
+
+    k_cache, v_cache: [num_blocks, block_size, Hkv, D] already holding the new tokens' K/V;
+    query_start_loc: [B+1] int32; seq_lens: [B] int32 (context after this step, >= q_len);
+    block_tables: [B, max_blocks] int32; max_query_len: host int bounding the grid.
+    Returns out [T, Hq, D] in q's dtype. block_m / block_n override the tile (tests).
+    """
+    t, hq, d = q.shape
+    _, page_size, hkv, d_cache = k_cache.shape
+    if d_cache != d or v_cache.shape != k_cache.shape or hq % hkv:
+        raise ValueError(f"prefill: q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("prefill: the head_dim axis of q and the caches must be contiguous")
+    if page_size & (page_size - 1):
+        raise ValueError(f"prefill: block_size must be a power of two, got {page_size}")
+    if out is None:
+        out = torch.empty_like(q)
+    b = seq_lens.shape[0]
+    if t == 0 or b == 0 or max_query_len == 0:
+        return out
+    bm, bn, num_warps, num_stages = _prefill_config(d, q.dtype, q.device)
+    bm, bn = block_m or bm, block_n or bn
+    grid = (triton.cdiv(max_query_len, bm), b, hq)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
+        scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), PAGE_SIZE=page_size,
+        BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,192 @@
+"""Linear layers that own their tensor-parallel sharding, weight loading and quantization method.
+
+Quantization plugs in here and nowhere else: a layer holds a ``QuantMethod`` that creates its
+parameters, post-processes them after loading, and applies the layer to activations.
+
+Every parameter a method creates carries ``output_dim`` (the axis split across column-parallel
+ranks, or None) and ``input_dim`` (the axis split across row-parallel ranks, or None); the
+layer's ``weight_loader`` uses them to cut this rank's shard out of a full checkpoint tensor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kestrel.parallel.state import SINGLE, TPGroup, divide
+
+
+class QuantMethod(ABC):
+    """How one linear layer stores its weight and computes ``y = x Wᵀ + b``."""
+
+    @abstractmethod
+    def create_weights(
+        self, layer: LinearBase, input_size: int, output_size: int, dtype: torch.dtype
+    ) -> None:
+        """Register this rank's parameters on ``layer`` (sizes are per partition)."""
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        """Turn loaded checkpoint tensors into the layout ``apply`` wants (e.g. quantize)."""
+
+    @abstractmethod
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [T, in] → [T, out] for this rank's partition."""
+
+
+def set_param_dims(param: nn.Parameter, output_dim: int | None, input_dim: int | None) -> None:
+    param.output_dim = output_dim  # type: ignore[attr-defined]
+    param.input_dim = input_dim  # type: ignore[attr-defined]
+
+
+class UnquantizedLinearMethod(QuantMethod):
+    """Plain dense weights in the model dtype."""
+
+    def create_weights(self, layer, input_size, output_size, dtype) -> None:
+        weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
+        set_param_dims(weight, 0, 1)
+        layer.register_parameter("weight", weight)
+
+    def apply(self, layer, x, bias):
+        return F.linear(x, layer.weight, bias)
+
+
+class LinearBase(nn.Module):
+    """Shared parts: the quant method, the optional bias, and shard bookkeeping."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool,
+        dtype: torch.dtype,
+        quant_method: QuantMethod | None,
+        tp: TPGroup,
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.input_size = input_size  # this rank's input features
+        self.output_size = output_size  # this rank's output features
+        self.quant_method = quant_method or UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, input_size, output_size, dtype)
+        if bias:
+            b = nn.Parameter(torch.zeros(output_size, dtype=dtype), requires_grad=False)
+            set_param_dims(b, 0, None)
+            self.register_parameter("bias", b)
+        else:
+            self.bias = None
+        for p in self.parameters(recurse=False):
+            p.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    def _copy(self, param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
+        if param.shape != loaded.shape:
+            raise ValueError(
+                f"{name}: checkpoint shard has shape {tuple(loaded.shape)}, "
+                f"expected {tuple(param.shape)}"
+            )
+        param.data.copy_(loaded)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        """Default: replicated parameter, copied whole."""
+        self._copy(param, loaded, getattr(param, "name", "parameter"))
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, input_size, output_size, bias=False, dtype=torch.float32,
+                 quant_method=None, tp: TPGroup = SINGLE) -> None:
+        super().__init__(input_size, output_size, bias, dtype, quant_method, SINGLE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x, self.bias)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across ranks; each rank computes its slice (Megatron's A in XA)."""
+
+    def __init__(self, input_size, output_size, bias=False, dtype=torch.float32,
+                 quant_method=None, tp: TPGroup = SINGLE, gather_output: bool = False) -> None:
+        self.full_output_size = output_size
+        self.gather_output = gather_output
+        super().__init__(input_size, divide(output_size, tp.size, "output features"), bias, dtype,
+                         quant_method, tp)
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        dim = getattr(param, "output_dim", None)
+        if dim is not None and loaded.dim() > dim:
+            size = param.shape[dim]
+            loaded = loaded.narrow(dim, self.tp.rank * size, size)
+        self._copy(param, loaded, "column-parallel weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.quant_method.apply(self, x, self.bias)
+        return self.tp.all_gather_last_dim(y) if self.gather_output else y
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of one input stored as one matrix (gate+up)."""
+
+    def __init__(self, input_size, output_sizes: list[int], bias=False, dtype=torch.float32,
+                 quant_method=None, tp: TPGroup = SINGLE) -> None:
+        self.output_sizes = [divide(s, tp.size, "output features") for s in output_sizes]
+        super().__init__(input_size, sum(output_sizes), bias, dtype, quant_method, tp)
+
+    def shard_range(self, shard_id: int) -> tuple[int, int, int]:
+        """(offset in this rank's param, size, start in the full checkpoint tensor)."""
+        size = self.output_sizes[shard_id]
+        return sum(self.output_sizes[:shard_id]), size, self.tp.rank * size
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        dim = getattr(param, "output_dim", None)
+        if shard_id is None or dim is None or loaded.dim() <= dim:
+            return super().weight_loader(param, loaded)
+        offset, size, start = self.shard_range(shard_id)
+        self._copy(param.data.narrow(dim, offset, size), loaded.narrow(dim, start, size),
+                   f"shard {shard_id}")
+
+
+class QKVParallelLinear(MergedColumnParallelLinear):
+    """Q, K and V projections; KV heads are split across ranks, replicated when ranks outnumber them."""
+
+    def __init__(self, hidden_size, head_dim, num_heads, num_kv_heads, bias=False,
+                 dtype=torch.float32, quant_method=None, tp: TPGroup = SINGLE) -> None:
+        self.head_dim = head_dim
+        self.num_heads = divide(num_heads, tp.size, "attention heads")
+        if tp.size >= num_kv_heads:
+            divide(tp.size, num_kv_heads, "tensor-parallel size vs KV heads")
+            self.num_kv_heads, self.kv_replicas = 1, tp.size // num_kv_heads
+        else:
+            self.num_kv_heads, self.kv_replicas = divide(num_kv_heads, tp.size, "KV heads"), 1
+        q, kv = self.num_heads * head_dim * tp.size, self.num_kv_heads * head_dim * tp.size
+        super().__init__(hidden_size, [q, kv, kv], bias, dtype, quant_method, tp)
+
+    def shard_range(self, shard_id) -> tuple[int, int, int]:
+        idx = {"q": 0, "k": 1, "v": 2}[shard_id] if isinstance(shard_id, str) else shard_id
+        offset, size, _ = super().shard_range(idx)
+        rank = self.tp.rank if idx == 0 else self.tp.rank // self.kv_replicas
+        return offset, size, rank * size
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across ranks; partial products summed by one all-reduce."""
+
+    def __init__(self, input_size, output_size, bias=False, dtype=torch.float32,
+                 quant_method=None, tp: TPGroup = SINGLE, reduce_results: bool = True) -> None:
+        self.reduce_results = reduce_results
+        super().__init__(divide(input_size, tp.size, "input features"), output_size, bias, dtype,
+                         quant_method, tp)
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        dim = getattr(param, "input_dim", None)
+        if dim is not None and loaded.dim() > dim:
+            size = param.shape[dim]
+            loaded = loaded.narrow(dim, self.tp.rank * size, size)
+        self._copy(param, loaded, "row-parallel weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The bias is added once, after the reduction, not once per rank.
+        y = self.quant_method.apply(self, x, None)
+        if self.reduce_results:
+            y = self.tp.all_reduce(y)
+        return y + self.bias if self.bias is not None else y

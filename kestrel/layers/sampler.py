@@ -1,0 +1,143 @@
+"""Logits → next tokens: penalties, temperature, top-k/top-p/min-p, seeded sampling, logprobs.
+
+Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which draws exactly from
+p; seeded requests draw E from their own generator, so their tokens do not depend on which
+other requests share the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kestrel.request import Request
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]  # per row: {token id: logprob} or None
+
+
+def _pad_ids(lists: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Ragged id lists → [N, L] with -1 padding."""
+    width = max((len(x) for x in lists), default=0)
+    out = torch.full((len(lists), max(width, 1)), -1, dtype=torch.long)
+    for i, ids in enumerate(lists):
+        if ids:
+            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out.to(device)
+
+
+def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """Repetition (prompt + output, divides positive logits), presence and frequency (output)."""
+    ps = [r.params for r in reqs]
+    n, v = logits.shape
+    dev = logits.device
+    if any(p.repetition_penalty != 1.0 for p in ps):
+        ids = _pad_ids([r.all_token_ids for r in reqs], dev)
+        seen = torch.zeros(n, v + 1, dtype=torch.bool, device=dev)
+        seen.scatter_(1, ids.clamp(min=-1) % (v + 1), True)  # -1 lands in the spare column
+        seen = seen[:, :v]
+        rp = torch.tensor([p.repetition_penalty for p in ps], device=dev)[:, None]
+        pen = torch.where(logits > 0, logits / rp, logits * rp)
+        logits = torch.where(seen, pen, logits)
+    if any(p.presence_penalty or p.frequency_penalty for p in ps):
+        ids = _pad_ids([r.output_token_ids for r in reqs], dev)
+        counts = torch.zeros(n, v + 1, device=dev)
+        counts.scatter_add_(1, ids % (v + 1), torch.ones_like(ids, dtype=counts.dtype))
+        counts = counts[:, :v]
+        freq = torch.tensor([p.frequency_penalty for p in ps], device=dev)[:, None]
+        pres = torch.tensor([p.presence_penalty for p in ps], device=dev)[:, None]
+        logits = logits - freq * counts - pres * (counts > 0)
+    return logits
+
+
+def _block_stop_tokens(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """min_tokens: EOS and stop tokens are impossible until enough tokens were generated."""
+    for i, r in enumerate(reqs):
+        if len(r.output_token_ids) < r.params.min_tokens:
+            banned = list(r.params.stop_token_ids) + ([] if r.params.ignore_eos
+                                                       else list(r.eos_token_ids))
+            if banned:
+                logits[i, banned] = float("-inf")
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor) -> torch.Tensor:
+    """Mask to -inf what top-k (0 = off), top-p (1 = off) and min-p (0 = off) exclude."""
+    v = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(v, device=logits.device)[None]
+    k = torch.where(top_k > 0, top_k, v)[:, None]
+    drop = rank >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass strictly above this token
+    drop |= before > top_p[:, None]
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False  # the most likely token always survives
+    return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def _random_sample(probs: torch.Tensor, reqs: list[Request], gen: torch.Generator | None
+                   ) -> torch.Tensor:
+    noise = torch.empty_like(probs)
+    unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
+    if unseeded:
+        e = torch.empty(len(unseeded), probs.shape[1], device="cpu").exponential_(generator=gen)
+        noise[unseeded] = e.to(probs.device)
+    for i, r in enumerate(reqs):
+        if r.generator is not None:
+            noise[i] = torch.empty(probs.shape[1]).exponential_(generator=r.generator).to(probs.device)
+    return (probs / noise).argmax(dim=-1)
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
+        """logits [N, V] float32, one row per request to sample."""
+        raw_logprobs = (logits.log_softmax(-1)
+                        if any(r.params.logprobs is not None for r in reqs) else None)
+        logits = _block_stop_tokens(apply_penalties(logits, reqs), reqs)
+        tokens = logits.argmax(dim=-1)
+        rand = [i for i, r in enumerate(reqs) if not r.params.greedy]
+        if rand:
+            sub, rr = logits[rand], [reqs[i] for i in rand]
+            dev = logits.device
+            temp = torch.tensor([r.params.temperature for r in rr], device=dev)[:, None]
+            sub = filter_logits(
+                sub / temp,
+                torch.tensor([r.params.top_k for r in rr], device=dev),
+                torch.tensor([r.params.top_p for r in rr], device=dev),
+                torch.tensor([r.params.min_p for r in rr], device=dev))
+            tokens[rand] = _random_sample(sub.softmax(-1), rr, self.generator)
+        token_list = tokens.tolist()
+        return SamplerOutput(token_list, gather_logprobs(raw_logprobs, token_list,
+                                                         [r.params.logprobs for r in reqs]))
+
+
+def gather_logprobs(logprobs: torch.Tensor | None, chosen: list[int],
+                    ks: list[int | None]) -> list[dict[int, float] | None]:
+    """Per row: top-k logprobs plus the chosen token's, as {token id: logprob}."""
+    if logprobs is None:
+        return [None] * len(chosen)
+    kmax = max((k for k in ks if k), default=0)
+    top_v, top_i = (logprobs.topk(kmax, dim=-1) if kmax else (None, None))
+    chosen_lp = logprobs.gather(1, torch.tensor(chosen, device=logprobs.device)[:, None])[:, 0]
+    chosen_lp = chosen_lp.tolist()
+    top_v = top_v.tolist() if top_v is not None else None
+    top_i = top_i.tolist() if top_i is not None else None
+    out: list[dict[int, float] | None] = []
+    for row, (tok, k) in enumerate(zip(chosen, ks)):
+        if k is None:
+            out.append(None)
+            continue
+        d = {tok: chosen_lp[row]}
+        for j in range(k):
+            d.setdefault(top_i[row][j], top_v[row][j])
+        out.append(d)
+    return out

@@ -1,0 +1,74 @@
+"""Random weights in real model shapes, by preset name: speed does not depend on the values."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import nn
+
+from kestrel.config import ModelConfig
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _llama(vocab, hidden, inter, layers, heads, kv, ctx, theta=500000.0, rope=None, tied=False,
+           eos=(128001, 128009), arch="LlamaForCausalLM", bias=False) -> ModelConfig:
+    return ModelConfig(architecture=arch, vocab_size=vocab, hidden_size=hidden,
+                       intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv, head_dim=hidden // heads, rms_norm_eps=1e-5,
+                       rope_theta=theta, rope_scaling=rope, max_position_embeddings=ctx,
+                       tie_word_embeddings=tied, qkv_bias=bias, bos_token_id=1,
+                       eos_token_id=tuple(eos))
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "llama-3-8b": _llama(128256, 4096, 14336, 32, 32, 8, 8192),
+    "llama-3-70b": _llama(128256, 8192, 28672, 80, 64, 8, 8192),
+    "llama-3.1-8b": _llama(128256, 4096, 14336, 32, 32, 8, 131072, rope=_LLAMA3_ROPE),
+    "llama-3.1-70b": _llama(128256, 8192, 28672, 80, 64, 8, 131072, rope=_LLAMA3_ROPE),
+    "llama-3.1-405b": _llama(128256, 16384, 53248, 126, 128, 8, 131072, rope=_LLAMA3_ROPE),
+    "smollm2-135m": _llama(49152, 576, 1536, 30, 9, 3, 8192, theta=100000.0, tied=True,
+                           eos=(2,)),
+    # Tiny shapes for tests: fast on CPU, but every feature of the real ones.
+    "tiny-llama": _llama(512, 128, 256, 2, 4, 2, 1024, theta=10000.0, eos=(2,)),
+    "tiny-llama3": _llama(512, 128, 256, 2, 4, 2, 16384, rope={**_LLAMA3_ROPE,
+                          "original_max_position_embeddings": 256}, eos=(2,)),
+    "tiny-qwen2": _llama(512, 128, 256, 2, 4, 2, 1024, theta=1000000.0, tied=True, eos=(2,),
+                         arch="Qwen2ForCausalLM", bias=True),
+}
+
+
+def preset_config(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Fill every parameter in place (on its device, no host copy); norms stay at one.
+
+    Quantized parameters (fp8/int8 storage) are drawn in float32 and cast, then each layer's
+    quant method post-processes them as it would a loaded checkpoint.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+            continue
+        if p.dtype.is_floating_point and p.element_size() >= 2:
+            chunk = torch.randn(p.shape, generator=gen, dtype=torch.float32) if p.numel() < 2**24 \
+                else None
+            if chunk is None:  # large tensors: draw on the device, seeded per tensor
+                g = torch.Generator(device=p.device).manual_seed(seed + zlib.crc32(name.encode()))
+                p.normal_(0.0, std, generator=g)
+            else:
+                p.copy_(chunk * std)
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen).mul(std * 100).to(p.dtype))
+    for module in model.modules():
+        qm = getattr(module, "quant_method", None)
+        if qm is not None:
+            qm.process_weights_after_loading(module)

@@ -1,0 +1,205 @@
+"""One Llama-family decoder for Llama 2/3/3.1, Mistral, Qwen2 and SmolLM2: families differ by config.
+
+The model sees a flat batch: token ids [T], positions [T], the per-layer paged KV cache and the
+attention metadata. It knows nothing about requests. With pipeline parallelism a model instance
+holds only its stage's decoder layers (embedding on the first stage, norm and LM head on the last).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from kestrel.attention.base import AttentionBackend, AttentionMetadata
+from kestrel.config import ModelConfig, QuantConfig
+from kestrel.layers.activation import silu_and_mul_ref
+from kestrel.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from kestrel.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from kestrel.layers.norm import RMSNorm
+from kestrel.layers.rotary import RotaryEmbedding
+from kestrel.parallel.state import SINGLE, TPGroup
+from kestrel.quant.base import LayerPlace, get_quant_method
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int, dtype: torch.dtype, quant: QuantConfig,
+                 tp: TPGroup, backend_cls: type[AttentionBackend]) -> None:
+        super().__init__()
+        prefix = f"model.layers.{idx}.self_attn"
+        qm = lambda name: get_quant_method(  # noqa: E731
+            quant, LayerPlace(f"{prefix}.{name}", idx, cfg.num_hidden_layers))
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, cfg.qkv_bias, dtype,
+                                          qm("qkv_proj"), tp)
+        self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, False, dtype, qm("o_proj"), tp)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                                      cfg.rope_scaling)
+        self.attn = backend_cls(self.num_heads, self.num_kv_heads, self.head_dim,
+                                self.head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)  # [T, q + 2kv]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        t = x.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn.forward(q, k, v.view(t, self.num_kv_heads, self.head_dim), kv[0], kv[1],
+                                meta)  # [T, Hq, D]
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int, dtype: torch.dtype, quant: QuantConfig,
+                 tp: TPGroup) -> None:
+        super().__init__()
+        prefix = f"model.layers.{idx}.mlp"
+        n = cfg.num_hidden_layers
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [cfg.intermediate_size] * 2, False, dtype,
+            get_quant_method(quant, LayerPlace(f"{prefix}.gate_up_proj", idx, n)), tp)
+        self.down_proj = RowParallelLinear(
+            cfg.intermediate_size, cfg.hidden_size, False, dtype,
+            get_quant_method(quant, LayerPlace(f"{prefix}.down_proj", idx, n)), tp)
+        self.act = silu_and_mul_ref
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int, dtype: torch.dtype, quant: QuantConfig,
+                 tp: TPGroup, backend_cls: type[AttentionBackend]) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, idx, dtype, quant, tp, backend_cls)
+        self.mlp = LlamaMLP(cfg, idx, dtype, quant, tp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, positions, x, residual, kv: KVCache, meta: AttentionMetadata):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, kv, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder layers ``layer_range`` of the model; first/last stage own embedding/head."""
+
+    # checkpoint name → (our fused parameter name, shard id)
+    STACKED = (("q_proj", "qkv_proj", "q"), ("k_proj", "qkv_proj", "k"),
+               ("v_proj", "qkv_proj", "v"), ("gate_proj", "gate_up_proj", 0),
+               ("up_proj", "gate_up_proj", 1))
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, backend_cls: type[AttentionBackend],
+                 quant: QuantConfig | None = None, tp: TPGroup = SINGLE,
+                 layer_range: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        quant = quant or QuantConfig()
+        self.cfg = cfg
+        self.start, self.end = layer_range or (0, cfg.num_hidden_layers)
+        self.is_first = self.start == 0
+        self.is_last = self.end == cfg.num_hidden_layers
+        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, tp)
+                             if self.is_first or (self.is_last and cfg.tie_word_embeddings)
+                             else None)
+        self.layers = nn.ModuleDict({
+            str(i): LlamaDecoderLayer(cfg, i, dtype, quant, tp, backend_cls)
+            for i in range(self.start, self.end)
+        })
+        if self.is_last:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+            self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(
+                cfg.vocab_size, cfg.hidden_size, dtype, tp)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+                meta: AttentionMetadata, hidden: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run this stage. First stage embeds ``input_ids``; later ones continue ``hidden``.
+
+        Returns (hidden [T, H], residual [T, H]); the last stage returns final-normed hidden
+        states and residual None.
+        """
+        if self.is_first:
+            hidden = self.embed_tokens(input_ids)
+        for j, layer in enumerate(self.layers.values()):
+            hidden, residual = layer(positions, hidden, residual, kv_caches[j], meta)
+        if self.is_last:
+            hidden, _ = self.norm(hidden, residual)
+            return hidden, None
+        return hidden, residual
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] → [N, vocab] float32 logits."""
+        head = self.lm_head if self.lm_head is not None else self.embed_tokens
+        return ParallelLMHead.compute_logits(head, hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load (name, tensor) pairs in Hugging Face naming; every parameter must be covered."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            target = self._map_name(name)
+            if target is None:
+                continue
+            pname, shard = target
+            if pname not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
+            param = params[pname]
+            loader = getattr(param, "weight_loader", None)
+            try:
+                if loader is None:
+                    self._copy_plain(param, tensor, name)
+                else:
+                    loader(param, tensor, shard) if shard is not None else loader(param, tensor)
+            except ValueError as e:
+                raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
+            loaded.add(pname)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing tensors for {missing[:5]}"
+                             f"{' and more' if len(missing) > 5 else ''}")
+        for module in self.modules():
+            qm = getattr(module, "quant_method", None)
+            if qm is not None:
+                qm.process_weights_after_loading(module)
+
+    def _map_name(self, name: str) -> tuple[str, object] | None:
+        """HF name → (our parameter name, shard id), or None for tensors this stage skips."""
+        if "rotary_emb.inv_freq" in name:
+            return None
+        if name.startswith("lm_head."):
+            if self.cfg.tie_word_embeddings or not self.is_last:
+                return None
+            return name, None
+        if name.startswith("model.embed_tokens."):
+            return (name[len("model."):], None) if self.embed_tokens is not None else None
+        if name.startswith("model.norm."):
+            return (name[len("model."):], None) if self.is_last else None
+        if not name.startswith("model.layers."):
+            raise ValueError(f"unexpected checkpoint tensor {name!r}")
+        idx = int(name.split(".")[2])
+        if not self.start <= idx < self.end:
+            return None
+        name = name[len("model."):]
+        for ckpt, ours, shard in self.STACKED:
+            if f".{ckpt}." in name:
+                return name.replace(f".{ckpt}.", f".{ours}."), shard
+        return name, None
+
+    @staticmethod
+    def _copy_plain(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+        if param.shape != tensor.shape:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+        param.data.copy_(tensor)

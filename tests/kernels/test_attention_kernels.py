@@ -1,0 +1,200 @@
+"""Parity of the Triton attention kernels and backend with ``paged_attention_ref``.
+
+Every case draws a fresh random paged cache (blocks assigned in shuffled order, block tables
+padded with extra columns), poisons the output with NaN, and compares with the reference run
+in float32 on the same (rounded) inputs, so the tolerance measures the kernel's own error.
+Small shapes run everywhere (CPU: Triton interpreter); the ``gpu`` cases use model shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kestrel.attention.base import AttentionMetadata
+from kestrel.attention.torch_ref import TorchAttention, paged_attention_ref
+from kestrel.attention.triton_backend import TritonAttention
+from kestrel.kernels.paged_attention import paged_attention_decode
+from kestrel.kernels.prefill_attention import prefill_attention
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (rtol, atol) on outputs of magnitude ~0.1..1: fp32 near exact; 16-bit from rounding P and V.
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (2e-2, 2e-2)}
+NAN = float("nan")
+
+
+@dataclass
+class Batch:
+    q: torch.Tensor  # [T, Hq, D]
+    k_cache: torch.Tensor  # [num_blocks, bs, Hkv, D], every block random
+    v_cache: torch.Tensor
+    meta: AttentionMetadata
+
+
+def make_batch(
+    q_lens: list[int], prefix_lens: list[int], hq: int, hkv: int, d: int, bs: int,
+    dtype: torch.dtype, dev: str, pad_cols: int = 2,
+) -> Batch:  # fmt: skip
+    """Random queries and paged cache for sequences of q_lens new tokens after prefix_lens."""
+    seq_lens = [p + q for p, q in zip(prefix_lens, q_lens)]
+    nblk = [-(-s // bs) for s in seq_lens]
+    num_blocks = sum(nblk) + 3  # spare blocks hold random garbage that must not be read
+    perm = torch.randperm(num_blocks).tolist()
+    tables = torch.zeros(len(q_lens), max(nblk) + pad_cols, dtype=torch.int32)
+    slots, used = [], 0
+    for i, (n, s, ql) in enumerate(zip(nblk, seq_lens, q_lens)):
+        tables[i, :n] = torch.tensor(perm[used : used + n], dtype=torch.int32)
+        used += n
+        slots += [int(tables[i, p // bs]) * bs + p % bs for p in range(s - ql, s)]
+    t = sum(q_lens)
+    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+        query_start_loc=qsl.to(dev),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+        block_tables=tables.to(dev),
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+        seq_lens_cpu=seq_lens,
+        query_lens_cpu=list(q_lens),
+    )
+    q = torch.randn(t, hq, d, dtype=dtype, device=dev)
+    k_cache = torch.randn(num_blocks, bs, hkv, d, dtype=dtype, device=dev)
+    v_cache = torch.randn(num_blocks, bs, hkv, d, dtype=dtype, device=dev)
+    return Batch(q, k_cache, v_cache, meta)
+
+
+def reference(b: Batch, scale: float) -> torch.Tensor:
+    return paged_attention_ref(b.q.float(), b.k_cache.float(), b.v_cache.float(), b.meta, scale)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.dtype == dtype
+    assert not out.isnan().any(), "unwritten (NaN-poisoned) or NaN elements in the output"
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=atol)
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def check_decode(
+    seq_lens: list[int], hq: int, hkv: int, d: int, bs: int, dtype: torch.dtype,
+    num_splits: int | None, dev: str,
+) -> None:  # fmt: skip
+    b = make_batch([1] * len(seq_lens), [s - 1 for s in seq_lens], hq, hkv, d, bs, dtype, dev)
+    scale = d**-0.5
+    out = torch.full_like(b.q, NAN)
+    paged_attention_decode(
+        b.q, b.k_cache, b.v_cache, b.meta.block_tables, b.meta.seq_lens, scale,
+        out=out, num_splits=num_splits, max_seq_len=b.meta.max_seq_len,
+    )  # fmt: skip
+    assert_close(out, reference(b, scale), dtype)
+
+
+# (Hq, Hkv, D, block_size): GQA ratios 1, 3, 4, 8; head_dim 64, 96, 128; pages 8, 16, 32.
+DECODE_SHAPES = [(4, 4, 64, 16), (6, 2, 96, 8), (8, 2, 64, 32), (8, 1, 128, 16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d,bs", DECODE_SHAPES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode(dtype: torch.dtype, hq: int, hkv: int, d: int, bs: int, num_splits: int) -> None:
+    # Lengths: one token, one partial page, several tiles; with 3 splits some are empty.
+    check_decode([1, 37, 150], hq, hkv, d, bs, dtype, num_splits, DEV)
+
+
+def test_decode_heuristic_splits() -> None:
+    check_decode([300, 5], 8, 2, 64, 16, torch.float32, None, DEV)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d,bs", [(32, 8, 128, 16), (28, 4, 128, 16), (12, 4, 64, 32)])
+@pytest.mark.parametrize("num_splits", [1, 7, None])
+def test_decode_gpu(dtype, hq, hkv, d, bs, num_splits) -> None:
+    lens = torch.randint(1, 3000, (9,)).tolist() + [1, 4097]
+    check_decode(lens, hq, hkv, d, bs, dtype, num_splits, "cuda")
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+def check_prefill(
+    q_lens: list[int], prefix_lens: list[int], hq: int, hkv: int, d: int, bs: int,
+    dtype: torch.dtype, dev: str, **tiles: int,
+) -> None:  # fmt: skip
+    b = make_batch(q_lens, prefix_lens, hq, hkv, d, bs, dtype, dev)
+    scale = d**-0.5
+    out = torch.full_like(b.q, NAN)
+    m = b.meta
+    prefill_attention(
+        b.q, b.k_cache, b.v_cache, m.query_start_loc, m.seq_lens, m.block_tables,
+        m.max_query_len, scale, out=out, **tiles,
+    )  # fmt: skip
+    assert_close(out, reference(b, scale), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d,bs", DECODE_SHAPES)
+def test_prefill(dtype: torch.dtype, hq: int, hkv: int, d: int, bs: int) -> None:
+    # Fresh prompt over several query tiles, cached prefix + extend, decode-like rows.
+    check_prefill([37, 20, 1, 3], [0, 45, 13, 0], hq, hkv, d, bs, dtype, DEV,
+                  block_m=16, block_n=16)  # fmt: skip
+
+
+def test_prefill_default_tiles() -> None:
+    check_prefill([70, 5], [0, 90], 4, 2, 64, 16, torch.bfloat16, DEV)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d,bs", [(32, 8, 128, 16), (28, 4, 128, 16), (12, 4, 64, 32)])
+def test_prefill_gpu(dtype, hq, hkv, d, bs) -> None:
+    check_prefill([1000, 333, 1, 129, 64], [0, 700, 2000, 0, 63], hq, hkv, d, bs, dtype, "cuda")
+
+
+# ----------------------------------------------------------------------------- backend
+
+
+def check_backend(q_lens: list[int], prefix_lens: list[int], dtype: torch.dtype, dev: str) -> None:
+    hq, hkv, d, bs = 8, 2, 64, 16
+    b = make_batch(q_lens, prefix_lens, hq, hkv, d, bs, dtype, dev)
+    k = torch.randn(b.q.shape[0], hkv, d, dtype=dtype, device=dev)
+    v = torch.randn_like(k)
+    ref_backend = TorchAttention(hq, hkv, d, d**-0.5)
+    backend = TritonAttention(hq, hkv, d, d**-0.5)
+    kc, vc = b.k_cache.clone(), b.v_cache.clone()
+    out = backend.forward(b.q, k, v, kc, vc, b.meta)
+    ref = ref_backend.forward(b.q.float(), k.float(), v.float(), b.k_cache.float(),
+                              b.v_cache.float(), b.meta)  # fmt: skip
+    ref_kc, ref_vc = b.k_cache.clone(), b.v_cache.clone()
+    ref_backend.forward(b.q, k, v, ref_kc, ref_vc, b.meta)
+    torch.testing.assert_close(kc, ref_kc, rtol=0, atol=0)  # cache writes are exact copies
+    torch.testing.assert_close(vc, ref_vc, rtol=0, atol=0)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_mixed(dtype: torch.dtype) -> None:
+    check_backend([20, 1, 6], [0, 30, 17], dtype, DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_decode(dtype: torch.dtype) -> None:
+    check_backend([1, 1, 1], [0, 40, 77], dtype, DEV)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backend_gpu(dtype: torch.dtype) -> None:
+    check_backend([500, 1, 1, 77], [0, 1000, 3, 200], dtype, "cuda")
+    check_backend([1] * 33, list(range(0, 3300, 100)), dtype, "cuda")
