@@ -151,6 +151,55 @@ def load_engine_tokenizer(cfg: EngineConfig) -> Any:
     source = cfg.tokenizer or (None if cfg.load_format == "dummy" else cfg.model)
     if source is None:
         return None
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in files):
+        log.warning("%s has no tokenizer files: prompts must be token ids", source)
+        return None
     from kestrel.loader.tokenizer import load_tokenizer
 
     return load_tokenizer(source)
+
+
+def add_engine_cli_args(p: Any) -> None:
+    """The engine flags every model-running command shares (vLLM's spellings)."""
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", "-m", default=None,
+                   help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--preset", default=None,
+                   help="random-weight model of a named shape, e.g. llama-3-8b (implies "
+                        "--load-format dummy)")
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--device", default=None)
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    g.add_argument("--quantization", "-q", default=None)
+    g.add_argument("--fp8-activation-scale-ub", type=float, default=1200.0)
+    g.add_argument("--fp8-attention", action="store_true")
+    g.add_argument("--no-fp8-skip-layers", dest="fp8_skip_layers", action="store_false")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    g.add_argument("--kv-cache-dtype", default="auto")
+    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false")
+    g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill",
+                   action="store_false")
+    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--enforce-eager", action="store_true")
+    g.add_argument("--attention-backend", default="auto")
+    g.add_argument("--debug-checks", action="store_true")
+
+
+def engine_args_from_cli(ns: Any) -> EngineArgs:
+    names = {f for f in EngineArgs.__dataclass_fields__}
+    kw = {k: v for k, v in vars(ns).items() if k in names}
+    if getattr(ns, "preset", None):
+        kw["model"], kw["load_format"] = ns.preset, "dummy"
+    return EngineArgs(**kw)
