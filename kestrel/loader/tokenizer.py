@@ -122,7 +122,7 @@ def build_gguf_tokenizer(reader: GGUFReader) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     # llama.cpp matches control and user-defined tokens verbatim before any splitting.
     added = [AddedToken(t, special=ty == TokenType.CONTROL, normalized=False)
-             for t, ty in zip(tokens, types)
+             for t, ty in zip(tokens, types, strict=True)
              if ty in (TokenType.CONTROL, TokenType.USER_DEFINED)]
     tok.add_tokens([a for a in added if not a.special])
     tok.add_special_tokens([a for a in added if a.special])
