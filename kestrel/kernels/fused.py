@@ -209,7 +209,9 @@ def apply_rotary(
     t, hq, d = q.shape
     hk = k.shape[1]
     if d % 2 or k.shape[2] != d or cos_sin.shape[-1] != d:
-        raise ValueError(f"rotary: head_dim mismatch q {q.shape}, k {k.shape}, cos_sin {cos_sin.shape}")
+        raise ValueError(
+            f"rotary: head_dim mismatch q {q.shape}, k {k.shape}, cos_sin {cos_sin.shape}"
+        )
     if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin.stride(-1) != 1:
         raise ValueError("rotary: the last dimension of q, k and cos_sin must be contiguous")
     if t == 0:

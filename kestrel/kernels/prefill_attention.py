@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kestrel.kernels.paged_attention import dot_flags, mma
+
 LOG2E = 1.4426950408889634
 
 
@@ -33,7 +35,7 @@ def _attend_tile(
     k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale,
     stride_kb, stride_kt, stride_vb, stride_vt,
     offs_n, offs_d, d_mask,
-    PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax step of a query tile against the key tile at positions n0.."""
     pos = n0 + offs_n  # [BLOCK_N] key positions
@@ -49,7 +51,7 @@ def _attend_tile(
         k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
     else:
         k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
-    qk = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
+    qk = mma(q, k, DOT_PREC, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASKED:
         causal = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
         qk = tl.where(causal, qk, float("-inf"))
@@ -61,7 +63,7 @@ def _attend_tile(
         v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [N, D]
     else:
         v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PREC, UPCAST)
     return acc, m_new, l_i
 
 
@@ -87,6 +89,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
@@ -122,7 +125,7 @@ def _prefill_kernel(
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale,
             stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d, d_mask,
-            PAGE_SIZE, False, DOT_PREC,
+            PAGE_SIZE, False, DOT_PREC, UPCAST,
         )  # fmt: skip
     # Loop 2: the diagonal, up to the tile's last valid query position (inclusive). Key 0 is
     # visible to every row, so the first masked tile leaves every m_i finite (no NaN rows).
@@ -131,7 +134,7 @@ def _prefill_kernel(
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale,
             stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d, d_mask,
-            PAGE_SIZE, True, DOT_PREC,
+            PAGE_SIZE, True, DOT_PREC, UPCAST,
         )  # fmt: skip
 
     o = acc / l_i[:, None]
@@ -140,14 +143,17 @@ def _prefill_kernel(
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, ...]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the device and element size."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the device and element size.
+
+    Swept on an H200 (bf16, D=128, 4096-8192 tokens, with and without a cached prefix):
+    64×64 tiles, 4 warps, 3 stages reached 289-335 TFLOP/s, level with 128×128/8 warps and
+    ahead of 128×64/8 warps (241-296); small tiles also give short prompts more programs.
+    """
     if device.type != "cuda":
         return 32, 32, 4, 1  # interpreter: fewer, larger programs run faster
     if dtype == torch.float32:
         return 64, 32, 4, 2
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    return 128, 64, 8, 3
+    return 64, 64, 4, 3
 
 
 def prefill_attention(
@@ -196,7 +202,7 @@ def prefill_attention(
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), PAGE_SIZE=page_size,
-        BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=bm, BLOCK_N=bn, **dot_flags(q.dtype, q.device),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

@@ -123,6 +123,57 @@ def test_decode_gpu(dtype, hq, hkv, d, bs, num_splits) -> None:
     check_decode(lens, hq, hkv, d, bs, dtype, num_splits, "cuda")
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_zero_length_rows(num_splits: int) -> None:
+    """Padding rows of a CUDA-graph batch (seq_len 0) give zeros, never NaN, and leave the
+    other rows right."""
+    b = make_batch([1, 1, 1], [20, 0, 40], 4, 2, 64, 16, torch.float32, DEV)
+    seq_lens = b.meta.seq_lens.clone()
+    seq_lens[1] = 0
+    out = torch.full_like(b.q, NAN)
+    paged_attention_decode(b.q, b.k_cache, b.v_cache, b.meta.block_tables, seq_lens, 0.125,
+                           out=out, num_splits=num_splits)  # fmt: skip
+    assert (out[1] == 0).all()
+    ref = reference(b, 0.125)
+    assert_close(out[[0, 2]], ref[[0, 2]], torch.float32)
+
+
+@pytest.mark.gpu
+@gpu
+def test_decode_cuda_graph_replay() -> None:
+    """Captured once with a fixed num_splits, replayed with other lengths and block tables:
+    the kernel must take every length from device memory (no host values baked in)."""
+    hq, hkv, d, bs, dtype = 32, 8, 128, 16, torch.bfloat16
+    q = torch.randn(4, hq, d, dtype=dtype, device="cuda")
+    kc = torch.randn(400, bs, hkv, d, dtype=dtype, device="cuda")
+    vc = torch.randn_like(kc)
+    tables = torch.zeros(4, 300, dtype=torch.int32, device="cuda")
+    lens = torch.ones(4, dtype=torch.int32, device="cuda")  # capture-time values: arbitrary
+    out = torch.full_like(q, NAN)
+
+    def run() -> None:
+        paged_attention_decode(q, kc, vc, tables, lens, d**-0.5, out=out, num_splits=16)
+
+    run()  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for prefix_lens in ([100, 2000, 5, 700], [3000, 1, 64, 1500]):
+        nb = make_batch([1] * 4, prefix_lens, hq, hkv, d, bs, dtype, "cuda", pad_cols=0)
+        ncols = nb.meta.block_tables.shape[1]
+        assert ncols <= tables.shape[1] and nb.k_cache.shape[0] <= kc.shape[0]
+        q.copy_(nb.q)
+        kc[: nb.k_cache.shape[0]].copy_(nb.k_cache)
+        vc[: nb.v_cache.shape[0]].copy_(nb.v_cache)
+        tables.zero_()
+        tables[:, :ncols].copy_(nb.meta.block_tables)
+        lens.copy_(nb.meta.seq_lens)
+        out.fill_(NAN)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, reference(nb, d**-0.5), dtype)
+
+
 # ----------------------------------------------------------------------------- prefill
 
 

@@ -1,0 +1,147 @@
+"""The Triton FP8 quantization kernels against their torch references, on fresh random shapes.
+
+CPU runs them under TRITON_INTERPRET=1 (set by conftest), where they must be bit-exact; on CUDA
+the fused SwiGLU's exp is approximate, so codes may differ by one ulp there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kestrel.kernels.fp8_quant import (
+    per_token_quant_fp8,
+    rms_norm_quant_fp8,
+    silu_and_mul_quant_fp8,
+)
+from kestrel.quant.fp8 import (
+    FP8_DTYPE,
+    quantize_rowwise_ref,
+    rms_norm_quant_ref,
+    silu_and_mul_quant_ref,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FEW = settings(max_examples=6, deadline=None)
+
+
+def _ordinal(q: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes as signed ordinals: neighbours on the number line differ by one."""
+    b = q.view(torch.uint8).to(torch.int32)
+    mag = b & 0x7F
+    return torch.where(b >= 128, -mag, mag)
+
+
+def _check(q, s, qr, sr, max_ulp: int = 0) -> None:
+    assert q.dtype == FP8_DTYPE and s.dtype == torch.float32
+    assert q.shape == qr.shape and s.shape == sr.shape
+    torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+    if max_ulp == 0:
+        assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
+    else:
+        assert int((_ordinal(q) - _ordinal(qr)).abs().max()) <= max_ulp
+
+
+def _input(t: int, n: int, dtype: torch.dtype, seed: int, magnitude: float) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, n, generator=gen) * magnitude
+    if t > 1:
+        x[t // 2] *= 100.0  # an outlier token, clipped by the bound when one is given
+    return x.to(dtype).to(DEV)
+
+
+@FEW
+@given(t=st.integers(1, 9), n=st.integers(1, 300), dtype=st.sampled_from(DTYPES),
+       ub=st.sampled_from([None, 1200.0, 3.0]), one_pass=st.booleans(),
+       magnitude=st.sampled_from([1e-3, 1.0, 30.0]), seed=st.integers(0, 2**31))
+def test_per_token_quant_matches_reference(t, n, dtype, ub, one_pass, magnitude, seed):
+    x = _input(t, n, dtype, seed, magnitude)
+    q, s = per_token_quant_fp8(x, ub, max_one_pass=1 << 14 if one_pass else 32)
+    qr, sr = quantize_rowwise_ref(x, ub)
+    _check(q, s, qr, sr)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # fp16 silu → inf
+@FEW
+@given(t=st.integers(1, 7), inter=st.integers(1, 200), dtype=st.sampled_from(DTYPES),
+       one_pass=st.booleans(), seed=st.integers(0, 2**31))
+def test_silu_and_mul_quant_matches_reference(t, inter, dtype, one_pass, seed):
+    x = _input(t, 2 * inter, dtype, seed, 2.0)
+    q, s = silu_and_mul_quant_fp8(x, 1200.0, max_one_pass=1 << 14 if one_pass else 32)
+    qr, sr = silu_and_mul_quant_ref(x, 1200.0)
+    _check(q, s, qr, sr, max_ulp=1 if HAS_CUDA else 0)
+
+
+@FEW
+@given(t=st.integers(1, 7), hidden=st.integers(8, 300), dtype=st.sampled_from(DTYPES),
+       with_res=st.booleans(), seed=st.integers(0, 2**31))
+def test_rms_norm_quant_matches_reference(t, hidden, dtype, with_res, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = _input(t, hidden, dtype, seed, 1.0)
+    w = (1.0 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype).to(DEV)
+    res = torch.randn(t, hidden, generator=gen).to(dtype).to(DEV) if with_res else None
+    q, s, r = rms_norm_quant_fp8(x, w, 1e-5, res, 1200.0)
+    qr, sr, rr = rms_norm_quant_ref(x, w, 1e-5, res, 1200.0)
+    # The sum of squares is reduced in another order: one ulp of the fp8 code is allowed.
+    _check(q, s, qr, sr, max_ulp=1)
+    assert torch.equal(r, rr)
+
+
+def test_rounding_is_exact_on_every_code_and_tie():
+    """Every finite e4m3 value, each midpoint (ties go to even) and its float32 neighbours."""
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
+    grid = codes[torch.isfinite(codes)].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    up, down = torch.full_like(mids, 1e9), torch.full_like(mids, -1e9)
+    vals = torch.cat([grid, mids, mids.nextafter(up), mids.nextafter(down), torch.tensor([-0.0])])
+    row = vals[None].to(DEV)  # amax 448 → scale exactly 1
+    q, s = per_token_quant_fp8(row)
+    qr, _ = quantize_rowwise_ref(row)
+    assert float(s) == 1.0
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
+
+
+def test_strided_rows_and_empty_batch():
+    base = torch.randn(6, 96, device=DEV)
+    view = base[:, 16:80]  # rows 96 apart, last dim contiguous: no copy needed
+    _check(*per_token_quant_fp8(view, 1200.0), *quantize_rowwise_ref(view, 1200.0))
+    q, s = per_token_quant_fp8(torch.empty(0, 64, device=DEV))
+    assert q.shape == (0, 64) and s.shape == (0, 1)
+    with pytest.raises(ValueError, match="even"):
+        silu_and_mul_quant_fp8(torch.randn(2, 7, device=DEV))
+
+
+@pytest.mark.parametrize("t,n", [(1, 4096), (64, 14336), (300, 5120)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_model_sized_shapes_on_gpu(t, n):
+    x = (torch.randn(t, n, device="cuda") * 3).to(torch.bfloat16)
+    _check(*per_token_quant_fp8(x, 1200.0), *quantize_rowwise_ref(x, 1200.0))
+    _check(*silu_and_mul_quant_fp8(x, 1200.0), *silu_and_mul_quant_ref(x, 1200.0), max_ulp=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cuda_fp8_layer_matches_cpu_reference():
+    """On a GPU the layer quantizes with the kernel and multiplies with _scaled_mm (Ada/Hopper)
+    or the emulation; both compute the CPU reference's function."""
+    from kestrel.layers.linear import ColumnParallelLinear
+    from kestrel.quant.fp8 import Fp8LinearMethod, fp8_matmul_emulated
+
+    w = 0.05 * torch.randn(256, 512)
+    x = torch.randn(33, 512).to(torch.bfloat16)
+    with torch.device("cuda"):
+        layer = ColumnParallelLinear(512, 256, dtype=torch.bfloat16,
+                                     quant_method=Fp8LinearMethod(prefix="gpu.proj"))
+    layer.weight.weight_loader(layer.weight, w)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.fp8_use_scaled_mm == (torch.cuda.get_device_capability() >= (8, 9))
+    y = layer(x.cuda()).float().cpu()
+    xq, xs = quantize_rowwise_ref(x, 1200.0)
+    ref = fp8_matmul_emulated(xq, xs, layer.weight.cpu(), layer.weight_scale.cpu(), torch.float32)
+    torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
