@@ -24,6 +24,7 @@ class UniProcExecutor:
         self.runner = ModelRunner(cfg)
         self.num_blocks = self.runner.num_blocks_that_fit()
         self.runner.allocate_kv_cache(self.num_blocks)
+        self.runner.capture_graphs()
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(out)

@@ -22,4 +22,22 @@ def build_model(cfg: EngineConfig, backend_cls: type[AttentionBackend], tp: TPGr
         init_dummy_weights(model, seed=cfg.seed)
     else:
         model.load_weights(iterate_weights(cfg.model))
+    if backend_cls.name == "triton" and cfg.device.startswith("cuda"):
+        use_triton_kernels(model)
     return model.eval()
+
+
+def use_triton_kernels(model: nn.Module) -> None:
+    """Swap the torch reference ops for fused Triton kernels: the one place GPU ops are chosen."""
+    from kestrel.kernels import fused
+    from kestrel.layers.norm import RMSNorm
+    from kestrel.layers.rotary import RotaryEmbedding
+    from kestrel.models.llama import LlamaMLP
+
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.impl = fused.rms_norm
+        elif isinstance(m, RotaryEmbedding):
+            m.impl = fused.apply_rotary
+        elif isinstance(m, LlamaMLP):
+            m.act = fused.silu_and_mul

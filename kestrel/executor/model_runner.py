@@ -11,6 +11,7 @@ import torch
 from kestrel.attention.base import AttentionMetadata, get_backend_cls
 from kestrel.config import EngineConfig
 from kestrel.core.scheduler import SchedulerOutput
+from kestrel.executor.cuda_graph import DecodeGraphs
 from kestrel.executor.loading import build_model
 from kestrel.parallel.state import SINGLE, TPGroup
 
@@ -62,6 +63,7 @@ class ModelRunner:
         self.model = build_model(cfg, backend_cls, tp, layer_range)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
+        self.graphs: DecodeGraphs | None = None
 
     # ---- KV cache -------------------------------------------------------------------------
     def kv_dtype(self) -> torch.dtype:
@@ -121,6 +123,15 @@ class ModelRunner:
                           for _ in self.model.layers]
         self.num_blocks = num_blocks
 
+    def capture_graphs(self) -> None:
+        """Decode CUDA graphs, on CUDA unless enforce_eager; call after allocate_kv_cache."""
+        if self.device.type != "cuda" or self.cfg.enforce_eager:
+            return
+        sc = self.cfg.scheduler
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, sc.max_num_seqs, sc.max_model_len,
+                                   self.block_size, self.device)
+        self.graphs.capture()
+
     # ---- one step -------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput) -> ForwardBatch:
         bs = self.block_size
@@ -162,6 +173,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         batch = self.prepare(out)
+        if (self.graphs is not None and batch.meta.is_decode_only and not batch.prompt_rows
+                and len(batch.sample_rows) == batch.meta.num_seqs
+                and self.graphs.can_run(batch.meta.num_seqs)):
+            return RunnerOutput(self.graphs.run(batch.input_ids, batch.positions, batch.meta), {})
         hidden, _ = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         prompt = {rid: logits[a:b] for rid, (a, b) in batch.prompt_rows.items()}

@@ -1,0 +1,90 @@
+"""CUDA graphs for decode steps: one graph per padded batch size, replayed with new metadata.
+
+A decode step of an 8B model launches hundreds of small kernels; at batch 1 their launch gaps
+cost more than the weights take to stream. Capturing the whole forward (and the LM head) once per
+batch size removes them. Shapes a graph cannot serve (prefill chunks, prompt logprobs, batches
+larger than the biggest graph) run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from kestrel.attention.base import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 1025, 32))
+    return [s for s in sizes if s <= max_num_seqs] or [1]
+
+
+class DecodeGraphs:
+    """Static buffers shared by all graphs; each graph reads a prefix of them."""
+
+    def __init__(self, model, kv_caches, max_num_seqs: int, max_model_len: int, block_size: int,
+                 device: torch.device) -> None:
+        self.model, self.kv_caches = model, kv_caches
+        self.sizes = capture_sizes(max_num_seqs)
+        n = self.sizes[-1]
+        self.max_blocks = -(-max_model_len // block_size)
+        self.max_model_len = max_model_len
+        i32 = dict(dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(n, **i32)
+        self.block_tables = torch.zeros(n, self.max_blocks, **i32)
+        self.query_start_loc = torch.arange(n + 1, **i32)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], max_query_len=1,
+            max_seq_len=self.max_model_len)
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        hidden, _ = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches,
+                               self._meta(bs))
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        t0 = time.perf_counter()
+        for bs in reversed(self.sizes):  # largest first: later graphs reuse its memory pool
+            self._forward(bs)  # warm-up: compiles kernels, settles allocator state
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                self.logits[bs] = self._forward(bs)
+            self.pool = g.pool()
+            self.graphs[bs] = g
+        torch.cuda.synchronize()
+        log.info("captured %d decode graphs (batch %d..%d) in %.1fs", len(self.sizes),
+                 self.sizes[0], self.sizes[-1], time.perf_counter() - t0)
+
+    def can_run(self, num_seqs: int) -> bool:
+        return bool(self.graphs) and num_seqs <= self.sizes[-1]
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
+            meta: AttentionMetadata) -> torch.Tensor:
+        """Decode batch of ``n`` sequences → logits [n, V] through the smallest fitting graph."""
+        n = input_ids.shape[0]
+        bs = next(s for s in self.sizes if s >= n)
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.slot_mapping[n:bs].fill_(-1)  # padded rows write nothing
+        self.seq_lens[:n].copy_(meta.seq_lens)
+        self.seq_lens[n:bs].fill_(1)
+        w = meta.block_tables.shape[1]
+        self.block_tables[:n, :w].copy_(meta.block_tables)
+        self.graphs[bs].replay()
+        return self.logits[bs][:n]
