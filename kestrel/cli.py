@@ -20,9 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue  # feature not built yet
+            if e.name != name:  # an optional dependency of that feature is missing
+                logging.getLogger(__name__).debug("%s unavailable: %s", name, e)
+            continue
         mod.register(sub)
     return parser
 
