@@ -163,8 +163,9 @@ class LlamaForCausalLM(nn.Module):
                     self._copy_plain(param, tensor, name)
                 else:
                     loader(param, tensor, shard) if shard is not None else loader(param, tensor)
-            except ValueError as e:
-                raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
+            except (ValueError, RuntimeError, IndexError) as e:  # narrow/copy on a bad shape
+                raise ValueError(f"checkpoint tensor {name!r} "
+                                 f"(shape {tuple(tensor.shape)}): {e}") from None
             loaded.add(pname)
         missing = sorted(set(params) - loaded)
         if missing:
