@@ -32,7 +32,8 @@ def use_triton_kernels(model: nn.Module) -> None:
     from kestrel.kernels import fused
     from kestrel.layers.norm import RMSNorm
     from kestrel.layers.rotary import RotaryEmbedding
-    from kestrel.models.llama import LlamaMLP
+    from kestrel.models.llama import LlamaDecoderLayer, LlamaMLP
+    from kestrel.quant.fp8_fused import fp8_norm_mlp, uses_fp8_producers
 
     for m in model.modules():
         if isinstance(m, RMSNorm):
@@ -41,3 +42,5 @@ def use_triton_kernels(model: nn.Module) -> None:
             m.impl = fused.apply_rotary
         elif isinstance(m, LlamaMLP):
             m.act = fused.silu_and_mul
+        elif isinstance(m, LlamaDecoderLayer) and uses_fp8_producers(m.mlp):
+            m.norm_mlp = fp8_norm_mlp  # FP8 activations quantized by the norm / SwiGLU kernels

@@ -1,8 +1,8 @@
 """Per-token FP8 (e4m3) activation quantization in Triton, plain and fused with its producer.
 
-    per_token_quant_fp8    ~ kestrel.quant.fp8.quantize_rowwise_ref
-    silu_and_mul_quant_fp8 ~ kestrel.quant.fp8.silu_and_mul_quant_ref
-    rms_norm_quant_fp8     ~ kestrel.quant.fp8.rms_norm_quant_ref
+    per_token_quant_fp8    ~ kestrel.quant.fp8_ops.quantize_rowwise_ref
+    silu_and_mul_quant_fp8 ~ kestrel.quant.fp8_ops.silu_and_mul_quant_ref
+    rms_norm_quant_fp8     ~ kestrel.quant.fp8_ops.rms_norm_quant_ref
 
 One program per token row: amax → clamp to [AMAX_FLOOR, scale_ub] → scale = amax/448 → x /
 scale saturated to ±448 → e4m3. Rows that fit one block are read once; longer rows take a
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.quant.fp8 import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, INV_FP8_MAX
+from kestrel.quant.fp8_ops import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, INV_FP8_MAX
 
 _MAX_ONE_PASS = 16384  # longest row held in registers at once
 _FLOOR = tl.constexpr(AMAX_FLOOR)  # kernels may only read constexpr globals
@@ -30,7 +30,7 @@ _INV_MAX = tl.constexpr(INV_FP8_MAX)
 
 
 @triton.jit
-def _round_dtype(v, DT: tl.constexpr):
+def round_dtype(v, DT: tl.constexpr):
     """Round float32 v to the storage dtype and back (DT 0: float32, 1: bfloat16, 2: float16)."""
     if DT == 1:  # bf16 keeps 7 of 23 mantissa bits: round half to even through an integer add
         bits = v.to(tl.int32, bitcast=True)
@@ -73,8 +73,8 @@ def _silu_mul(x_row, n_cols, offs, mask, DT: tl.constexpr):
     """silu(gate) * up with the reference's rounding points (silu rounded, then the product)."""
     gate = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_row + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
-    act = _round_dtype(gate / (1.0 + tl.exp(-gate)), DT)
-    return _round_dtype(act * up, DT)
+    act = round_dtype(gate / (1.0 + tl.exp(-gate)), DT)
+    return round_dtype(act * up, DT)
 
 
 @triton.jit
@@ -150,26 +150,26 @@ def _rms_norm_quant_kernel(
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
-        x = _round_dtype(x + r, DT)  # the reference rounds the sum to the dtype first
+        x = round_dtype(x + r, DT)  # the reference rounds the sum to the dtype first
         tl.store(res_out_ptr + row * stride_ro + offs,
                  x.to(res_out_ptr.dtype.element_ty), mask=mask)
     var = tl.sum(x * x, axis=0) / n_cols
     rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = _round_dtype(w * _round_dtype(x * rstd, DT), DT)  # cast back, then scale (HF order)
+    v = round_dtype(w * round_dtype(x * rstd, DT), DT)  # cast back, then scale (HF order)
     scale = _scale_of(tl.max(tl.abs(v), axis=0), scale_ub)
     tl.store(q_ptr + row * stride_q + offs, _quant(v, scale), mask=mask)
     tl.store(s_ptr + row, scale)
 
 
-_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dim() != 2:
         raise ValueError(f"{name}: expected [T, C], got shape {tuple(x.shape)}")
-    if x.dtype not in _DT:
-        raise ValueError(f"{name}: dtype {x.dtype} not supported; use one of {list(_DT)}")
+    if x.dtype not in DTYPE_CODES:
+        raise ValueError(f"{name}: dtype {x.dtype} not supported; use one of {list(DTYPE_CODES)}")
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
@@ -188,7 +188,7 @@ def _launch_rowwise(x: torch.Tensor, n_cols: int, silu: bool, scale_ub: float | 
         block = block if one_pass else triton.next_power_of_2(max_one_pass)
         _per_token_quant_kernel[(t,)](
             x, q, s, n_cols, x.stride(0), q.stride(0), _ub(scale_ub),
-            SILU=silu, DT=_DT[x.dtype], BLOCK=block, ONE_PASS=one_pass,
+            SILU=silu, DT=DTYPE_CODES[x.dtype], BLOCK=block, ONE_PASS=one_pass,
             num_warps=max(1, min(16, block // 256)),
         )
     return q.view(FP8_DTYPE), s
@@ -233,7 +233,7 @@ def rms_norm_quant_fp8(
         _rms_norm_quant_kernel[(t,)](
             x, r, weight, q, s, res_out, h, x.stride(0), r.stride(0), q.stride(0),
             res_out.stride(0), eps, _ub(scale_ub),
-            HAS_RES=residual is not None, DT=_DT[x.dtype], BLOCK=block,
+            HAS_RES=residual is not None, DT=DTYPE_CODES[x.dtype], BLOCK=block,
             num_warps=max(1, min(16, block // 256)),
         )
     return q.view(FP8_DTYPE), s, res_out

@@ -75,6 +75,14 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
+def norm_mlp_ref(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,
+                 residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """post_attention_layernorm, then the MLP. use_triton_kernels may swap in a fused version
+    whose producers emit FP8 (kestrel.quant.fp8_fused.fp8_norm_mlp)."""
+    x, residual = norm(x, residual)
+    return mlp(x), residual
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, idx: int, dtype: torch.dtype, quant: QuantConfig,
                  tp: TPGroup, backend_cls: type[AttentionBackend]) -> None:
@@ -83,6 +91,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, idx, dtype, quant, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norm_mlp = norm_mlp_ref  # the kernel registry may swap in a fused version
 
     def forward(self, positions, x, residual, kv: KVCache, meta: AttentionMetadata):
         if residual is None:
@@ -90,8 +99,7 @@ class LlamaDecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x, kv, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return self.norm_mlp(self.post_attention_layernorm, self.mlp, x, residual)
 
 
 class LlamaForCausalLM(nn.Module):

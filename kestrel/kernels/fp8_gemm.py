@@ -1,0 +1,241 @@
+"""FP8 GEMM for a few rows (decode): y [M, N] = (xs·xq)(ws·wq)ᵀ, reading each weight byte once.
+
+    fp8_gemm_small_m ~ kestrel.quant.fp8_ops.fp8_matmul_emulated
+
+At M ≤ 16 a GEMM is a weight stream (2·M flops per weight byte), so its time should be weight
+bytes / copy bandwidth. torch._scaled_mm (CUTLASS, tuned for large M) pads M to its tile and
+launches few blocks for a skinny problem. Here each program owns a BLOCK_N slice of the output
+columns (and with split-K a slice of K), streams its fp8 weight rows along K in 16-byte vectors,
+and multiplies by x_scale · w_scale once, at the end.
+
+Two inner products, picked by the config (``default_config``: by M):
+  FMA (one x row per program): CUDA-core multiply-add into a [BLOCK_N, BLOCK_K] float32
+      accumulator, reduced along K once after the loop, so the loop has no cross-lane traffic.
+  dot (M > 1): tensor-core tl.dot of the fp8 tiles, computed transposed, acc [BLOCK_N, BLOCK_M]
+      = w · xᵀ, so the weight slice fills the MMA's 64-row side and x pads only to 16 rows.
+      fp8 MMAs on Hopper accumulate in reduced precision; promoting to float32 after every
+      BLOCK_K (``max_num_imprecise_acc``) limits that to BLOCK_K products per partial sum.
+Split-K writes float32 partials [S, M, N]; a second kernel sums them in a fixed order (the
+result does not depend on scheduling, unlike atomics). Outputs are rounded half-to-even
+explicitly (``round_dtype``), as torch casts, also under the interpreter (which truncates).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kestrel.kernels.fp8_quant import DTYPE_CODES, round_dtype
+from kestrel.quant.fp8_ops import FP8_DTYPE
+
+_SUM_BLOCK = 1024  # outputs per program of the split-K reduction
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """Tiling and launch of ``fp8_gemm_small_m``; ``default_config`` says why its values."""
+
+    block_n: int  # output columns (weight rows) per program
+    block_k: int  # K elements per loop step, 16-byte fp8 vectors along K
+    split_k: int = 1  # programs that share one column slice, each over a K range (upper bound)
+    use_dot: bool = False  # tensor-core tl.dot; False: CUDA-core FMA, one x row per program
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"SkinnyConfig.{name} must be a power of two, got {v}")
+        if self.use_dot and (self.block_n < 16 or self.block_k < 32):
+            raise ValueError("SkinnyConfig: tl.dot on fp8 needs block_n >= 16, block_k >= 32")
+        if self.split_k < 1 or self.num_stages < 1:
+            raise ValueError("SkinnyConfig: split_k and num_stages must be >= 1")
+
+
+@functools.cache
+def sm_count(device_type: str, index: int | None) -> int:
+    """Streaming multiprocessors of a device: how many programs keep it busy."""
+    if device_type != "cuda":
+        return 1  # the interpreter: one "SM", so defaults never split K
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def default_config(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:
+    """A starting point for Hopper, to be tuned with tests/quant/bench_fp8_gemm.py.
+
+    M == 1: FMA, 16 columns × 512 bytes of K per step (4 × 16-byte loads and 64 accumulators per
+    thread at 4 warps); M > 1: tensor cores, 64 columns (one wgmma side) × 256 K. K is split
+    until there are about 4 (FMA) or 2 (dot) programs per SM to keep enough bytes in flight,
+    with at least 2 K steps per split.
+    """
+    if m == 1:
+        block_n, block_k, per_sm, dot = 16, 512, 4, False
+    else:
+        block_n, block_k, per_sm, dot = 64, 256, 2, True
+    block_k = min(block_k, max(32, triton.next_power_of_2(k)))  # tiny K: no huge masked tile
+    k_steps = triton.cdiv(k, block_k)
+    split = max(1, min(triton.cdiv(per_sm * num_sms, triton.cdiv(n, block_n)), k_steps // 2))
+    return SkinnyConfig(block_n, block_k, split, dot)
+
+
+@triton.jit
+def _fma_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """x_ptrs [1, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → x·wᵀ as [BLOCK_N, 1] float32."""
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for _ in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            in_k = offs_k[None, :] < K
+            w = tl.load(w_ptrs, mask=in_k, other=0.0)
+            x = tl.load(x_ptrs, mask=in_k, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        offs_k += BLOCK_K
+    return tl.sum(acc, axis=1)[:, None]
+
+
+@triton.jit
+def _dot_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """x_ptrs [BLOCK_M, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → w·xᵀ as [BLOCK_N, BLOCK_M]."""
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for _ in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            in_k = offs_k[None, :] < K
+            w = tl.load(w_ptrs, mask=in_k, other=0.0)
+            x = tl.load(x_ptrs, mask=in_k, other=0.0)
+        acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=BLOCK_K)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        offs_k += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _skinny_kernel(
+    x_ptr,  # [M, K] fp8, K contiguous
+    xs_ptr,  # [M] float32
+    w_ptr,  # [N, K] fp8, K contiguous
+    ws_ptr,  # [N] float32
+    out_ptr,  # [M, N] output dtype; [S, M, N] float32 partials when SPLIT
+    M, N, K,
+    stride_xm,
+    stride_wn,
+    k_per_split,  # a multiple of BLOCK_K
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DT: tl.constexpr,
+):
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Clamped rows: loads need no mask along N or M; the duplicates are computed, never stored.
+    rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
+    rows_m = tl.minimum(offs_m, M - 1).to(tl.int64)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    if USE_DOT:
+        acc = _dot_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+    else:
+        acc = _fma_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_N, BLOCK_K, EVEN_K)
+    ws = tl.load(ws_ptr + rows_n)
+    xs = tl.load(xs_ptr + rows_m)
+    y = acc * ws[:, None] * xs[None, :]  # [BLOCK_N, BLOCK_M]
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    offs = offs_m[None, :] * N + offs_n[:, None]  # out is [M, N] row-major: N is contiguous
+    if SPLIT:
+        tl.store(out_ptr + pid_k * M * N + offs, y, mask=mask)
+    else:
+        tl.store(out_ptr + offs, round_dtype(y, DT).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_splits_kernel(p_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, DT: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """p [SPLIT_K, numel] float32 → out [numel]: the partials summed in split order, rounded."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(p_ptr + s * numel + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, round_dtype(acc, DT).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _operands(xq, x_scale, wq, w_scale, out_dtype):
+    """Validate; return K-contiguous fp8 operands and flat float32 scales."""
+    if xq.dtype != FP8_DTYPE or wq.dtype != FP8_DTYPE:
+        raise ValueError(f"fp8_gemm_small_m: operands must be {FP8_DTYPE}, got {xq.dtype} and "
+                         f"{wq.dtype}")
+    if xq.dim() != 2 or wq.dim() != 2 or xq.shape[1] != wq.shape[1]:
+        raise ValueError(f"fp8_gemm_small_m: shapes {tuple(xq.shape)} × {tuple(wq.shape)}ᵀ "
+                         "do not multiply ([M, K] and [N, K] expected)")
+    if x_scale.numel() != xq.shape[0] or w_scale.numel() != wq.shape[0]:
+        raise ValueError(f"fp8_gemm_small_m: scales {tuple(x_scale.shape)} and "
+                         f"{tuple(w_scale.shape)}, expected one per row of x and of w")
+    if out_dtype not in DTYPE_CODES:
+        raise ValueError(f"fp8_gemm_small_m: out_dtype {out_dtype} not one of "
+                         f"{list(DTYPE_CODES)}")
+    xq = xq if xq.stride(-1) == 1 else xq.contiguous()
+    wq = wq if wq.stride(-1) == 1 else wq.contiguous()
+    xs = x_scale.reshape(-1).to(torch.float32).contiguous()
+    ws = w_scale.reshape(-1).to(torch.float32).contiguous()
+    return xq, xs, wq, ws
+
+
+def fp8_gemm_small_m(
+    xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16, config: SkinnyConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """xq [M, K] fp8, x_scale [M, 1], wq [N, K] fp8, w_scale [N, 1] (or [1, N]) → [M, N].
+
+    Computes ``fp8_matmul_emulated``'s function with float32 accumulation; ``config``
+    overrides ``default_config`` (tests, tuning); ``out``: a contiguous [M, N] tensor of
+    ``out_dtype`` to write. CUDA-graph safe: no host synchronisation.
+    """
+    xq, xs, wq, ws = _operands(xq, x_scale, wq, w_scale, out_dtype)
+    (m, k), n = xq.shape, wq.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    elif out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"fp8_gemm_small_m: out must be a contiguous [{m}, {n}] {out_dtype} "
+                         f"tensor, got {tuple(out.shape)} {out.dtype}")
+    if m == 0 or n == 0 or k == 0:
+        return out.zero_()
+    cfg = config or default_config(m, n, k, sm_count(xq.device.type, xq.device.index))
+    block_m = min(64, max(16, triton.next_power_of_2(m))) if cfg.use_dot else 1
+    k_steps = triton.cdiv(k, cfg.block_k)
+    steps_per_split = triton.cdiv(k_steps, min(cfg.split_k, k_steps))
+    split = triton.cdiv(k_steps, steps_per_split)  # no empty split
+    dst = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
+    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, block_m))
+    _skinny_kernel[grid](
+        xq, xs, wq, ws, dst, m, n, k, xq.stride(0), wq.stride(0), steps_per_split * cfg.block_k,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
+        EVEN_K=k % cfg.block_k == 0, SPLIT=split > 1, DT=DTYPE_CODES[out_dtype],
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        _sum_splits_kernel[(triton.cdiv(m * n, _SUM_BLOCK),)](
+            dst, out, m * n, SPLIT_K=split, DT=DTYPE_CODES[out_dtype], BLOCK=_SUM_BLOCK,
+            num_warps=4)
+    return out

@@ -1,0 +1,64 @@
+"""FP8 activations quantized by the kernel that produces them, in the decoder's norm → MLP.
+
+Unfused, an FP8 layer reads its float input a second time to quantize it (per_token_quant_fp8):
+at 4096 tokens that pass costs down_proj most of its FP8 gain, and at one token it is one more
+launch per layer. Here post_attention_layernorm emits fp8 + per-token scales for gate_up_proj
+(``rms_norm_quant_fp8``) and SwiGLU emits them for down_proj (``silu_and_mul_quant_fp8``). Each
+layer still runs its own forward (bias after the all-reduce, gather): it is handed an
+``Fp8Input`` instead of a float tensor, and ``Fp8LinearMethod.apply`` skips its quantize pass.
+
+``kestrel.executor.loading.use_triton_kernels`` installs ``fp8_norm_mlp`` as a decoder layer's
+``norm_mlp`` (plain: ``kestrel.models.llama.norm_mlp_ref``), the same swap as RMSNorm.impl, so
+the CPU path never sees it. Oracle: norm_mlp_ref, with quantization inside the layers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from kestrel.kernels.fp8_quant import rms_norm_quant_fp8, silu_and_mul_quant_fp8
+from kestrel.quant.fp8 import Fp8LinearMethod
+from kestrel.quant.fp8_ops import Fp8Input
+
+if TYPE_CHECKING:
+    from kestrel.layers.norm import RMSNorm
+    from kestrel.models.llama import LlamaMLP
+
+
+def rowwise_fp8(layer: nn.Module) -> Fp8LinearMethod | None:
+    """The layer's FP8 method if it takes per-token scales (what the fused kernels emit).
+
+    Per-tensor layers need one scale for the whole batch, which a row kernel cannot know.
+    """
+    qm = getattr(layer, "quant_method", None)
+    return qm if isinstance(qm, Fp8LinearMethod) and not qm.per_tensor else None
+
+
+def uses_fp8_producers(mlp: LlamaMLP) -> bool:
+    """Would ``fp8_norm_mlp`` fuse anything in this MLP (else keep the plain path)?"""
+    return rowwise_fp8(mlp.gate_up_proj) is not None or rowwise_fp8(mlp.down_proj) is not None
+
+
+def fp8_norm_mlp(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,
+                 residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for norm_mlp_ref: (x + residual) → RMSNorm → gate_up → SwiGLU → down.
+
+    x, residual [T, H] → (MLP output [T, H], new residual [T, H]). A layer that is not row-wise
+    FP8 gets the float tensor, as on the plain path.
+    """
+    qm = rowwise_fp8(mlp.gate_up_proj)
+    if qm is not None:
+        q, s, residual = rms_norm_quant_fp8(x, norm.weight, norm.eps, residual,
+                                            qm.activation_scale_ub)  # [T, H] fp8, [T, 1]
+        h = mlp.gate_up_proj(Fp8Input(q, s))  # [T, 2I]
+    else:
+        x, residual = norm(x, residual)
+        h = mlp.gate_up_proj(x)
+    qm = rowwise_fp8(mlp.down_proj)
+    if qm is None:
+        return mlp.down_proj(mlp.act(h)), residual
+    q, s = silu_and_mul_quant_fp8(h, qm.activation_scale_ub)  # [T, I] fp8, [T, 1]
+    return mlp.down_proj(Fp8Input(q, s)), residual

@@ -1,0 +1,301 @@
+"""The Triton FP8 skinny GEMM and the fused FP8 producers of the MLP, against their references.
+
+CPU runs the kernels under TRITON_INTERPRET=1 (set by conftest) on small shapes; outputs and
+split-K partials are poisoned with NaN so an element the kernel forgets to write shows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kestrel.config import QuantConfig
+from kestrel.kernels import fp8_gemm
+from kestrel.kernels.fp8_gemm import SkinnyConfig, default_config, fp8_gemm_small_m
+from kestrel.layers.linear import ColumnParallelLinear, RowParallelLinear
+from kestrel.parallel.state import TPGroup
+from kestrel.quant import fp8_ops
+from kestrel.quant.fp8 import (
+    Fp8Input,
+    Fp8LinearMethod,
+    dequantize,
+    fp8_matmul,
+    fp8_matmul_emulated,
+    quantize_rowwise_ref,
+    select_small_m_gemm,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
+OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FEW = settings(max_examples=8, deadline=None)
+
+
+def _operands(m: int, k: int, n: int, seed: int, device: str = DEV):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    if m > 1:
+        x[m // 2] *= 50.0  # an outlier token: its own scale, the others unaffected
+    xq, xs = quantize_rowwise_ref(x, 1200.0)
+    wq, ws = quantize_rowwise_ref(0.05 * torch.randn(n, k, generator=gen))
+    return xq.to(device), xs.to(device), wq.to(device), ws.to(device)
+
+
+def _assert_matches_emulation(y, xq, xs, wq, ws, out_dtype) -> None:
+    """|y - ref| within float32 rounding: sums in any order and the scales applied before or
+    after (2·(K + 4)·u·Σ|x·w|), plus one rounding of the output dtype."""
+    assert y.dtype == out_dtype and y.shape == (xq.shape[0], wq.shape[0])
+    assert not bool(torch.isnan(y).any()), "an output element was never written"
+    xq, xs, wq, ws = (t.cpu() for t in (xq, xs, wq, ws))
+    ref = fp8_matmul_emulated(xq, xs, wq, ws, torch.float32)
+    mag = dequantize(xq, xs).abs() @ dequantize(wq, ws).abs().t()  # [M, N] Σ_k |x_k w_k|
+    tol = 2 * (xq.shape[1] + 4) * 2.0 ** -24 * mag + 1e-30
+    if out_dtype != torch.float32:
+        tol = tol + torch.finfo(out_dtype).eps * ref.abs() + torch.finfo(out_dtype).tiny
+    err = (y.cpu().float() - ref).abs()
+    assert bool((err <= tol).all()), f"max excess {float((err - tol).max())}"
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """torch.empty returns NaN-filled float tensors (split-K partials, outputs) while active."""
+    real = torch.empty
+
+    def empty(*args, **kw):
+        t = real(*args, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() and t.element_size() > 1 else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+CONFIGS = [
+    None,  # default_config: FMA for one row, tensor-core dot for more
+    SkinnyConfig(block_n=16, block_k=32, split_k=3),  # FMA, split-K
+    SkinnyConfig(block_n=8, block_k=16, split_k=1),
+    SkinnyConfig(block_n=16, block_k=32, split_k=4, use_dot=True),  # dot, split-K
+    SkinnyConfig(block_n=32, block_k=64, split_k=1, use_dot=True),
+]
+
+
+@FEW
+@given(m=st.integers(1, 18), k=st.integers(1, 200), n=st.integers(1, 80),
+       cfg=st.sampled_from(CONFIGS), out_dtype=st.sampled_from(OUT_DTYPES),
+       seed=st.integers(0, 2**31))
+def test_skinny_gemm_matches_emulation(m, k, n, cfg, out_dtype, seed):
+    if cfg is not None and not cfg.use_dot:
+        m = min(m, 3)  # FMA programs own one row each: correct for any M, meant for M == 1
+    xq, xs, wq, ws = _operands(m, k, n, seed)
+    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEV)
+    y = fp8_gemm_small_m(xq, xs, wq, ws, out_dtype, config=cfg, out=out)
+    assert y is out
+    _assert_matches_emulation(y, xq, xs, wq, ws, out_dtype)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[1:4:2])
+def test_split_k_partials_are_all_written(poison_empty, cfg):
+    m, k, n = (1, 160, 40) if not cfg.use_dot else (5, 160, 40)  # K not a multiple of block_k
+    xq, xs, wq, ws = _operands(m, k, n, seed=7)
+    y = fp8_gemm_small_m(xq, xs, wq, ws, torch.bfloat16, config=cfg)
+    _assert_matches_emulation(y, xq, xs, wq, ws, torch.bfloat16)
+
+
+def test_scales_as_rows_or_columns_and_strided_x():
+    xq, xs, wq, ws = _operands(4, 64, 24, seed=1)
+    base = torch.zeros(4, 96, dtype=xq.dtype, device=DEV)
+    base[:, 16:80] = xq
+    y = fp8_gemm_small_m(base[:, 16:80], xs, wq, ws.view(1, -1), torch.float32)
+    _assert_matches_emulation(y, xq, xs, wq, ws, torch.float32)
+
+
+def test_empty_and_bad_operands():
+    xq, xs, wq, ws = _operands(2, 32, 16, seed=2)
+    assert fp8_gemm_small_m(xq[:0], xs[:0], wq, ws).shape == (0, 16)
+    zero_k = fp8_gemm_small_m(xq[:, :0], xs, wq[:, :0], ws, torch.float32)
+    assert torch.equal(zero_k, torch.zeros(2, 16, device=DEV))
+    with pytest.raises(ValueError, match="must be"):
+        fp8_gemm_small_m(xq.float(), xs, wq, ws)
+    with pytest.raises(ValueError, match="do not multiply"):
+        fp8_gemm_small_m(xq, xs, wq[:, :16], ws)
+    with pytest.raises(ValueError, match="one per row"):
+        fp8_gemm_small_m(xq, xs[:1], wq, ws)
+    with pytest.raises(ValueError, match="power of two"):
+        SkinnyConfig(block_n=12, block_k=32)
+
+
+def test_default_config_splits_k_only_when_columns_are_few():
+    # Llama 3 8B FFN on an H100/H200 (132 SMs).
+    gate_up, down = default_config(1, 28672, 4096, 132), default_config(1, 4096, 14336, 132)
+    assert gate_up.split_k == 1 and down.split_k > 1 and not down.use_dot
+    assert default_config(16, 4096, 14336, 132).use_dot
+    assert default_config(1, 64, 48, 132).split_k == 1  # one K step: nothing to split
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def test_fp8_matmul_picks_the_skinny_gemm_by_rows(monkeypatch):
+    calls = []
+    real = fp8_gemm.fp8_gemm_small_m
+    monkeypatch.setattr(fp8_gemm, "fp8_gemm_small_m",
+                        lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    for m in (1, 4, 5):
+        xq, xs, wq, ws = _operands(m, 48, 32, seed=m)
+        y = fp8_matmul(xq, xs, wq, ws, torch.float32, use_scaled_mm=False, small_m_max=4)
+        _assert_matches_emulation(y, xq, xs, wq, ws, torch.float32)
+    assert calls == [1, 4]  # 5 rows: past the threshold
+
+
+def test_small_m_gemm_only_on_fp8_capable_cuda(monkeypatch):
+    assert select_small_m_gemm(torch.device("cpu"), torch.bfloat16) == 0
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert select_small_m_gemm(torch.device("cuda"), torch.bfloat16) == 0
+
+
+class _DoublingTP(TPGroup):
+    """A one-rank group whose all-reduce doubles: shows the reduction happens, before the bias."""
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def _fp8_layer(cls, bias: bool, **kw):
+    gen = torch.Generator().manual_seed(10)
+    layer = cls(64, 48, bias=bias, quant_method=Fp8LinearMethod(prefix="t.proj"), **kw)
+    layer.weight.weight_loader(layer.weight, 0.05 * torch.randn(48, 64, generator=gen))
+    if bias:
+        layer.bias.data.copy_(torch.randn(48, generator=gen))
+    layer.quant_method.process_weights_after_loading(layer)
+    return layer
+
+
+@pytest.mark.parametrize("cls", [ColumnParallelLinear, RowParallelLinear])
+def test_prequantized_input_keeps_the_layer_forward(cls):
+    """layer(Fp8Input(q, s)) == layer(x) when (q, s) is x's quantization: bias, all-reduce."""
+    kw = {"tp": _DoublingTP()} if cls is RowParallelLinear else {}
+    layer = _fp8_layer(cls, bias=True, **kw)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(8))
+    q, s = quantize_rowwise_ref(x, layer.quant_method.activation_scale_ub)
+    assert torch.equal(layer(Fp8Input(q, s)), layer(x))
+    if cls is RowParallelLinear:
+        plain = fp8_matmul_emulated(q, s, layer.weight, layer.weight_scale, torch.float32)
+        torch.testing.assert_close(layer(x), 2 * plain + layer.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_with_skinny_gemm_enabled_matches_emulation():
+    layer = _fp8_layer(ColumnParallelLinear, bias=False)
+    layer.fp8_small_m_max = 16  # what select_small_m_gemm gives on an FP8 GPU
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(9))
+    q, s = quantize_rowwise_ref(x, layer.quant_method.activation_scale_ub)
+    _assert_matches_emulation(layer(x), q, s, layer.weight, layer.weight_scale, torch.float32)
+
+
+# ----------------------------------------------------------------------------- fused producers
+
+
+def _fp8_model(h, num_layers: int = 3):
+    cfg = h.tiny_config(num_layers)
+    return h.build(cfg, QuantConfig(method="fp8"), h.hf_weights(cfg, seed=0, std=0.05)), cfg
+
+
+def test_fused_norm_mlp_equals_the_unfused_fp8_path(h):
+    from kestrel.models.llama import norm_mlp_ref
+    from kestrel.quant.fp8_fused import fp8_norm_mlp, uses_fp8_producers
+
+    model, cfg = _fp8_model(h)
+    layer = model.layers["1"]  # the recipe keeps layers 0 and 2 dense
+    assert uses_fp8_producers(layer.mlp) and not uses_fp8_producers(model.layers["0"].mlp)
+    gen = torch.Generator().manual_seed(4)
+    x, res = torch.randn(2, 6, cfg.hidden_size, generator=gen)
+    want, want_res = norm_mlp_ref(layer.post_attention_layernorm, layer.mlp, x, res)
+    got, got_res = fp8_norm_mlp(layer.post_attention_layernorm, layer.mlp, x, res)
+    assert torch.equal(got_res, want_res)
+    # RMSNorm sums squares in another order, so an fp8 code of its output may move by one ulp.
+    torch.testing.assert_close(got, want, rtol=0, atol=0.02 * float(want.abs().max()))
+    rel = float((got - want).norm() / want.norm())
+    assert rel < 5e-3, rel
+
+
+def test_fused_swiglu_quant_gives_down_proj_the_codes_it_would_compute(h):
+    """SwiGLU → fp8 in one kernel ≈ the layer quantizing SwiGLU's output itself. Not bit-exact
+    in float32: the kernel's exp and torch's may differ by an ulp, moving a scale by one ulp."""
+    from kestrel.kernels.fp8_quant import silu_and_mul_quant_fp8
+
+    model, cfg = _fp8_model(h)
+    down = model.layers["1"].mlp.down_proj
+    hidden = torch.randn(5, 2 * cfg.intermediate_size, generator=torch.Generator().manual_seed(6))
+    q, s = silu_and_mul_quant_fp8(hidden, down.quant_method.activation_scale_ub)
+    act = model.layers["1"].mlp.act(hidden)
+    qr, sr = quantize_rowwise_ref(act, down.quant_method.activation_scale_ub)
+    torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+    codes = (q.float() - qr.float()).abs() / qr.float().abs().clamp(min=2.0 ** -9)
+    assert float(codes.max()) <= 0.125  # at most one e4m3 step (3 mantissa bits)
+    want = down(act)
+    torch.testing.assert_close(down(Fp8Input(q, s)), want, rtol=0,
+                               atol=1e-3 * float(want.abs().max()))
+
+
+def test_model_with_triton_kernels_matches_the_plain_model(h):
+    """use_triton_kernels on a tiny FP8 model (interpreter): fused norm→MLP on the middle layer
+    only, the skinny GEMM for its few rows, and logits close to the plain CPU path."""
+    from kestrel.executor.loading import use_triton_kernels
+    from kestrel.models.llama import norm_mlp_ref
+    from kestrel.quant.fp8_fused import fp8_norm_mlp
+
+    model, cfg = _fp8_model(h)
+    ids = torch.randint(0, cfg.vocab_size, (6,), generator=torch.Generator().manual_seed(5))
+    want = h.prefill_logits(model, ids.tolist())
+    use_triton_kernels(model)
+    assert [lay.norm_mlp for lay in model.layers.values()] == [norm_mlp_ref, fp8_norm_mlp,
+                                                                norm_mlp_ref]
+    for m in model.modules():
+        if isinstance(getattr(m, "quant_method", None), Fp8LinearMethod):
+            m.fp8_small_m_max = 16
+    got = h.prefill_logits(model, ids.tolist())
+    assert torch.isfinite(got).all()
+    assert float((got - want).norm() / want.norm()) < 5e-3
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("n,k", [(28672, 4096), (4096, 14336)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_llama_ffn_shapes_on_gpu(m, n, k):
+    xq, xs, wq, ws = _operands(m, k, n, seed=m)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+    _assert_matches_emulation(fp8_gemm_small_m(xq, xs, wq, ws, torch.bfloat16, out=out),
+                              xq, xs, wq, ws, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_fp8_layers_pick_the_skinny_gemm_and_agree_with_cpu(h):
+    """On an FP8 GPU the layers enable the skinny GEMM; the fused norm→MLP (bf16, 1 and 40
+    tokens: skinny GEMM and _scaled_mm) stays close to the CPU float32 unfused path."""
+    from kestrel.models.llama import norm_mlp_ref
+    from kestrel.quant.fp8_fused import fp8_norm_mlp
+
+    cfg = h.tiny_config(3)
+    weights = h.hf_weights(cfg, seed=0, std=0.05)
+    cpu = h.build(cfg, QuantConfig(method="fp8"), weights)
+    with torch.device("cuda"):
+        model = type(cpu)(cfg, torch.bfloat16, type(cpu.layers["0"].self_attn.attn),
+                          quant=QuantConfig(method="fp8"))
+    model.load_weights(weights.items())
+    mlp = model.layers["1"].mlp
+    if torch.cuda.get_device_capability() >= (8, 9):
+        assert mlp.down_proj.fp8_small_m_max == fp8_ops.SMALL_M_MAX
+    for t in (1, 40):
+        x, res = torch.randn(2, t, cfg.hidden_size, generator=torch.Generator().manual_seed(t))
+        want, _ = norm_mlp_ref(cpu.layers["1"].post_attention_layernorm, cpu.layers["1"].mlp,
+                               x, res)
+        got, _ = fp8_norm_mlp(model.layers["1"].post_attention_layernorm, mlp,
+                              x.bfloat16().cuda(), res.bfloat16().cuda())
+        rel = float((got.float().cpu() - want).norm() / want.norm())
+        assert rel < 3e-2, (t, rel)
