@@ -97,3 +97,11 @@ def test_seeded_sampling_independent_of_batch():
     assert batch[-1].outputs[0].token_ids == alone
     again = llm.generate({"prompt_token_ids": [5, 6, 7]}, p)[0].outputs[0].token_ids
     assert again == alone
+
+
+def test_min_tokens_end_to_end():
+    llm = LLM("tiny-llama", load_format="dummy")
+    eos = llm.engine.eos_token_ids[0]
+    out = llm.generate({"prompt_token_ids": [1, 2, 3]},
+                       SamplingParams(min_tokens=5, max_tokens=6, temperature=0))[0].outputs[0]
+    assert len(out.token_ids) >= 5 and eos not in out.token_ids[:5]

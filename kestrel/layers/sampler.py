@@ -56,6 +56,8 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
 
 def _block_stop_tokens(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     """min_tokens: EOS and stop tokens are impossible until enough tokens were generated."""
+    if any(len(r.output_token_ids) < r.params.min_tokens for r in reqs):
+        logits = logits.clone()  # the runner's logits may be inference tensors: never write them
     for i, r in enumerate(reqs):
         if len(r.output_token_ids) < r.params.min_tokens:
             banned = list(r.params.stop_token_ids) + ([] if r.params.ignore_eos

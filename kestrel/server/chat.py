@@ -1,0 +1,153 @@
+"""POST /v1/chat/completions: the model's chat template, then one engine request with n samples."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from kestrel.engine.async_engine import RequestStream
+from kestrel.outputs import CompletionOutput, RequestOutput
+from kestrel.server.errors import bad_request, engine_error
+from kestrel.server.protocol import ChatCompletionRequest, ChatMessage
+from kestrel.server.serving import (
+    SSE_DONE,
+    ServerState,
+    abort_all,
+    collect,
+    count_usage,
+    finite,
+    merge,
+    new_id,
+    read_body,
+    sampling_params,
+    sorted_logprobs,
+    sse,
+    sse_error,
+    start_requests,
+)
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages → the plain role/content dicts chat templates expect."""
+    # Chat templates predate the "developer" role: it is a system message to them.
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in messages]
+
+
+def render_chat(engine: Any, conv: list[dict[str, str]], add_generation_prompt: bool
+                ) -> list[int]:
+    """Runs on the engine thread: the tokenizer is the engine's."""
+    tok = engine.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise ValueError("this model has no chat template: use /v1/completions")
+    try:
+        ids = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
+                                      tokenize=True)
+    except Exception as e:  # noqa: BLE001 - template errors are about the conversation given
+        raise ValueError(f"the chat template rejected these messages: {e}") from None
+    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+async def chat_prompt(state: ServerState, messages: list[ChatMessage],
+                      add_generation_prompt: bool) -> list[int]:
+    conv = conversation(messages)
+    try:
+        return await state.engine.call(lambda e: render_chat(e, conv, add_generation_prompt))
+    except Exception as e:  # noqa: BLE001 - mapped to the answer the client gets
+        raise engine_error(e) from None
+
+
+async def create_chat_completion(request: Request) -> Any:
+    state: ServerState = request.app.state.kestrel
+    req: ChatCompletionRequest = await read_body(request, ChatCompletionRequest)
+    model = state.check_model(req.model)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
+        else req.max_tokens
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req, max_tokens, k)
+    ids = await chat_prompt(state, req.messages, req.add_generation_prompt)
+    rid = new_id("chatcmpl")
+    started = await start_requests(state, rid, [ids], params)
+    view = _ChatView(state, rid, model, req)
+    if req.stream:
+        return StreamingResponse(_stream(state, view, started), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    out = (await collect(request, state, started))[0]
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": view.logprobs(c, c.token_ids, 0),
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+               for c in out.outputs]
+    return JSONResponse({"id": rid, "object": "chat.completion", "created": view.created,
+                         "model": model, "choices": choices, "usage": count_usage([out])})
+
+
+class _ChatView:
+    def __init__(self, state: ServerState, rid: str, model: str, req: ChatCompletionRequest
+                 ) -> None:
+        self.state, self.rid, self.model, self.req = state, rid, model, req
+        self.created = int(time.time())
+
+    def logprobs(self, c: CompletionOutput, token_ids: list[int], first: int
+                 ) -> dict[str, Any] | None:
+        if not self.req.logprobs:
+            return None
+        k = self.req.top_logprobs or 0
+        lps = c.logprobs or []
+        content = []
+        for j, tid in enumerate(token_ids):
+            entry = lps[first + j] if first + j < len(lps) else {}
+            content.append({**self._token(tid, entry.get(tid, -9999.0)),
+                            "top_logprobs": [self._token(t, v)
+                                             for t, v in sorted_logprobs(entry)[:k]]})
+        return {"content": content}
+
+    def _token(self, tid: int, logprob: float) -> dict[str, Any]:
+        text = self.state.token_text(tid)
+        return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8"))}
+
+    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None
+              ) -> dict[str, Any]:
+        return {"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": choices, "usage": usage}
+
+
+async def _stream(state: ServerState, view: _ChatView, started: list[tuple[str, RequestStream]]
+                  ) -> AsyncIterator[str]:
+    """A role chunk per choice, content deltas, an optional usage chunk, then [DONE]."""
+    n = view.req.n
+    seen_text, seen_tokens = [0] * n, [0] * n
+    final: RequestOutput | None = None
+    opts = view.req.stream_options
+    try:
+        for i in range(n):
+            yield sse(view.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None}]))
+        async for _, out in merge([s for _, s in started]):
+            for c in out.outputs:
+                i = c.index
+                delta = c.text[seen_text[i]:]
+                if not delta and c.finish_reason is None and len(c.token_ids) == seen_tokens[i]:
+                    continue
+                choice = {"index": i, "delta": {"content": delta} if delta else {},
+                          "logprobs": view.logprobs(c, c.token_ids[seen_tokens[i]:],
+                                                    seen_tokens[i]),
+                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                seen_text[i], seen_tokens[i] = len(c.text), len(c.token_ids)
+                live = count_usage([out]) if opts and opts.continuous_usage_stats else None
+                yield sse(view.chunk([choice], live))
+            final = out if out.finished else final
+        if opts and opts.include_usage:
+            yield sse(view.chunk([], count_usage([final])))
+    except Exception as e:  # noqa: BLE001 - the status line is gone: report inside the stream
+        yield sse_error(e)
+    finally:
+        abort_all(state, started)
+    yield SSE_DONE
