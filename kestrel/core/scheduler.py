@@ -4,6 +4,10 @@ Each step every running request asks for the tokens it has not computed yet (one
 up to the budget for a prompt); waiting requests join while budget, sequence slots and KV blocks
 last. When blocks run out the newest running request is preempted: its blocks are freed and it
 goes back to the front of the queue to be recomputed later. No request is lost or duplicated.
+
+Pipeline parallelism: the engine keeps several micro-batches in flight. A request in one of them
+(``in_flight``) is skipped until its micro-batch returns, and is never chosen for preemption,
+so no block it is still computing is freed. ``schedule(max_seqs)`` bounds a micro-batch's size.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.in_flight: set[int] = set()  # id() of requests inside an unreturned micro-batch
 
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
@@ -74,21 +79,27 @@ class Scheduler:
         self.kv.free(req)
         self.kv.forget(req)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
+        """One step's work; ``max_seqs`` caps how many requests it takes (a micro-batch)."""
         out = SchedulerOutput()
         budget = self.cfg.max_num_batched_tokens
-        budget = self._schedule_running(out, budget)
+        cap = max_seqs if max_seqs is not None else self.cfg.max_num_seqs
+        budget = self._schedule_running(out, budget, cap)
         if not out.preempted_ids:
-            self._schedule_waiting(out, budget)
+            self._schedule_waiting(out, budget, cap)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int, cap: int) -> int:
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(out.scheduled) < cap:
             req = self.running[i]
+            if id(req) in self.in_flight:
+                i += 1
+                continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, num_new):
-                victim = self._pick_victim(self.running[i:])
+                victim = self._pick_victim(
+                    [r for r in self.running[i:] if id(r) not in self.in_flight])
                 self._preempt(victim)
                 out.preempted_ids.append(victim.request_id)
                 if victim is req:
@@ -100,9 +111,10 @@ class Scheduler:
             i += 1
         return budget
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, cap: int) -> None:
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+        while (self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs
+               and len(out.scheduled) < cap):
             req = self.waiting[0]
             if self._defer_sibling(req):
                 skipped.append(self.waiting.pop(0))

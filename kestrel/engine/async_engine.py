@@ -128,7 +128,9 @@ class AsyncEngine:
     @property
     def healthy(self) -> bool:
         alive = self._thread is not None and self._thread.is_alive()
-        return self._dead is None and alive and self._stopped is None
+        # A parallel executor watches its worker ranks: a dead rank turns health red at once.
+        workers_ok = getattr(self.engine.executor, "healthy", True)
+        return self._dead is None and alive and self._stopped is None and workers_ok
 
     @property
     def status(self) -> str:
@@ -136,6 +138,9 @@ class AsyncEngine:
             return f"engine loop died: {self._dead!r}"
         if self._stopped is not None:
             return self._stopped
+        worker_error = getattr(self.engine.executor, "dead_error", None)
+        if worker_error is not None:
+            return f"parallel worker failed: {worker_error}"
         return "ok" if self.healthy else "engine loop not running"
 
     def stop_accepting(self, reason: str) -> None:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from kestrel.config import EngineConfig
 from kestrel.core.block_pool import BlockPool, KVCacheManager
-from kestrel.core.scheduler import Scheduler
+from kestrel.core.scheduler import Scheduler, SchedulerOutput
 from kestrel.engine.group import RequestGroup
 from kestrel.engine.stats import EngineStats
 from kestrel.layers.sampler import Sampler
 from kestrel.outputs import RequestOutput
+from kestrel.parallel.pipeline import micro_batch_seq_cap
 from kestrel.request import Request, RequestStatus
 from kestrel.sampling_params import SamplingParams
 
@@ -42,6 +44,10 @@ class Engine:
         self.requests: dict[str, Request] = {}  # live samples, by their own id
         self.groups: dict[str, RequestGroup] = {}  # live user requests, by the user's id
         self.stats = EngineStats()
+        # Pipeline parallelism: up to pp micro-batches in flight (executor.submit / collect).
+        pp = cfg.parallel.pipeline_parallel_size
+        self.pipeline_depth = pp if pp > 1 and hasattr(self.executor, "submit") else 1
+        self._in_flight: deque[tuple[SchedulerOutput, list[Request]]] = deque()
         eos = cfg.model_config.eos_token_id
         tok_eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = tuple(eos) + ((tok_eos,) if tok_eos is not None and
@@ -111,16 +117,65 @@ class Engine:
 
     # ---- one step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.pipeline_depth > 1:
+            return self._step_pipelined()
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        self._on_scheduled(out)
+        result = self.executor.execute(out)
+        return self._update(out, result)
+
+    def _on_scheduled(self, out: SchedulerOutput) -> None:
         now = time.monotonic()
         self.stats.on_schedule(out, self.scheduler.num_preemptions)
         for s in out.scheduled:
             r = self.requests[s.request_id]
             if r.first_scheduled_time is None:
                 r.first_scheduled_time = now
-        result = self.executor.execute(out)
+
+    def _step_pipelined(self) -> list[RequestOutput]:
+        """Fill the pipeline with up to pp micro-batches, then land the oldest one."""
+        sched = self.scheduler
+        while len(self._in_flight) < self.pipeline_depth:
+            ready = (sum(1 for r in sched.running if id(r) not in sched.in_flight)
+                     + len(sched.waiting))
+            out = sched.schedule(micro_batch_seq_cap(
+                ready, self.pipeline_depth - len(self._in_flight)))
+            if out.is_empty:
+                break
+            self._on_scheduled(out)
+            reqs = [self.requests[s.request_id] for s in out.scheduled]
+            sched.in_flight.update(id(r) for r in reqs)
+            self.executor.submit(out)
+            self._in_flight.append((out, reqs))
+        if not self._in_flight:
+            return []
+        out, reqs = self._in_flight.popleft()
+        result = self.executor.collect()
+        sched.in_flight.difference_update(id(r) for r in reqs)
+        out, result = self._drop_gone(out, reqs, result)
+        return self._update(out, result)
+
+    def _drop_gone(self, out: SchedulerOutput, reqs: list[Request], result: Any
+                   ) -> tuple[SchedulerOutput, Any]:
+        """Requests aborted while their micro-batch was in flight: discard their rows."""
+        live = [self.requests.get(s.request_id) is r and not r.is_finished
+                for s, r in zip(out.scheduled, reqs)]
+        if all(live):
+            return out, result
+        sampled_live = [ok for s, ok in zip(out.scheduled, live) if s.sample]
+        rows = [i for i, ok in enumerate(sampled_live) if ok]  # sample_logits rows to keep
+        kept = [s for s, ok in zip(out.scheduled, live) if ok]
+        kept_ids = {s.request_id for s in kept}
+        prompt = {rid: x for rid, x in result.prompt_logits.items() if rid in kept_ids}
+        return (SchedulerOutput(kept, out.preempted_ids),
+                type(result)(result.sample_logits[rows], prompt))
+
+    def _update(self, out: SchedulerOutput, result: Any) -> list[RequestOutput]:
+        """After a step ran: advance, sample, append tokens, finish, emit outputs."""
+        if out.is_empty:
+            return []
         self.scheduler.advance(out, self.requests)
         sampled = [self.requests[s.request_id] for s in out.scheduled if s.sample]
         samp = self.sampler(result.sample_logits, sampled) if sampled else None

@@ -21,7 +21,7 @@ def build_model(cfg: EngineConfig, backend_cls: type[AttentionBackend], tp: TPGr
     if cfg.load_format == "dummy":
         init_dummy_weights(model, seed=cfg.seed)
     else:
-        model.load_weights(iterate_weights(cfg.model))
+        model.load_weights(iterate_weights(cfg.model, lazy=True))
     if backend_cls.name == "triton" and cfg.device.startswith("cuda"):
         use_triton_kernels(model)
     return model.eval()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kestrel.loader.hf import materialize
 from kestrel.parallel.state import SINGLE, TPGroup
 
 
@@ -33,9 +34,11 @@ class VocabParallelEmbedding(nn.Module):
                 f"embedding: checkpoint has shape {tuple(loaded.shape)}, "
                 f"expected ({self.vocab_size}, {param.shape[1]})"
             )
-        rows = loaded[self.vocab_start: self.vocab_start + self.shard_size]
+        start = min(self.vocab_start, self.vocab_size)
+        n = min(self.shard_size, self.vocab_size - start)  # the last shard may be padding
+        rows = materialize(loaded.narrow(0, start, n))  # a lazy slice reads these rows only
         param.data.zero_()
-        param.data[: rows.shape[0]].copy_(rows)
+        param.data[:n].copy_(rows)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

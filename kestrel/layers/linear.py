@@ -6,6 +6,8 @@ parameters, post-processes them after loading, and applies the layer to activati
 Every parameter a method creates carries ``output_dim`` (the axis split across column-parallel
 ranks, or None) and ``input_dim`` (the axis split across row-parallel ranks, or None); the
 layer's ``weight_loader`` uses them to cut this rank's shard out of a full checkpoint tensor.
+The loaders only ``narrow`` what they are given before copying, so a lazy checkpoint tensor
+(``loader.hf.LazyTensor``) is read from disk for this rank's shard alone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kestrel.loader.hf import materialize
 from kestrel.parallel.state import SINGLE, TPGroup, divide
 
 
@@ -86,7 +89,7 @@ class LinearBase(nn.Module):
                 f"{name}: checkpoint shard has shape {tuple(loaded.shape)}, "
                 f"expected {tuple(param.shape)}"
             )
-        param.data.copy_(loaded)
+        param.data.copy_(materialize(loaded))  # a lazy slice is read from disk only here
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         """Default: replicated parameter, copied whole."""

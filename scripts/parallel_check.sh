@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Issue 7 on two GPUs, in one device call per part: NCCL correctness, TP=2 decode latency vs one
+# GPU, PP=2 with micro-batching at high load vs one GPU, llama-3-70b BF16 serving with TP=2, and
+# `kestrel plan`'s predictions for the same runs with their error.
+#
+#   bash scripts/parallel_check.sh [part]      # on a 2-GPU machine (nvidia-h200-x2), repo root
+#   part: tests | latency | throughput | serve70b | validate | all (default)
+#
+# Each part stays under 10 minutes; logs and JSON land in $OUT (validate reads them back).
+set -uo pipefail
+OUT=${OUT:-/tmp/kestrel-parallel}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+part=${1:-all}
+LIMIT=${LIMIT:-280}  # seconds per benchmark command
+k() { echo "+ kestrel $*" | tee -a "$OUT/run.log" >&2
+      timeout "$LIMIT" python3 -m kestrel.cli --log-level WARNING "$@" 2>&1 | tee -a "$OUT/run.log"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
+case "$(head -2 "$OUT/gpu.txt" | tail -1)" in *H200*) GPU=h200 ;; *) GPU=h100 ;; esac
+
+if [[ $part == tests || $part == all ]]; then
+  # TP=2 and PP=2 over NCCL give one GPU's tokens and logits (random 4-layer checkpoint).
+  timeout 400 python3 -m pytest -q -p no:cacheprovider tests/parallel/test_tp_pp.py -m gpu \
+    2>&1 | tee "$OUT/tests.log" | tail -n 15
+fi
+if [[ $part == latency || $part == all ]]; then
+  k bench roofline --json "$OUT/roofline.json" | tail -n 8
+  # llama-3-8b, batch 1: time per output token with TP=2 (NVLink all-reduces) vs one GPU.
+  for tp in 1 2; do
+    k bench latency --preset llama-3-8b -tp "$tp" --batch 1 --input 128 --output 256 \
+      --max-num-seqs 1 --iters 2 --no-roofline --json "$OUT/latency_tp${tp}_pp1.json" \
+      | tail -n 14
+  done
+fi
+if [[ $part == throughput || $part == all ]]; then
+  # llama3-paper (4,096 in / 256 out) at high load: PP=2 with two micro-batches in flight vs one
+  # GPU (and TP=2 for reference).
+  for layout in "1 1" "1 2" "2 1"; do
+    read -r tp pp <<<"$layout"
+    k bench throughput --preset llama-3-8b -tp "$tp" -pp "$pp" --workload llama3-paper \
+      --num-prompts 64 --max-num-seqs 64 --max-num-batched-tokens 8192 \
+      --json "$OUT/throughput_tp${tp}_pp${pp}.json" | tail -n 10
+  done
+fi
+if [[ $part == serve70b || $part == all ]]; then
+  # llama-3-70b in BF16 (140 GB) does not fit one GPU; TP=2 serves it. Health, a completion,
+  # then a short serving benchmark, then SIGTERM.
+  port=8765
+  python3 -m kestrel.cli serve --preset llama-3-70b -tp 2 --max-model-len 4096 --port $port \
+    >"$OUT/serve70b.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 120); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+    kill -0 $pid 2>/dev/null || break
+    sleep 3
+  done
+  curl -s "http://127.0.0.1:$port/health" | tee "$OUT/serve70b_health.json"; echo
+  curl -s "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
+    -d '{"model": "llama-3-70b", "prompt": [1, 2, 3, 4], "max_tokens": 16}' \
+    | tee "$OUT/serve70b_completion.json"; echo
+  k bench serve --base-url "http://127.0.0.1:$port" --vocab-size 128256 --num-prompts 32 \
+    --input-len 512 --output-len 128 --request-rate 4 --json "$OUT/serve70b_bench.json" \
+    | tail -n 12
+  kill -TERM $pid; wait $pid; echo "server exit code $?" | tee -a "$OUT/serve70b.log"
+  tail -n 5 "$OUT/serve70b.log"
+fi
+if [[ $part == validate || $part == all ]]; then
+  # The roofline model's predictions for the runs above, with the error of each.
+  cat >"$OUT/validate.json" <<EOF
+{"roofline": "roofline.json", "runs": [
+  {"kind": "latency", "file": "latency_tp1_pp1.json", "model": "llama-3-8b", "tp": 1, "pp": 1},
+  {"kind": "latency", "file": "latency_tp2_pp1.json", "model": "llama-3-8b", "tp": 2, "pp": 1},
+  {"kind": "throughput", "file": "throughput_tp1_pp1.json", "model": "llama-3-8b", "tp": 1,
+   "pp": 1, "max_num_seqs": 64, "max_num_batched_tokens": 8192},
+  {"kind": "throughput", "file": "throughput_tp1_pp2.json", "model": "llama-3-8b", "tp": 1,
+   "pp": 2, "max_num_seqs": 64, "max_num_batched_tokens": 8192},
+  {"kind": "throughput", "file": "throughput_tp2_pp1.json", "model": "llama-3-8b", "tp": 2,
+   "pp": 1, "max_num_seqs": 64, "max_num_batched_tokens": 8192}]}
+EOF
+  k plan --gpu "$GPU" --gpus-per-node 2 --validate "$OUT/validate.json" | tee "$OUT/validate.md"
+  for n in 16 8; do
+    g=$([[ $n == 16 ]] && echo h100 || echo h200)
+    k plan --model llama-3.1-405b --gpus $n --gpus-per-node 8 --gpu $g --objective throughput \
+      > "$OUT/plan_405b_${n}x${g}.md"
+  done
+fi
