@@ -1,0 +1,379 @@
+"""`kestrel bench roofline|latency|throughput|serve|sweep`: every speed claim as a command."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import sys
+from typing import Any
+
+from kestrel.engine.args import add_engine_cli_args, engine_args_from_cli
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("bench", help="benchmarks: roofline, latency, throughput, serve, sweep")
+    from kestrel.bench.report import RecordingSubParsers
+
+    p.set_defaults(_argv_prefix=["bench"])
+    bsub = p.add_subparsers(dest="bench_command", required=True, action=RecordingSubParsers)
+    _roofline_parser(bsub)
+    _latency_parser(bsub)
+    _throughput_parser(bsub)
+    _serve_parser(bsub)
+    _sweep_parser(bsub)
+
+
+def _add(bsub: Any, name: str, help_: str) -> argparse.ArgumentParser:
+    p = bsub.add_parser(name, help=help_, allow_abbrev=False)
+    p.add_argument("--json", dest="json_path", default=None, help="write the result here")
+    return p
+
+
+def _roofline_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}copy-mib", type=int, nargs="+", default=None,
+                   help="copy buffer sizes (MiB) to try")
+    p.add_argument(f"--{prefix}matmul-n", type=int, nargs="+", default=None,
+                   help="square matmul sizes to try")
+    p.add_argument(f"--{prefix}iters", type=int, default=3)
+
+
+def _roofline_parser(bsub: Any) -> None:
+    p = _add(bsub, "roofline", "the device's copy bandwidth and matmul ceilings")
+    p.add_argument("--device", default=None)
+    _roofline_args(p)
+    p.set_defaults(func=run_roofline)
+
+
+def _lengths_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-len", "--input", dest="input_len", type=int, default=None)
+    p.add_argument("--output-len", "--output", dest="output_len", type=int, default=None)
+
+
+def _latency_parser(bsub: Any) -> None:
+    p = _add(bsub, "latency", "one batch: prefill time, time per output token, tokens/s")
+    p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=1)
+    _lengths_args(p)
+    p.add_argument("--iters", dest="bench_iters", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--no-roofline", action="store_true", help="skip measuring the ceilings")
+    _roofline_args(p, "roofline-")
+    p.add_argument("--baseline", choices=["none", "hf"], default="none")
+    add_engine_cli_args(p)
+    p.set_defaults(func=run_latency)
+
+
+def _workload_args(p: argparse.ArgumentParser, default: str) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--workload", default=default, help="llama3-paper, trtllm-2k-128, "
+                   "trtllm-32k-2k, trtllm-120k-2k, mixed-100-1024, chat")
+    g.add_argument("--num-prompts", type=int, default=None)
+    _lengths_args(g)
+    g.add_argument("--prompt-source", choices=["random", "text"], default="random")
+    g.add_argument("--text", default=None, help="text file for --prompt-source text "
+                   "(default: pydoc topics)")
+    g.add_argument("--workload-seed", type=int, default=0)
+
+
+def _throughput_parser(bsub: Any) -> None:
+    p = _add(bsub, "throughput", "N requests through the engine: tokens/s, requests/min")
+    _workload_args(p, "mixed-100-1024")
+    p.add_argument("--baseline", choices=["none", "hf"], default="none")
+    p.add_argument("--hf-batch-size", type=int, default=8)
+    add_engine_cli_args(p)
+    p.set_defaults(func=run_throughput)
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("serving client")
+    g.add_argument("--endpoint", default="/v1/completions")
+    g.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY)")
+    g.add_argument("--burstiness", type=float, default=1.0)
+    g.add_argument("--prompt-format", choices=["ids", "text"], default="ids")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="random prompts without a tokenizer draw ids below this")
+    g.add_argument("--goodput", nargs="*", default=None, metavar="KEY:MS",
+                   help="SLOs for goodput, e.g. ttft:500 tpot:50 e2e:10000")
+    g.add_argument("--gpu-hour-price", type=float, default=None, help="$ per GPU-hour")
+    g.add_argument("--num-gpus", type=int, default=1)
+    g.add_argument("--timeout", type=float, default=600.0, help="per request (s)")
+    g.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _serve_parser(bsub: Any) -> None:
+    p = _add(bsub, "serve", "client benchmark of any OpenAI-compatible server")
+    p.add_argument("--base-url", required=True)
+    p.add_argument("--model", default=None, help="served model name (default: the server's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder for prompts (default: the default model's)")
+    p.add_argument("--request-rate", type=float, default=math.inf)
+    p.add_argument("--max-concurrency", type=int, default=None)
+    _workload_args(p, "mixed-100-1024")
+    _client_args(p)
+    p.set_defaults(func=run_serve)
+
+
+def _sweep_parser(bsub: Any) -> None:
+    p = _add(bsub, "sweep", "throughput-latency curves over load, several configs, PNG")
+    p.add_argument("--server", action="append", default=[], metavar="LABEL=URL",
+                   help="benchmark a running server (repeat for several curves)")
+    p.add_argument("--request-rates", default=None, help="e.g. 1,2,4,inf (server mode)")
+    p.add_argument("--concurrencies", default=None, help="e.g. 1,4,16 (server mode)")
+    p.add_argument("--config", action="append", default=[], metavar="LABEL=FLAGS",
+                   help='in-process engine variant, e.g. "fp8=--quantization fp8"')
+    p.add_argument("--batch-sizes", default="1,2,4,8", help="in-process mode")
+    p.add_argument("--iters", dest="bench_iters", type=int, default=2)
+    p.add_argument("--plot", default="bench-sweep.png")
+    p.add_argument("--no-roofline", action="store_true")
+    _workload_args(p, "mixed-100-1024")
+    _client_args(p)
+    add_engine_cli_args(p)
+    p.set_defaults(func=run_sweep, _parser=p)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _finish(ns: Any, title: str, res: dict, rows: list, device: str | None) -> dict:
+    from kestrel.bench.report import environment, print_table, write_json
+
+    res["env"] = environment(device, getattr(ns, "_argv", None))
+    print_table(title, rows, res["env"])
+    write_json(res, ns.json_path)
+    return res
+
+
+def _ceilings(ns: Any, device: str, prefix: str = "roofline_") -> dict | None:
+    if getattr(ns, "no_roofline", False):
+        return None
+    from kestrel.bench.roofline import measure_roofline
+
+    return measure_roofline(device, getattr(ns, f"{prefix}copy_mib", None),
+                            getattr(ns, f"{prefix}matmul_n", None),
+                            getattr(ns, f"{prefix}iters", 3))
+
+
+def run_roofline(ns: Any) -> int:
+    import torch
+
+    from kestrel.bench.roofline import measure_roofline, roofline_rows
+
+    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    res = measure_roofline(device, ns.copy_mib, ns.matmul_n, ns.iters)
+    _finish(ns, "roofline", res, roofline_rows(res), device)
+    return 0
+
+
+def _engine_args(ns: Any, tokens: int, seqs: int) -> Any:
+    """Engine args with a token budget and sequence cap that fit the whole batch in a step."""
+    args = engine_args_from_cli(ns)
+    if args.max_num_batched_tokens is None:
+        args.max_num_batched_tokens = max(2048, tokens)
+    args.max_num_seqs = max(args.max_num_seqs, seqs)
+    return args
+
+
+def _release(llm: Any) -> Any:
+    """Free an engine's KV cache; the caller then drops its last reference and calls
+    ``_collect`` so a baseline model fits where the engine was. Returns the engine's config."""
+    llm.engine.executor.shutdown()
+    return llm.engine.cfg
+
+
+def _collect() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_latency(ns: Any) -> int:
+    from kestrel.bench.latency import bench_latency, latency_rows
+    from kestrel.engine.llm import LLM
+
+    i_len, o_len = ns.input_len or 32, ns.output_len or 16
+    llm = LLM(**vars(_engine_args(ns, ns.batch * i_len, ns.batch)))
+    device = llm.engine.cfg.device
+    ceilings = _ceilings(ns, device)
+    res = bench_latency(llm, ns.batch, i_len, o_len, ns.bench_iters, ns.warmup, ns.seed,
+                        ceilings)
+    res["model"], res["dtype"] = llm.engine.cfg.model, str(llm.engine.cfg.dtype)
+    res["quantization"] = llm.engine.cfg.quant.method
+    if ns.baseline == "hf":
+        from kestrel.bench.hf_baseline import hf_latency, load_hf_model
+        from kestrel.bench.workloads import random_prompts
+
+        cfg = _release(llm)
+        del llm
+        _collect()
+        prompts = random_prompts([i_len] * ns.batch, cfg.model_config.vocab_size, ns.seed)
+        res["hf"] = hf_latency(load_hf_model(cfg), prompts, o_len, ns.bench_iters)
+        res["speedup_vs_hf"] = res["tokens_per_s"] / res["hf"]["tokens_per_s"]
+    _finish(ns, "latency", res, latency_rows(res), device)
+    return 0
+
+
+def _workload(ns: Any) -> Any:
+    from kestrel.bench.workloads import get_workload
+
+    return get_workload(ns.workload).with_overrides(ns.num_prompts, ns.input_len, ns.output_len)
+
+
+def run_throughput(ns: Any) -> int:
+    from kestrel.bench.throughput import bench_throughput, build_requests, throughput_rows
+    from kestrel.engine.llm import LLM
+
+    wl = _workload(ns)
+    llm = LLM(**vars(engine_args_from_cli(ns)))
+    device = llm.engine.cfg.device
+    reqs = build_requests(llm, wl, ns.workload_seed, ns.prompt_source, ns.text)
+    res = bench_throughput(llm, reqs)
+    res.update({"workload": wl.name, "num_prompts": wl.num_prompts,
+                "model": llm.engine.cfg.model, "dtype": str(llm.engine.cfg.dtype),
+                "quantization": llm.engine.cfg.quant.method})
+    if ns.baseline == "hf":
+        from kestrel.bench.hf_baseline import hf_throughput, load_hf_model
+
+        cfg = _release(llm)
+        del llm
+        _collect()
+        res["hf"] = hf_throughput(load_hf_model(cfg), reqs, ns.hf_batch_size)
+        res["speedup_vs_hf"] = res["output_throughput"] / res["hf"]["output_throughput"]
+    _finish(ns, f"throughput: {wl.name}", res, throughput_rows(res), device)
+    return 0
+
+
+def _client_tokenizer(ns: Any) -> tuple[Any, int]:
+    """(tokenizer or None, vocabulary size) for building the client's prompts."""
+    if ns.tokenizer is None and ns.vocab_size is not None and ns.prompt_source == "random" \
+            and ns.prompt_format == "ids":
+        return None, ns.vocab_size
+    from kestrel.loader.tokenizer import load_tokenizer
+
+    if ns.tokenizer is None:
+        from kestrel.loader.pull import pull_default_model
+
+        ns.tokenizer = str(pull_default_model(progress=False))
+    try:
+        tok = load_tokenizer(ns.tokenizer)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the tokenizer {ns.tokenizer!r}: {e}") from None
+    return tok, ns.vocab_size or len(tok)
+
+
+def _serve_requests(ns: Any) -> list:
+    from kestrel.bench.serve import build_serve_requests
+    from kestrel.bench.workloads import make_prompts
+
+    wl = _workload(ns)
+    tok, vocab = _client_tokenizer(ns)
+    lengths = wl.lengths(ns.workload_seed)
+    prompts = make_prompts([i for i, _ in lengths], vocab, ns.prompt_source, ns.workload_seed,
+                           tok, ns.text)
+    return build_serve_requests(lengths, prompts, ns.prompt_format, tok)
+
+
+def _serve_options(ns: Any, base_url: str, model: str | None) -> Any:
+    from kestrel.bench.serve import ServeOptions
+
+    return ServeOptions(base_url=base_url, model=model, endpoint=ns.endpoint,
+                        request_rate=getattr(ns, "request_rate", math.inf),
+                        burstiness=ns.burstiness,
+                        max_concurrency=getattr(ns, "max_concurrency", None),
+                        timeout_s=ns.timeout, ignore_eos=ns.ignore_eos, seed=ns.workload_seed,
+                        progress=ns.progress,
+                        api_key=ns.api_key or os.environ.get("OPENAI_API_KEY"))
+
+
+def _report_failures(res: dict) -> int:
+    """Failed requests named on stderr; exit status 1 when none succeeded."""
+    if not res["failed"]:
+        return 0
+    top = "; ".join(f"{n} x {msg}" for msg, n in list(res["errors"].items())[:3])
+    print(f"kestrel bench: {res['failed']} of {res['num_requests']} requests failed: {top}",
+          file=sys.stderr)
+    return 1 if res["completed"] == 0 else 0
+
+
+def run_serve(ns: Any) -> int:
+    from kestrel.bench.metrics import parse_slo
+    from kestrel.bench.serve import run_serve as serve
+    from kestrel.bench.serve import serve_rows
+
+    slo = parse_slo(ns.goodput)
+    reqs = _serve_requests(ns)
+    res = serve(_serve_options(ns, ns.base_url, ns.model), reqs, slo, ns.gpu_hour_price,
+                ns.num_gpus)
+    res["workload"] = ns.workload
+    _finish(ns, f"serve: {ns.workload} at {ns.request_rate:g} req/s", res, serve_rows(res),
+            None)
+    return _report_failures(res)
+
+
+def run_sweep(ns: Any) -> int:
+    from kestrel.bench.report import environment, print_grid, write_json
+    from kestrel.bench.sweep import plot_sweep, sweep_table
+
+    res = _sweep_servers(ns) if ns.server else _sweep_offline(ns)
+    res["env"] = environment(None, getattr(ns, "_argv", None))
+    header, rows = sweep_table(res)
+    print_grid(f"sweep ({res['mode']})", header, rows)
+    res["plot"] = str(plot_sweep(res, ns.plot, res["env"]))
+    print(f"plot: {res['plot']}", file=sys.stderr)
+    write_json(res, ns.json_path)
+    failed = sum(p.get("failed", 0) for p in res["points"])
+    if failed:
+        print(f"kestrel bench: {failed} requests failed across the sweep", file=sys.stderr)
+    return 0
+
+
+def _sweep_servers(ns: Any) -> dict:
+    from kestrel.bench.metrics import parse_slo
+    from kestrel.bench.sweep import parse_labeled, parse_values, sweep_servers
+
+    if (ns.request_rates is None) == (ns.concurrencies is None):
+        raise ValueError("server sweep: give exactly one of --request-rates, --concurrencies")
+    servers = {label: _serve_options(ns, url, ns.model)
+               for label, url in parse_labeled(ns.server, "--server").items()}
+    if ns.request_rates is not None:
+        mode, values = "rate", parse_values(ns.request_rates, "--request-rates", True)
+    else:
+        mode, values = "concurrency", parse_values(ns.concurrencies, "--concurrencies")
+    return sweep_servers(servers, _serve_requests(ns), values, mode, parse_slo(ns.goodput),
+                         ns.gpu_hour_price, ns.num_gpus)
+
+
+def _sweep_offline(ns: Any) -> dict:
+    import shlex
+
+    from kestrel.bench.sweep import parse_labeled, parse_values, sweep_offline
+
+    sizes = [int(v) for v in parse_values(ns.batch_sizes, "--batch-sizes")]
+    labeled = parse_labeled(ns.config, "--config") or {"default": ""}
+    configs = {}
+    for label, flags in labeled.items():
+        sub = argparse.Namespace(**vars(ns))
+        try:
+            ns._parser.parse_args(shlex.split(flags), namespace=sub)
+        except SystemExit:
+            raise ValueError(f"--config {label}: cannot parse flags {flags!r}") from None
+        configs[label] = engine_args_from_cli(sub)
+    i_len, o_len = ns.input_len or 32, ns.output_len or 16
+    ceilings = None
+    if not ns.no_roofline:
+        from kestrel.bench.roofline import measure_roofline
+
+        ceilings = measure_roofline(next(iter(configs.values())).device or _default_device())
+    res = sweep_offline(configs, sizes, i_len, o_len, ns.bench_iters, ceilings)
+    res["configs"] = labeled
+    res["ceilings"] = ceilings
+    return res
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

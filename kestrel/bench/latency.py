@@ -1,0 +1,204 @@
+"""One batch through the engine, step by step: prefill time, time per output token, tokens/s.
+
+Each step of the engine is timed (synchronized on GPU). A step that computes prompt tokens is
+a prefill step; one that only extends every request by a token is a decode step. From the
+model's shape we know what each kind of step must move and compute:
+
+- decode bytes per step = weight bytes (every linear weight and the LM head, as stored, so
+  quantized weights count at their size) + KV bytes read (every cached token of every
+  request: 2 · layers · kv_heads · head_dim · itemsize per token). Achieved bandwidth =
+  bytes / step time, divided by the copy bandwidth ceiling.
+- prefill FLOPs = 2 · linear params · tokens + the LM head on the last row of each request +
+  causal attention (QKᵀ and PV: 2 · layers · heads · head_dim · I · (I + 1) per request).
+  Achieved FLOP/s divided by the matmul ceiling of the dtype the linear layers run in.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kestrel.bench.roofline import ceiling_kind, synchronize
+from kestrel.bench.workloads import random_prompts
+from kestrel.config import ModelConfig
+from kestrel.sampling_params import SamplingParams
+
+
+@dataclass
+class StepTiming:
+    seconds: float
+    prompt_tokens: int  # prompt tokens computed in the step (0: a pure decode step)
+    generation_tokens: int
+
+
+def run_steps(engine: Any) -> tuple[list[StepTiming], float]:
+    """Step the engine until idle, timing every step; also the wall time of the whole loop."""
+    device = torch.device(engine.cfg.device)
+    steps: list[StepTiming] = []
+    synchronize(device)
+    t_start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        p0, g0 = engine.stats.prompt_tokens, engine.stats.generation_tokens
+        t0 = time.perf_counter()
+        engine.step()
+        synchronize(device)
+        steps.append(StepTiming(time.perf_counter() - t0, engine.stats.prompt_tokens - p0,
+                                engine.stats.generation_tokens - g0))
+    return steps, time.perf_counter() - t_start
+
+
+def weight_bytes(engine: Any) -> int:
+    """Bytes of weights one decode step reads: all parameters but an untied embedding table."""
+    mcfg: ModelConfig = engine.cfg.model_config
+    runner = getattr(engine.executor, "runner", None)
+    if runner is None:  # multi-process executor: estimate from the shape and dtype
+        return mcfg.num_params() * engine.cfg.dtype.itemsize
+    total = 0
+    for name, p in runner.model.named_parameters():
+        if "embed_tokens" in name and not mcfg.tie_word_embeddings:
+            continue  # a lookup reads one row per token, not the table
+        total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_per_token(engine: Any) -> int:
+    mcfg: ModelConfig = engine.cfg.model_config
+    runner = getattr(engine.executor, "runner", None)
+    itemsize = runner.kv_dtype().itemsize if runner is not None else engine.cfg.dtype.itemsize
+    return 2 * mcfg.num_hidden_layers * mcfg.num_key_value_heads * mcfg.head_dim * itemsize
+
+
+def linear_params(mcfg: ModelConfig) -> int:
+    """Weights of the decoder layers' matmuls (embedding lookup and LM head not included)."""
+    h = mcfg.hidden_size
+    attn = h * (mcfg.q_size + 2 * mcfg.kv_size) + mcfg.q_size * h
+    return mcfg.num_hidden_layers * (attn + 3 * h * mcfg.intermediate_size)
+
+
+def prefill_flops(mcfg: ModelConfig, batch: int, input_len: int) -> float:
+    tokens = batch * input_len
+    attn = 2 * mcfg.num_hidden_layers * mcfg.num_attention_heads * mcfg.head_dim \
+        * input_len * (input_len + 1) * batch
+    head = 2 * mcfg.vocab_size * mcfg.hidden_size * batch
+    return 2.0 * linear_params(mcfg) * tokens + head + attn
+
+
+def decode_bytes_per_step(engine: Any, batch: int, input_len: int, output_len: int) -> float:
+    """Mean bytes per decode step: decode step k (1 .. O-1) reads I + k cached tokens each."""
+    mean_ctx = input_len + output_len / 2.0  # mean of I + k over k = 1 .. O-1
+    return weight_bytes(engine) + batch * mean_ctx * kv_bytes_per_token(engine)
+
+
+def _one_iteration(llm: Any, prompts: list[list[int]], output_len: int) -> dict:
+    engine = llm.engine
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+    pre0 = engine.stats.num_preemptions
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"bench-latency-{time.monotonic_ns()}-{i}", ids, params)
+    steps, total = run_steps(engine)
+    prefill = [s for s in steps if s.prompt_tokens > 0]
+    decode = [s for s in steps if s.prompt_tokens == 0 and s.generation_tokens > 0]
+    return {"total_s": total, "prefill_s": sum(s.seconds for s in prefill),
+            "prefill_steps": len(prefill), "decode_steps": len(decode),
+            "tpot_s": statistics.fmean(s.seconds for s in decode) if decode else None,
+            "preemptions": engine.stats.num_preemptions - pre0}
+
+
+def _median(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return statistics.median(vals) if vals else None
+
+
+def bench_latency(llm: Any, batch: int, input_len: int, output_len: int, iters: int = 3,
+                  warmup: int = 1, seed: int = 0, ceilings: dict | None = None) -> dict:
+    """Median figures over ``iters`` runs of one batch; fresh random prompts each run."""
+    if min(batch, input_len, output_len, iters) < 1:
+        raise ValueError("batch, input, output and iters must all be >= 1")
+    engine = llm.engine
+    mcfg: ModelConfig = engine.cfg.model_config
+    max_len = engine.cfg.scheduler.max_model_len
+    if input_len + output_len > max_len:
+        raise ValueError(f"input {input_len} + output {output_len} tokens exceed max_model_len "
+                         f"{max_len}")
+    runs = []
+    for it in range(warmup + iters):
+        prompts = random_prompts([input_len] * batch, mcfg.vocab_size, seed + it,
+                                 engine.tokenizer)
+        run = _one_iteration(llm, prompts, output_len)
+        if it >= warmup:
+            runs.append(run)
+    res = _summarize(runs, engine, batch, input_len, output_len)
+    if ceilings is not None:
+        add_fractions(res, ceilings, engine.cfg.dtype, engine.cfg.quant.method)
+    return res
+
+
+def _summarize(runs: list[dict], engine: Any, batch: int, input_len: int,
+               output_len: int) -> dict:
+    total = _median([r["total_s"] for r in runs])
+    prefill = _median([r["prefill_s"] for r in runs])
+    tpot = _median([r["tpot_s"] for r in runs])
+    flops = prefill_flops(engine.cfg.model_config, batch, input_len)
+    step_bytes = decode_bytes_per_step(engine, batch, input_len, output_len)
+    return {
+        "batch": batch, "input_len": input_len, "output_len": output_len,
+        "iters": len(runs), "total_time_s": total, "prefill_time_s": prefill,
+        "tpot_s": tpot, "output_tokens": batch * output_len,
+        "tokens_per_s": batch * output_len / total,
+        "prefill_tokens_per_s": batch * input_len / prefill if prefill else None,
+        "decode_tokens_per_s": batch / tpot if tpot else None,
+        "prefill_steps": runs[-1]["prefill_steps"], "decode_steps": runs[-1]["decode_steps"],
+        "preemptions": sum(r["preemptions"] for r in runs),
+        "weight_bytes": weight_bytes(engine), "kv_bytes_per_token": kv_bytes_per_token(engine),
+        "decode_bytes_per_step": step_bytes,
+        "decode_bandwidth_Bps": step_bytes / tpot if tpot else None,
+        "prefill_flops": flops, "prefill_flops_per_s": flops / prefill if prefill else None,
+        "runs": runs,
+    }
+
+
+def add_fractions(res: dict, ceilings: dict, dtype: torch.dtype, quant: str | None) -> None:
+    """Achieved figures as fractions of the measured ceilings (None where one is missing)."""
+    kind = ceiling_kind(dtype, quant)
+    peak = ceilings["matmul_flops"].get(kind)
+    bw = ceilings["copy_bandwidth_Bps"]
+    res["ceiling_matmul_kind"] = kind
+    res["ceilings"] = ceilings
+    res["decode_bandwidth_fraction"] = (res["decode_bandwidth_Bps"] / bw
+                                        if res["decode_bandwidth_Bps"] else None)
+    res["prefill_flops_fraction"] = (res["prefill_flops_per_s"] / peak
+                                     if peak and res["prefill_flops_per_s"] else None)
+
+
+def latency_rows(res: dict) -> list[tuple[str, object]]:
+    rows: list[tuple[str, object]] = [
+        ("batch x input -> output",
+         f"{res['batch']} x {res['input_len']} -> {res['output_len']}"),
+        ("prefill time (ms)", _ms(res["prefill_time_s"])),
+        ("time per output token (ms)", _ms(res["tpot_s"])),
+        ("total time (s)", res["total_time_s"]),
+        ("output tokens/s", res["tokens_per_s"]),
+        ("prefill tokens/s", res["prefill_tokens_per_s"]),
+        ("decode bandwidth (GB/s)", _scale(res["decode_bandwidth_Bps"], 1e-9)),
+        ("prefill TFLOP/s", _scale(res["prefill_flops_per_s"], 1e-12)),
+    ]
+    if "decode_bandwidth_fraction" in res:
+        rows += [("decode bandwidth / copy ceiling", res["decode_bandwidth_fraction"]),
+                 (f"prefill FLOP/s / {res['ceiling_matmul_kind']} ceiling",
+                  res["prefill_flops_fraction"])]
+    if "hf" in res:
+        rows += [("HF generate output tokens/s", res["hf"]["tokens_per_s"]),
+                 ("speed-up vs HF (tokens/s ratio)", res["speedup_vs_hf"])]
+    return rows
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else x * 1e3
+
+
+def _scale(x: float | None, f: float) -> float | None:
+    return None if x is None else x * f
