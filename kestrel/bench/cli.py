@@ -28,7 +28,22 @@ def register(sub: Any) -> None:
 def _add(bsub: Any, name: str, help_: str) -> argparse.ArgumentParser:
     p = bsub.add_parser(name, help=help_, allow_abbrev=False)
     p.add_argument("--json", dest="json_path", default=None, help="write the result here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's); on a CPU shared with other "
+                        "jobs, 1 avoids OpenMP threads waiting on descheduled peers")
     return p
+
+
+def set_threads(ns: Any) -> None:
+    """Apply --threads before anything runs (results name the count in their device)."""
+    n = getattr(ns, "threads", None)
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _roofline_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -160,6 +175,7 @@ def run_roofline(ns: Any) -> int:
 
     from kestrel.bench.roofline import measure_roofline, roofline_rows
 
+    set_threads(ns)
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     res = measure_roofline(device, ns.copy_mib, ns.matmul_n, ns.iters)
     _finish(ns, "roofline", res, roofline_rows(res), device)
@@ -194,6 +210,7 @@ def run_latency(ns: Any) -> int:
     from kestrel.bench.latency import bench_latency, latency_rows
     from kestrel.engine.llm import LLM
 
+    set_threads(ns)
     i_len, o_len = ns.input_len or 32, ns.output_len or 16
     llm = LLM(**vars(_engine_args(ns, ns.batch * i_len, ns.batch)))
     device = llm.engine.cfg.device
@@ -226,6 +243,7 @@ def run_throughput(ns: Any) -> int:
     from kestrel.bench.throughput import bench_throughput, build_requests, throughput_rows
     from kestrel.engine.llm import LLM
 
+    set_threads(ns)
     wl = _workload(ns)
     llm = LLM(**vars(engine_args_from_cli(ns)))
     device = llm.engine.cfg.device
@@ -303,6 +321,7 @@ def run_serve(ns: Any) -> int:
     from kestrel.bench.serve import run_serve as serve
     from kestrel.bench.serve import serve_rows
 
+    set_threads(ns)
     slo = parse_slo(ns.goodput)
     reqs = _serve_requests(ns)
     res = serve(_serve_options(ns, ns.base_url, ns.model), reqs, slo, ns.gpu_hour_price,
@@ -317,6 +336,7 @@ def run_sweep(ns: Any) -> int:
     from kestrel.bench.report import environment, print_grid, write_json
     from kestrel.bench.sweep import plot_sweep, sweep_table
 
+    set_threads(ns)
     res = _sweep_servers(ns) if ns.server else _sweep_offline(ns)
     res["env"] = environment(None, getattr(ns, "_argv", None))
     header, rows = sweep_table(res)

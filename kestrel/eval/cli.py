@@ -7,6 +7,7 @@ import gc
 import sys
 from typing import Any
 
+from kestrel.bench.cli import set_threads
 from kestrel.engine.args import add_engine_cli_args, engine_args_from_cli
 
 
@@ -48,6 +49,7 @@ def _text_args(p: Any, window: int, count: int | None) -> None:
                    help="windows per forward pass (larger: faster, more memory)")
     g.add_argument("--json", dest="json_path", default=None)
     g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
 
 def _eval_args(ns: Any) -> Any:
@@ -81,6 +83,7 @@ def run_perplexity(ns: Any) -> int:
     from kestrel.engine.llm import LLM
     from kestrel.eval.perplexity import load_corpus, perplexity
 
+    set_threads(ns)
     load_corpus(ns.text)  # a bad --text fails before minutes of model loading
     llm = LLM(**vars(_eval_args(ns)))
     cfg = llm.engine.cfg
@@ -114,6 +117,7 @@ def run_compare(ns: Any) -> int:
     from kestrel.eval.compare import compare_models, compare_rows
     from kestrel.eval.perplexity import load_corpus
 
+    set_threads(ns)
     load_corpus(ns.text)
     cand_args = _eval_args(ns)
     base_args = dataclasses.replace(
