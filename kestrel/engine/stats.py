@@ -10,7 +10,11 @@ from kestrel.core.scheduler import SchedulerOutput
 @dataclass
 class EngineStats:
     num_steps: int = 0
-    prompt_tokens: int = 0  # prompt tokens computed (cache hits excluded, recompute included)
+    # Tokens computed by step shape, which is what `bench latency` splits prefill from decode by:
+    # prompt_tokens counts every token of a chunk (cache hits excluded, recompute included);
+    # generation_tokens counts one-token decode steps, so a request's first sampled token
+    # (produced by its last prefill chunk) is not in it. Servers count output from outputs.
+    prompt_tokens: int = 0
     generation_tokens: int = 0
     num_preemptions: int = 0
     finished_requests: int = 0
