@@ -142,6 +142,9 @@ class CacheConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+        if self.kv_cache_dtype != "auto":  # an FP8 cache needs per-head scales: not built yet
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported yet; "
+                             f"use 'auto' (the model dtype)")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
 

@@ -67,11 +67,7 @@ class ModelRunner:
 
     # ---- KV cache -------------------------------------------------------------------------
     def kv_dtype(self) -> torch.dtype:
-        if self.cfg.cache.kv_cache_dtype in ("auto", None):
-            return self.cfg.dtype
-        if self.cfg.cache.kv_cache_dtype == "fp8":
-            return torch.float8_e4m3fn
-        raise ValueError(f"unknown kv_cache_dtype {self.cfg.cache.kv_cache_dtype!r}")
+        return self.cfg.dtype  # CacheConfig admits only "auto" (the model dtype) for now
 
     def block_bytes(self) -> int:
         attn = next(iter(self.model.layers.values())).self_attn
