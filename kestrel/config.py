@@ -211,6 +211,8 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     debug_checks: bool = False  # verify block-pool invariants whenever the engine goes idle
+    # Overlap the host work of step N+1 with the device running step N (None: on for CUDA).
+    async_scheduling: bool | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -218,6 +220,12 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def overlap_steps(self) -> bool:
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return self.device.startswith("cuda")
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:

@@ -47,6 +47,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending: int = 0  # tokens sampled by a step still on the device (overlapped steps)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
     num_preemptions: int = 0
     stop_reason: int | str | None = None
@@ -60,10 +61,15 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     finished_time: float | None = None
 
-    def __post_init__(self) -> None:
-        if self.params.seed is not None:
-            # One generator per sample, so its draws do not depend on batch composition.
-            self.generator = torch.Generator().manual_seed(self.params.seed + self.sample_index)
+    def generator_on(self, device: torch.device) -> torch.Generator | None:
+        """Seeded requests draw from their own generator (made on the device that samples),
+        so their tokens do not depend on which other requests share the batch."""
+        if self.params.seed is None:
+            return None
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device).manual_seed(
+                self.params.seed + self.sample_index)
+        return self.generator
 
     @property
     def all_token_ids(self) -> list[int]:

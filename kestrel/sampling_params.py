@@ -75,6 +75,14 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
+    @property
+    def needs_token_history(self) -> bool:
+        """Sampling reads earlier tokens on the host (penalties, min_tokens) or returns logprobs:
+        such requests cannot sample a step before the previous step's token is known."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0 or self.min_tokens > 0
+                or self.logprobs is not None or self.prompt_logprobs is not None)
+
     def clone(self, **changes) -> SamplingParams:
         from dataclasses import replace
 

@@ -1,42 +1,81 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, the roofline, and the latency benchmarks of issues 5 and 6.
-# Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh [part]
-#   part: tests | latency | decode64 | throughput | all (default). Logs and JSON under $OUT.
+# GPU tests, the roofline, and the benchmarks of issues 4, 5 and 6; each part fits one device
+# call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
+#   PART: tests | roofline | profile | kernels | latency | fp8gemm | hf | decode64 | throughput
+# Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
+# land under $OUT; a summary table is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/kestrel-gpu}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-part=${1:-all}
+parts=${*:-tests roofline latency}
+has() { [[ " $parts " == *" $1 "* ]]; }
 k() { echo "+ kestrel $*" >&2; python3 -m kestrel.cli --log-level WARNING "$@"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
+ceil() { [[ -f $OUT/roofline.json ]] || k bench roofline --json "$OUT/roofline.json" >/dev/null
+         echo --ceilings "$OUT/roofline.json"; }
+L8="k bench latency --preset llama-3-8b"
 
-if [[ $part == tests || $part == all ]]; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/quant -m gpu 2>&1 \
-    | tee "$OUT/tests.log" | tail -n 5
+if has tests; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/quant tests/kernels -m gpu \
+    2>&1 | tee "$OUT/tests.log" | tail -n 5
 fi
-if [[ $part == latency || $part == all ]]; then
+if has roofline; then
   k bench roofline --json "$OUT/roofline.json" | tee "$OUT/roofline.txt"
+fi
+if has profile; then  # GPU kernel time vs wall time of batch-1 decode, overlapped or not
+  for a in --async-scheduling --no-async-scheduling; do
+    python3 scripts/profile_decode.py --max-num-seqs 1 $a 2>&1 | tee -a "$OUT/profile.log" \
+      | grep -v "^\s*$" | head -n 14
+  done
+fi
+if has kernels; then  # attention kernels vs torch SDPA (picks the SDPA crossover)
+  python3 tests/kernels/bench_kernels.py --only prefill 2>&1 | tee "$OUT/kernels.log" | tail -n 9
+fi
+if has latency; then
+  c=$(ceil)
   for q in "" "--quantization fp8" "--quantization fp8 --fp8-attention --no-fp8-skip-layers"; do
     tag=$(echo "bf16${q}" | tr -c 'a-z0-9\n' '_' | tr -s _)
-    k bench latency --preset llama-3-8b --batch 1 --input 128 --output 256 $q --max-num-seqs 1 \
-      --json "$OUT/decode_b1_${tag}.json" | tail -n 22
-    k bench latency --preset llama-3-8b --batch 1 --input 4096 --output 1 $q --max-num-seqs 1 \
-      --max-num-batched-tokens 4096 --json "$OUT/prefill_4k_${tag}.json" | tail -n 22
+    $L8 --batch 1 --input 128 --output 256 $q --max-num-seqs 1 $c \
+      --json "$OUT/decode_b1_${tag}.json" | tail -n 16
+    $L8 --batch 1 --input 4096 --output 1 $q --max-num-seqs 1 --max-num-batched-tokens 4096 \
+      $c --json "$OUT/prefill_4k_${tag}.json" | tail -n 16
   done
 fi
-if [[ $part == decode64 || $part == all ]]; then
-  for ctx in 1024 4096 16384; do
-    k bench latency --preset llama-3-8b --batch 64 --input $ctx --output 32 --max-num-seqs 64 \
-      --max-num-batched-tokens 16384 --json "$OUT/decode_b64_${ctx}.json" | tail -n 22
+if has fp8gemm; then
+  python3 tests/quant/bench_fp8_gemm.py --quick 2>&1 | tee "$OUT/fp8_gemm.log" | tail -n 25
+fi
+if has hf; then  # side by side with transformers generate, same process, same shapes
+  c=$(ceil)
+  $L8 --batch 1 --input 128 --output 128 --max-num-seqs 1 --iters 1 $c --baseline hf \
+    --json "$OUT/hf_b1.json" | tail -n 18
+  $L8 --batch 32 --input 4096 --output 256 --max-num-seqs 32 --iters 1 $c --baseline hf \
+    --max-num-batched-tokens 8192 --json "$OUT/hf_b32_llama3paper.json" | tail -n 18
+fi
+if has decode64; then
+  c=$(ceil)
+  for ctx in 1024 4096; do
+    $L8 --batch 64 --input $ctx --output 32 --max-num-seqs 64 --max-num-batched-tokens 16384 \
+      --iters 2 $c --json "$OUT/decode_b64_${ctx}.json" | tail -n 16
   done
 fi
-if [[ $part == throughput || $part == all ]]; then
+if has throughput; then
   for c in 32 64; do
     k bench throughput --preset llama-3-8b --workload llama3-paper --num-prompts $c \
-      --max-num-seqs $c --json "$OUT/tput_llama3paper_${c}.json" | tail -n 18
+      --max-num-seqs $c --json "$OUT/tput_llama3paper_${c}.json" | tail -n 14
   done
   k bench throughput --preset llama-3-8b --workload mixed-100-1024 \
-    --json "$OUT/tput_mixed.json" | tail -n 18
-  k bench throughput --preset llama-3-8b --workload llama3-paper --num-prompts 32 \
-    --max-num-seqs 32 --quantization fp8 --json "$OUT/tput_llama3paper_32_fp8.json" | tail -n 18
+    --json "$OUT/tput_mixed.json" | tail -n 14
 fi
+python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+print(f"{'run':34} {'TPOT ms':>8} {'BW frac':>8} {'prefill ms':>10} {'FLOP frac':>9} {'vs HF':>6}")
+for f in sorted(out.glob("*.json")):
+    r = json.loads(f.read_text())
+    if "tpot_s" not in r:
+        continue
+    g = lambda k, s=1.0: f"{r[k] * s:.3g}" if r.get(k) is not None else "-"
+    print(f"{f.stem:34} {g('tpot_s', 1e3):>8} {g('decode_bandwidth_fraction'):>8} "
+          f"{g('prefill_time_s', 1e3):>10} {g('prefill_flops_fraction'):>9} {g('speedup_vs_hf'):>6}")
+PY

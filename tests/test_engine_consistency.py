@@ -59,3 +59,68 @@ def test_preemption_with_tiny_pool(default_model_path, prompts, alone):
                         enable_prefix_caching=False)
     assert llm.engine.scheduler.num_preemptions > 0
     assert got == alone
+
+
+# ---- overlapped steps (async scheduling): step N+1 launched before step N's tokens land --------
+
+def test_overlapped_steps_same_tokens_through_preemption(default_model_path, prompts, alone):
+    llm, got = _batched(default_model_path, prompts, async_scheduling=True, max_model_len=256,
+                        num_kv_blocks=20, enable_prefix_caching=False,
+                        max_num_batched_tokens=64)
+    assert llm.engine.overlap and llm.engine.scheduler.num_preemptions > 0
+    assert got == alone
+    assert all(r.num_pending == 0 for r in llm.engine.requests.values())
+
+
+def _mixed_params(stop_text, stop_token):
+    """Plain sampling only (nothing that needs host-side token history), with early stops."""
+    return [SamplingParams(temperature=0.0, max_tokens=9),
+            SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=12),
+            SamplingParams(temperature=1.0, n=3, seed=4, max_tokens=7),
+            SamplingParams(temperature=0.0, max_tokens=20, stop=[stop_text]),
+            SamplingParams(temperature=0.0, max_tokens=15, stop_token_ids=[stop_token])]
+
+
+def _run(path, prompts, alone, overlap):
+    llm = LLM(str(path), debug_checks=True, async_scheduling=overlap, max_num_seqs=5)
+    stop_text = llm.get_tokenizer().decode(alone[3][4:6])  # greedy text of prompt 3
+    outs = llm.generate(prompts[:5], _mixed_params(stop_text, alone[4][6]))
+    llm.engine.pool.check_invariants(expect_idle=True)
+    return [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in outs]
+
+
+def test_overlapped_steps_match_sync_with_seeds_stops_and_n(default_model_path, prompts, alone):
+    sync = _run(default_model_path, prompts, alone, overlap=False)
+    assert sync[3][0][2] == sync[4][0][2] == "stop"  # stopped early, by string and by token
+    assert _run(default_model_path, prompts, alone, overlap=True) == sync
+
+
+def test_overlapped_steps_fall_back_for_penalties_and_logprobs(default_model_path, prompts):
+    params = [SamplingParams(temperature=0.0, max_tokens=10, repetition_penalty=1.5),
+              SamplingParams(temperature=0.0, max_tokens=10, logprobs=3),
+              GREEDY]
+    got = {}
+    for overlap in (False, True):
+        llm = LLM(str(default_model_path), debug_checks=True, async_scheduling=overlap)
+        outs = llm.generate(prompts[:3], params)
+        got[overlap] = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+    assert got[True] == got[False]
+    assert all(len(lp) == 10 for lp in [got[True][1][1]])
+
+
+def test_abort_while_a_step_is_in_flight(default_model_path, prompts):
+    llm = LLM(str(default_model_path), debug_checks=True, async_scheduling=True)
+    eng = llm.engine
+    for i, p in enumerate(prompts[:4]):
+        eng.add_request(f"r{i}", p, GREEDY)
+    eng.step()
+    eng.step()
+    assert eng._pending is not None  # a launched step has not landed yet
+    eng.abort_request("r1")
+    outs = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            outs[o.request_id] = o
+    assert "r1" not in outs and all(len(outs[f"r{i}"].outputs[0].token_ids) == 24
+                                    for i in (0, 2, 3))
+    eng.pool.check_invariants(expect_idle=True)

@@ -60,3 +60,23 @@ def test_cuda_graphs_on_and_off_identical(checkpoint, batch):
     eager = _tokens(checkpoint, prompts, device="cuda", dtype="float32", enforce_eager=True)
     graphs = _tokens(checkpoint, prompts, _uses_fast_path, device="cuda", dtype="float32")
     assert graphs == eager
+
+
+def test_overlapped_steps_identical_to_sync_on_gpu(checkpoint):
+    """Async scheduling on CUDA (placeholder tokens filled on the device, pinned non-blocking
+    uploads) against plain steps: the same tokens, greedy and seeded sampling both."""
+    prompts = _prompts(6)
+    params = [GREEDY, SamplingParams(temperature=0.8, top_k=50, seed=7, max_tokens=24)] * 3
+
+    def run(overlap):
+        llm = LLM(str(checkpoint), gpu_memory_utilization=0.3, max_num_seqs=8, device="cuda",
+                  dtype="float32", async_scheduling=overlap)
+        try:
+            assert llm.engine.overlap == overlap
+            return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        finally:
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    assert run(True) == run(False)

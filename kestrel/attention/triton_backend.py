@@ -4,7 +4,9 @@ forward = reshape_and_cache (new K/V into the paged cache) + one attention kerne
 ``paged_attention_decode`` when every sequence has exactly one new token, else the varlen
 ``prefill_attention`` (which also serves mixed prefill + decode batches: a decode row is a
 prefill of length 1). Both read every key from the cache, so prefix-cached and chunked
-prefills need nothing special.
+prefills need nothing special. Long fresh prompts (no cached prefix: the new K/V are the whole
+context) go to torch's SDPA instead, whose cuDNN/flash kernels beat ours there (measured by
+tests/kernels/bench_kernels.py --only prefill; ``SDPA_MIN_TOKENS`` is the crossover).
 
 Triton is imported lazily (on construction), so this module can be imported, and the name
 "triton" registered, on machines without Triton; selecting it there fails with a clear error.
@@ -15,6 +17,10 @@ from __future__ import annotations
 import torch
 
 from kestrel.attention.base import AttentionBackend, AttentionMetadata, register_backend
+
+
+SDPA_MIN_TOKENS = 1024  # fresh prompts at least this long (each) use torch SDPA
+SDPA_MAX_SEQS = 8  # one SDPA call per sequence: only for a few long prompts
 
 
 @register_backend
@@ -42,6 +48,7 @@ class TritonAttention(AttentionBackend):
         self._prefill = prefill_attention
         # Fixed split-K factor for decode (e.g. when capturing CUDA graphs); None: heuristic.
         self.num_splits = num_splits
+        self.sdpa_min_tokens = SDPA_MIN_TOKENS
 
     def forward(
         self,
@@ -59,7 +66,36 @@ class TritonAttention(AttentionBackend):
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
                 num_splits=self.num_splits, max_seq_len=meta.max_seq_len,
             )  # fmt: skip
+        if self._fresh_long_prompts(meta):
+            return self._sdpa(q, k, v, meta.query_lens_cpu)
         return self._prefill.prefill_attention(
             q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
             meta.max_query_len, self.scale,
         )  # fmt: skip
+
+    def _fresh_long_prompts(self, meta: AttentionMetadata) -> bool:
+        ql = meta.query_lens_cpu
+        return (ql is not None and ql == meta.seq_lens_cpu and len(ql) <= SDPA_MAX_SEQS
+                and min(ql) >= self.sdpa_min_tokens)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int]
+              ) -> torch.Tensor:
+        """Causal attention of each whole prompt over its own new K/V (KV heads repeated for
+        the query groups: cuDNN takes no GQA, and the copy is small next to the T² work)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        group = self.num_heads // self.num_kv_heads
+        out = torch.empty_like(q)
+        start = 0
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                          SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
+            for n in lens:
+                sl = slice(start, start + n)
+                qi = q[sl].transpose(0, 1)[None]  # [1, Hq, n, D]
+                ki = k[sl].repeat_interleave(group, dim=1).transpose(0, 1)[None]
+                vi = v[sl].repeat_interleave(group, dim=1).transpose(0, 1)[None]
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    qi, ki, vi, is_causal=True, scale=self.scale)
+                out[sl] = o[0].transpose(0, 1)
+                start += n
+        return out

@@ -7,6 +7,8 @@ import gc
 import math
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from kestrel.engine.args import add_engine_cli_args, engine_args_from_cli
@@ -73,6 +75,8 @@ def _latency_parser(bsub: Any) -> None:
     p.add_argument("--iters", dest="bench_iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-roofline", action="store_true", help="skip measuring the ceilings")
+    p.add_argument("--ceilings", default=None, metavar="JSON",
+                   help="ceilings from an earlier `bench roofline --json` on this device")
     _roofline_args(p, "roofline-")
     p.add_argument("--baseline", choices=["none", "hf"], default="none")
     add_engine_cli_args(p)
@@ -163,11 +167,26 @@ def _finish(ns: Any, title: str, res: dict, rows: list, device: str | None) -> d
 def _ceilings(ns: Any, device: str, prefix: str = "roofline_") -> dict | None:
     if getattr(ns, "no_roofline", False):
         return None
+    if getattr(ns, "ceilings", None):
+        return _load_ceilings(ns.ceilings)
     from kestrel.bench.roofline import measure_roofline
 
     return measure_roofline(device, getattr(ns, f"{prefix}copy_mib", None),
                             getattr(ns, f"{prefix}matmul_n", None),
                             getattr(ns, f"{prefix}iters", 3))
+
+
+def _load_ceilings(path: str) -> dict:
+    """Ceilings from a `bench roofline --json` file: measure once, then run many benchmarks."""
+    import json
+
+    try:
+        res = json.loads(Path(path).read_text())
+        _ = res["copy_bandwidth_Bps"], res["matmul_flops"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--ceilings {path}: not a `kestrel bench roofline --json` file ({e})")
+    res.pop("env", None)
+    return res
 
 
 def run_roofline(ns: Any) -> int:
@@ -212,11 +231,14 @@ def run_latency(ns: Any) -> int:
 
     set_threads(ns)
     i_len, o_len = ns.input_len or 32, ns.output_len or 16
+    t0 = time.perf_counter()
     llm = LLM(**vars(_engine_args(ns, ns.batch * i_len, ns.batch)))
+    startup = time.perf_counter() - t0  # load, KV sizing, graph capture: until it can serve
     device = llm.engine.cfg.device
     ceilings = _ceilings(ns, device)
     res = bench_latency(llm, ns.batch, i_len, o_len, ns.bench_iters, ns.warmup, ns.seed,
                         ceilings)
+    res["startup_s"] = startup
     res["model"], res["dtype"] = llm.engine.cfg.model, str(llm.engine.cfg.dtype)
     res["quantization"] = llm.engine.cfg.quant.method
     if ns.baseline == "hf":

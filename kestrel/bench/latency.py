@@ -1,7 +1,8 @@
 """One batch through the engine, step by step: prefill time, time per output token, tokens/s.
 
-Each step of the engine is timed (synchronized on GPU). A step that computes prompt tokens is
-a prefill step; one that only extends every request by a token is a decode step. From the
+Each step of the engine is timed from the host, as the interval between the calls that land
+it (no extra synchronization, so overlapped steps are timed as they run). A step that computes
+prompt tokens is a prefill step; one that only extends every request by a token is a decode step. From the
 model's shape we know what each kind of step must move and compute:
 
 - decode bytes per step = weight bytes (every linear weight and the LM head, as stored, so
@@ -36,18 +37,27 @@ class StepTiming:
 
 
 def run_steps(engine: Any) -> tuple[list[StepTiming], float]:
-    """Step the engine until idle, timing every step; also the wall time of the whole loop."""
+    """Step the engine until idle; each step is the wall time between step() calls, given to
+    the work that landed in that call (with overlapped steps the call that launched a step
+    returns before it ran, and the next one waits for it). Also the wall time of the loop."""
     device = torch.device(engine.cfg.device)
+    stats = engine.stats
     steps: list[StepTiming] = []
     synchronize(device)
-    t_start = time.perf_counter()
+    t_start = t_prev = time.perf_counter()
+    carry = 0.0  # calls that landed nothing (the first launch): added to the next landing
     while engine.has_unfinished_requests():
-        p0, g0 = engine.stats.prompt_tokens, engine.stats.generation_tokens
-        t0 = time.perf_counter()
+        p0, g0 = stats.landed_prompt_tokens, stats.landed_generation_tokens
         engine.step()
-        synchronize(device)
-        steps.append(StepTiming(time.perf_counter() - t0, engine.stats.prompt_tokens - p0,
-                                engine.stats.generation_tokens - g0))
+        t = time.perf_counter()
+        dt, t_prev = carry + t - t_prev, t
+        p, g = stats.landed_prompt_tokens - p0, stats.landed_generation_tokens - g0
+        if p == 0 and g == 0:
+            carry = dt
+            continue
+        carry = 0.0
+        steps.append(StepTiming(dt, p, g))
+    synchronize(device)
     return steps, time.perf_counter() - t_start
 
 
@@ -190,6 +200,8 @@ def latency_rows(res: dict) -> list[tuple[str, object]]:
         rows += [("decode bandwidth / copy ceiling", res["decode_bandwidth_fraction"]),
                  (f"prefill FLOP/s / {res['ceiling_matmul_kind']} ceiling",
                   res["prefill_flops_fraction"])]
+    if "startup_s" in res:
+        rows.append(("engine start-up (s)", res["startup_s"]))
     if "hf" in res:
         rows += [("HF generate output tokens/s", res["hf"]["tokens_per_s"]),
                  ("speed-up vs HF (tokens/s ratio)", res["speedup_vs_hf"])]

@@ -8,6 +8,10 @@ goes back to the front of the queue to be recomputed later. No request is lost o
 Pipeline parallelism: the engine keeps several micro-batches in flight. A request in one of them
 (``in_flight``) is skipped until its micro-batch returns, and is never chosen for preemption,
 so no block it is still computing is freed. ``schedule(max_seqs)`` bounds a micro-batch's size.
+
+Overlapped steps: a scheduled request counts as computed at once, and a token it samples is
+``num_pending`` until the engine lands the step. The next step may already extend the request
+by that token: its id is a placeholder (-1) that the runner fills in from the device.
 """
 
 from __future__ import annotations
@@ -96,7 +100,10 @@ class Scheduler:
             if id(req) in self.in_flight:
                 i += 1
                 continue
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
+            if num_new <= 0 or len(req.output_token_ids) + req.num_pending >= req.max_tokens:
+                i += 1  # nothing to compute until its pending token lands (or it is done)
+                continue
             while not self.kv.allocate_slots(req, num_new):
                 victim = self._pick_victim(
                     [r for r in self.running[i:] if id(r) not in self.in_flight])
@@ -116,7 +123,7 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs
                and len(out.scheduled) < cap):
             req = self.waiting[0]
-            if self._defer_sibling(req):
+            if req.num_pending or self._defer_sibling(req, out):
                 skipped.append(self.waiting.pop(0))
                 continue
             computed = self.kv.get_computed_blocks(req)
@@ -137,13 +144,15 @@ class Scheduler:
             budget -= num_new
         self.waiting[:0] = skipped
 
-    def _defer_sibling(self, req: Request) -> bool:
-        """n > 1: later samples wait until the first has computed the shared prompt blocks."""
+    def _defer_sibling(self, req: Request, out: SchedulerOutput) -> bool:
+        """n > 1: later samples wait until the first has computed the shared prompt blocks
+        (in an earlier step, not the one being built)."""
         first = req.first_sibling
         if first is None or first.is_finished or not self.kv.pool.enable_prefix_caching:
             return False
         shared = (req.num_prompt_tokens - 1) // self.kv.block_size * self.kv.block_size
-        return first.num_computed_tokens < shared
+        return (first.num_computed_tokens < shared
+                or any(s.request_id == first.request_id for s in out.scheduled))
 
     def _pick_victim(self, candidates: list[Request]) -> Request:
         """Newest (FCFS) or least urgent (priority) among those not yet scheduled this step."""
@@ -162,19 +171,20 @@ class Scheduler:
 
     @staticmethod
     def _scheduled(req: Request, num_new: int) -> ScheduledRequest:
+        """Describe the request's share and count it computed (and its sample pending)."""
         start = req.num_computed_tokens
         end = start + num_new
         p = req.num_prompt_tokens
-        tokens = (req.prompt_token_ids[start:end] if end <= p
-                  else req.all_token_ids[start:end])
+        known = req.num_tokens
+        if end <= p:
+            tokens = req.prompt_token_ids[start:end]
+        else:
+            tokens = req.all_token_ids[start:min(end, known)] + [-1] * (end - max(start, known))
+        sample = end == known + req.num_pending
+        req.num_computed_tokens = end
+        req.num_pending += sample
         return ScheduledRequest(
             request_id=req.request_id, token_ids=tokens, start=start,
-            block_ids=list(req.block_ids), sample=end == req.num_tokens,
+            block_ids=list(req.block_ids), sample=sample,
             prompt_logprobs=req.params.prompt_logprobs is not None and start < p,
         )
-
-    def advance(self, out: SchedulerOutput, requests: dict[str, Request]) -> None:
-        """After the step ran: the scheduled tokens are now in the cache."""
-        for s in out.scheduled:
-            req = requests[s.request_id]
-            req.num_computed_tokens = s.start + s.num_new_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -48,6 +49,7 @@ class EngineArgs:
     enforce_eager: bool = False
     attention_backend: str = "auto"
     debug_checks: bool = False
+    async_scheduling: bool | None = None
 
     def create_config(self) -> EngineConfig:
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,6 +72,7 @@ class EngineArgs:
             dtype=resolve_dtype(self.dtype, device), device=device, seed=self.seed,
             load_format=load_format, attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager, debug_checks=self.debug_checks,
+            async_scheduling=self.async_scheduling,
             cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
                               gpu_memory_utilization=self.gpu_memory_utilization,
                               enable_prefix_caching=self.enable_prefix_caching,
@@ -195,6 +198,8 @@ def add_engine_cli_args(p: Any) -> None:
     g.add_argument("--enforce-eager", action="store_true")
     g.add_argument("--attention-backend", default="auto")
     g.add_argument("--debug-checks", action="store_true")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepare step N+1 while the device runs step N (default: on for CUDA)")
 
 
 def engine_args_from_cli(ns: Any) -> EngineArgs:

@@ -7,12 +7,14 @@ import time
 from collections import deque
 from typing import Any
 
+import torch
 from kestrel.config import EngineConfig
 from kestrel.core.block_pool import BlockPool, KVCacheManager
 from kestrel.core.scheduler import Scheduler, SchedulerOutput
 from kestrel.engine.group import RequestGroup
 from kestrel.engine.stats import EngineStats
-from kestrel.layers.sampler import Sampler
+from kestrel.executor.model_runner import PrevTokens
+from kestrel.layers.sampler import Sampler, SamplerOutput
 from kestrel.outputs import RequestOutput
 from kestrel.parallel.pipeline import micro_batch_seq_cap
 from kestrel.request import Request, RequestStatus
@@ -48,6 +50,11 @@ class Engine:
         pp = cfg.parallel.pipeline_parallel_size
         self.pipeline_depth = pp if pp > 1 and hasattr(self.executor, "submit") else 1
         self._in_flight: deque[tuple[SchedulerOutput, list[Request]]] = deque()
+        # Overlapped steps (one process): launch step N+1 before landing step N.
+        self.overlap = (cfg.overlap_steps and self.pipeline_depth == 1
+                        and getattr(self.executor, "supports_overlap", False))
+        self._pending: _Launched | None = None
+        self._num_history_groups = 0  # live groups whose sampling needs the host-known tokens
         eos = cfg.model_config.eos_token_id
         tok_eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = tuple(eos) + ((tok_eos,) if tok_eos is not None and
@@ -82,6 +89,7 @@ class Engine:
                                    first_sibling=samples[0] if samples else None))
         self.groups[request_id] = RequestGroup(request_id, text, ids, params, samples,
                                                self.tokenizer)
+        self._num_history_groups += params.needs_token_history
         for r in samples:
             self.requests[r.request_id] = r
             self.scheduler.add(r)
@@ -103,7 +111,7 @@ class Engine:
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request at once and free its KV blocks; unknown ids are ignored."""
-        group = self.groups.pop(request_id, None)
+        group = self._pop_group(request_id)
         if group is None:
             return
         for r in group.samples:
@@ -112,6 +120,12 @@ class Engine:
             self.requests.pop(r.request_id, None)
         self._check_idle()
 
+    def _pop_group(self, request_id: str) -> RequestGroup | None:
+        group = self.groups.pop(request_id, None)
+        if group is not None:
+            self._num_history_groups -= group.params.needs_token_history
+        return group
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
 
@@ -119,12 +133,15 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         if self.pipeline_depth > 1:
             return self._step_pipelined()
+        if self.overlap and not self._num_history_groups:
+            return self._step_overlapped()
+        landed = self._land() if self._pending is not None else []
         out = self.scheduler.schedule()
         if out.is_empty:
-            return []
+            return landed
         self._on_scheduled(out)
         result = self.executor.execute(out)
-        return self._update(out, result)
+        return landed + self._update(out, result)
 
     def _on_scheduled(self, out: SchedulerOutput) -> None:
         now = time.monotonic()
@@ -133,6 +150,40 @@ class Engine:
             r = self.requests[s.request_id]
             if r.first_scheduled_time is None:
                 r.first_scheduled_time = now
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        """Schedule and launch step N+1, then land step N: the host prepares the next step while
+        the device runs the previous one, and waits only to read its sampled tokens. Requests
+        whose sampling reads earlier tokens on the host (penalties, logprobs) turn it off."""
+        out = self.scheduler.schedule()
+        launched = self._launch(out) if not out.is_empty else None
+        landed = self._land() if self._pending is not None else []
+        self._pending = launched
+        return landed
+
+    def _launch(self, out: SchedulerOutput) -> _Launched:
+        self._on_scheduled(out)
+        prev = self._pending
+        result = self.executor.execute(out, prev.prev_tokens() if prev is not None else None)
+        reqs = [self.requests[s.request_id] for s in out.scheduled]
+        sampled = [r for s, r in zip(out.scheduled, reqs) if s.sample]
+        tokens = (self.sampler.sample(result.sample_logits, sampled) if sampled
+                  else torch.zeros(0, dtype=torch.long, device=result.sample_logits.device))
+        return _Launched(out, reqs, sampled, result, tokens)
+
+    def _land(self) -> list[RequestOutput]:
+        """Wait for the pending step's tokens and apply them (requests finished or aborted since
+        it was launched are skipped: its work for them is discarded)."""
+        item, self._pending = self._pending, None
+        token_ids = item.host_tokens()
+        live = [self.requests.get(s.request_id) is r and not r.is_finished
+                for s, r in zip(item.out.scheduled, item.reqs)]
+        kept = SchedulerOutput([s for s, ok in zip(item.out.scheduled, live) if ok],
+                               item.out.preempted_ids)
+        live_ids = {id(r) for r, ok in zip(item.reqs, live) if ok}
+        tokens = [t for r, t in zip(item.sampled, token_ids) if id(r) in live_ids]
+        samp = SamplerOutput(tokens, [None] * len(tokens))
+        return self._update(kept, item.result, samp)
 
     def _step_pipelined(self) -> list[RequestOutput]:
         """Fill the pipeline with up to pp micro-batches, then land the oldest one."""
@@ -172,13 +223,15 @@ class Engine:
         return (SchedulerOutput(kept, out.preempted_ids),
                 type(result)(result.sample_logits[rows], prompt))
 
-    def _update(self, out: SchedulerOutput, result: Any) -> list[RequestOutput]:
-        """After a step ran: advance, sample, append tokens, finish, emit outputs."""
+    def _update(self, out: SchedulerOutput, result: Any, samp: SamplerOutput | None = None
+                ) -> list[RequestOutput]:
+        """After a step ran: sample (unless done already), append tokens, finish, emit outputs."""
+        self.stats.on_landed(out)
         if out.is_empty:
             return []
-        self.scheduler.advance(out, self.requests)
         sampled = [self.requests[s.request_id] for s in out.scheduled if s.sample]
-        samp = self.sampler(result.sample_logits, sampled) if sampled else None
+        if samp is None and sampled:
+            samp = self.sampler(result.sample_logits, sampled)
         touched: dict[str, RequestGroup] = {}
         for rid, logits in result.prompt_logits.items():
             r = self.requests[rid]
@@ -186,6 +239,7 @@ class Engine:
             self.groups[r.parent_id].add_prompt_logprobs(r, s.start, logits)
         now = time.monotonic()
         for i, r in enumerate(sampled):
+            r.num_pending -= 1
             group = self.groups[r.parent_id]
             status = group.append_token(r, samp.token_ids[i], samp.logprobs[i], now)
             if status is not None:
@@ -194,7 +248,7 @@ class Engine:
         outputs = [g.output() for g in touched.values()]
         for g in touched.values():
             if g.finished:
-                self.groups.pop(g.request_id, None)
+                self._pop_group(g.request_id)
                 for r in g.samples:
                     self.requests.pop(r.request_id, None)
                 self.stats.on_finished(g)
@@ -208,6 +262,30 @@ class Engine:
     def _check_idle(self) -> None:
         if self.cfg.debug_checks:
             self.pool.check_invariants(expect_idle=not self.scheduler.has_unfinished())
+
+
+class _Launched:
+    """A step on the device: its sampled tokens are copied back without blocking the host."""
+
+    def __init__(self, out: SchedulerOutput, reqs: list[Request], sampled: list[Request],
+                 result: Any, tokens: torch.Tensor) -> None:
+        self.out, self.reqs, self.sampled, self.result, self.tokens = (out, reqs, sampled,
+                                                                       result, tokens)
+        if tokens.is_cuda:
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.done: torch.cuda.Event | None = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host, self.done = tokens, None
+
+    def prev_tokens(self) -> PrevTokens:
+        return PrevTokens({r.request_id: i for i, r in enumerate(self.sampled)}, self.tokens)
+
+    def host_tokens(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
 
 
 class QueueFullError(RuntimeError):

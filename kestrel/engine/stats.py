@@ -20,16 +20,30 @@ class EngineStats:
     finished_requests: int = 0
     finished_reasons: dict[str, int] = field(default_factory=dict)
 
+    # The same counts for steps whose results the host has received: with overlapped steps a
+    # step lands one engine.step() call after it was scheduled, and that is the call that waits.
+    landed_prompt_tokens: int = 0
+    landed_generation_tokens: int = 0
+
     def on_schedule(self, out: SchedulerOutput, total_preemptions: int) -> None:
         self.num_steps += 1
         self.num_preemptions = total_preemptions
-        for s in out.scheduled:
-            if s.sample and s.num_new_tokens == 1 and s.start > 0:
-                self.generation_tokens += 1
-            else:
-                self.prompt_tokens += s.num_new_tokens
+        prompt, gen = _split(out)
+        self.prompt_tokens += prompt
+        self.generation_tokens += gen
+
+    def on_landed(self, out: SchedulerOutput) -> None:
+        prompt, gen = _split(out)
+        self.landed_prompt_tokens += prompt
+        self.landed_generation_tokens += gen
 
     def on_finished(self, group) -> None:
         self.finished_requests += 1
         for r in group.samples:
             self.finished_reasons[r.status.value] = self.finished_reasons.get(r.status.value, 0) + 1
+
+
+def _split(out: SchedulerOutput) -> tuple[int, int]:
+    """(prompt tokens, one-token decode steps) of a step."""
+    gen = sum(1 for s in out.scheduled if s.sample and s.num_new_tokens == 1 and s.start > 0)
+    return out.num_batched_tokens - gen, gen

@@ -6,7 +6,7 @@ from typing import Protocol
 
 from kestrel.config import EngineConfig
 from kestrel.core.scheduler import SchedulerOutput
-from kestrel.executor.model_runner import ModelRunner, RunnerOutput
+from kestrel.executor.model_runner import ModelRunner, PrevTokens, RunnerOutput
 
 
 class Executor(Protocol):
@@ -20,14 +20,16 @@ class Executor(Protocol):
 class UniProcExecutor:
     """The model runner in this process."""
 
+    supports_overlap = True  # execute() takes the previous step's tokens on the device
+
     def __init__(self, cfg: EngineConfig) -> None:
         self.runner = ModelRunner(cfg)
         self.num_blocks = self.runner.num_blocks_that_fit()
         self.runner.allocate_kv_cache(self.num_blocks)
         self.runner.capture_graphs()
 
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        return self.runner.execute(out)
+    def execute(self, out: SchedulerOutput, prev: PrevTokens | None = None) -> RunnerOutput:
+        return self.runner.execute(out, prev)
 
     def shutdown(self) -> None:
         self.runner.kv_caches = []

@@ -27,7 +27,17 @@ class ForwardBatch:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [N] rows of the hidden states to turn into logits
     sample_rows: list[int]  # per scheduled request with sample=True: its row in the logits
+    sample_rows_dev: torch.Tensor  # the same, on the device (indexing with it never syncs)
     prompt_rows: dict[str, tuple[int, int]]  # request id → (first, end) logits rows of its chunk
+
+
+@dataclass
+class PrevTokens:
+    """The previous step's sampled tokens, still on the device (overlapped steps): a scheduled
+    placeholder (-1) of request ``rid`` takes ``tokens[rows[rid]]``."""
+
+    rows: dict[str, int]
+    tokens: torch.Tensor  # [N] int64 on the runner's device
 
 
 @dataclass
@@ -129,7 +139,7 @@ class ModelRunner:
         self.graphs.capture()
 
     # ---- one step -------------------------------------------------------------------------
-    def prepare(self, out: SchedulerOutput) -> ForwardBatch:
+    def prepare(self, out: SchedulerOutput, prev: PrevTokens | None = None) -> ForwardBatch:
         bs = self.block_size
         seqs = out.scheduled
         q_lens = np.array([s.num_new_tokens for s in seqs], dtype=np.int64)
@@ -156,19 +166,40 @@ class ModelRunner:
             elif s.sample:
                 sample_rows.append(len(rows))
                 rows.append(qsl[i + 1] - 1)
-        dev = self.device
-        t = lambda a, dt=torch.int64: torch.from_numpy(np.asarray(a)).to(dev, dt)  # noqa: E731
+        holes = np.flatnonzero(ids < 0)  # placeholders for tokens the device sampled last step
+        if holes.size and prev is None:
+            raise RuntimeError("a scheduled token is still pending but no previous step's "
+                               "tokens were given")
+        src = np.array([prev.rows[seqs[i].request_id] for i in seq_of[holes]] if holes.size
+                       else [], dtype=np.int64)
+        arrays = [ids, pos, slots, np.array(rows, dtype=np.int64), np.array(sample_rows, np.int64),
+                  holes, src, qsl, seq_lens, table]
+        ids_t, pos_t, slots_t, rows_t, sample_t, holes_t, src_t, qsl_t, lens_t, table_t = \
+            self._upload(arrays)
+        if holes.size:
+            ids_t.index_copy_(0, holes_t, prev.tokens.index_select(0, src_t))
         meta = AttentionMetadata(
-            slot_mapping=t(slots), query_start_loc=t(qsl, torch.int32),
-            seq_lens=t(seq_lens, torch.int32), block_tables=t(table, torch.int32),
+            slot_mapping=slots_t, query_start_loc=qsl_t.to(torch.int32),
+            seq_lens=lens_t.to(torch.int32), block_tables=table_t.to(torch.int32),
             max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()),
             seq_lens_cpu=seq_lens.tolist(), query_lens_cpu=q_lens.tolist())
-        return ForwardBatch(t(ids), t(pos), meta, t(np.array(rows, dtype=np.int64)), sample_rows,
-                            prompt_rows)
+        return ForwardBatch(ids_t, pos_t, meta, rows_t, sample_rows, sample_t, prompt_rows)
+
+    def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Several small int64 arrays in one host→device copy (pinned and non-blocking on
+        CUDA, so preparing a step never waits for the device)."""
+        flat = torch.from_numpy(np.concatenate([np.asarray(a, np.int64).ravel() for a in arrays]))
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        out, off = [], 0
+        for a in arrays:
+            out.append(flat[off: off + a.size].view(a.shape))
+            off += a.size
+        return out
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        batch = self.prepare(out)
+    def execute(self, out: SchedulerOutput, prev: PrevTokens | None = None) -> RunnerOutput:
+        batch = self.prepare(out, prev)
         if (self.graphs is not None and batch.meta.is_decode_only and not batch.prompt_rows
                 and len(batch.sample_rows) == batch.meta.num_seqs
                 and self.graphs.can_run(batch.meta.num_seqs)):
@@ -176,4 +207,4 @@ class ModelRunner:
         hidden, _ = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         prompt = {rid: logits[a:b] for rid, (a, b) in batch.prompt_rows.items()}
-        return RunnerOutput(logits[batch.sample_rows], prompt)
+        return RunnerOutput(logits.index_select(0, batch.sample_rows_dev), prompt)

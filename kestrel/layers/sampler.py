@@ -83,41 +83,64 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def _random_sample(probs: torch.Tensor, reqs: list[Request], gen: torch.Generator | None
+def _on(device: torch.device, values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A small per-request tensor on ``device``. On CUDA it goes through pinned memory without
+    blocking: a plain upload would wait for the device and undo overlapped steps."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def _random_sample(probs: torch.Tensor, reqs: list[Request], gen: torch.Generator
                    ) -> torch.Tensor:
+    """Exponential race on the logits' device: no host round trip, no large upload."""
+    dev = probs.device
     noise = torch.empty_like(probs)
-    unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
+    unseeded = [i for i, r in enumerate(reqs) if r.params.seed is None]
     if unseeded:
-        e = torch.empty(len(unseeded), probs.shape[1], device="cpu").exponential_(generator=gen)
-        noise[unseeded] = e.to(probs.device)
+        e = torch.empty(len(unseeded), probs.shape[1], device=dev).exponential_(generator=gen)
+        if len(unseeded) == len(reqs):
+            noise = e
+        else:
+            noise.index_copy_(0, _on(dev, unseeded, torch.long), e)
     for i, r in enumerate(reqs):
-        if r.generator is not None:
-            noise[i] = torch.empty(probs.shape[1]).exponential_(generator=r.generator).to(probs.device)
+        if r.params.seed is not None:
+            noise[i].exponential_(generator=r.generator_on(dev))
     return (probs / noise).argmax(dim=-1)
 
 
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return self.generators[device]
+
+    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Next tokens [N] on the logits' device, without waiting for the device."""
+        logits = _block_stop_tokens(apply_penalties(logits, reqs), reqs)
+        tokens = logits.argmax(dim=-1)
+        rand = [i for i, r in enumerate(reqs) if not r.params.greedy]
+        if rand:
+            dev = logits.device
+            rr = [reqs[i] for i in rand]
+            rows = None if len(rand) == len(reqs) else _on(dev, rand, torch.long)
+            sub = logits if rows is None else logits.index_select(0, rows)
+            temp = _on(dev, [r.params.temperature for r in rr])[:, None]
+            sub = filter_logits(
+                sub / temp, _on(dev, [r.params.top_k for r in rr], torch.long),
+                _on(dev, [r.params.top_p for r in rr]), _on(dev, [r.params.min_p for r in rr]))
+            picked = _random_sample(sub.softmax(-1), rr, self._generator(dev))
+            tokens = picked if rows is None else tokens.index_copy(0, rows, picked)
+        return tokens
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         """logits [N, V] float32, one row per request to sample."""
         raw_logprobs = (logits.log_softmax(-1)
                         if any(r.params.logprobs is not None for r in reqs) else None)
-        logits = _block_stop_tokens(apply_penalties(logits, reqs), reqs)
-        tokens = logits.argmax(dim=-1)
-        rand = [i for i, r in enumerate(reqs) if not r.params.greedy]
-        if rand:
-            sub, rr = logits[rand], [reqs[i] for i in rand]
-            dev = logits.device
-            temp = torch.tensor([r.params.temperature for r in rr], device=dev)[:, None]
-            sub = filter_logits(
-                sub / temp,
-                torch.tensor([r.params.top_k for r in rr], device=dev),
-                torch.tensor([r.params.top_p for r in rr], device=dev),
-                torch.tensor([r.params.min_p for r in rr], device=dev))
-            tokens[rand] = _random_sample(sub.softmax(-1), rr, self.generator)
-        token_list = tokens.tolist()
+        token_list = self.sample(logits, reqs).tolist()
         return SamplerOutput(token_list, gather_logprobs(raw_logprobs, token_list,
                                                          [r.params.logprobs for r in reqs]))
 

@@ -58,16 +58,18 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
         if name.endswith("norm.weight"):
             p.fill_(1.0)
             continue
-        if p.dtype.is_floating_point and p.element_size() >= 2:
-            chunk = torch.randn(p.shape, generator=gen, dtype=torch.float32) if p.numel() < 2**24 \
-                else None
-            if chunk is None:  # large tensors: draw on the device, seeded per tensor
-                g = torch.Generator(device=p.device).manual_seed(seed + zlib.crc32(name.encode()))
-                p.normal_(0.0, std, generator=g)
-            else:
-                p.copy_(chunk * std)
-        else:
-            p.copy_(torch.randn(p.shape, generator=gen).mul(std * 100).to(p.dtype))
+        # fp8/int8 storage is drawn in float32 at a scale its quant method undoes.
+        wide = p.dtype.is_floating_point and p.element_size() >= 2
+        scale = std if wide else std * 100
+        if p.numel() < 2**24:
+            chunk = torch.randn(p.shape, generator=gen, dtype=torch.float32) * scale
+        else:  # large tensors: draw on the device (a CPU draw of 8B weights takes a minute)
+            g = torch.Generator(device=p.device).manual_seed(seed + zlib.crc32(name.encode()))
+            if wide:
+                p.normal_(0.0, scale, generator=g)
+                continue
+            chunk = torch.empty(p.shape, device=p.device).normal_(0.0, scale, generator=g)
+        p.copy_(chunk.to(p.dtype))
     for module in model.modules():
         qm = getattr(module, "quant_method", None)
         if qm is not None:

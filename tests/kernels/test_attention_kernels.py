@@ -239,6 +239,20 @@ def test_backend_mixed(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_fresh_prompts_through_sdpa(dtype: torch.dtype, monkeypatch) -> None:
+    """Whole fresh prompts take torch SDPA (threshold lowered so small shapes reach it)."""
+    used = []
+    real = TritonAttention._sdpa
+    monkeypatch.setattr(TritonAttention, "_sdpa",
+                        lambda self, *a: used.append(a[-1]) or real(self, *a))
+    monkeypatch.setattr("kestrel.attention.triton_backend.SDPA_MIN_TOKENS", 8)
+    check_backend([40, 9, 23], [0, 0, 0], dtype, DEV)
+    assert used == [[40, 9, 23]]
+    check_backend([40, 9], [0, 5], dtype, DEV)  # a cached prefix: the paged kernel
+    assert len(used) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backend_decode(dtype: torch.dtype) -> None:
     check_backend([1, 1, 1], [0, 40, 77], dtype, DEV)
 

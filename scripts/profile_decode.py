@@ -1,0 +1,75 @@
+"""Where a decode step's time goes on the GPU: kernel time vs wall time per step.
+
+    python scripts/profile_decode.py [--batch 1] [--input 128] [--steps 32] [--trace DIR]
+        [any kestrel engine flags; default --preset llama-3-8b]
+
+Runs one batch to steady decode, then profiles ``--steps`` engine steps with torch.profiler.
+Prints the wall time per step, the GPU kernel time per step (the sum of kernel durations: what
+the step would take with no host gap), the idle share, and the top kernels. A wall time well
+above the kernel time means the host is the limit, not the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kestrel.engine.args import add_engine_cli_args, engine_args_from_cli  # noqa: E402
+from kestrel.engine.llm import LLM  # noqa: E402
+from kestrel.sampling_params import SamplingParams  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--input", type=int, default=128)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--trace", default=None, help="write a chrome trace into this folder")
+    add_engine_cli_args(p)
+    ns = p.parse_args()
+    if ns.model is None and ns.preset is None:
+        ns.preset = "llama-3-8b"
+    llm = LLM(**vars(engine_args_from_cli(ns)))
+    eng = llm.engine
+    sync = torch.cuda.synchronize if eng.cfg.device.startswith("cuda") else (lambda: None)
+    vocab = eng.cfg.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=ns.steps + 40, ignore_eos=True)
+    for i in range(ns.batch):
+        ids = torch.randint(1, vocab, (ns.input,), generator=torch.Generator().manual_seed(i))
+        eng.add_request(f"p{i}", ids.tolist(), params)
+    for _ in range(20):  # prefill, then decode until steady (graphs warm)
+        eng.step()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(ns.steps):
+            eng.step()
+        sync()
+        wall = (time.perf_counter() - t0) / ns.steps
+    kernels: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:  # a kernel or copy on the GPU
+            kernels[e.name] += e.time_range.elapsed_us()
+    gpu = sum(kernels.values()) / ns.steps / 1e6  # µs → s
+    print(f"batch {ns.batch}, context ~{ns.input + 30}, overlap {eng.overlap}: "
+          f"wall {wall * 1e3:.3f} ms/step, GPU kernels {gpu * 1e3:.3f} ms/step, "
+          f"GPU idle {100 * max(0.0, 1 - gpu / wall):.1f}%")
+    print("top kernels (ms per step):")
+    for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {us / ns.steps / 1e3:8.3f}  {name[:100]}")
+    if ns.trace:
+        Path(ns.trace).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(ns.trace) / "decode_trace.json"))
+    while eng.has_unfinished_requests():
+        eng.step()
+
+
+if __name__ == "__main__":
+    main()
