@@ -164,11 +164,13 @@ class Engine:
     def _launch(self, out: SchedulerOutput) -> _Launched:
         self._on_scheduled(out)
         prev = self._pending
-        result = self.executor.execute(out, prev.prev_tokens() if prev is not None else None)
+        result = self.executor.execute(out, prev.prev_tokens() if prev is not None else None,
+                                       share_sampled=True)
         reqs = [self.requests[s.request_id] for s in out.scheduled]
         sampled = [r for s, r in zip(out.scheduled, reqs) if s.sample]
         tokens = (self.sampler.sample(result.sample_logits, sampled) if sampled
                   else torch.zeros(0, dtype=torch.long, device=result.sample_logits.device))
+        self.executor.share_sampled(out, tokens)  # other TP ranks fill placeholders from it
         return _Launched(out, reqs, sampled, result, tokens)
 
     def _land(self) -> list[RequestOutput]:

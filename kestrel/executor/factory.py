@@ -28,8 +28,12 @@ class UniProcExecutor:
         self.runner.allocate_kv_cache(self.num_blocks)
         self.runner.capture_graphs()
 
-    def execute(self, out: SchedulerOutput, prev: PrevTokens | None = None) -> RunnerOutput:
+    def execute(self, out: SchedulerOutput, prev: PrevTokens | None = None,
+                share_sampled: bool = False) -> RunnerOutput:
         return self.runner.execute(out, prev)
+
+    def share_sampled(self, out: SchedulerOutput, tokens) -> None:
+        """One process: the next step reads the tokens where they are."""
 
     def shutdown(self) -> None:
         self.runner.kv_caches = []

@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 
 from kestrel.config import EngineConfig
 from kestrel.core.scheduler import SchedulerOutput
-from kestrel.executor.model_runner import ForwardBatch, RunnerOutput
+from kestrel.executor.model_runner import ForwardBatch, PrevTokens, RunnerOutput
 from kestrel.executor.worker import (StageRunner, run_worker, runner_output,
                                      spawned_worker_main, start_rank)
 from kestrel.parallel.comm import (broadcast_object, device_backend, free_port, p2p_tag,
@@ -180,16 +180,24 @@ class MultiProcExecutor:
         return self.dead_error is None and not self._closed
 
     # ---- steps ----------------------------------------------------------------------------
-    def submit(self, out: SchedulerOutput) -> None:
-        """Start one micro-batch: broadcast it, run stage 0 here, await its logits later."""
+    @property
+    def supports_overlap(self) -> bool:
+        """Overlapped steps need every rank to see the sampled tokens: TP only, no stages."""
+        return self.layout.pp == 1
+
+    def submit(self, out: SchedulerOutput, prev: PrevTokens | None = None,
+               share_sampled: bool = False) -> None:
+        """Start one micro-batch: broadcast it, run stage 0 here, await its logits later.
+        ``share_sampled``: the engine will hand this step's tokens to ``share_sampled``."""
         self._check_workers()
         self._seq += 1
         seq = self._seq
         try:
-            broadcast_object(("step", seq, out), self.stage.groups, self._check_workers)
+            broadcast_object(("step", seq, out, share_sampled), self.stage.groups,
+                             self._check_workers)
             if self.layout.pp == 1:
                 self._in_flight.append(_InFlight(seq, None, None,
-                                                 result=self.stage.run_whole(out)))
+                                                 result=self.stage.run_whole(out, prev)))
                 return
             batch, logits = self.stage.run(seq, out, self._check_workers)
             item = _InFlight(seq, batch, logits)
@@ -217,9 +225,16 @@ class MultiProcExecutor:
                 self._fail(e, f"micro-batch {item.seq}")
         return runner_output(item.batch, item.logits, self.vocab_size)
 
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        self.submit(out)
+    def execute(self, out: SchedulerOutput, prev: PrevTokens | None = None,
+                share_sampled: bool = False) -> RunnerOutput:
+        self.submit(out, prev, share_sampled)
         return self.collect()
+
+    def share_sampled(self, out: SchedulerOutput, tokens: torch.Tensor) -> None:
+        try:
+            self.stage.share_sampled(out, tokens)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e, "sharing sampled tokens")
 
     @property
     def num_in_flight(self) -> int:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from kestrel.config import EngineConfig
 from kestrel.core.scheduler import ScheduledRequest, SchedulerOutput
-from kestrel.executor.model_runner import ForwardBatch, ModelRunner, RunnerOutput
+from kestrel.executor.model_runner import ForwardBatch, ModelRunner, PrevTokens, RunnerOutput
 from kestrel.parallel.comm import (Groups, HealthCheck, all_reduce_min, init_groups, p2p_tag,
                                    receive_object, wait_work)
 from kestrel.parallel.pipeline import ParallelLayout, stage_ranges
@@ -91,10 +91,20 @@ class StageRunner:
         return int(peak)
 
     # ---- one micro-batch ------------------------------------------------------------------
-    def run_whole(self, out: SchedulerOutput) -> RunnerOutput:
+    def run_whole(self, out: SchedulerOutput, prev: PrevTokens | None = None) -> RunnerOutput:
         """No pipeline stages: every TP rank runs the plain ModelRunner step (decode CUDA
         graphs included, their NCCL all-reduces captured in lockstep on every rank)."""
-        return self.runner.execute(out)
+        return self.runner.execute(out, prev)
+
+    def share_sampled(self, out: SchedulerOutput, tokens: torch.Tensor | None) -> PrevTokens:
+        """Overlapped steps under TP: the driver's sampled tokens reach every rank on the device
+        (a TP broadcast queued after the step), so each can fill the next step's placeholders.
+        The driver passes its tokens; the other ranks pass None and receive."""
+        ids = [s.request_id for s in out.scheduled if s.sample]
+        if tokens is None:
+            tokens = torch.empty(len(ids), dtype=torch.long, device=self.runner.device)
+        self.groups.tp.broadcast_from_first(tokens)
+        return PrevTokens({rid: i for i, rid in enumerate(ids)}, tokens)
 
     @torch.inference_mode()
     def run(self, seq: int, out: SchedulerOutput, health: HealthCheck | None = None
@@ -207,6 +217,7 @@ def run_worker(cfg: EngineConfig, layout: ParallelLayout, backend: str, init_met
     # completes while this rank still computes k: the pipeline keeps flowing.
     threading.Thread(target=_receive_loop, args=(stage.groups, inbox), daemon=True,
                      name="kestrel-ctrl").start()
+    prev: PrevTokens | None = None  # the last step's shared tokens (overlapped steps)
     try:
         while True:
             msg = inbox.get()
@@ -214,9 +225,10 @@ def run_worker(cfg: EngineConfig, layout: ParallelLayout, backend: str, init_met
                 raise RuntimeError(f"rank {layout.rank} lost the driver (rank 0): {msg}") from msg
             if msg[0] == "stop":
                 break
-            _, seq, out = msg
+            _, seq, out, share = msg
             if layout.pp == 1:
-                stage.run_whole(out)
+                stage.run_whole(out, prev)
+                prev = stage.share_sampled(out, None) if share else None
                 continue
             _, logits = stage.run(seq, out)
             if logits is not None and layout.rank == layout.last_stage_leader != 0:

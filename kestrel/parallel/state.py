@@ -23,6 +23,12 @@ class TPGroup:
         dist.all_reduce(x, group=self.group)
         return x
 
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank gets TP rank 0's ``x`` (in place; queued on the device, no host wait)."""
+        if self.size > 1:
+            dist.broadcast(x, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return x
+
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate each rank's shard along the last dimension, in rank order."""
         if self.size == 1:

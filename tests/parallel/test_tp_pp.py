@@ -86,6 +86,21 @@ def test_tiny_tp_and_tp_pp_match_one_process(tiny4, tiny_ref, tp, pp):
         _close(llm)
 
 
+def test_tp2_overlapped_steps_match_one_process(tiny4, tiny_ref):
+    """Async scheduling under TP: the driver's sampled tokens reach the other rank by a TP
+    broadcast, which fills the next step's placeholders there; prompt logprobs (which need the
+    host-side tokens) fall back to plain steps in between."""
+    llm = LLM(str(tiny4), debug_checks=True, tensor_parallel_size=2, async_scheduling=True,
+              max_num_seqs=4)
+    try:
+        assert llm.engine.overlap
+        _check_same(llm, tiny_ref)
+        sampled = SamplingParams(temperature=1.0, seed=3, max_tokens=12)
+        assert _tokens(llm, PROMPTS, sampled) == _tokens(tiny_ref[0], PROMPTS, sampled)
+    finally:
+        _close(llm)
+
+
 def test_pp_matches_one_process_and_serves_a_stream(tiny4, tiny_ref):
     """PP=2 with chunked prefill (48-token budget) and a small KV pool: the same tokens and
     logits as one process; then 30 requests arriving while others run, one aborted in flight:
