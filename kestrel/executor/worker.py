@@ -15,6 +15,7 @@ inter-node link carries each activation once, not tp times (Megatron's scatter/g
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import logging
 import os
 import queue
@@ -254,6 +255,7 @@ def spawned_worker_main(cfg: EngineConfig, layout: ParallelLayout, backend: str,
                         init_method: str, num_threads: int) -> None:
     """Entry point of a process spawned by MultiProcExecutor on this machine."""
     _die_with_parent()
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a rank is stuck
     if not cfg.device.startswith("cuda"):
         torch.set_num_threads(num_threads)
     logging.basicConfig(level=os.environ.get("KESTREL_WORKER_LOG", "WARNING"),
