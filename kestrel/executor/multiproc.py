@@ -254,9 +254,17 @@ class MultiProcExecutor:
                 self.stage.drain_sends()
             except Exception as e:  # noqa: BLE001 - shutting down regardless
                 log.warning("parallel executor: unclean stop (%s)", e)
+            # Every rank tears its NCCL communicators down at the same time: a rank that
+            # destroys after its peers were joined or killed waits for them forever (seen on
+            # 2×H200: the job printed its results, then hung in destroy_process_group).
+            self._destroy_groups()
         self._join_workers(timeout=10.0)
         if getattr(self, "stage", None) is not None:
             self.stage.runner.kv_caches = []
+        self._destroy_groups()
+
+    @staticmethod
+    def _destroy_groups() -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
 
