@@ -4,7 +4,7 @@
 # `kestrel plan`'s predictions for the same runs with their error.
 #
 #   bash scripts/parallel_check.sh [part]      # on a 2-GPU machine (nvidia-h200-x2), repo root
-#   part: tests | latency | throughput | serve70b | validate | all (default)
+#   part: tests | latency | throughput | serve70b | validate | decode16k | all (default)
 #
 # Each part stays under 10 minutes; logs and JSON land in $OUT (validate reads them back).
 set -uo pipefail
@@ -63,6 +63,12 @@ if [[ $part == serve70b || $part == all ]]; then
     | tail -n 12
   kill -TERM $pid; wait $pid; echo "server exit code $?" | tee -a "$OUT/serve70b.log"
   tail -n 5 "$OUT/serve70b.log"
+fi
+if [[ $part == decode16k ]]; then
+  # Issue 5's batch-64 decode at 16k context: 134 GB of BF16 KV cache, which needs two H200s.
+  k bench latency --preset llama-3.1-8b -tp 2 --batch 64 --input 16384 --output 32 \
+    --max-model-len 16448 --max-num-seqs 64 --max-num-batched-tokens 16384 --iters 1 \
+    --json "$OUT/decode_b64_16k_tp2.json" | tail -n 16
 fi
 if [[ $part == validate || $part == all ]]; then
   # The roofline model's predictions for the runs above, with the error of each.
