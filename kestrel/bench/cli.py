@@ -100,6 +100,8 @@ def _throughput_parser(bsub: Any) -> None:
     _workload_args(p, "mixed-100-1024")
     p.add_argument("--baseline", choices=["none", "hf"], default="none")
     p.add_argument("--hf-batch-size", type=int, default=8)
+    p.add_argument("--ceilings", default=None, metavar="JSON",
+                   help="`bench roofline --json` of this device: adds the roofline estimate")
     add_engine_cli_args(p)
     p.set_defaults(func=run_throughput)
 
@@ -274,6 +276,12 @@ def run_throughput(ns: Any) -> int:
     res.update({"workload": wl.name, "num_prompts": wl.num_prompts,
                 "model": llm.engine.cfg.model, "dtype": str(llm.engine.cfg.dtype),
                 "quantization": llm.engine.cfg.quant.method})
+    if ns.ceilings:
+        from kestrel.bench.throughput import roofline_estimate
+
+        est = roofline_estimate(llm.engine, res, _load_ceilings(ns.ceilings))
+        res["roofline_output_throughput"] = est
+        res["roofline_fraction"] = res["output_throughput"] / est if est > 0 else None
     if ns.baseline == "hf":
         from kestrel.bench.hf_baseline import hf_throughput, load_hf_model
 

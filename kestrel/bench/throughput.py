@@ -72,6 +72,28 @@ def bench_throughput(llm: Any, requests: list[tuple[list[int], int]],
     return res
 
 
+def roofline_estimate(engine: Any, res: dict, ceilings: dict) -> float:
+    """Output tokens/s the roofline model (``kestrel plan``) predicts for this run: the same
+    model, layout, precision, step budget, concurrency cap and KV capacity, the run's mean
+    lengths, and the ceilings measured on this device."""
+    from kestrel.parallel.plan import Cluster, GpuSpec, Workload as PlanWorkload, estimate
+
+    cfg = engine.cfg
+    flops = ceilings["matmul_flops"]
+    bf16 = flops.get("bfloat16") or flops.get("float32")
+    gpu = GpuSpec(cfg.device, float("inf"), float(ceilings["copy_bandwidth_Bps"]), float(bf16),
+                  float(flops.get("fp8_rowwise") or bf16), measured=True)
+    tp, pp = cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size
+    n = max(1, res["completed"])
+    wl = PlanWorkload("measured", round(res["total_input_tokens"] / n),
+                      round(res["total_output_tokens"] / n),
+                      min(n, cfg.scheduler.max_num_seqs), cfg.scheduler.max_num_batched_tokens)
+    prec = "fp8" if (cfg.quant.method or "").startswith("fp8") else "bf16"
+    kv = engine.executor.num_blocks * cfg.cache.block_size
+    return estimate(cfg.model_config, Cluster(gpu, tp * pp, tp * pp), wl, tp, pp, prec,
+                    kv_tokens=kv).throughput
+
+
 def throughput_rows(res: dict) -> list[tuple[str, object]]:
     rows: list[tuple[str, object]] = [
         ("requests (completed / failed)", f"{res['completed']} / {res['failed']}"),
@@ -83,6 +105,9 @@ def throughput_rows(res: dict) -> list[tuple[str, object]]:
         ("TTFT median (ms)", res["ttft_ms"]["median"]),
         ("TPOT median (ms)", res["tpot_ms"]["median"]),
     ]
+    if "roofline_output_throughput" in res:
+        rows += [("roofline estimate output tokens/s", res["roofline_output_throughput"]),
+                 ("output tokens/s / estimate", res["roofline_fraction"])]
     if "hf" in res:
         rows += [("HF generate output tokens/s", res["hf"]["output_throughput"]),
                  ("speed-up vs HF (tokens/s ratio)", res["speedup_vs_hf"])]

@@ -225,8 +225,10 @@ def pipeline_pass(cfg: ModelConfig, shapes: list[StageShape], cluster: Cluster, 
 # ---- one layout ------------------------------------------------------------------------------
 
 def estimate(cfg: ModelConfig, cluster: Cluster, wl: Workload, tp: int, pp: int,
-             precision: str, micro_batches: int | None = None) -> Estimate:
-    """Fit check, then the latency (one request) and throughput (full load) figures."""
+             precision: str, micro_batches: int | None = None,
+             kv_tokens: int | None = None) -> Estimate:
+    """Fit check, then the latency (one request) and throughput (full load) figures.
+    ``kv_tokens``: the KV capacity of a running engine, instead of one derived from memory."""
     fp8 = precision == "fp8"
     est = Estimate(tp, pp, cluster.num_gpus // (tp * pp), precision, fits=False)
     try:
@@ -240,8 +242,9 @@ def estimate(cfg: ModelConfig, cluster: Cluster, wl: Workload, tp: int, pp: int,
     act = activation_bytes(cfg, tp, wl.token_budget, rows)
     free = [budget - s.weight_bytes - act - cluster.overhead_bytes for s in shapes]
     est.weight_bytes = max(s.weight_bytes for s in shapes)
-    kv_tokens = min(int(f // s.kv_bytes_per_token) if f > 0 else 0
-                    for f, s in zip(free, shapes))
+    if kv_tokens is None:
+        kv_tokens = min(int(f // s.kv_bytes_per_token) if f > 0 else 0
+                        for f, s in zip(free, shapes))
     need = wl.input_len + wl.output_len
     if kv_tokens < need:
         worst = max(range(pp), key=lambda i: shapes[i].weight_bytes)

@@ -146,3 +146,24 @@ def test_offline_sweep_two_configs(tmp_path):
 def test_bad_arguments_name_the_problem(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_throughput_roofline_estimate_from_ceilings(tmp_path):
+    """--ceilings adds the roofline model's estimate for the run; with every ceiling doubled
+    (one GPU: no link terms) the estimate doubles, and the fraction is measured / estimate."""
+    import json
+
+    from kestrel.bench.throughput import roofline_estimate
+    from kestrel.engine.llm import LLM
+
+    ceil = {"copy_bandwidth_Bps": 2e10, "matmul_flops": {"float32": 5e10, "bfloat16": 5e10}}
+    path = tmp_path / "roofline.json"
+    path.write_text(json.dumps(ceil))
+    res = run(["bench", "throughput", *TINY, "--workload", "trtllm-2k-128", "--num-prompts", "4",
+               "--input-len", "12", "--output-len", "5", "--ceilings", str(path)], tmp_path)
+    est = res["roofline_output_throughput"]
+    assert est > 0 and res["roofline_fraction"] == pytest.approx(res["output_throughput"] / est)
+    llm = LLM("tiny-llama", load_format="dummy", max_num_batched_tokens=2048)
+    double = {"copy_bandwidth_Bps": 4e10, "matmul_flops": {"float32": 1e11, "bfloat16": 1e11}}
+    one, two = (roofline_estimate(llm.engine, res, c) for c in (ceil, double))
+    assert one == pytest.approx(est) and two == pytest.approx(2 * one)
