@@ -60,12 +60,13 @@ if has decode64; then
   done
 fi
 if has throughput; then
-  for c in 32 64; do
-    k bench throughput --preset llama-3-8b --workload llama3-paper --num-prompts $c \
-      --max-num-seqs $c --json "$OUT/tput_llama3paper_${c}.json" | tail -n 14
+  c=$(ceil)
+  for n in 32 64; do
+    k bench throughput --preset llama-3-8b --workload llama3-paper --num-prompts $n \
+      --max-num-seqs $n $c --json "$OUT/tput_llama3paper_${n}.json" | tail -n 16
   done
-  k bench throughput --preset llama-3-8b --workload mixed-100-1024 \
-    --json "$OUT/tput_mixed.json" | tail -n 14
+  k bench throughput --preset llama-3-8b --workload mixed-100-1024 $c \
+    --json "$OUT/tput_mixed.json" | tail -n 16
 fi
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
