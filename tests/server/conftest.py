@@ -132,10 +132,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, default_model_path: Pat
 @pytest.fixture(scope="session")
 def tiny_server(tiny_model: Path, default_model_path: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """Tiny random model with an API key, shared by the load, abort, bad-input and fuzz tests."""
+    """Tiny random model with an API key, shared by the load, abort, bad-input and fuzz tests.
+    It overlaps steps, as a CUDA server does by default (the default-model server does not)."""
     log_path = tmp_path_factory.mktemp("logs") / "tiny-server.log"
-    server = start_server(tiny_args(tiny_model, default_model_path, "--num-kv-blocks", "2048"),
-                          log_path, api_key=API_KEY)
+    server = start_server(tiny_args(tiny_model, default_model_path, "--num-kv-blocks", "2048",
+                                    "--async-scheduling"), log_path, api_key=API_KEY)
+    assert "overlapped steps on" in server.log(), server.log()[-2000:]
     yield server
     rc = server.stop()
     assert rc == 0, f"server exit code {rc}:\n{server.log()[-3000:]}"
