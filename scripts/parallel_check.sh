@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Issue 7 on two GPUs, in one device call per part: NCCL correctness, TP=2 decode latency vs one
+# Issue 7 on two GPUs: NCCL and one-shot all-reduce correctness, TP=2 decode latency vs one
 # GPU, PP=2 with micro-batching at high load vs one GPU, llama-3-70b BF16 serving with TP=2, and
 # `kestrel plan`'s predictions for the same runs with their error.
 #
-#   bash scripts/parallel_check.sh [part]      # on a 2-GPU machine (nvidia-h200-x2), repo root
+#   bash scripts/parallel_check.sh [part ...]  # on a 2-GPU machine (nvidia-h200-x2), repo root
 #   part: tests | latency | throughput | serve70b | validate | decode16k | all (default)
 #
-# Each part stays under 10 minutes; logs and JSON land in $OUT (validate reads them back).
+# Logs and JSON land in $OUT; validate reads the latency and throughput JSON back, so run it in
+# the same call as those parts.
 set -uo pipefail
 OUT=${OUT:-/tmp/kestrel-parallel}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-part=${1:-all}
+parts=" ${*:-all} "
+has() { [[ $parts == *" $1 "* || ( $parts == *" all "* && $1 != decode16k ) ]]; }
 LIMIT=${LIMIT:-280}  # seconds per benchmark command
 k() { echo "+ kestrel $*" | tee -a "$OUT/run.log" >&2
       timeout "$LIMIT" python3 -m kestrel.cli --log-level WARNING "$@" 2>&1 | tee -a "$OUT/run.log"; }
@@ -18,12 +20,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
 case "$(head -2 "$OUT/gpu.txt" | tail -1)" in *H200*) GPU=h200 ;; *) GPU=h100 ;; esac
 
-if [[ $part == tests || $part == all ]]; then
+if has tests; then
   # TP=2 and PP=2 over NCCL give one GPU's tokens and logits (random 4-layer checkpoint).
-  timeout 400 python3 -m pytest -q -p no:cacheprovider tests/parallel/test_tp_pp.py -m gpu \
+  # The symmetric-memory one-shot all-reduce equals NCCL's, eager and in a CUDA graph.
+  timeout 400 python3 -m pytest -q -p no:cacheprovider tests/parallel/test_tp_pp.py \
+    tests/parallel/test_symm_mem.py -m gpu \
     2>&1 | tee "$OUT/tests.log" | tail -n 15
 fi
-if [[ $part == latency || $part == all ]]; then
+if has latency; then
   k bench roofline --json "$OUT/roofline.json" | tail -n 8
   # llama-3-8b, batch 1: time per output token with TP=2 (NVLink all-reduces) vs one GPU.
   for tp in 1 2; do
@@ -31,8 +35,12 @@ if [[ $part == latency || $part == all ]]; then
       --max-num-seqs 1 --iters 2 --no-roofline --json "$OUT/latency_tp${tp}_pp1.json" \
       | tail -n 14
   done
+  # the same TP=2 run with every all-reduce on NCCL: what the one-shot kernel buys
+  k bench latency --preset llama-3-8b -tp 2 --batch 1 --input 128 --output 256 \
+    --max-num-seqs 1 --iters 2 --no-roofline --disable-custom-all-reduce \
+    --json "$OUT/latency_tp2_pp1_nccl.json" | tail -n 14
 fi
-if [[ $part == throughput || $part == all ]]; then
+if has throughput; then
   # llama3-paper (4,096 in / 256 out) at high load: PP=2 with two micro-batches in flight vs one
   # GPU (and TP=2 for reference).
   for layout in "1 1" "1 2" "2 1"; do
@@ -42,7 +50,7 @@ if [[ $part == throughput || $part == all ]]; then
       --json "$OUT/throughput_tp${tp}_pp${pp}.json" | tail -n 10
   done
 fi
-if [[ $part == serve70b || $part == all ]]; then
+if has serve70b; then
   # llama-3-70b in BF16 (140 GB) does not fit one GPU; TP=2 serves it. Health, a completion,
   # then a short serving benchmark, then SIGTERM.
   port=8765
@@ -64,13 +72,13 @@ if [[ $part == serve70b || $part == all ]]; then
   kill -TERM $pid; wait $pid; echo "server exit code $?" | tee -a "$OUT/serve70b.log"
   tail -n 5 "$OUT/serve70b.log"
 fi
-if [[ $part == decode16k ]]; then
+if has decode16k; then
   # Issue 5's batch-64 decode at 16k context: 134 GB of BF16 KV cache, which needs two H200s.
   k bench latency --preset llama-3.1-8b -tp 2 --batch 64 --input 16384 --output 32 \
     --max-model-len 16448 --max-num-seqs 64 --max-num-batched-tokens 16384 --iters 1 \
     --json "$OUT/decode_b64_16k_tp2.json" | tail -n 16
 fi
-if [[ $part == validate || $part == all ]]; then
+if has validate; then
   # The roofline model's predictions for the runs above, with the error of each.
   cat >"$OUT/validate.json" <<EOF
 {"roofline": "roofline.json", "runs": [

@@ -33,6 +33,7 @@ class EngineArgs:
     fp8_skip_layers: bool = True
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    disable_custom_all_reduce: bool = False
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -82,7 +83,8 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs, max_model_len=max_len,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 policy=self.scheduling_policy, max_waiting=self.max_waiting),
-            parallel=ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size),
+            parallel=ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
+                                    custom_all_reduce=not self.disable_custom_all_reduce),
             quant=quant,
         )
 
@@ -181,6 +183,9 @@ def add_engine_cli_args(p: Any) -> None:
     g.add_argument("--no-fp8-skip-layers", dest="fp8_skip_layers", action="store_false")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    g.add_argument("--disable-custom-all-reduce", action="store_true",
+                   help="CUDA TP: every all-reduce through NCCL (default: small ones through "
+                        "a symmetric-memory one-shot kernel over NVLink)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)

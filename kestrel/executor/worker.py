@@ -188,7 +188,8 @@ def start_rank(cfg: EngineConfig, layout: ParallelLayout, backend: str, init_met
                local_rank: int, health: HealthCheck | None = None) -> StageRunner:
     """Join the job, load this rank's shard and agree with every rank on the KV block count."""
     cfg = rank_device(cfg, local_rank)
-    groups = init_groups(layout, backend, torch.device(cfg.device), init_method)
+    one_shot = cfg.dtype if cfg.parallel.custom_all_reduce else None
+    groups = init_groups(layout, backend, torch.device(cfg.device), init_method, one_shot)
     stage = StageRunner(cfg, groups)
     if layout.rank == 0:
         stage.runner.num_blocks = _agreed_blocks_driver(stage, groups, health)

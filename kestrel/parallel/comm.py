@@ -70,8 +70,13 @@ class Groups:
 
 
 def init_groups(layout: ParallelLayout, backend: str, device: torch.device,
-                init_method: str | None = None) -> Groups:
-    """Join the world (env:// under torchrun, or ``init_method``) and build every group."""
+                init_method: str | None = None, one_shot_dtype: torch.dtype | None = None
+                ) -> Groups:
+    """Join the world (env:// under torchrun, or ``init_method``) and build every group.
+
+    ``one_shot_dtype``: give each CUDA TP group a symmetric-memory one-shot all-reduce for
+    small tensors of this dtype (``symm_mem.py``); None keeps every all-reduce on NCCL.
+    """
     timeout = timedelta(seconds=step_timeout())
     dist.init_process_group(backend, init_method=init_method or "env://", rank=layout.rank,
                             world_size=layout.world_size, timeout=timeout)
@@ -83,6 +88,11 @@ def init_groups(layout: ParallelLayout, backend: str, device: torch.device,
             group = dist.new_group(ranks, backend=backend, timeout=timeout)
             if s == layout.pp_rank:
                 tp = TPGroup(layout.tp_rank, layout.tp, group)
+        if one_shot_dtype is not None and device.type == "cuda":
+            from kestrel.parallel.symm_mem import try_symm_mem_all_reduce
+
+            one_shot = try_symm_mem_all_reduce(tp.group, tp.rank, tp.size, device, one_shot_dtype)
+            tp = TPGroup(tp.rank, tp.size, tp.group, one_shot)
     return Groups(layout, tp, ctrl, device)
 
 

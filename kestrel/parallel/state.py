@@ -16,10 +16,14 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     group: Any = None  # torch.distributed ProcessGroup, None when size == 1
+    one_shot: Any = None  # a SymmMemAllReduce for small tensors (CUDA), else None: NCCL only
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the group (may be a new tensor: use the return value)."""
         if self.size == 1:
             return x
+        if self.one_shot is not None and self.one_shot.fits(x):
+            return self.one_shot(x)
         dist.all_reduce(x, group=self.group)
         return x
 
