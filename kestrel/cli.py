@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import faulthandler
 import logging
+import signal
 import sys
 
 # Feature modules that contribute subcommands: each has register(subparsers).
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where it is stuck
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

@@ -38,7 +38,8 @@ from kestrel.core.scheduler import SchedulerOutput
 from kestrel.executor.model_runner import ForwardBatch, PrevTokens, RunnerOutput
 from kestrel.executor.worker import (StageRunner, run_worker, runner_output,
                                      spawned_worker_main, start_rank)
-from kestrel.parallel.comm import (broadcast_object, device_backend, free_port, p2p_tag,
+from kestrel.parallel.comm import (broadcast_object, device_backend, free_port,
+                                   leave_process_groups, p2p_tag,
                                    torchrun_env, wait_work)
 from kestrel.parallel.pipeline import ParallelLayout, check_layout, stage_ranges
 
@@ -172,8 +173,7 @@ class MultiProcExecutor:
         finally:
             self._closed = True
             self._kill_workers()
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            leave_process_groups()
 
     @property
     def healthy(self) -> bool:
@@ -254,19 +254,11 @@ class MultiProcExecutor:
                 self.stage.drain_sends()
             except Exception as e:  # noqa: BLE001 - shutting down regardless
                 log.warning("parallel executor: unclean stop (%s)", e)
-            # Every rank tears its NCCL communicators down at the same time: a rank that
-            # destroys after its peers were joined or killed waits for them forever (seen on
-            # 2×H200: the job printed its results, then hung in destroy_process_group).
-            self._destroy_groups()
+            leave_process_groups()  # as the workers do on "stop": nobody waits on a peer
         self._join_workers(timeout=10.0)
         if getattr(self, "stage", None) is not None:
             self.stage.runner.kv_caches = []
-        self._destroy_groups()
-
-    @staticmethod
-    def _destroy_groups() -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_groups()
 
     def _join_workers(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -14,6 +14,7 @@ alive?", so a dead or hung rank becomes a RuntimeError naming it instead of a si
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import socket
@@ -28,6 +29,8 @@ import torch.distributed as dist
 
 from kestrel.parallel.pipeline import ParallelLayout
 from kestrel.parallel.state import SINGLE, TPGroup
+
+log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = timedelta(days=7)  # control group: workers wait on it while the server is idle
 
@@ -65,8 +68,25 @@ class Groups:
     device: torch.device  # where this rank's tensors live
 
     def destroy(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_groups()
+
+
+def leave_process_groups() -> None:
+    """Tear this rank's groups down without waiting on its peers (call once all work is done).
+
+    Destroying several NCCL communicators can deadlock between ranks (pytorch/pytorch#119797):
+    seen on 2×H100/H200, every rank stuck in destroy_process_group after the job's last step.
+    An abort is local and immediate; gloo-only jobs (CPU) destroy as usual.
+    """
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        try:
+            dist.distributed_c10d._abort_process_group()
+            return
+        except Exception as e:  # noqa: BLE001 - an older torch: fall back to destroy
+            log.warning("NCCL abort at shutdown failed (%s); destroying instead", e)
+    dist.destroy_process_group()
 
 
 def init_groups(layout: ParallelLayout, backend: str, device: torch.device,

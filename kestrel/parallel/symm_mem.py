@@ -39,7 +39,8 @@ class SymmMemAllReduce:
         self._copy_in = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy")
 
     def fits(self, x: torch.Tensor) -> bool:
-        return x.dtype == self.dtype and x.numel() * x.element_size() <= MAX_BYTES \
+        nbytes = x.numel() * x.element_size()  # the kernel moves 4-byte words at least
+        return x.dtype == self.dtype and nbytes <= MAX_BYTES and nbytes % 4 == 0 \
             and x.is_contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ class SymmMemAllReduce:
 
 def _self_check(ar: SymmMemAllReduce, rank: int, size: int, device: torch.device) -> str | None:
     """None when repeated sums of rank-dependent data match; else what went wrong."""
-    for n in (1, 4096, MAX_BYTES // ar.dtype.itemsize):
+    for n in (4 // ar.dtype.itemsize or 1, 4096, MAX_BYTES // ar.dtype.itemsize):
         for rep in range(3):
             x = torch.full((n,), float(rank + 1 + rep), dtype=ar.dtype, device=device)
             want = float(sum(r + 1 + rep for r in range(size)))
