@@ -6,7 +6,7 @@
 # land under $OUT; a summary table is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/kestrel-gpu}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 parts=${*:-tests roofline latency}
 has() { [[ " $parts " == *" $1 "* ]]; }
 k() { echo "+ kestrel $*" >&2; python3 -m kestrel.cli --log-level WARNING "$@"; }

@@ -10,7 +10,7 @@
 # the same call as those parts.
 set -uo pipefail
 OUT=${OUT:-/tmp/kestrel-parallel}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 parts=" ${*:-all} "
 has() { [[ $parts == *" $1 "* || ( $parts == *" all "* && $1 != decode16k ) ]]; }
 LIMIT=${LIMIT:-280}  # seconds per benchmark command
