@@ -43,12 +43,17 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
-    """Writes new K/V into the paged cache and computes causal attention for a flat batch.
+    """Rotates q and k, writes new K/V into the paged cache and computes causal attention for a
+    flat batch.
 
-    Contract: ``forward(q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], k_cache, v_cache, meta)``
-    returns ``[T, Hq, D]``: for each query token, softmax(q·Kᵀ·scale) over the sequence's
-    cached tokens at positions ≤ its own position (new tokens included), times V. GQA: query
-    head h reads KV head ``h // (Hq // Hkv)``.
+    Contract: ``forward(q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], k_cache, v_cache, meta,
+    positions=[T], cos_sin=[max_pos, D])`` first applies the rotary embedding to q and k
+    exactly as ``apply_rotary_ref(q, k, positions, cos_sin)`` (possibly in place on q and k),
+    then writes the rotated k and v at ``meta.slot_mapping``, and returns ``[T, Hq, D]``: for
+    each query token, softmax(q·Kᵀ·scale) over the sequence's cached tokens at positions ≤ its
+    own position (new tokens included), times V. GQA: query head h reads KV head
+    ``h // (Hq // Hkv)``. The rotary sits behind the seam so a backend may fuse it with the
+    cache write; the model never knows whether it does.
     """
 
     name: str = "base"
@@ -70,6 +75,9 @@ class AttentionBackend(ABC):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        *,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
     ) -> torch.Tensor: ...
 
 

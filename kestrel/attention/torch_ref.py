@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kestrel.attention.base import AttentionBackend, AttentionMetadata, register_backend, write_kv_cache
+from kestrel.layers.rotary import apply_rotary_ref
 
 
 def gather_paged(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -60,6 +61,8 @@ class TorchAttention(AttentionBackend):
 
     name = "torch"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, *,
+                positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        q, k = apply_rotary_ref(q, k, positions, cos_sin)
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         return paged_attention_ref(q, k_cache, v_cache, meta, self.scale)

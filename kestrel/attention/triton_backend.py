@@ -1,7 +1,8 @@
 """Triton attention backend: the GPU fast path behind the ``AttentionBackend`` seam.
 
-forward = reshape_and_cache (new K/V into the paged cache) + one attention kernel:
-``paged_attention_decode`` when every sequence has exactly one new token, else the varlen
+forward = rotary_and_cache (rotary on q and k, then new K/V into the paged cache, in one launch)
++ one attention kernel: ``paged_attention_decode`` when every sequence has exactly one new
+token, else the varlen
 ``prefill_attention`` (which also serves mixed prefill + decode batches: a decode row is a
 prefill of length 1). Both read every key from the cache, so prefix-cached and chunked
 prefills need nothing special. Long fresh prompts (no cached prefix: the new K/V are the whole
@@ -61,8 +62,13 @@ class TritonAttention(AttentionBackend):
         k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        *,
+        positions: torch.Tensor,  # [T]
+        cos_sin: torch.Tensor,  # [max_pos, D]
     ) -> torch.Tensor:
-        self._fused.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        # q and k are rotated in place: SDPA below reads the new k directly, not the cache.
+        q, k = self._fused.rotary_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache,
+                                            meta.slot_mapping)
         if meta.is_decode_only and q.shape[0] == meta.num_seqs:
             # One token per sequence: token i belongs to sequence i (query_start_loc = arange).
             return self._decode.paged_attention_decode(

@@ -31,15 +31,12 @@ def use_triton_kernels(model: nn.Module) -> None:
     """Swap the torch reference ops for fused Triton kernels: the one place GPU ops are chosen."""
     from kestrel.kernels import fused
     from kestrel.layers.norm import RMSNorm
-    from kestrel.layers.rotary import RotaryEmbedding
     from kestrel.models.llama import LlamaDecoderLayer, LlamaMLP
     from kestrel.quant.fp8_fused import fp8_norm_mlp, uses_fp8_producers
 
     for m in model.modules():
         if isinstance(m, RMSNorm):
             m.impl = fused.rms_norm
-        elif isinstance(m, RotaryEmbedding):
-            m.impl = fused.apply_rotary
         elif isinstance(m, LlamaMLP):
             m.act = fused.silu_and_mul
         elif isinstance(m, LlamaDecoderLayer) and uses_fp8_producers(m.mlp):

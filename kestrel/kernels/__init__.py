@@ -7,5 +7,5 @@ kernels still run under Triton's interpreter (``TRITON_INTERPRET=1``), slowly, f
 Modules:
     paged_attention    decode attention over the paged KV cache (GQA-packed, split-K)
     prefill_attention  varlen causal prefill/extend attention over the paged KV cache
-    fused              RMSNorm(+residual), silu_and_mul, rotary in place, reshape_and_cache
+    fused              RMSNorm(+residual), silu_and_mul, rotary (+ KV cache write) in place
 """

@@ -45,6 +45,14 @@ class SkinnyConfig:
     use_dot: bool = False  # tensor-core tl.dot; False: CUDA-core FMA, one x row per program
     num_warps: int = 4
     num_stages: int = 3
+    # Weight loads marked evict-first: each weight byte is read once per step, so it need not
+    # push x, the outputs or the next kernel's data out of L2.
+    evict_first: bool = False
+    # FMA: load x as a [block_n, block_k] tile, one copy per weight row (L1 hits), so it has the
+    # weight tile's layout. Without it, an x row too short for a 16-byte vector per thread
+    # (block_k < 512·num_warps) gets a layout of its own, and every K step moves the weight tile
+    # through shared memory (8 barriers per step at 16 × 512, 4 warps; Triton 3.9 sm_90 PTX).
+    broadcast_x: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -53,6 +61,8 @@ class SkinnyConfig:
                 raise ValueError(f"SkinnyConfig.{name} must be a power of two, got {v}")
         if self.use_dot and (self.block_n < 16 or self.block_k < 32):
             raise ValueError("SkinnyConfig: tl.dot on fp8 needs block_n >= 16, block_k >= 32")
+        if self.use_dot and self.broadcast_x:
+            raise ValueError("SkinnyConfig: broadcast_x is for the FMA path (use_dot=False)")
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError("SkinnyConfig: split_k and num_stages must be >= 1")
 
@@ -65,37 +75,81 @@ def sm_count(device_type: str, index: int | None) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# Winners of ``python tests/quant/bench_fp8_gemm.py --sweep`` (it prints these lines), keyed by
+# (SMs, rows rounded up to a power of two, N, K): a split-K that fills 132 SMs is wrong for 78.
+TUNED: dict[tuple[int, int, int, int], SkinnyConfig] = {
+    # H200 (132 SMs), `bench_fp8_gemm.py --sweep --m 1 2`, 2026-11-26: the llama-3-8b and 70b
+    # FFN shapes at TP=1; µs of the rule → tuned (share of the 4,222 GB/s copy rate).
+    (132, 1, 4096, 14336): SkinnyConfig(4, 1024, 1, num_warps=2),  # 23.1 → 16.7 (83%)
+    (132, 1, 28672, 4096): SkinnyConfig(16, 256, 1, evict_first=True,
+                                        broadcast_x=True),  # 37.8 → 31.2 (89%)
+    (132, 2, 28672, 4096): SkinnyConfig(128, 128, 2, use_dot=True),  # 35.9 → 34.9 (80%)
+    (132, 1, 8192, 28672): SkinnyConfig(8, 512, 1, broadcast_x=True),  # 65.3 → 57.7 (96%)
+    (132, 1, 57344, 8192): SkinnyConfig(8, 512, 1, broadcast_x=True),  # 124.0 → 111.8 (100%)
+    (132, 2, 57344, 8192): SkinnyConfig(128, 256, 1, use_dot=True,
+                                        num_warps=8),  # 125.2 → 112.9 (99%)
+    # `--sweep --m 4 8 16`, same day: where the rule was > 2% slower
+    (132, 4, 28672, 4096): SkinnyConfig(128, 256, 1, use_dot=True, num_warps=8),  # 35.2 → 31.7
+    (132, 8, 28672, 4096): SkinnyConfig(128, 128, 2, use_dot=True),  # 34.9 → 33.8
+    (132, 16, 28672, 4096): SkinnyConfig(64, 128, 1, use_dot=True),  # 34.2 → 30.5
+    (132, 4, 8192, 28672): SkinnyConfig(128, 128, 5, use_dot=True),  # 61.2 → 59.3
+    (132, 4, 57344, 8192): SkinnyConfig(128, 256, 1, use_dot=True),  # 119.8 → 111.4
+    (132, 8, 57344, 8192): SkinnyConfig(128, 256, 1, use_dot=True, num_warps=8),  # 113.4 → 108.9
+    (132, 16, 57344, 8192): SkinnyConfig(128, 256, 1, use_dot=True),  # 111.6 → 108.8
+}
+
+
 def default_config(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:
-    """A starting point for Hopper, to be tuned with tests/quant/bench_fp8_gemm.py.
+    """The tuned config of this shape on this GPU if ``TUNED`` has one, else a rule that is a
+    starting point for Hopper.
 
     M == 1: FMA, 16 columns × 512 bytes of K per step (4 × 16-byte loads and 64 accumulators per
     thread at 4 warps); M > 1: tensor cores, 64 columns (one wgmma side) × 256 K. K is split
     until there are about 4 (FMA) or 2 (dot) programs per SM to keep enough bytes in flight,
     with at least 2 K steps per split.
     """
+    tuned = TUNED.get((num_sms, triton.next_power_of_2(m), n, k))
+    if tuned is not None:
+        return tuned
     if m == 1:
         block_n, block_k, per_sm, dot = 16, 512, 4, False
     else:
         block_n, block_k, per_sm, dot = 64, 256, 2, True
     block_k = min(block_k, max(32, triton.next_power_of_2(k)))  # tiny K: no huge masked tile
-    k_steps = triton.cdiv(k, block_k)
-    split = max(1, min(triton.cdiv(per_sm * num_sms, triton.cdiv(n, block_n)), k_steps // 2))
+    split = split_to_fill(n, k, block_n, block_k, per_sm * num_sms)
     return SkinnyConfig(block_n, block_k, split, dot)
+
+
+def split_to_fill(n: int, k: int, block_n: int, block_k: int, programs: int) -> int:
+    """The split-K that brings the grid to about ``programs`` programs, keeping ≥ 2 K steps in
+    each split (1 when the column slices alone are enough)."""
+    k_steps = triton.cdiv(k, block_k)
+    return max(1, min(triton.cdiv(programs, triton.cdiv(n, block_n)), k_steps // 2))
+
+
+@triton.jit
+def _load_tiles(x_ptrs, w_ptrs, offs_k, K, EVEN_K: tl.constexpr, W_EVICT: tl.constexpr):
+    """One K step of x and w; masked past K unless every step is full."""
+    if EVEN_K:
+        w = tl.load(w_ptrs, eviction_policy=W_EVICT)
+        x = tl.load(x_ptrs)
+    else:
+        in_k = offs_k[None, :] < K
+        w = tl.load(w_ptrs, mask=in_k, other=0.0, eviction_policy=W_EVICT)
+        x = tl.load(x_ptrs, mask=in_k, other=0.0)
+    return x, w
 
 
 @triton.jit
 def _fma_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, W_EVICT: tl.constexpr,
+              BROADCAST_X: tl.constexpr):
     """x_ptrs [1, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → x·wᵀ as [BLOCK_N, 1] float32."""
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if BROADCAST_X:  # x in the weight tile's layout (SkinnyConfig.broadcast_x)
+        x_ptrs = x_ptrs + tl.zeros([BLOCK_N, 1], dtype=tl.int32)
     for _ in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs)
-        else:
-            in_k = offs_k[None, :] < K
-            w = tl.load(w_ptrs, mask=in_k, other=0.0)
-            x = tl.load(x_ptrs, mask=in_k, other=0.0)
+        x, w = _load_tiles(x_ptrs, w_ptrs, offs_k, K, EVEN_K, W_EVICT)
         acc += w.to(tl.float32) * x.to(tl.float32)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -105,17 +159,12 @@ def _fma_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def _dot_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+              W_EVICT: tl.constexpr):
     """x_ptrs [BLOCK_M, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → w·xᵀ as [BLOCK_N, BLOCK_M]."""
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for _ in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs)
-        else:
-            in_k = offs_k[None, :] < K
-            w = tl.load(w_ptrs, mask=in_k, other=0.0)
-            x = tl.load(x_ptrs, mask=in_k, other=0.0)
+        x, w = _load_tiles(x_ptrs, w_ptrs, offs_k, K, EVEN_K, W_EVICT)
         acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=BLOCK_K)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -141,6 +190,8 @@ def _skinny_kernel(
     EVEN_K: tl.constexpr,
     SPLIT: tl.constexpr,
     DT: tl.constexpr,
+    W_EVICT: tl.constexpr,  # eviction policy of weight loads: "" or "evict_first"
+    BROADCAST_X: tl.constexpr,
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -154,9 +205,11 @@ def _skinny_kernel(
     w_ptrs = w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     if USE_DOT:
-        acc = _dot_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+        acc = _dot_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                        W_EVICT)
     else:
-        acc = _fma_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_N, BLOCK_K, EVEN_K)
+        acc = _fma_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_N, BLOCK_K, EVEN_K,
+                        W_EVICT, BROADCAST_X)
     ws = tl.load(ws_ptr + rows_n)
     xs = tl.load(xs_ptr + rows_m)
     y = acc * ws[:, None] * xs[None, :]  # [BLOCK_N, BLOCK_M]
@@ -232,6 +285,7 @@ def fp8_gemm_small_m(
         xq, xs, wq, ws, dst, m, n, k, xq.stride(0), wq.stride(0), steps_per_split * cfg.block_k,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
         EVEN_K=k % cfg.block_k == 0, SPLIT=split > 1, DT=DTYPE_CODES[out_dtype],
+        W_EVICT="evict_first" if cfg.evict_first else "", BROADCAST_X=cfg.broadcast_x,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:

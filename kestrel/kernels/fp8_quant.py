@@ -4,18 +4,27 @@
     silu_and_mul_quant_fp8 ~ kestrel.quant.fp8_ops.silu_and_mul_quant_ref
     rms_norm_quant_fp8     ~ kestrel.quant.fp8_ops.rms_norm_quant_ref
 
-One program per token row: amax → clamp to [AMAX_FLOOR, scale_ub] → scale = amax/448 → x /
-scale saturated to ±448 → e4m3. Rows that fit one block are read once; longer rows take a
-second pass (the amax must be known before the first element can be cast).
+Per token row: amax → clamp to [AMAX_FLOOR, scale_ub] → scale = amax/448 → x / scale saturated
+to ±448 → e4m3. Many rows (prefill): one program per row; rows that fit one block are read once,
+longer rows take a second pass (the amax must be known before the first element can be cast).
+Few rows (decode): one program per row would leave all SMs but T idle (a 14336-wide SwiGLU row
+took ~7 µs on one H200 SM), so each row is split into CHUNK-column pieces over two launches:
+phase 1 writes each piece's amax (and, fused with SwiGLU, the activation in the input dtype),
+phase 2 reduces the row's amaxes to its scale and quantizes its piece. Both give the same bits:
+a max does not depend on the order it is taken in.
 
-The kernels round to the e4m3 grid themselves (round half to even, in float32 arithmetic) and
-write the e4m3 bit pattern as a byte, instead of relying on Triton's fp32→fp8 cast: the result
-is then the same on every backend and GPU generation (pre-Ada GPUs have no fp8 cast, and the
-Triton 3.x CPU interpreter's cast drops the carry of a mantissa round-up, 1.96 → 1.0).
-The same holds for bf16 rounding points (the interpreter truncates fp32→bf16).
+Rounding to e4m3: on CUDA with native fp8 (sm 8.9+) the hardware conversion (``HW_CAST``,
+cvt.rn.satfinite: round to nearest even) after the clamp to ±448, which is torch's cast of the
+clamped value (also round to nearest even; the clamp means saturation never acts). Elsewhere the
+kernels round to the e4m3 grid themselves (round half to even, in float32 arithmetic) and write
+the bit pattern as a byte: the Triton 3.x CPU interpreter's cast drops the carry of a mantissa
+round-up (1.96 → 1.0), and pre-Ada GPUs have no fp8 cast. The same holds for bf16 rounding
+points (the interpreter truncates fp32→bf16), which ``round_dtype`` rounds explicitly.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -24,6 +33,8 @@ import triton.language as tl
 from kestrel.quant.fp8_ops import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, INV_FP8_MAX
 
 _MAX_ONE_PASS = 16384  # longest row held in registers at once
+_SPLIT_MAX_ROWS = 32  # up to this many rows (decode batches), each row is split over programs
+_CHUNK = 1024  # columns per program of a split row: 14336 → 14 programs per row
 _FLOOR = tl.constexpr(AMAX_FLOOR)  # kernels may only read constexpr globals
 _MAX = tl.constexpr(FP8_MAX)
 _INV_MAX = tl.constexpr(INV_FP8_MAX)
@@ -63,18 +74,27 @@ def _scale_of(amax, scale_ub):
 
 
 @triton.jit
-def _quant(v, scale):
+def _quant(v, scale, HW_CAST: tl.constexpr):
+    """v / scale → e4m3 bits (uint8), as the reference's cast_fp8(v / scale)."""
     y = tl.math.div_rn(v, scale)  # IEEE division, as in the torch reference
-    return _e4m3_bits(tl.minimum(tl.maximum(y, -_MAX), _MAX))
+    y = tl.minimum(tl.maximum(y, -_MAX), _MAX)
+    if HW_CAST:  # cvt.rn.satfinite on sm 8.9+: nearest even, as torch; y is already in range
+        return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    return _e4m3_bits(y)
 
 
 @triton.jit
-def _silu_mul(x_row, n_cols, offs, mask, DT: tl.constexpr):
-    """silu(gate) * up with the reference's rounding points (silu rounded, then the product)."""
-    gate = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_row + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
-    act = round_dtype(gate / (1.0 + tl.exp(-gate)), DT)
-    return round_dtype(act * up, DT)
+def _load_act(x_row, n_cols, offs, mask, SILU: tl.constexpr, DT: tl.constexpr):
+    """Row x_row's columns offs as float32: x itself, or silu(gate) * up of [gate | up] with the
+    reference's rounding points (silu rounded to the dtype, then the product)."""
+    if SILU:
+        gate = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_row + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+        act = round_dtype(gate / (1.0 + tl.exp(-gate)), DT)
+        v = round_dtype(act * up, DT)
+    else:
+        v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    return v
 
 
 @triton.jit
@@ -88,6 +108,7 @@ def _per_token_quant_kernel(
     scale_ub,
     SILU: tl.constexpr,
     DT: tl.constexpr,
+    HW_CAST: tl.constexpr,
     BLOCK: tl.constexpr,
     ONE_PASS: tl.constexpr,
 ):
@@ -97,32 +118,72 @@ def _per_token_quant_kernel(
     if ONE_PASS:
         offs = tl.arange(0, BLOCK)
         mask = offs < n_cols
-        if SILU:
-            v = _silu_mul(x_row, n_cols, offs, mask, DT)
-        else:
-            v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        v = _load_act(x_row, n_cols, offs, mask, SILU, DT)
         scale = _scale_of(tl.max(tl.abs(v), axis=0), scale_ub)
-        tl.store(q_row + offs, _quant(v, scale), mask=mask)
+        tl.store(q_row + offs, _quant(v, scale, HW_CAST), mask=mask)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            mask = offs < n_cols
-            if SILU:
-                v = _silu_mul(x_row, n_cols, offs, mask, DT)
-            else:
-                v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            v = _load_act(x_row, n_cols, offs, offs < n_cols, SILU, DT)
             amax = tl.maximum(amax, tl.abs(v))
         scale = _scale_of(tl.max(amax, axis=0), scale_ub)
         for start in range(0, n_cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < n_cols
-            if SILU:
-                v = _silu_mul(x_row, n_cols, offs, mask, DT)
-            else:
-                v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_row + offs, _quant(v, scale), mask=mask)
+            v = _load_act(x_row, n_cols, offs, mask, SILU, DT)
+            tl.store(q_row + offs, _quant(v, scale, HW_CAST), mask=mask)
     tl.store(s_ptr + row, scale)
+
+
+@triton.jit
+def _chunk_amax_kernel(
+    x_ptr,  # [T, N] (SILU: [T, 2N] gate | up)
+    act_ptr,  # [T, N] silu(gate) * up in x's dtype (written only if SILU)
+    amax_ptr,  # [T, C] float32: amax of each chunk
+    n_cols,
+    stride_x,
+    SILU: tl.constexpr,
+    DT: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Phase 1 of a split row: program (row, c) takes the amax of chunk c. The activation is
+    stored in x's dtype, exactly: _load_act already rounded it to that dtype."""
+    row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < n_cols
+    v = _load_act(x_ptr + row * stride_x, n_cols, offs, mask, SILU, DT)
+    if SILU:
+        tl.store(act_ptr + row * n_cols + offs, v.to(act_ptr.dtype.element_ty), mask=mask)
+    tl.store(amax_ptr + row * tl.num_programs(1) + c, tl.max(tl.abs(v), axis=0))
+
+
+@triton.jit
+def _chunk_quant_kernel(
+    a_ptr,  # [T, N] the values to quantize: x, or phase 1's activation
+    amax_ptr,  # [T, C] float32 from phase 1
+    q_ptr,  # [T, N] uint8 (e4m3 bits)
+    s_ptr,  # [T] float32
+    n_cols,
+    stride_a,
+    stride_q,
+    scale_ub,
+    HW_CAST: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # next power of two of C
+):
+    """Phase 2 of a split row: program (row, c) reduces the row's C chunk amaxes to its scale
+    (every program of the row gets the same one) and quantizes chunk c."""
+    row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    n_chunks = tl.num_programs(1)
+    chunks = tl.arange(0, BLOCK_C)
+    parts = tl.load(amax_ptr + row * n_chunks + chunks, mask=chunks < n_chunks, other=0.0)
+    scale = _scale_of(tl.max(parts, axis=0), scale_ub)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < n_cols
+    v = tl.load(a_ptr + row * stride_a + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(q_ptr + row * stride_q + offs, _quant(v, scale, HW_CAST), mask=mask)
+    tl.store(s_ptr + row, scale, mask=c == 0)
 
 
 @triton.jit
@@ -142,6 +203,7 @@ def _rms_norm_quant_kernel(
     scale_ub,
     HAS_RES: tl.constexpr,
     DT: tl.constexpr,
+    HW_CAST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -158,11 +220,22 @@ def _rms_norm_quant_kernel(
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = round_dtype(w * round_dtype(x * rstd, DT), DT)  # cast back, then scale (HF order)
     scale = _scale_of(tl.max(tl.abs(v), axis=0), scale_ub)
-    tl.store(q_ptr + row * stride_q + offs, _quant(v, scale), mask=mask)
+    tl.store(q_ptr + row * stride_q + offs, _quant(v, scale, HW_CAST), mask=mask)
     tl.store(s_ptr + row, scale)
 
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@functools.cache
+def _has_fp8_cvt(device_index: int | None) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def hw_fp8_cast(device: torch.device) -> bool:
+    """Compiled for a GPU with an fp32→e4m3 conversion instruction (not the interpreter)?"""
+    compiled = isinstance(_per_token_quant_kernel, triton.runtime.JITFunction)
+    return device.type == "cuda" and compiled and _has_fp8_cvt(device.index)
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -177,39 +250,74 @@ def _ub(scale_ub: float | None) -> float:
     return float("inf") if scale_ub is None else float(scale_ub)
 
 
+def _warps(block: int) -> int:
+    return max(1, min(16, block // 256))
+
+
+def _launch_split(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, n_cols: int, silu: bool,
+                  scale_ub: float | None, chunk: int) -> None:
+    """The two phases of split rows (module docstring)."""
+    t, n_chunks = x.shape[0], triton.cdiv(n_cols, chunk)
+    amax = torch.empty(t, n_chunks, dtype=torch.float32, device=x.device)
+    act = torch.empty(t, n_cols, dtype=x.dtype, device=x.device) if silu else x
+    grid = (t, n_chunks)
+    _chunk_amax_kernel[grid](x, act, amax, n_cols, x.stride(0), SILU=silu,
+                             DT=DTYPE_CODES[x.dtype], CHUNK=chunk, num_warps=_warps(chunk))
+    _chunk_quant_kernel[grid](
+        act, amax, q, s, n_cols, act.stride(0), q.stride(0), _ub(scale_ub),
+        HW_CAST=hw_fp8_cast(x.device), CHUNK=chunk, BLOCK_C=triton.next_power_of_2(n_chunks),
+        num_warps=_warps(chunk))
+
+
 def _launch_rowwise(x: torch.Tensor, n_cols: int, silu: bool, scale_ub: float | None,
-                    max_one_pass: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    max_one_pass: int, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     t = x.shape[0]
     q = torch.empty(t, n_cols, dtype=torch.uint8, device=x.device)
     s = torch.empty(t, 1, dtype=torch.float32, device=x.device)
-    if t and n_cols:
+    if chunk is None:
+        chunk = _CHUNK if t <= _SPLIT_MAX_ROWS else n_cols
+    elif chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two, got {chunk}")
+    if t == 0 or n_cols == 0:
+        return q.view(FP8_DTYPE), s
+    if n_cols > chunk:
+        _launch_split(x, q, s, n_cols, silu, scale_ub, chunk)
+    else:
         block = triton.next_power_of_2(n_cols)
         one_pass = block <= max_one_pass
         block = block if one_pass else triton.next_power_of_2(max_one_pass)
         _per_token_quant_kernel[(t,)](
             x, q, s, n_cols, x.stride(0), q.stride(0), _ub(scale_ub),
-            SILU=silu, DT=DTYPE_CODES[x.dtype], BLOCK=block, ONE_PASS=one_pass,
-            num_warps=max(1, min(16, block // 256)),
+            SILU=silu, DT=DTYPE_CODES[x.dtype], HW_CAST=hw_fp8_cast(x.device), BLOCK=block,
+            ONE_PASS=one_pass, num_warps=_warps(block),
         )
     return q.view(FP8_DTYPE), s
 
 
-def per_token_quant_fp8(x: torch.Tensor, scale_ub: float | None = None, *,
-                        max_one_pass: int = _MAX_ONE_PASS) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, N] (fp32/bf16/fp16) → (fp8 [T, N], scale [T, 1] float32), one scale per token."""
+def per_token_quant_fp8(
+    x: torch.Tensor, scale_ub: float | None = None, *, max_one_pass: int = _MAX_ONE_PASS,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, N] (fp32/bf16/fp16) → (fp8 [T, N], scale [T, 1] float32), one scale per token.
+
+    ``chunk`` (a power of two): split rows longer than it into pieces of that many columns;
+    None: _CHUNK for up to _SPLIT_MAX_ROWS rows, else one program per row (tests force both).
+    """
     x = _rows(x, "per_token_quant_fp8")
-    return _launch_rowwise(x, x.shape[1], False, scale_ub, max_one_pass)
+    return _launch_rowwise(x, x.shape[1], False, scale_ub, max_one_pass, chunk)
 
 
 def silu_and_mul_quant_fp8(
-    x: torch.Tensor, scale_ub: float | None = None, *, max_one_pass: int = _MAX_ONE_PASS
+    x: torch.Tensor, scale_ub: float | None = None, *, max_one_pass: int = _MAX_ONE_PASS,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, 2I] gate | up → silu(gate)·up as (fp8 [T, I], scale [T, 1]); the [T, I] float
-    activation never reaches memory."""
+    """[T, 2I] gate | up → silu(gate)·up as (fp8 [T, I], scale [T, 1]); ``chunk`` as in
+    per_token_quant_fp8. One row per program: the [T, I] float activation never reaches
+    memory; split rows pass it between the two phases in x's dtype."""
     x = _rows(x, "silu_and_mul_quant_fp8")
     if x.shape[1] % 2:
         raise ValueError(f"silu_and_mul_quant_fp8 needs an even last dimension, got {x.shape[1]}")
-    return _launch_rowwise(x, x.shape[1] // 2, True, scale_ub, max_one_pass)
+    return _launch_rowwise(x, x.shape[1] // 2, True, scale_ub, max_one_pass, chunk)
 
 
 def rms_norm_quant_fp8(
@@ -218,7 +326,8 @@ def rms_norm_quant_fp8(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x + residual) → RMSNorm → (fp8 [T, H], scale [T, 1], new residual [T, H]).
 
-    The new residual is x itself when no residual is given, as in ``rms_norm_ref``.
+    The new residual is x itself when no residual is given, as in ``rms_norm_ref``. One program
+    per row even for one token: a 4096-wide row is a small job for one SM.
     """
     x = _rows(x, "rms_norm_quant_fp8")
     t, h = x.shape
@@ -233,7 +342,7 @@ def rms_norm_quant_fp8(
         _rms_norm_quant_kernel[(t,)](
             x, r, weight, q, s, res_out, h, x.stride(0), r.stride(0), q.stride(0),
             res_out.stride(0), eps, _ub(scale_ub),
-            HAS_RES=residual is not None, DT=DTYPE_CODES[x.dtype], BLOCK=block,
-            num_warps=max(1, min(16, block // 256)),
+            HAS_RES=residual is not None, DT=DTYPE_CODES[x.dtype],
+            HW_CAST=hw_fp8_cast(x.device), BLOCK=block, num_warps=_warps(block),
         )
     return q.view(FP8_DTYPE), s, res_out

@@ -6,7 +6,8 @@ the storage dtype where the reference does) and differs only by float32 reductio
     rms_norm          ~ kestrel.layers.norm.rms_norm_ref
     silu_and_mul      ~ kestrel.layers.activation.silu_and_mul_ref
     apply_rotary      ~ kestrel.layers.rotary.apply_rotary_ref    (but IN PLACE on q and k)
-    reshape_and_cache ~ kestrel.attention.base.write_kv_cache     (slot -1 is skipped)
+    rotary_and_cache  ~ apply_rotary_ref, then kestrel.attention.base.write_kv_cache
+                        (in place on q and k; slot < 0 is skipped; bit-exact)
 
 Layout assumptions: the last (hidden / head_dim) dimension is contiguous; other dimensions
 may be strided, so q/k/v can be views into a fused qkv projection output without a copy.
@@ -154,7 +155,8 @@ def _rotate_heads(
     x_ptr, stride_h, num_heads, cos, sin,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):  # fmt: skip
-    """Neox half-split rotation of one token's [num_heads, 2*HALF] heads, in place."""
+    """Neox half-split rotation of one token's [num_heads, 2*HALF] heads, in place; returns
+    the rotated halves (in x's dtype) for callers that also store them elsewhere."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HALF)
@@ -163,29 +165,40 @@ def _rotate_heads(
     x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
     o1 = x1 * cos[None, :] - x2 * sin[None, :]
     o2 = x2 * cos[None, :] + x1 * sin[None, :]
-    tl.store(p1, o1.to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(p1 + HALF, o2.to(x_ptr.dtype.element_ty), mask=mask)
+    o1 = o1.to(x_ptr.dtype.element_ty)
+    o2 = o2.to(x_ptr.dtype.element_ty)
+    tl.store(p1, o1, mask=mask)
+    tl.store(p1 + HALF, o2, mask=mask)
+    return o1, o2
+
+
+# ----------------------------------------------------------------------- rotary + KV cache write
 
 
 @triton.jit
-def _rotary_kernel(
-    q_ptr,  # [T, Hq, D] (strided)
-    k_ptr,  # [T, Hkv, D] (strided)
+def _rotary_cache_kernel(
+    q_ptr,  # [T, Hq, D] (strided), rotated in place
+    k_ptr,  # [T, Hkv, D] (strided), rotated in place
+    v_ptr,  # [T, Hkv, D] (strided)
     pos_ptr,  # [T] int32/int64
     cs_ptr,  # [max_pos, D]: cos | sin halves
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
+    k_cache_ptr,  # [num_blocks * block_size, Hkv, D] contiguous per slot
+    v_cache_ptr,
+    slot_ptr,  # [T] int64, < 0 = skip (padding token)
+    stride_qt, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
     stride_cs,
+    stride_slot,  # elements per cache slot = Hkv * D
     num_q_heads,
     num_kv_heads,
     HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
-):
-    # One program per token: cos/sin row read once, shared by all q and k heads.
+):  # fmt: skip
+    # One program per token: the rotary kernel and the cache write of reshape_and_cache in one
+    # launch (decode at batch 1 pays for launches, not bytes).
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_HALF)
@@ -194,99 +207,64 @@ def _rotary_kernel(
     sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs_d, mask=dmask, other=0.0).to(tl.float32)
     _rotate_heads(q_ptr + tok * stride_qt, stride_qh, num_q_heads, cos, sin,
                   HALF, BLOCK_HQ, BLOCK_HALF)  # fmt: skip
-    _rotate_heads(k_ptr + tok * stride_kt, stride_kh, num_kv_heads, cos, sin,
-                  HALF, BLOCK_HK, BLOCK_HALF)  # fmt: skip
+    k1, k2 = _rotate_heads(k_ptr + tok * stride_kt, stride_kh, num_kv_heads, cos, sin,
+                           HALF, BLOCK_HK, BLOCK_HALF)  # fmt: skip
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    if slot >= 0:
+        offs_h = tl.arange(0, BLOCK_HK)
+        mask = (offs_h[:, None] < num_kv_heads) & dmask[None, :]
+        c_off = slot * stride_slot + offs_h[:, None] * (2 * HALF) + offs_d[None, :]
+        cache_ty = k_cache_ptr.dtype.element_ty
+        tl.store(k_cache_ptr + c_off, k1.to(cache_ty), mask=mask)
+        tl.store(k_cache_ptr + c_off + HALF, k2.to(cache_ty), mask=mask)
+        v_row = v_ptr + tok * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
+        v1 = tl.load(v_row, mask=mask)
+        v2 = tl.load(v_row + HALF, mask=mask)
+        tl.store(v_cache_ptr + c_off, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + c_off + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+def rotary_and_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding applied IN PLACE to q [T, Hq, D] and k [T, Hkv, D]; returns (q, k).
+    """Rotary embedding IN PLACE on q [T, Hq, D] and k [T, Hkv, D], then k and v into the paged
+    cache [NB, BS, Hkv, D] at ``slot_mapping`` (slots < 0 skipped), in one launch; returns (q, k).
 
-    Same math as ``apply_rotary_ref`` (float32 rotation, neox half split); positions [T];
-    cos_sin [max_pos, D] = cos | sin halves. q and k may be strided views (last dim contiguous).
+    Bit-exact with ``apply_rotary_ref`` then ``write_kv_cache`` on CUDA: float32 rotation
+    without FMA contraction (as torch's separate multiply and subtract), rounded to q/k's dtype,
+    then cast to the cache dtype. (Triton's CPU interpreter truncates float32 → bfloat16, so
+    there bf16 results may sit one step off.) q, k, v may be strided views (last dim contiguous).
     """
     t, hq, d = q.shape
     hk = k.shape[1]
-    if d % 2 or k.shape[2] != d or cos_sin.shape[-1] != d:
-        raise ValueError(
-            f"rotary: head_dim mismatch q {q.shape}, k {k.shape}, cos_sin {cos_sin.shape}"
-        )
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin.stride(-1) != 1:
-        raise ValueError("rotary: the last dimension of q, k and cos_sin must be contiguous")
+    if d % 2 or k.shape[2] != d or cos_sin.shape[-1] != d or v.shape != k.shape:
+        raise ValueError(f"rotary_and_cache: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}, cos_sin {tuple(cos_sin.shape)}")  # fmt: skip
+    if k_cache.shape[2:] != (hk, d) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"rotary_and_cache: k {tuple(k.shape)} vs cache {tuple(k_cache.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("rotary_and_cache: k_cache and v_cache must be contiguous")
+    if any(x.stride(-1) != 1 for x in (q, k, v, cos_sin)):
+        raise ValueError("rotary_and_cache: the last dimension of q, k, v, cos_sin must be "
+                         "contiguous")  # fmt: skip
     if t == 0:
         return q, k
     half = d // 2
-    _rotary_kernel[(t,)](
-        q, k, positions, cos_sin,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0),
-        hq, hk,
+    _rotary_cache_kernel[(t,)](
+        q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos_sin.stride(0), hk * d, hq, hk,
         HALF=half,
         BLOCK_HQ=triton.next_power_of_2(hq),
         BLOCK_HK=triton.next_power_of_2(hk),
         BLOCK_HALF=triton.next_power_of_2(half),
-        num_warps=4,
+        num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip
     return q, k
-
-
-# ----------------------------------------------------------------------------- KV cache write
-
-
-@triton.jit
-def _reshape_and_cache_kernel(
-    k_ptr,  # [T, Hkv, D] (strided)
-    v_ptr,  # [T, Hkv, D] (strided)
-    k_cache_ptr,  # [num_blocks * block_size, Hkv, D] contiguous per slot
-    v_cache_ptr,
-    slot_ptr,  # [T] int64, -1 = skip (padding token)
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_slot,  # elements per cache slot = Hkv * D
-    num_kv_heads,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    tok = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + tok).to(tl.int64)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    # Masked rather than early-returned: a skipped token moves no bytes either way.
-    valid = (tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.int64) + slot) >= 0  # broadcast scalar test
-    mask = (offs_h[:, None] < num_kv_heads) & (offs_d[None, :] < HEAD_DIM) & valid
-    hd = offs_h[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_H, BLOCK_D] offset in a slot
-    k = tl.load(k_ptr + tok * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-    v = tl.load(v_ptr + tok * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-    tl.store(k_cache_ptr + slot * stride_slot + hd, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + slot * stride_slot + hd, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
-
-
-def reshape_and_cache(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Scatter new K/V [T, Hkv, D] into the paged cache [NB, BS, Hkv, D] at ``slot_mapping``.
-
-    Slots < 0 are skipped (padding tokens of a CUDA-graph batch). Casts to the cache dtype.
-    """
-    t, hk, d = k.shape
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("reshape_and_cache: k_cache and v_cache must be contiguous")
-    if k_cache.shape[2:] != (hk, d) or v.shape != k.shape:
-        raise ValueError(f"reshape_and_cache: k {k.shape}, v {v.shape}, cache {k_cache.shape}")
-    if k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("reshape_and_cache: the last dimension of k and v must be contiguous")
-    if t == 0:
-        return
-    _reshape_and_cache_kernel[(t,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), hk * d, hk,
-        HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(hk), BLOCK_D=triton.next_power_of_2(d),
-        num_warps=4,
-    )  # fmt: skip

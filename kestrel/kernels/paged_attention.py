@@ -13,7 +13,7 @@ programs to keep every SM's loads in flight:
 * Flash-decoding (split-K). With few sequences (batch 1..16 × 8 KV heads: too few programs
   to keep 132 SMs loading) the context of each (sequence, KV head) is cut into ``num_splits``
   chunks handled by separate programs that write a partial output and its log-sum-exp; a
-  second kernel merges them.
+  second kernel merges them (short contexts, up to ``NO_SPLIT_MAX_LEN``, are not split).
   The chunk length is computed in the kernel from the sequence's own length, so a launch
   with a fixed ``num_splits`` (as captured in a CUDA graph) is right for any context length.
 
@@ -32,6 +32,10 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 PROGRAMS_PER_SM = 4  # measured (H200, bf16, D=128): ~4 resident programs saturate HBM
+# Contexts up to this many tokens decode unsplit: one launch, no reduce kernel, whose launch
+# costs more than a short context takes to read. Provisional (the low end of the 256..512
+# guess): set it from `bench_kernels.py --only splits`, which prints the crossover per batch.
+NO_SPLIT_MAX_LEN = 256
 
 
 @triton.jit
@@ -182,13 +186,16 @@ def _num_sms(device_index: int) -> int:
 def choose_num_splits(
     batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device, block_n: int = 64
 ) -> int:
-    """Split-K heuristic: split only when (batch × KV heads) programs leave SMs short of work.
+    """Split-K heuristic: split only when (batch × KV heads) programs leave SMs short of work
+    and the longest context exceeds NO_SPLIT_MAX_LEN.
 
     Target about PROGRAMS_PER_SM programs per SM in total, rounded down to a power of two,
     and at least one tile (block_n tokens) of the longest sequence per split. On an H200 with
     the llama-3-8b shape this picks 64/16/4/1 splits at batch 1/4/16/64, each within ~10% of
     the best fixed choice. Off CUDA (the interpreter) pretend to have 4 SMs.
     """
+    if max_seq_len <= NO_SPLIT_MAX_LEN:
+        return 1
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
     want = PROGRAMS_PER_SM * sms // max(1, batch * num_kv_heads)
     if want <= 1:

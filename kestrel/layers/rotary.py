@@ -49,6 +49,9 @@ def apply_rotary_ref(
 
 
 class RotaryEmbedding(torch.nn.Module):
+    """The cos | sin table of one model's rotary embedding. The attention backend applies it
+    (``AttentionBackend.forward``), so that a fast backend can fuse it with the cache write."""
+
     def __init__(self, head_dim: int, max_position: int, theta: float,
                  scaling: dict[str, Any] | None) -> None:
         super().__init__()
@@ -56,7 +59,3 @@ class RotaryEmbedding(torch.nn.Module):
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # [max_pos, D/2]
         self.register_buffer("cos_sin", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
-        self.impl = apply_rotary_ref
-
-    def forward(self, positions, q, k):
-        return self.impl(q, k, positions, self.cos_sin)

@@ -27,7 +27,8 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, idx: int, dtype: torch.dtype, quant: QuantConfig,
-                 tp: TPGroup, backend_cls: type[AttentionBackend]) -> None:
+                 tp: TPGroup, backend_cls: type[AttentionBackend],
+                 rotary: RotaryEmbedding) -> None:
         super().__init__()
         prefix = f"model.layers.{idx}.self_attn"
         qm = lambda name: get_quant_method(  # noqa: E731
@@ -39,8 +40,7 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
-                                      cfg.rope_scaling)
+        self.rotary = rotary  # one table shared by every layer
         self.attn = backend_cls(self.num_heads, self.num_kv_heads, self.head_dim,
                                 self.head_dim ** -0.5)
 
@@ -51,9 +51,10 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn.forward(q, k, v.view(t, self.num_kv_heads, self.head_dim), kv[0], kv[1],
-                                meta)  # [T, Hq, D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        # The backend applies the rotary (fused with its cache write where it can).
+        out = self.attn.forward(q, k, v, kv[0], kv[1], meta, positions=positions,
+                                cos_sin=self.rotary.cos_sin)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, self.q_size))
 
 
@@ -85,9 +86,10 @@ def norm_mlp_ref(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, idx: int, dtype: torch.dtype, quant: QuantConfig,
-                 tp: TPGroup, backend_cls: type[AttentionBackend]) -> None:
+                 tp: TPGroup, backend_cls: type[AttentionBackend],
+                 rotary: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, idx, dtype, quant, tp, backend_cls)
+        self.self_attn = LlamaAttention(cfg, idx, dtype, quant, tp, backend_cls, rotary)
         self.mlp = LlamaMLP(cfg, idx, dtype, quant, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -122,8 +124,11 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, tp)
                              if self.is_first or (self.is_last and cfg.tie_word_embeddings)
                              else None)
+        # [max_pos, head_dim] float32: 2 GiB for a 131k-position model if each layer had its own
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                                 cfg.rope_scaling)
         self.layers = nn.ModuleDict({
-            str(i): LlamaDecoderLayer(cfg, i, dtype, quant, tp, backend_cls)
+            str(i): LlamaDecoderLayer(cfg, i, dtype, quant, tp, backend_cls, rotary)
             for i in range(self.start, self.end)
         })
         if self.is_last:

@@ -1,11 +1,15 @@
 """Benchmark the Triton kernels on CUDA (a plain script; pytest does not collect bench_*.py).
 
-    python tests/kernels/bench_kernels.py [--quick] [--only decode|prefill|fused]
+    python tests/kernels/bench_kernels.py [--quick] [--only decode|splits|prefill|fused]
 
 Decode: llama-3-8b attention shape (32 q heads, 8 KV heads, head_dim 128, bf16, 16-token
 pages, blocks shuffled) at batch 1/64 × context 1k/4k/16k, timed in a CUDA graph (as the
 engine runs decode) with triton.testing.do_bench_cudagraph; bandwidth = K+V bytes read / time,
 against a device-to-device copy measured on the same card.
+Splits (not in the default run): the same decode at batch 1/8/64 × context 128..16k with the
+split-K factor forced to 1, 2, 4, .., 64 and chosen by ``choose_num_splits``, in µs; the last
+lines give, per batch, the longest context at which one split (no reduce kernel) is within 3%
+of the best: the value for ``paged_attention.NO_SPLIT_MAX_LEN``.
 Prefill: 4096 causal tokens, TFLOP/s (causal FLOPs = 2·T²·D·Hq) against torch SDPA (flash).
 Fused: RMSNorm+residual and silu_and_mul bandwidth against torch eager.
 """
@@ -25,7 +29,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, uninstalled
 from kestrel.attention.triton_backend import TritonAttention
 from kestrel.kernels.fused import rms_norm, silu_and_mul
-from kestrel.kernels.paged_attention import choose_num_splits, paged_attention_decode
+from kestrel.kernels.paged_attention import MAX_SPLITS, choose_num_splits, paged_attention_decode
 from kestrel.kernels.prefill_attention import prefill_attention
 from kestrel.layers.norm import rms_norm_ref
 
@@ -57,19 +61,26 @@ def paged_cache(batch: int, ctx: int) -> tuple[torch.Tensor, ...]:
     return k_cache, v_cache, tables, seq_lens
 
 
-def _decode_case(batch: int, ctx: int, peak: float) -> None:
-    k_cache, v_cache, tables, seq_lens = paged_cache(batch, ctx)
+def _decode_inputs(batch: int, ctx: int) -> tuple[torch.Tensor, ...]:
+    """(q, k_cache, v_cache, block_tables, seq_lens) for batch sequences of ctx tokens."""
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE)
-    out = torch.empty_like(q)
-    splits = choose_num_splits(batch, HKV, ctx, q.device)
+    return (q, *paged_cache(batch, ctx))
+
+
+def _decode_ms(inputs: tuple[torch.Tensor, ...], splits: int) -> float:
+    """Graph-replay time of one decode with a fixed split-K factor."""
+    out = torch.empty_like(inputs[0])
 
     def fn() -> None:
-        paged_attention_decode(
-            q, k_cache, v_cache, tables, seq_lens, D**-0.5, out=out, num_splits=splits
-        )
+        paged_attention_decode(*inputs, D**-0.5, out=out, num_splits=splits)
 
-    ms = _graph_ms(fn)
-    gbs = 2 * batch * ctx * HKV * D * k_cache.element_size() / ms / 1e6
+    return _graph_ms(fn)
+
+
+def _decode_case(batch: int, ctx: int, peak: float) -> None:
+    splits = choose_num_splits(batch, HKV, ctx, torch.device("cuda"))
+    ms = _decode_ms(_decode_inputs(batch, ctx), splits)
+    gbs = 2 * batch * ctx * HKV * D * DTYPE.itemsize / ms / 1e6
     print(f"{batch:>5} {ctx:>6} {splits:>6} {ms * 1e3:>9.1f} {gbs:>8.0f} {100 * gbs / peak:>6.0f}%")
 
 
@@ -79,6 +90,32 @@ def bench_decode(peak: float, quick: bool) -> None:
     for batch in (1, 64):
         for ctx in (1024, 4096) if quick else (1024, 4096, 16384):
             _decode_case(batch, ctx, peak)
+
+
+def bench_splits(quick: bool) -> None:
+    """Decode time (µs) per forced split-K factor, to place choose_num_splits' thresholds."""
+    splits = [1 << i for i in range(MAX_SPLITS.bit_length())]  # 1, 2, 4, .., MAX_SPLITS
+    ctxs = [128, 256, 512, 1024, 4096] if quick else [128 << i for i in range(8)]  # ..16k
+    print(f"\ndecode split-K  Hq={HQ} Hkv={HKV} D={D} {DTYPE} block={BS}  (µs, CUDA graph "
+          "replay; 'heur' = choose_num_splits given the true context)")  # fmt: skip
+    print(f"{'batch':>5} {'ctx':>6} " + " ".join(f"{'s=' + str(n):>7}" for n in splits)
+          + f" {'heur':>11} {'best':>5}")  # fmt: skip
+    no_split_upto = {}  # batch → longest ctx up to which one split is always within 3%
+    for batch in (1, 8, 64):
+        no_split_upto[batch], still_ok = 0, True
+        for ctx in ctxs:
+            inputs = _decode_inputs(batch, ctx)
+            us = [_decode_ms(inputs, n) * 1e3 for n in splits]
+            heur = choose_num_splits(batch, HKV, ctx, torch.device("cuda"))
+            heur_us = _decode_ms(inputs, heur) * 1e3
+            best = min(range(len(splits)), key=us.__getitem__)
+            print(f"{batch:>5} {ctx:>6} " + " ".join(f"{u:>7.1f}" for u in us)
+                  + f" {heur:>3}:{heur_us:>7.1f} {splits[best]:>5}")  # fmt: skip
+            still_ok = still_ok and us[0] <= 1.03 * us[best]
+            if still_ok:
+                no_split_upto[batch] = ctx
+    for batch, ctx in no_split_upto.items():
+        print(f"# batch {batch}: one split within 3% of the best up to ctx {ctx}")
 
 
 def _prefill_case(q_len: int, prefix: int) -> None:
@@ -155,7 +192,7 @@ def bench_fused(peak: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
-    parser.add_argument("--only", choices=["decode", "prefill", "fused"], default=None)
+    parser.add_argument("--only", choices=["decode", "splits", "prefill", "fused"], default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA device")
@@ -170,6 +207,8 @@ def main() -> None:
     print(f"# device-to-device copy: {peak:.0f} GB/s (read + write)")
     if args.only in (None, "decode"):
         bench_decode(peak, args.quick)
+    if args.only == "splits":
+        bench_splits(args.quick)
     if args.only in (None, "prefill"):
         bench_prefill(args.quick)
     if args.only in (None, "fused"):

@@ -16,8 +16,13 @@ import torch
 from kestrel.attention.base import AttentionMetadata
 from kestrel.attention.torch_ref import TorchAttention, paged_attention_ref
 from kestrel.attention.triton_backend import TritonAttention
-from kestrel.kernels.paged_attention import paged_attention_decode
+from kestrel.kernels.paged_attention import (
+    NO_SPLIT_MAX_LEN,
+    choose_num_splits,
+    paged_attention_decode,
+)
 from kestrel.kernels.prefill_attention import prefill_attention
+from kestrel.layers.rotary import RotaryEmbedding
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -111,6 +116,13 @@ def test_decode(dtype: torch.dtype, hq: int, hkv: int, d: int, bs: int, num_spli
 
 def test_decode_heuristic_splits() -> None:
     check_decode([300, 5], 8, 2, 64, 16, torch.float32, None, DEV)
+
+
+def test_short_contexts_decode_unsplit() -> None:
+    """Up to NO_SPLIT_MAX_LEN tokens one launch does it all (no reduce kernel)."""
+    dev = torch.device(DEV)
+    assert choose_num_splits(1, 8, NO_SPLIT_MAX_LEN, dev) == 1
+    assert choose_num_splits(1, 8, NO_SPLIT_MAX_LEN + 1, dev) > 1
 
 
 @pytest.mark.gpu
@@ -216,20 +228,28 @@ def test_prefill_gpu(dtype, hq, hkv, d, bs) -> None:
 
 
 def check_backend(q_lens: list[int], prefix_lens: list[int], dtype: torch.dtype, dev: str) -> None:
+    """Triton backend (rotary + cache write + attention) against the torch one: attention in
+    float32 on the same inputs; the cache written by the reference at the same dtype."""
     hq, hkv, d, bs = 8, 2, 64, 16
     b = make_batch(q_lens, prefix_lens, hq, hkv, d, bs, dtype, dev)
-    k = torch.randn(b.q.shape[0], hkv, d, dtype=dtype, device=dev)
+    t = b.q.shape[0]
+    k = torch.randn(t, hkv, d, dtype=dtype, device=dev)
     v = torch.randn_like(k)
+    positions = [torch.arange(s - n, s) for n, s in zip(q_lens, b.meta.seq_lens_cpu)]
+    rope = {"positions": torch.cat(positions).to(dev),
+            "cos_sin": RotaryEmbedding(d, 4096, 10000.0, None).cos_sin.to(dev)}  # fmt: skip
     ref_backend = TorchAttention(hq, hkv, d, d**-0.5)
     backend = TritonAttention(hq, hkv, d, d**-0.5)
     kc, vc = b.k_cache.clone(), b.v_cache.clone()
-    out = backend.forward(b.q, k, v, kc, vc, b.meta)
+    out = backend.forward(b.q.clone(), k.clone(), v, kc, vc, b.meta, **rope)  # rotates in place
     ref = ref_backend.forward(b.q.float(), k.float(), v.float(), b.k_cache.float(),
-                              b.v_cache.float(), b.meta)  # fmt: skip
+                              b.v_cache.float(), b.meta, **rope)  # fmt: skip
     ref_kc, ref_vc = b.k_cache.clone(), b.v_cache.clone()
-    ref_backend.forward(b.q, k, v, ref_kc, ref_vc, b.meta)
-    torch.testing.assert_close(kc, ref_kc, rtol=0, atol=0)  # cache writes are exact copies
-    torch.testing.assert_close(vc, ref_vc, rtol=0, atol=0)
+    ref_backend.forward(b.q, k, v, ref_kc, ref_vc, b.meta, **rope)
+    # Rotated K is bit-exact, except bf16 under the interpreter (it truncates, torch rounds).
+    exact = dev == "cuda" or dtype != torch.bfloat16
+    torch.testing.assert_close(kc, ref_kc, rtol=0 if exact else 2**-7, atol=0 if exact else 1e-6)
+    torch.testing.assert_close(vc, ref_vc, rtol=0, atol=0)  # a copy
     assert_close(out, ref, dtype)
 
 

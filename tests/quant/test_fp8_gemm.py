@@ -77,6 +77,8 @@ CONFIGS = [
     SkinnyConfig(block_n=8, block_k=16, split_k=1),
     SkinnyConfig(block_n=16, block_k=32, split_k=4, use_dot=True),  # dot, split-K
     SkinnyConfig(block_n=32, block_k=64, split_k=1, use_dot=True),
+    SkinnyConfig(block_n=16, block_k=32, split_k=2, evict_first=True, broadcast_x=True),
+    SkinnyConfig(block_n=16, block_k=64, split_k=1, use_dot=True, evict_first=True),
 ]
 
 
@@ -94,9 +96,9 @@ def test_skinny_gemm_matches_emulation(m, k, n, cfg, out_dtype, seed):
     _assert_matches_emulation(y, xq, xs, wq, ws, out_dtype)
 
 
-@pytest.mark.parametrize("cfg", CONFIGS[1:4:2])
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3], CONFIGS[5]])
 def test_split_k_partials_are_all_written(poison_empty, cfg):
-    m, k, n = (1, 160, 40) if not cfg.use_dot else (5, 160, 40)  # K not a multiple of block_k
+    m, k, n = (1, 150, 40) if not cfg.use_dot else (5, 150, 40)  # K not a multiple of block_k
     xq, xs, wq, ws = _operands(m, k, n, seed=7)
     y = fp8_gemm_small_m(xq, xs, wq, ws, torch.bfloat16, config=cfg)
     _assert_matches_emulation(y, xq, xs, wq, ws, torch.bfloat16)
@@ -123,14 +125,27 @@ def test_empty_and_bad_operands():
         fp8_gemm_small_m(xq, xs[:1], wq, ws)
     with pytest.raises(ValueError, match="power of two"):
         SkinnyConfig(block_n=12, block_k=32)
+    with pytest.raises(ValueError, match="broadcast_x"):
+        SkinnyConfig(block_n=16, block_k=32, use_dot=True, broadcast_x=True)
 
 
-def test_default_config_splits_k_only_when_columns_are_few():
+def test_default_config_splits_k_only_when_columns_are_few(monkeypatch):
+    monkeypatch.setattr(fp8_gemm, "TUNED", {})  # the rule, under the tuned entries
     # Llama 3 8B FFN on an H100/H200 (132 SMs).
     gate_up, down = default_config(1, 28672, 4096, 132), default_config(1, 4096, 14336, 132)
     assert gate_up.split_k == 1 and down.split_k > 1 and not down.use_dot
     assert default_config(16, 4096, 14336, 132).use_dot
     assert default_config(1, 64, 48, 132).split_k == 1  # one K step: nothing to split
+
+
+def test_default_config_takes_tuned_entries_by_gpu_row_bucket_and_shape(monkeypatch):
+    tuned = SkinnyConfig(block_n=32, block_k=64, split_k=2, use_dot=True, evict_first=True)
+    monkeypatch.setitem(fp8_gemm.TUNED, (1, 4, 40, 160), tuned)  # 1 SM: the interpreter
+    assert default_config(3, 40, 160, 1) is tuned  # 3 rows fall in the bucket of 4
+    assert default_config(3, 40, 160, 132) != tuned and default_config(5, 40, 160, 1) != tuned
+    xq, xs, wq, ws = _operands(3, 160, 40, seed=3)
+    _assert_matches_emulation(fp8_gemm_small_m(xq, xs, wq, ws, torch.bfloat16), xq, xs, wq, ws,
+                              torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -1,7 +1,8 @@
 """The Triton FP8 quantization kernels against their torch references, on fresh random shapes.
 
 CPU runs them under TRITON_INTERPRET=1 (set by conftest), where they must be bit-exact; on CUDA
-the fused SwiGLU's exp is approximate, so codes may differ by one ulp there.
+the fused SwiGLU's exp is approximate, so codes may differ by one ulp there. Rows are quantized
+one program per row or, for few rows, split over programs (``chunk``, forced small here).
 """
 
 from __future__ import annotations
@@ -77,6 +78,36 @@ def test_silu_and_mul_quant_matches_reference(t, inter, dtype, one_pass, seed):
     _check(q, s, qr, sr, max_ulp=1 if HAS_CUDA else 0)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # fp16 silu → inf
+@FEW
+@given(t=st.integers(1, 5), n=st.integers(17, 300), silu=st.booleans(),
+       dtype=st.sampled_from(DTYPES), ub=st.sampled_from([None, 1200.0, 3.0]),
+       chunk=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**31))
+def test_split_rows_match_reference(t, n, silu, dtype, ub, chunk, seed):
+    """Rows split into chunks (the few-rows path): a last chunk that is partial, chunk counts
+    that are not powers of two, an outlier row whose scale must not leak into the others."""
+    x = _input(t, 2 * n if silu else n, dtype, seed, 2.0)
+    if silu:
+        q, s = silu_and_mul_quant_fp8(x, ub, chunk=chunk)
+        _check(q, s, *silu_and_mul_quant_ref(x, ub), max_ulp=1 if HAS_CUDA else 0)
+    else:
+        _check(*per_token_quant_fp8(x, ub, chunk=chunk), *quantize_rowwise_ref(x, ub))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # silu(-200)
+def test_rows_split_by_default_only_when_few():
+    """Decode-sized batches take the split path unless forced off, large ones one row each;
+    both give the reference's bits."""
+    for t in (2, 40):
+        x = _input(t, 2 * 1100, torch.bfloat16, seed=t, magnitude=2.0)
+        want = silu_and_mul_quant_ref(x, 1200.0)
+        for chunk in (None, 2048):  # 2048 > 1100 columns: one program per row
+            _check(*silu_and_mul_quant_fp8(x, 1200.0, chunk=chunk), *want,
+                   max_ulp=1 if HAS_CUDA else 0)
+    with pytest.raises(ValueError, match="power of two"):
+        per_token_quant_fp8(x, chunk=48)
+
+
 @FEW
 @given(t=st.integers(1, 7), hidden=st.integers(8, 300), dtype=st.sampled_from(DTYPES),
        with_res=st.booleans(), seed=st.integers(0, 2**31))
@@ -92,15 +123,17 @@ def test_rms_norm_quant_matches_reference(t, hidden, dtype, with_res, seed):
     assert torch.equal(r, rr)
 
 
-def test_rounding_is_exact_on_every_code_and_tie():
-    """Every finite e4m3 value, each midpoint (ties go to even) and its float32 neighbours."""
+@pytest.mark.parametrize("chunk", [None, 128])
+def test_rounding_is_exact_on_every_code_and_tie(chunk):
+    """Every finite e4m3 value, each midpoint (ties go to even) and its float32 neighbours, in
+    one row (the software rounding on CPU, the hardware cast on an fp8 GPU), whole or split."""
     codes = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
     grid = codes[torch.isfinite(codes)].unique()
     mids = (grid[1:] + grid[:-1]) / 2
     up, down = torch.full_like(mids, 1e9), torch.full_like(mids, -1e9)
     vals = torch.cat([grid, mids, mids.nextafter(up), mids.nextafter(down), torch.tensor([-0.0])])
     row = vals[None].to(DEV)  # amax 448 → scale exactly 1
-    q, s = per_token_quant_fp8(row)
+    q, s = per_token_quant_fp8(row, chunk=chunk)
     qr, _ = quantize_rowwise_ref(row)
     assert float(s) == 1.0
     assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
@@ -116,7 +149,7 @@ def test_strided_rows_and_empty_batch():
         silu_and_mul_quant_fp8(torch.randn(2, 7, device=DEV))
 
 
-@pytest.mark.parametrize("t,n", [(1, 4096), (64, 14336), (300, 5120)])
+@pytest.mark.parametrize("t,n", [(1, 4096), (4, 14336), (1, 28672), (64, 14336), (300, 5120)])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_model_sized_shapes_on_gpu(t, n):
