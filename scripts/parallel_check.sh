@@ -7,7 +7,8 @@
 #   part: tests | latency | throughput | serve70b | validate | decode16k | all (default)
 #
 # Logs and JSON land in $OUT; validate reads the latency and throughput JSON back, so run it in
-# the same call as those parts.
+# the same call as those parts. serve70b needs fastapi and uvicorn, which the device machines
+# lack: carry them as wheels (the device tool's README says how; PYTHONPATH is kept).
 set -uo pipefail
 OUT=${OUT:-/tmp/kestrel-parallel}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
