@@ -4,12 +4,17 @@ A decode step of an 8B model launches hundreds of small kernels; at batch 1 thei
 cost more than the weights take to stream. Capturing the whole forward (and the LM head) once per
 batch size removes them. Shapes a graph cannot serve (prefill chunks, prompt logprobs, batches
 larger than the biggest graph) run eagerly.
+
+A pipeline stage captures its own layers the same way: a stage after the first reads the
+hidden states it received from static buffers, and a stage before the last returns
+(hidden, residual) for the next stage instead of logits.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 
@@ -27,8 +32,9 @@ class DecodeGraphs:
     """Static buffers shared by all graphs; each graph reads a prefix of them."""
 
     def __init__(self, model, kv_caches, max_num_seqs: int, max_model_len: int, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, hidden_size: int, dtype: torch.dtype) -> None:
         self.model, self.kv_caches = model, kv_caches
+        self.first, self.last = model.is_first, model.is_last  # pipeline stage ends
         self.sizes = capture_sizes(max_num_seqs)
         n = self.sizes[-1]
         self.max_blocks = -(-max_model_len // block_size)
@@ -40,8 +46,11 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, **i32)
         self.block_tables = torch.zeros(n, self.max_blocks, **i32)
         self.query_start_loc = torch.arange(n + 1, **i32)
+        if not self.first:  # the previous stage's output, copied in before each replay
+            self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+            self.residual = torch.zeros_like(self.hidden)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, Any] = {}  # logits [bs, V], or (hidden, residual) mid-pipeline
         self.pool = None
 
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -50,10 +59,13 @@ class DecodeGraphs:
             seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], max_query_len=1,
             max_seq_len=self.max_model_len)
 
-    def _forward(self, bs: int) -> torch.Tensor:
-        hidden, _ = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches,
-                               self._meta(bs))
-        return self.model.compute_logits(hidden)
+    def _forward(self, bs: int) -> Any:
+        h_in = r_in = None
+        if not self.first:
+            h_in, r_in = self.hidden[:bs], self.residual[:bs]
+        hidden, residual = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches,
+                                      self._meta(bs), h_in, r_in)
+        return self.model.compute_logits(hidden) if self.last else (hidden, residual)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -63,7 +75,7 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
-                self.logits[bs] = self._forward(bs)
+                self.outputs[bs] = self._forward(bs)
             self.pool = g.pool()
             self.graphs[bs] = g
         torch.cuda.synchronize()
@@ -73,11 +85,16 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int) -> bool:
         return bool(self.graphs) and num_seqs <= self.sizes[-1]
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
-            meta: AttentionMetadata) -> torch.Tensor:
-        """Decode batch of ``n`` sequences → logits [n, V] through the smallest fitting graph."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> Any:
+        """Decode batch of ``n`` sequences through the smallest fitting graph → logits [n, V]
+        (last stage) or (hidden, residual) [n, H] each; ``hidden``/``residual``: the previous
+        stage's output (every stage but the first)."""
         n = input_ids.shape[0]
         bs = next(s for s in self.sizes if s >= n)
+        if not self.first:
+            self.hidden[:n].copy_(hidden)
+            self.residual[:n].copy_(residual)
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)
@@ -87,4 +104,5 @@ class DecodeGraphs:
         w = meta.block_tables.shape[1]
         self.block_tables[:n, :w].copy_(meta.block_tables)
         self.graphs[bs].replay()
-        return self.logits[bs][:n]
+        out = self.outputs[bs]
+        return out[:n] if self.last else (out[0][:n], out[1][:n])

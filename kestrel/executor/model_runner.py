@@ -135,7 +135,8 @@ class ModelRunner:
             return
         sc = self.cfg.scheduler
         self.graphs = DecodeGraphs(self.model, self.kv_caches, sc.max_num_seqs, sc.max_model_len,
-                                   self.block_size, self.device)
+                                   self.block_size, self.device,
+                                   self.cfg.model_config.hidden_size, self.cfg.dtype)
         self.graphs.capture()
 
     # ---- one step -------------------------------------------------------------------------
@@ -197,12 +198,17 @@ class ModelRunner:
             off += a.size
         return out
 
+    def use_graph(self, batch: ForwardBatch) -> bool:
+        """A captured graph serves decode batches that sample every row and fit the largest
+        graph. Depends on the SchedulerOutput alone, so every rank decides alike."""
+        return (self.graphs is not None and batch.meta.is_decode_only and not batch.prompt_rows
+                and len(batch.sample_rows) == batch.meta.num_seqs
+                and self.graphs.can_run(batch.meta.num_seqs))
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, prev: PrevTokens | None = None) -> RunnerOutput:
         batch = self.prepare(out, prev)
-        if (self.graphs is not None and batch.meta.is_decode_only and not batch.prompt_rows
-                and len(batch.sample_rows) == batch.meta.num_seqs
-                and self.graphs.can_run(batch.meta.num_seqs)):
+        if self.use_graph(batch):
             return RunnerOutput(self.graphs.run(batch.input_ids, batch.positions, batch.meta), {})
         hidden, _ = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         logits = self.model.compute_logits(hidden[batch.logits_indices])

@@ -94,7 +94,8 @@ class StageRunner:
     # ---- one micro-batch ------------------------------------------------------------------
     def run_whole(self, out: SchedulerOutput, prev: PrevTokens | None = None) -> RunnerOutput:
         """No pipeline stages: every TP rank runs the plain ModelRunner step (decode CUDA
-        graphs included, their NCCL all-reduces captured in lockstep on every rank)."""
+        graphs included, their NCCL all-reduces captured in lockstep on every rank; with
+        stages, ``run`` replays each stage's own graphs)."""
         return self.runner.execute(out, prev)
 
     def share_sampled(self, out: SchedulerOutput, tokens: torch.Tensor | None) -> PrevTokens:
@@ -117,8 +118,14 @@ class StageRunner:
         hidden = residual = None
         if not self.layout.is_first_stage:
             hidden, residual = self._recv_hidden(seq, int(batch.input_ids.numel()), health)
-        hidden, residual = r.model(batch.input_ids, batch.positions, r.kv_caches, batch.meta,
-                                   hidden, residual)
+        if r.use_graph(batch):  # decode: this stage's layers (and head) as one graph replay
+            result = r.graphs.run(batch.input_ids, batch.positions, batch.meta, hidden, residual)
+            if self.layout.is_last_stage:  # decode samples every row, in order; a copy, as
+                return batch, result.clone()  # the send may still read it at the next replay
+            hidden, residual = result
+        else:
+            hidden, residual = r.model(batch.input_ids, batch.positions, r.kv_caches,
+                                       batch.meta, hidden, residual)
         if not self.layout.is_last_stage:
             self._send_hidden(seq, hidden, residual)
             return batch, None
@@ -196,7 +203,7 @@ def start_rank(cfg: EngineConfig, layout: ParallelLayout, backend: str, init_met
     else:
         stage.runner.num_blocks = all_reduce_min(stage.local_num_blocks(), groups)
     stage.runner.allocate_kv_cache(stage.runner.num_blocks)
-    if layout.pp == 1 and stage.runner.device.type == "cuda":
+    if stage.runner.device.type == "cuda":
         if layout.tp > 1:  # create the NCCL communicator before graph capture needs it
             groups.tp.all_reduce(torch.zeros(1, device=stage.runner.device))
         stage.runner.capture_graphs()  # every rank captures the same sizes in the same order
