@@ -31,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where it is stuck
+    if hasattr(signal, "SIGUSR1") and sys.__stderr__ is not None:
+        # `kill -USR1 PID` prints where it is stuck (to the real stderr: a captured or
+        # replaced sys.stderr may have no file descriptor)
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
