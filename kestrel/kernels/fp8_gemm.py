@@ -18,6 +18,14 @@ Two inner products, picked by the config (``default_config``: by M):
 Split-K writes float32 partials [S, M, N]; a second kernel sums them in a fixed order (the
 result does not depend on scheduling, unlike atomics). Outputs are rounded half-to-even
 explicitly (``round_dtype``), as torch casts, also under the interpreter (which truncates).
+
+    bf16_gemm_small_m(x, w) ~ x.float() @ w.float().T, rounded to x's dtype
+
+The same kernel without scales (``SCALED=False``) for 16-bit or float32 weights, to measure it
+against cuBLAS at decode (``bench_fp8_gemm.py --sweep-bf16``); configs count K in elements, so
+``default_config(..., elem_bytes=2)`` halves block_k to keep 16-byte vectors. Its tensor-core
+dot needs no imprecise-accumulation bound (16-bit MMAs accumulate in float32) and runs float32
+inputs in full precision (``input_precision="ieee"``: no TF32 rounding, and no tensor cores).
 """
 
 from __future__ import annotations
@@ -37,10 +45,11 @@ _SUM_BLOCK = 1024  # outputs per program of the split-K reduction
 
 @dataclass(frozen=True)
 class SkinnyConfig:
-    """Tiling and launch of ``fp8_gemm_small_m``; ``default_config`` says why its values."""
+    """Tiling and launch of ``fp8_gemm_small_m`` and ``bf16_gemm_small_m``; ``default_config``
+    says why its values."""
 
     block_n: int  # output columns (weight rows) per program
-    block_k: int  # K elements per loop step, 16-byte fp8 vectors along K
+    block_k: int  # K elements per loop step, 16-byte vectors along K (16 fp8, 8 bf16 elements)
     split_k: int = 1  # programs that share one column slice, each over a K range (upper bound)
     use_dot: bool = False  # tensor-core tl.dot; False: CUDA-core FMA, one x row per program
     num_warps: int = 4
@@ -50,8 +59,9 @@ class SkinnyConfig:
     evict_first: bool = False
     # FMA: load x as a [block_n, block_k] tile, one copy per weight row (L1 hits), so it has the
     # weight tile's layout. Without it, an x row too short for a 16-byte vector per thread
-    # (block_k < 512·num_warps) gets a layout of its own, and every K step moves the weight tile
-    # through shared memory (8 barriers per step at 16 × 512, 4 warps; Triton 3.9 sm_90 PTX).
+    # (block_k < 512·num_warps fp8, 256·num_warps bf16) gets a layout of its own, and every K
+    # step moves the weight tile through shared memory (8 barriers per step at 16 × 512 fp8,
+    # 4 warps; Triton 3.9 sm_90 PTX).
     broadcast_x: bool = False
 
     def __post_init__(self) -> None:
@@ -98,26 +108,37 @@ TUNED: dict[tuple[int, int, int, int], SkinnyConfig] = {
     (132, 16, 57344, 8192): SkinnyConfig(128, 256, 1, use_dot=True),  # 111.6 → 108.8
 }
 
+# The same for 16-bit weights (``bf16_gemm_small_m``): the lines that
+# ``bench_fp8_gemm.py --sweep-bf16`` prints; block_k in elements (16-byte vectors: 8 of them).
+TUNED_16BIT: dict[tuple[int, int, int, int], SkinnyConfig] = {}
 
-def default_config(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:
-    """The tuned config of this shape on this GPU if ``TUNED`` has one, else a rule that is a
-    starting point for Hopper.
+
+def default_config(m: int, n: int, k: int, num_sms: int, elem_bytes: int = 1) -> SkinnyConfig:
+    """The tuned config of this shape on this GPU if its table has one (``elem_bytes``, bytes
+    per weight element: 1 fp8 → ``TUNED``, 2 bf16/fp16 → ``TUNED_16BIT``, 4: none), else a
+    rule that is a starting point for Hopper.
 
     M == 1: FMA, 16 columns × 512 bytes of K per step (4 × 16-byte loads and 64 accumulators per
     thread at 4 warps); M > 1: tensor cores, 64 columns (one wgmma side) × 256 K. K is split
     until there are about 4 (FMA) or 2 (dot) programs per SM to keep enough bytes in flight,
-    with at least 2 K steps per split.
+    with at least 2 K steps per split. Wider weights take block_k / elem_bytes elements.
     """
-    tuned = TUNED.get((num_sms, triton.next_power_of_2(m), n, k))
+    tuned = _tuned_table(elem_bytes).get((num_sms, triton.next_power_of_2(m), n, k))
     if tuned is not None:
         return tuned
     if m == 1:
         block_n, block_k, per_sm, dot = 16, 512, 4, False
     else:
         block_n, block_k, per_sm, dot = 64, 256, 2, True
+    block_k //= elem_bytes  # the same bytes per K step as fp8
     block_k = min(block_k, max(32, triton.next_power_of_2(k)))  # tiny K: no huge masked tile
     split = split_to_fill(n, k, block_n, block_k, per_sm * num_sms)
     return SkinnyConfig(block_n, block_k, split, dot)
+
+
+def _tuned_table(elem_bytes: int) -> dict[tuple[int, int, int, int], SkinnyConfig]:
+    # looked up at call time, so tests can patch the module's tables
+    return {1: TUNED, 2: TUNED_16BIT}.get(elem_bytes, {})
 
 
 def split_to_fill(n: int, k: int, block_n: int, block_k: int, programs: int) -> int:
@@ -160,12 +181,18 @@ def _fma_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_N: tl.constexpr,
 @triton.jit
 def _dot_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-              W_EVICT: tl.constexpr):
+              W_EVICT: tl.constexpr, SCALED: tl.constexpr, DOT_F32: tl.constexpr):
     """x_ptrs [BLOCK_M, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → w·xᵀ as [BLOCK_N, BLOCK_M]."""
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for _ in range(k_lo, k_hi, BLOCK_K):
         x, w = _load_tiles(x_ptrs, w_ptrs, offs_k, K, EVEN_K, W_EVICT)
-        acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=BLOCK_K)
+        if SCALED:  # fp8: promoted to float32 every BLOCK_K products
+            acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=BLOCK_K)
+        elif DOT_F32:  # float32 operands, no TF32 rounding (FMA, not tensor cores)
+            acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc,
+                         input_precision="ieee")
+        else:  # 16-bit MMA, float32 accumulation
+            acc = tl.dot(w, tl.trans(x), acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         offs_k += BLOCK_K
@@ -174,10 +201,10 @@ def _dot_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def _skinny_kernel(
-    x_ptr,  # [M, K] fp8, K contiguous
-    xs_ptr,  # [M] float32
-    w_ptr,  # [N, K] fp8, K contiguous
-    ws_ptr,  # [N] float32
+    x_ptr,  # [M, K] fp8 (SCALED) or w's dtype, K contiguous
+    xs_ptr,  # [M] float32; not read unless SCALED
+    w_ptr,  # [N, K] fp8 (SCALED) or bf16 / fp16 / float32, K contiguous
+    ws_ptr,  # [N] float32; not read unless SCALED
     out_ptr,  # [M, N] output dtype; [S, M, N] float32 partials when SPLIT
     M, N, K,
     stride_xm,
@@ -192,6 +219,8 @@ def _skinny_kernel(
     DT: tl.constexpr,
     W_EVICT: tl.constexpr,  # eviction policy of weight loads: "" or "evict_first"
     BROADCAST_X: tl.constexpr,
+    SCALED: tl.constexpr,  # fp8 operands with row scales; False: plain x·wᵀ
+    DOT_F32: tl.constexpr,  # unscaled dot in float32, IEEE (float32 operands; see _launch)
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -206,13 +235,16 @@ def _skinny_kernel(
     x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     if USE_DOT:
         acc = _dot_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                        W_EVICT)
+                        W_EVICT, SCALED, DOT_F32)
     else:
         acc = _fma_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_N, BLOCK_K, EVEN_K,
                         W_EVICT, BROADCAST_X)
-    ws = tl.load(ws_ptr + rows_n)
-    xs = tl.load(xs_ptr + rows_m)
-    y = acc * ws[:, None] * xs[None, :]  # [BLOCK_N, BLOCK_M]
+    if SCALED:
+        ws = tl.load(ws_ptr + rows_n)
+        xs = tl.load(xs_ptr + rows_m)
+        y = acc * ws[:, None] * xs[None, :]  # [BLOCK_N, BLOCK_M]
+    else:
+        y = acc
     mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
     offs = offs_m[None, :] * N + offs_n[:, None]  # out is [M, N] row-major: N is contiguous
     if SPLIT:
@@ -254,6 +286,50 @@ def _operands(xq, x_scale, wq, w_scale, out_dtype):
     return xq, xs, wq, ws
 
 
+def _out_tensor(name: str, out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(m, n, dtype=dtype, device=device)
+    if out.shape != (m, n) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"{name}: out must be a contiguous [{m}, {n}] {dtype} "
+                         f"tensor, got {tuple(out.shape)} {out.dtype}")
+    return out
+
+
+def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+            out: torch.Tensor, cfg: SkinnyConfig, scaled: bool) -> torch.Tensor:
+    """The skinny kernel (and the split-K sum) on validated, K-contiguous operands, M, N, K > 0."""
+    (m, k), n = x.shape, w.shape[0]
+    dt = DTYPE_CODES[out.dtype]
+    block_m = min(64, max(16, triton.next_power_of_2(m))) if cfg.use_dot else 1
+    k_steps = triton.cdiv(k, cfg.block_k)
+    steps_per_split = triton.cdiv(k_steps, min(cfg.split_k, k_steps))
+    split = triton.cdiv(k_steps, steps_per_split)  # no empty split
+    dst = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
+    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, block_m))
+    # float32 dots in IEEE precision; also bf16 ones under the interpreter, whose tl.dot
+    # (Triton 3.9) multiplies bf16 tiles as their raw 16-bit integers. bf16 products are exact
+    # in float32, so this is the same function as the GPU's bf16 MMA.
+    dot_f32 = not scaled and (w.dtype == torch.float32
+                              or (w.dtype == torch.bfloat16 and not _compiled()))
+    _skinny_kernel[grid](
+        x, xs, w, ws, dst, m, n, k, x.stride(0), w.stride(0), steps_per_split * cfg.block_k,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
+        EVEN_K=k % cfg.block_k == 0, SPLIT=split > 1, DT=dt,
+        W_EVICT="evict_first" if cfg.evict_first else "", BROADCAST_X=cfg.broadcast_x,
+        SCALED=scaled, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        _sum_splits_kernel[(triton.cdiv(m * n, _SUM_BLOCK),)](
+            dst, out, m * n, SPLIT_K=split, DT=dt, BLOCK=_SUM_BLOCK, num_warps=4)
+    return out
+
+
+def _compiled() -> bool:
+    """Compiled for a GPU, not run by the interpreter (TRITON_INTERPRET=1)?"""
+    return isinstance(_skinny_kernel, triton.runtime.JITFunction)
+
+
 def fp8_gemm_small_m(
     xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16, config: SkinnyConfig | None = None,
@@ -267,29 +343,34 @@ def fp8_gemm_small_m(
     """
     xq, xs, wq, ws = _operands(xq, x_scale, wq, w_scale, out_dtype)
     (m, k), n = xq.shape, wq.shape[0]
-    if out is None:
-        out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    elif out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous():
-        raise ValueError(f"fp8_gemm_small_m: out must be a contiguous [{m}, {n}] {out_dtype} "
-                         f"tensor, got {tuple(out.shape)} {out.dtype}")
+    out = _out_tensor("fp8_gemm_small_m", out, m, n, out_dtype, xq.device)
     if m == 0 or n == 0 or k == 0:
         return out.zero_()
     cfg = config or default_config(m, n, k, sm_count(xq.device.type, xq.device.index))
-    block_m = min(64, max(16, triton.next_power_of_2(m))) if cfg.use_dot else 1
-    k_steps = triton.cdiv(k, cfg.block_k)
-    steps_per_split = triton.cdiv(k_steps, min(cfg.split_k, k_steps))
-    split = triton.cdiv(k_steps, steps_per_split)  # no empty split
-    dst = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
-    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, block_m))
-    _skinny_kernel[grid](
-        xq, xs, wq, ws, dst, m, n, k, xq.stride(0), wq.stride(0), steps_per_split * cfg.block_k,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
-        EVEN_K=k % cfg.block_k == 0, SPLIT=split > 1, DT=DTYPE_CODES[out_dtype],
-        W_EVICT="evict_first" if cfg.evict_first else "", BROADCAST_X=cfg.broadcast_x,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if split > 1:
-        _sum_splits_kernel[(triton.cdiv(m * n, _SUM_BLOCK),)](
-            dst, out, m * n, SPLIT_K=split, DT=DTYPE_CODES[out_dtype], BLOCK=_SUM_BLOCK,
-            num_warps=4)
-    return out
+    return _launch(xq, xs, wq, ws, out, cfg, scaled=True)
+
+
+def bf16_gemm_small_m(x: torch.Tensor, w: torch.Tensor, config: SkinnyConfig | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K], w [N, K] of one dtype (bf16, fp16 or float32) → x·wᵀ [M, N] in that dtype.
+
+    ``fp8_gemm_small_m``'s kernel without scales: float32 accumulation, the output rounded
+    once (half to even). ``config`` overrides ``default_config(..., elem_bytes)``, whose
+    ``TUNED_16BIT`` is this function's table; ``out``: a contiguous [M, N] tensor of x's dtype.
+    CUDA-graph safe: no host synchronisation.
+    """
+    if x.dtype not in DTYPE_CODES or w.dtype != x.dtype:
+        raise ValueError(f"bf16_gemm_small_m: x and w must have one dtype of "
+                         f"{list(DTYPE_CODES)}, got {x.dtype} and {w.dtype}")
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"bf16_gemm_small_m: shapes {tuple(x.shape)} × {tuple(w.shape)}ᵀ "
+                         "do not multiply ([M, K] and [N, K] expected)")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    (m, k), n = x.shape, w.shape[0]
+    out = _out_tensor("bf16_gemm_small_m", out, m, n, x.dtype, x.device)
+    if m == 0 or n == 0 or k == 0:
+        return out.zero_()
+    cfg = config or default_config(m, n, k, sm_count(x.device.type, x.device.index),
+                                   elem_bytes=w.element_size())
+    return _launch(x, x, w, w, out, cfg, scaled=False)  # x, w in place of the unread scales

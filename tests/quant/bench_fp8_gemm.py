@@ -2,6 +2,7 @@
 
     python tests/quant/bench_fp8_gemm.py [--m 1 4 16] [--quick] [--rep 100]
     python tests/quant/bench_fp8_gemm.py --sweep [--json PATH] [--budget-s 180]
+    python tests/quant/bench_fp8_gemm.py --sweep-bf16 [--m 1 2 4 8 16] [--json PATH] [--budget-s 60]
 
 Compare (default): Llama 3 8B FFN shapes (gate_up 4096→28672, down 14336→4096) at decode batch
 sizes M: bf16 F.linear vs torch._scaled_mm (row-wise scales) vs fp8_gemm_small_m with its
@@ -14,6 +15,16 @@ fastest (num_stages, split-K, evict-first weight loads), M = 1 first, until --bu
 the default and the three fastest timed again with longer runs. Prints per case the best config,
 its µs and fraction of the copy bandwidth against default_config's µs and _scaled_mm's, the
 lines to paste into kestrel.kernels.fp8_gemm.TUNED, and writes everything to --json.
+
+BF16 sweep (--sweep-bf16): does the same kernel on bf16 weights (bf16_gemm_small_m) beat cuBLAS
+(F.linear) at decode? The Llama 3 8B linear shapes at TP=1 (qkv, o_proj, gate_up, down, lm_head)
+at M = 1, 2, 4, 8, 16, M = 1 first: the default config and a pruned bf16 grid (K in elements, 8
+per 16-byte vector), then refinement, both within --budget-s (default 60 s; past it a case gets
+its default only); then the default, the two fastest and F.linear timed with longer runs. Prints
+per case the best config, µs, share of the copy bandwidth, F.linear's µs and F.linear / best;
+per M the decode-step sum (32 layers + lm_head); lines for fp8_gemm.TUNED_16BIT; --json. Meant
+to take under 2 minutes on an H200 (60 s of tuning, ~30 s of final timings), compiles included;
+with a cold Triton cache they may use up the budget before the M > 1 grids ("grid cut").
 
 Timing: in a CUDA graph (as the engine runs decode) with triton.testing.do_bench_cudagraph; each
 timed call runs the GEMM over several weight copies (≥ 4× L2 in all), as 32 layers would, so no
@@ -41,6 +52,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, uninstalled
 from kestrel.kernels.fp8_gemm import (
     SkinnyConfig,
+    bf16_gemm_small_m,
     default_config,
     fp8_gemm_small_m,
     sm_count,
@@ -48,6 +60,7 @@ from kestrel.kernels.fp8_gemm import (
 )
 from kestrel.quant.fp8_ops import SMALL_M_MAX, fp8_matmul_emulated, quantize_rowwise_ref
 
+DEVICE = "cuda"  # a CPU dry run of the code paths may set "cpu" (TRITON_INTERPRET=1)
 SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336)}  # Llama 3 8B, name → (N, K)
 SHAPES_70B = {"70b_gate_up": (57344, 8192), "70b_down": (8192, 28672)}
 SWEEP_MS = [1, 2, 4, 8, 16]
@@ -60,6 +73,19 @@ DOT_TILES = [(32, 256, 4), (32, 512, 4), (64, 128, 4), (64, 256, 4), (64, 512, 4
              (128, 128, 4), (128, 256, 4), (128, 256, 8)]
 COARSE_REP, FINE_REP = 5, 20  # ms of graph replays per timing: ranking, reported figures
 
+# --sweep-bf16: Llama 3 8B linears at TP=1, name → (N, K); one decode step runs the first four
+# once per layer and lm_head once.
+SHAPES_BF16 = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096),
+               "down": (4096, 14336), "lm_head": (128256, 4096)}
+LAYERS_8B = 32
+# bf16 tiles, K in elements: the FP8 winners at the same bytes per step and their neighbours.
+# FMA rows shorter than 256·num_warps take broadcast_x only (it won every such FP8 case).
+BF16_FMA_TILES = [(2, 2048, 8), (4, 1024, 4), (4, 512, 2), (8, 512, 4), (8, 256, 2),
+                  (16, 128, 4), (16, 256, 4)]
+BF16_DOT_TILES = [(32, 128, 4), (64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 4),
+                  (128, 128, 8)]
+BUDGET_S = {"sweep": 180.0, "sweep_bf16": 60.0}  # --budget-s defaults
+
 
 def copy_bandwidth() -> float:
     """GB/s of a 1 GiB device-to-device copy, counting bytes read + written."""
@@ -69,13 +95,18 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * 4 / ms / 1e6
 
 
-def tile_configs(m: int, n: int, k: int, sms: int) -> list[SkinnyConfig]:
-    """The tile grid, each with the default's split-K rule (FMA: one x row, so M == 1 only)."""
+def tile_configs(m: int, n: int, k: int, sms: int, dot_tiles: list = DOT_TILES,
+                 fma_tiles: list = FMA_TILES, elem_bytes: int = 1,
+                 bx_only: bool = False) -> list[SkinnyConfig]:
+    """The tile grid, each with the default's split-K rule (FMA: one x row, so M == 1 only).
+    An FMA x row shorter than a 16-byte vector per thread is tried with broadcast_x too
+    (``bx_only``: instead)."""
     out = [SkinnyConfig(bn, bk, split_to_fill(n, k, bn, bk, 2 * sms), True, w)
-           for bn, bk, w in DOT_TILES]
-    for bn, bk, w in FMA_TILES if m == 1 else []:
+           for bn, bk, w in dot_tiles]
+    for bn, bk, w in fma_tiles if m == 1 else []:
         cfg = SkinnyConfig(bn, bk, split_to_fill(n, k, bn, bk, 4 * sms), False, w)
-        out += [cfg] + ([dataclasses.replace(cfg, broadcast_x=True)] if bk < 512 * w else [])
+        bx = [dataclasses.replace(cfg, broadcast_x=True)] if bk * elem_bytes < 512 * w else []
+        out += bx if bx and bx_only else [cfg] + bx
     return out
 
 
@@ -112,34 +143,51 @@ def _correct(y: torch.Tensor, ref: torch.Tensor) -> bool:
         1e-2 * float(ref.abs().max())
 
 
-def _weights(n: int, k: int, l2_bytes: int, with_bf16: bool) -> dict:
+def _weights(n: int, k: int, l2_bytes: int, with_bf16: bool, with_fp8: bool = True) -> dict:
     """Weight copies, fp8 (and bf16), each set ≥ 4× L2 (as 32 layers would stream them)."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    w = 0.02 * torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16)
-    wq, ws = quantize_rowwise_ref(w)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    w = 0.02 * torch.randn(n, k, device=DEVICE, generator=gen, dtype=torch.bfloat16)
     n_fp8, n_bf16 = (max(2, triton.cdiv(4 * l2_bytes, n * k * b)) for b in (1, 2))
-    return {"ws": ws, "wq": [wq] + [wq.clone() for _ in range(n_fp8 - 1)],
-            "wb": [w] + [w.clone() for _ in range(n_bf16 - 1)] if with_bf16 else []}
+    op = {"wb": [w] + [w.clone() for _ in range(n_bf16 - 1)] if with_bf16 else []}
+    if with_fp8:
+        wq, ws = quantize_rowwise_ref(w)
+        op.update(ws=ws, wq=[wq] + [wq.clone() for _ in range(n_fp8 - 1)])
+    return op
 
 
 def _with_activation(op: dict, m: int) -> dict:
-    """``op`` plus x [M, K] bf16, its quantization and the float32 reference output."""
-    x = torch.randn(m, op["wq"][0].shape[1], device="cuda", dtype=torch.bfloat16)
+    """``op`` plus x [M, K] bf16, its quantization, the float32 reference output and the fp8
+    skinny GEMM on weight copy i as ``skinny(i, config)``."""
+    x = torch.randn(m, op["wq"][0].shape[1], device=DEVICE, dtype=torch.bfloat16)
     xq, xs = quantize_rowwise_ref(x)
     ref = fp8_matmul_emulated(xq, xs, op["wq"][0], op["ws"], torch.float32)
-    return {**op, "x": x, "xq": xq, "xs": xs, "ref": ref}
+
+    def skinny(i: int, cfg: SkinnyConfig) -> torch.Tensor:
+        return fp8_gemm_small_m(xq, xs, op["wq"][i], op["ws"], torch.bfloat16, config=cfg)
+    return {**op, "x": x, "xq": xq, "xs": xs, "ref": ref, "skinny": skinny,
+            "copies": len(op["wq"])}
+
+
+def _with_activation_bf16(op: dict, m: int) -> dict:
+    """``op`` (bf16 weights) plus x [M, K] bf16, the float32 reference output and
+    ``skinny(i, config)``: bf16_gemm_small_m on weight copy i."""
+    x = torch.randn(m, op["wb"][0].shape[1], device=DEVICE, dtype=torch.bfloat16)
+    ref = x.float() @ op["wb"][0].float().T
+
+    def skinny(i: int, cfg: SkinnyConfig) -> torch.Tensor:
+        return bf16_gemm_small_m(x, op["wb"][i], config=cfg)
+    return {**op, "x": x, "ref": ref, "skinny": skinny, "copies": len(op["wb"])}
 
 
 def _time_config(op: dict, cfg: SkinnyConfig, rep: int) -> float | None:
     """µs of the skinny GEMM with ``cfg`` on op's operands; None if it fails or is wrong."""
     def skinny(i: int) -> torch.Tensor:
-        return fp8_gemm_small_m(op["xq"], op["xs"], op["wq"][i], op["ws"], torch.bfloat16,
-                                config=cfg)
+        return op["skinny"](i, cfg)
     try:
         if not _correct(skinny(0), op["ref"]):
             print(f"    {_describe(cfg):<32} WRONG, skipped")
             return None
-        return _time_us(skinny, len(op["wq"]), rep)
+        return _time_us(skinny, op["copies"], rep)
     except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
         print(f"    {_describe(cfg):<32} fails: {e!r:.70}")
         return None
@@ -157,6 +205,13 @@ def _time_scaled_mm(op: dict, rep: int) -> tuple[float, bool] | None:
     except RuntimeError as e:
         print(f"    _scaled_mm fails: {str(e).splitlines()[0][:60]}")
         return None
+
+
+def _time_linear(op: dict, rep: int) -> tuple[float, bool]:
+    """(µs, correct) of F.linear (cuBLAS) on op's bf16 x and weight copies."""
+    def linear(i: int) -> torch.Tensor:
+        return F.linear(op["x"], op["wb"][i])
+    return _time_us(linear, len(op["wb"]), rep), _correct(linear(0), op["ref"])
 
 
 # ----------------------------------------------------------------------------- compare
@@ -235,26 +290,53 @@ def _fastest(timed: dict[SkinnyConfig, float], count: int) -> list[SkinnyConfig]
     return sorted(timed, key=timed.__getitem__)[:count]
 
 
-def _coarse(op: dict, configs: list[SkinnyConfig], timed: dict[SkinnyConfig, float]) -> None:
-    """Times the configs not yet in ``timed`` with COARSE_REP; failures are left out."""
-    for cfg in configs:
+def _coarse(op: dict, configs: list[SkinnyConfig], timed: dict[SkinnyConfig, float],
+            deadline: float = float("inf")) -> bool:
+    """Times the configs not yet in ``timed`` with COARSE_REP; failures are left out. Past
+    ``deadline`` (time.monotonic()) only the first config: returns False if any was left."""
+    for j, cfg in enumerate(configs):
+        if j > 0 and time.monotonic() > deadline:
+            print(f"    budget spent: {len(configs) - j} configs not timed")
+            return False
         if cfg not in timed and (us := _time_config(op, cfg, COARSE_REP)) is not None:
             timed[cfg] = us
+    return True
+
+
+def _progress(what: str, i: int, cases: list[dict], start: float) -> None:
+    case = cases[i]
+    print(f"[{time.monotonic() - start:5.0f}s] {what} {i + 1}/{len(cases)}: {case['name']} "
+          f"N={case['n']} K={case['k']} M={case['m']}", flush=True)
+
+
+def _refine(cases: list[dict], budget_s: float, start: float, strict: bool = False) -> None:
+    """Pass 2 of a sweep: variants around each case's two fastest, in order, until budget_s
+    (``strict``: also within a case)."""
+    deadline = start + budget_s if strict else float("inf")
+    for i, case in enumerate(cases):
+        if time.monotonic() - start > budget_s:
+            print(f"# budget of {budget_s:.0f} s spent: {len(cases) - i} cases not refined")
+            break
+        _progress("refine", i, cases, start)
+        _coarse(case["op"], [v for c in _fastest(case["timed"], 2)
+                             for v in variants(c, case["n"], case["k"])], case["timed"],
+                deadline)
 
 
 def _case_json(case: dict, default: SkinnyConfig, fine: dict[SkinnyConfig, float],
-               smm: float | None, peak: float) -> dict:
+               others: dict[str, float | None], peak: float, elem_bytes: int = 1) -> dict:
+    """One case's results; ``others``: baseline name (scaled_mm, cublas) → µs."""
     n, k = case["n"], case["k"]
 
     def stats(us: float | None) -> dict:
-        gbs = n * k / us / 1e3 if us else None
+        gbs = elem_bytes * n * k / us / 1e3 if us else None
         return {"us": us, "weight_gbs": gbs, "copy_fraction": gbs / peak if gbs else None}
 
     best = _fastest(fine, 1)[0]
     return {"shape": case["name"], "n": n, "k": k, "m": case["m"],
             "best": {"config": dataclasses.asdict(best), **stats(fine[best])},
             "default": {"config": dataclasses.asdict(default), **stats(fine.get(default))},
-            "scaled_mm": stats(smm),
+            **{name: stats(us) for name, us in others.items()},
             "coarse": [{"config": dataclasses.asdict(c), "us": us}
                        for c, us in sorted(case["timed"].items(), key=lambda cu: cu[1])]}
 
@@ -284,23 +366,13 @@ def sweep(args: argparse.Namespace, l2: int, sms: int, peak: float, meta: dict) 
               "op": _with_activation(op, m), "timed": {}}
              for m in sorted(ms) for name, op in ops.items()]  # refinement priority order
 
-    def progress(what: str, i: int, case: dict) -> None:
-        print(f"[{time.monotonic() - start:5.0f}s] {what} {i + 1}/{len(cases)}: {case['name']} "
-              f"N={case['n']} K={case['k']} M={case['m']}", flush=True)
-
     for i, case in enumerate(cases):
-        progress("grid", i, case)
+        _progress("grid", i, cases, start)
         _coarse(case["op"], tile_configs(case["m"], case["n"], case["k"], sms), case["timed"])
-    for i, case in enumerate(cases):
-        if time.monotonic() - start > args.budget_s:
-            print(f"# budget of {args.budget_s:.0f} s spent: {len(cases) - i} cases not refined")
-            break
-        progress("refine", i, case)
-        _coarse(case["op"], [v for c in _fastest(case["timed"], 2)
-                             for v in variants(c, case["n"], case["k"])], case["timed"])
+    _refine(cases, args.budget_s, start)
     results, tuned = [], []
     for i, case in enumerate(cases):
-        progress("final", i, case)
+        _progress("final", i, cases, start)
         default = default_config(case["m"], case["n"], case["k"], sms)
         fine = {c: us for c in {default, *_fastest(case["timed"], 3)}
                 if (us := _time_config(case["op"], c, FINE_REP)) is not None}
@@ -308,7 +380,8 @@ def sweep(args: argparse.Namespace, l2: int, sms: int, peak: float, meta: dict) 
             print("    no config ran")
             continue
         smm = _time_scaled_mm(case["op"], FINE_REP)
-        results.append(_case_json(case, default, fine, smm[0] if smm else None, peak))
+        results.append(_case_json(case, default, fine, {"scaled_mm": smm[0] if smm else None},
+                                  peak))
     print(f"\n# sweep took {time.monotonic() - start:.0f} s; copy {peak:.0f} GB/s")
     for c in sorted(results, key=lambda c: (c["n"] * c["k"], c["n"], c["m"])):
         if (line := _report(c, sms)) is not None:
@@ -321,17 +394,124 @@ def sweep(args: argparse.Namespace, l2: int, sms: int, peak: float, meta: dict) 
         print(f"# wrote {args.json}")
 
 
+# ----------------------------------------------------------------------------- sweep bf16
+
+
+def bf16_grid(m: int, n: int, k: int, sms: int) -> list[SkinnyConfig]:
+    """The bf16 default config, then the pruned bf16 tile grid."""
+    grid = tile_configs(m, n, k, sms, BF16_DOT_TILES, BF16_FMA_TILES, elem_bytes=2,
+                        bx_only=True)
+    return [default_config(m, n, k, sms, elem_bytes=2)] + grid
+
+
+def _report_bf16(c: dict, sms: int) -> str | None:
+    """Prints one case; returns its TUNED_16BIT line if the default is > 2% slower."""
+    best, dflt, lin = c["best"], c["default"], c["cublas"]
+    cfg = SkinnyConfig(**best["config"])
+    nan = float("nan")
+    print(f"{c['shape']:>8} M={c['m']:<3} best {_describe(cfg):<32} {best['us']:7.1f} µs "
+          f"{100 * best['copy_fraction']:4.0f}% | default {dflt['us'] or nan:7.1f} µs | "
+          f"F.linear {lin['us'] or nan:7.1f} µs {100 * (lin['copy_fraction'] or nan):4.0f}%"
+          f"{'' if c['cublas_correct'] else ' WRONG'} | F.linear/best "
+          f"{c['cublas_over_best'] or nan:5.2f}x" + ("" if c["grid_complete"] else
+                                                     "  (grid cut by the budget)"))
+    gain = (dflt["us"] or float("inf")) / best["us"]
+    if gain <= 1.02:
+        return None
+    return (f"    ({sms}, {triton.next_power_of_2(c['m'])}, {c['n']}, {c['k']}): {cfg!r},"
+            f"  # {gain:.2f}x the rule")
+
+
+def _decode_step(results: list[dict]) -> dict[int, dict[str, float]]:
+    """Per M with every shape timed: µs of one decode step's linears (LAYERS_8B × the four
+    layer GEMMs + lm_head) with the best skinny configs, with F.linear, with the faster of
+    the two per shape."""
+    by_m: dict[int, dict[str, dict]] = {}
+    for c in results:
+        by_m.setdefault(c["m"], {})[c["shape"]] = c
+    out = {}
+    for m, cases in sorted(by_m.items()):
+        if set(cases) != set(SHAPES_BF16) or any(c["cublas"]["us"] is None
+                                                 for c in cases.values()):
+            continue
+        sums = {"skinny": 0.0, "cublas": 0.0, "faster": 0.0}
+        for name, c in cases.items():
+            times = c["best"]["us"], c["cublas"]["us"]
+            count = 1 if name == "lm_head" else LAYERS_8B
+            for key, us in zip(sums, (*times, min(times))):
+                sums[key] += count * us
+        out[m] = sums
+    return out
+
+
+def sweep_bf16(args: argparse.Namespace, l2: int, sms: int, peak: float, meta: dict) -> None:
+    """bf16_gemm_small_m against F.linear (cuBLAS) on the Llama 3 8B linears: the default and
+    the pruned grid, then refinement, within --budget-s; final timings with FINE_REP."""
+    ms, start = args.m or SWEEP_MS, time.monotonic()
+    deadline = start + args.budget_s
+    ops = {name: _weights(n, k, l2, with_bf16=True, with_fp8=False)
+           for name, (n, k) in SHAPES_BF16.items()}
+    cases = [{"name": name, "m": m, "n": op["wb"][0].shape[0], "k": op["wb"][0].shape[1],
+              "op": _with_activation_bf16(op, m), "timed": {}}
+             for m in sorted(ms) for name, op in ops.items()]  # M = 1 first
+    for i, case in enumerate(cases):
+        _progress("grid", i, cases, start)
+        case["grid_complete"] = _coarse(
+            case["op"], bf16_grid(case["m"], case["n"], case["k"], sms), case["timed"],
+            deadline)
+    _refine(cases, args.budget_s, start, strict=True)
+    results, tuned = [], []
+    for i, case in enumerate(cases):
+        _progress("final", i, cases, start)
+        default = default_config(case["m"], case["n"], case["k"], sms, elem_bytes=2)
+        fine = {c: us for c in {default, *_fastest(case["timed"], 2)}
+                if (us := _time_config(case["op"], c, FINE_REP)) is not None}
+        if not fine:
+            print("    no config ran")
+            continue
+        lin_us, lin_ok = _time_linear(case["op"], FINE_REP)
+        res = _case_json(case, default, fine, {"cublas": lin_us}, peak, elem_bytes=2)
+        res.update(cublas_correct=lin_ok, cublas_over_best=lin_us / res["best"]["us"],
+                   grid_complete=case["grid_complete"])
+        results.append(res)
+    print(f"\n# sweep took {time.monotonic() - start:.0f} s; copy {peak:.0f} GB/s; weight bytes "
+          "2·N·K; F.linear/best > 1: the skinny GEMM is faster")
+    for c in results:  # M = 1 first, as the cases
+        if (line := _report_bf16(c, sms)) is not None:
+            tuned.append(line)
+    step = _decode_step(results)
+    print(f"# one decode step's linears ({LAYERS_8B} × qkv, o_proj, gate_up, down + lm_head), µs:")
+    for m, sums in step.items():
+        print(f"    M={m:<3} skinny best {sums['skinny']:8.1f}  F.linear {sums['cublas']:8.1f}  "
+              f"faster of the two per shape {sums['faster']:8.1f}  "
+              f"(F.linear/skinny {sums['cublas'] / sums['skinny']:.3f}x)")
+    print("# TUNED_16BIT entries for kestrel/kernels/fp8_gemm.py (the default is > 2% slower):")
+    print("\n".join(tuned) or "    (none)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {**meta, "mode": "sweep-bf16", "cases": results, "decode_step_us": step,
+             "tuned_16bit": tuned}, indent=1))
+        print(f"# wrote {args.json}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--m", type=int, nargs="+", help="batch rows (compare: 1 4 16; sweep: "
+    ap.add_argument("--m", type=int, nargs="+", help="batch rows (compare: 1 4 16; sweeps: "
                     f"{' '.join(map(str, SWEEP_MS))})")
     ap.add_argument("--quick", action="store_true", help="compare: default configs only")
     ap.add_argument("--rep", type=int, default=100, help="compare: ms of replays per timing")
-    ap.add_argument("--sweep", action="store_true", help="tune configs on 8B and 70B shapes")
-    ap.add_argument("--json", help="sweep: write the results here")
-    ap.add_argument("--budget-s", type=float, default=180.0,
-                    help="sweep: seconds after which refinement stops")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--sweep", action="store_true", help="tune configs on 8B and 70B shapes")
+    mode.add_argument("--sweep-bf16", action="store_true",
+                      help="bf16_gemm_small_m vs F.linear on the 8B linears (tunes it too)")
+    ap.add_argument("--json", help="sweeps: write the results here")
+    ap.add_argument("--budget-s", type=float,
+                    help=f"sweeps: seconds after which tuning stops (--sweep: refinement, "
+                    f"default {BUDGET_S['sweep']:.0f}; --sweep-bf16: grid and refinement, "
+                    f"default {BUDGET_S['sweep_bf16']:.0f})")
     args = ap.parse_args()
+    if args.budget_s is None:
+        args.budget_s = BUDGET_S["sweep_bf16" if args.sweep_bf16 else "sweep"]
     if not torch.cuda.is_available():
         sys.exit("bench_fp8_gemm.py needs a CUDA GPU")
     props = torch.cuda.get_device_properties(0)
@@ -347,6 +527,8 @@ def main() -> None:
     print(f"# device-to-device copy: {peak:.0f} GB/s; weight GB/s below; x: speedup vs bf16")
     if args.sweep:
         sweep(args, l2, sms, peak, meta)
+    elif args.sweep_bf16:
+        sweep_bf16(args, l2, sms, peak, meta)
     else:
         compare(args, l2, sms, peak)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kestrel.kernels.fp8_quant import (
@@ -17,6 +17,7 @@ from kestrel.kernels.fp8_quant import (
     rms_norm_quant_fp8,
     silu_and_mul_quant_fp8,
 )
+from kestrel.layers.activation import silu_and_mul_ref
 from kestrel.quant.fp8 import (
     FP8_DTYPE,
     quantize_rowwise_ref,
@@ -88,6 +89,9 @@ def test_split_rows_match_reference(t, n, silu, dtype, ub, chunk, seed):
     that are not powers of two, an outlier row whose scale must not leak into the others."""
     x = _input(t, 2 * n if silu else n, dtype, seed, 2.0)
     if silu:
+        # an activation that overflows (fp16 outlier row) with no bound makes the scale inf:
+        # the reference then gives NaN codes, the kernel ±448; both are garbage, not a contract
+        assume(ub is not None or bool(torch.isfinite(silu_and_mul_ref(x.cpu())).all()))
         q, s = silu_and_mul_quant_fp8(x, ub, chunk=chunk)
         _check(q, s, *silu_and_mul_quant_ref(x, ub), max_ulp=1 if HAS_CUDA else 0)
     else:
