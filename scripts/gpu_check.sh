@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU tests, the roofline, and the benchmarks of issues 4, 5 and 6; each part fits one device
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
-#   PART: tests | roofline | profile | kernels | latency | fp8gemm | hf | decode64 | throughput
+#   PART: tests | roofline | profile | kernels | splits | latency | fp8gemm | sweep | hf |
+#         decode64 | throughput | fp8-70b
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT; a summary table is printed last.
 set -uo pipefail
@@ -32,6 +33,9 @@ fi
 if has kernels; then  # attention kernels vs torch SDPA (picks the SDPA crossover)
   python3 tests/kernels/bench_kernels.py --only prefill 2>&1 | tee "$OUT/kernels.log" | tail -n 9
 fi
+if has splits; then  # decode split-K crossover: sets paged_attention.NO_SPLIT_MAX_LEN
+  python3 tests/kernels/bench_kernels.py --only splits 2>&1 | tee "$OUT/splits.log" | tail -n 12
+fi
 if has latency; then
   c=$(ceil)
   for q in "" "--quantization fp8" "--quantization fp8 --fp8-attention --no-fp8-skip-layers"; do
@@ -44,6 +48,16 @@ if has latency; then
 fi
 if has fp8gemm; then
   python3 tests/quant/bench_fp8_gemm.py --quick 2>&1 | tee "$OUT/fp8_gemm.log" | tail -n 25
+fi
+if has sweep; then  # tuned skinny-GEMM configs (TUNED / TUNED_16BIT tables) and bf16 vs cuBLAS
+  python3 tests/quant/bench_fp8_gemm.py --sweep --json "$OUT/fp8_sweep.json" \
+    > "$OUT/fp8_sweep.log" 2>&1; tail -n 30 "$OUT/fp8_sweep.log"
+  python3 tests/quant/bench_fp8_gemm.py --sweep-bf16 --json "$OUT/bf16_sweep.json" \
+    > "$OUT/bf16_sweep.log" 2>&1; tail -n 30 "$OUT/bf16_sweep.log"
+fi
+if has fp8-70b; then  # issue 6: a 70B model in FP8 on one H200 (BF16 does not fit)
+  k bench latency --preset llama-3-70b --quantization fp8 --batch 1 --input 128 --output 128 \
+    --max-num-seqs 8 $(ceil) --json "$OUT/fp8_70b_b1.json" | tail -n 16
 fi
 if has hf; then  # side by side with transformers generate, same process, same shapes
   c=$(ceil)
