@@ -50,6 +50,9 @@ def register(sub: Any) -> None:
     p.add_argument("--internode-latency-us", type=float, default=20.0)
     p.add_argument("--step-overhead-ms", type=float, default=0.0,
                    help="host time per engine step (scheduling, launches, sampling)")
+    p.add_argument("--layer-overhead-us", type=float, default=0.0,
+                   help="GPU time per decoder layer of small kernels that bytes and FLOPs do "
+                        "not count (measured: ~20 on an H200 at batch 1; default: none)")
     p.add_argument("--json", dest="json_path", default=None, help="write the estimates here")
     p.add_argument("--validate", default=None, metavar="MANIFEST",
                    help="compare predictions with measured runs listed in this JSON file")
@@ -85,7 +88,8 @@ def cluster(ns: Any, num_gpus: int | None = None, roofline: dict | None = None) 
                    nvlink_bw=ns.nvlink_gbps * GB, internode_bw=ns.internode_gbps * GB,
                    nvlink_latency=ns.nvlink_latency_us * 1e-6,
                    internode_latency=ns.internode_latency_us * 1e-6,
-                   step_overhead=ns.step_overhead_ms * 1e-3)
+                   step_overhead=ns.step_overhead_ms * 1e-3,
+                   layer_overhead=ns.layer_overhead_us * 1e-6)
 
 
 def _layout_arg(text: str | None) -> tuple[int, int] | None:

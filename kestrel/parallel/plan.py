@@ -78,6 +78,11 @@ class Cluster:
     memory_utilization: float = 0.90
     overhead_bytes: float = 3 * GB
     step_overhead: float = 0.0  # host seconds per engine step (schedule, launch, sample)
+    # GPU seconds per decoder layer of the small latency-bound kernels (norms, rotary + cache
+    # write, attention's split reduce, activation) that neither bytes nor FLOPs count and that
+    # do not shrink with TP: ~20 µs (0.7 ms over 32 layers of a batch-1 step, H200,
+    # profile_decode.py). 0 by default: the pure roofline.
+    layer_overhead: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_gpus < 1 or self.gpus_per_node < 1:
@@ -195,7 +200,7 @@ def stage_time(cfg: ModelConfig, shape: StageShape, cluster: Cluster, tp: int, f
     comm = 2 * shape.layers * _allreduce(cluster, tp, tokens * cfg.hidden_size * 2)
     if shape.first:
         comm += _allreduce(cluster, tp, tokens * cfg.hidden_size * 2)  # vocab-parallel embed
-    return compute + comm
+    return compute + comm + shape.layers * cluster.layer_overhead
 
 
 def handoff_time(cfg: ModelConfig, cluster: Cluster, tp: int, stage: int, tokens: int) -> float:

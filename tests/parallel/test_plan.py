@@ -81,3 +81,16 @@ def test_validate_against_measured(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| lat.json | TP2xPP1 | TPOT ms |" in text and "%" in text
     assert "absent.json | - | missing" in text
+
+
+def test_layer_overhead_adds_per_layer_time_that_tp_does_not_shrink():
+    """--layer-overhead-us: every token's trip through the model pays it once per layer, on
+    whichever layout (the small kernels each rank still launches)."""
+    wl = Workload("one", 128, 16, max_num_seqs=1)
+    cfg = preset_config("llama-3-8b")
+    for tp in (1, 2):
+        base, extra = (
+            {(e.tp, e.pp): e for e in plan(cfg, Cluster(gpu_spec("h200"), 2, 2, **kw), wl,
+                                           ("bf16",))}[(tp, 1)]
+            for kw in ({}, {"layer_overhead": 20e-6}))
+        assert extra.tpot - base.tpot == pytest.approx(cfg.num_hidden_layers * 20e-6, rel=1e-6)
