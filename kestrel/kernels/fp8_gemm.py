@@ -108,9 +108,29 @@ TUNED: dict[tuple[int, int, int, int], SkinnyConfig] = {
     (132, 16, 57344, 8192): SkinnyConfig(128, 256, 1, use_dot=True),  # 111.6 → 108.8
 }
 
-# The same for 16-bit weights (``bf16_gemm_small_m``): the lines that
-# ``bench_fp8_gemm.py --sweep-bf16`` prints; block_k in elements (16-byte vectors: 8 of them).
-TUNED_16BIT: dict[tuple[int, int, int, int], SkinnyConfig] = {}
+# The same for 16-bit weights (``bf16_gemm_small_m``), lines that ``bench_fp8_gemm.py
+# --sweep-bf16`` prints; block_k in elements. Only shapes where the tuned kernel beat cuBLAS
+# (F.linear) belong here: unquantized linear layers run it exactly for these (``beats_cublas``).
+_FMA_2x2048 = SkinnyConfig(2, 2048, 1, num_warps=8, evict_first=True)
+TUNED_16BIT: dict[tuple[int, int, int, int], SkinnyConfig] = {
+    # H100 (132 SMs, as the H200), `--sweep-bf16`, 2026-11-26: llama-3-8b at TP=1, M=1; µs of
+    # F.linear → tuned. One decode step's linears 5,590 → 5,065 µs (1.10x).
+    (132, 1, 6144, 4096): _FMA_2x2048,  # qkv 20.5 → 18.3
+    (132, 1, 4096, 4096): _FMA_2x2048,  # o_proj 16.7 → 12.9
+    (132, 1, 28672, 4096): _FMA_2x2048,  # gate_up 81.3 → 75.3
+    (132, 1, 4096, 14336): _FMA_2x2048,  # down 44.4 → 41.5
+    (132, 1, 128256, 4096): SkinnyConfig(2, 2048, 1, num_warps=8),  # lm_head 377.0 → 329.8
+}
+
+
+def beats_cublas(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Is ``bf16_gemm_small_m(x, w)`` measured faster than F.linear for this shape here (a
+    ``TUNED_16BIT`` entry)? x [M, K], w [N, K], 16-bit."""
+    if x.dim() != 2 or w.element_size() != 2:
+        return False
+    key = (sm_count(x.device.type, x.device.index), triton.next_power_of_2(x.shape[0]),
+           w.shape[0], w.shape[1])
+    return key in TUNED_16BIT
 
 
 def default_config(m: int, n: int, k: int, num_sms: int, elem_bytes: int = 1) -> SkinnyConfig:

@@ -33,9 +33,10 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 PROGRAMS_PER_SM = 4  # measured (H200, bf16, D=128): ~4 resident programs saturate HBM
 # Contexts up to this many tokens decode unsplit: one launch, no reduce kernel, whose launch
-# costs more than a short context takes to read. Provisional (the low end of the 256..512
-# guess): set it from `bench_kernels.py --only splits`, which prints the crossover per batch.
-NO_SPLIT_MAX_LEN = 256
+# costs more than a short context takes to read. Measured (`bench_kernels.py --only splits`,
+# H100, llama-3-8b heads, 2026-11-26): at 128 tokens unsplit 5.1 µs vs 5.5 split 4 ways; at 256
+# unsplit 8.0 vs 5.5 (batch 1) and 8.4 vs 7.2 (batch 8).
+NO_SPLIT_MAX_LEN = 128
 
 
 @triton.jit

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kestrel.layers.linear import dense_linear
 from kestrel.loader.hf import materialize
 from kestrel.parallel.state import SINGLE, TPGroup
 
@@ -54,6 +55,6 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Output projection onto the vocabulary; logits gathered across ranks and unpadded."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [N, V / tp]
+        logits = dense_linear(hidden, self.weight)  # [N, V / tp]
         logits = self.tp.all_gather_last_dim(logits)
         return logits[:, : self.vocab_size]

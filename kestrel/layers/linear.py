@@ -44,6 +44,18 @@ def set_param_dims(param: nn.Parameter, output_dim: int | None, input_dim: int |
     param.input_dim = input_dim  # type: ignore[attr-defined]
 
 
+def dense_linear(x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except on GPU shapes where the Triton skinny GEMM measured faster than cuBLAS
+    (batch-1 decode of the tuned models: ``fp8_gemm.TUNED_16BIT``)."""
+    if x.is_cuda and bias is None:
+        from kestrel.kernels.fp8_gemm import beats_cublas, bf16_gemm_small_m
+
+        if beats_cublas(x, weight):
+            return bf16_gemm_small_m(x, weight)
+    return F.linear(x, weight, bias)
+
+
 class UnquantizedLinearMethod(QuantMethod):
     """Plain dense weights in the model dtype."""
 
@@ -53,7 +65,7 @@ class UnquantizedLinearMethod(QuantMethod):
         layer.register_parameter("weight", weight)
 
     def apply(self, layer, x, bias):
-        return F.linear(x, layer.weight, bias)
+        return dense_linear(x, layer.weight, bias)
 
 
 class LinearBase(nn.Module):

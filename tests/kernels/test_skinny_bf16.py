@@ -118,3 +118,42 @@ def test_strided_x_empty_and_bad_operands():
 def test_llama_shapes_on_gpu(m, n, k):
     x, w = _operands(m, n, k, torch.bfloat16, seed=m)
     _assert_close(bf16_gemm_small_m(x, w), x, w)
+
+
+def test_beats_cublas_only_for_listed_shapes(monkeypatch):
+    """The layers run the kernel exactly where TUNED_16BIT lists the shape (rows rounded up to
+    a power of two) on a GPU of this many SMs; fp8 and float32 weights never."""
+    monkeypatch.setattr(fp8_gemm, "TUNED_16BIT", {})
+    x, w = _operands(3, 40, 160, torch.bfloat16, seed=7)
+    assert not fp8_gemm.beats_cublas(x, w)
+    sms = fp8_gemm.sm_count(x.device.type, x.device.index)
+    monkeypatch.setitem(fp8_gemm.TUNED_16BIT, (sms, 4, 40, 160), SkinnyConfig(8, 32))
+    assert fp8_gemm.beats_cublas(x, w) and fp8_gemm.beats_cublas(x[:1].expand(4, -1), w)
+    assert not fp8_gemm.beats_cublas(x[:1], w)  # M=1 is another entry
+    assert not fp8_gemm.beats_cublas(x, w[:, :80]) and not fp8_gemm.beats_cublas(x, w[:20])
+    assert not fp8_gemm.beats_cublas(x.float(), w.float())
+    assert not fp8_gemm.beats_cublas(x[None], w)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_dense_linear_runs_the_kernel_for_listed_shapes(monkeypatch):
+    """Unquantized layers (and the LM head) call dense_linear: the kernel for a listed shape,
+    F.linear otherwise or with a bias; both give the float32 product."""
+    from kestrel.layers import linear as linear_mod
+
+    calls = []
+    real = fp8_gemm.bf16_gemm_small_m
+    monkeypatch.setattr(fp8_gemm, "bf16_gemm_small_m",
+                        lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    x, w = _operands(1, 384, 1024, torch.bfloat16, seed=8)
+    sms = fp8_gemm.sm_count("cuda", x.device.index)
+    monkeypatch.setitem(fp8_gemm.TUNED_16BIT, (sms, 1, 384, 1024), SkinnyConfig(2, 512))
+    _assert_close(linear_mod.dense_linear(x, w), x, w)
+    assert calls == [(1, 1024)]
+    x2, _ = _operands(2, 384, 1024, torch.bfloat16, seed=9)
+    _assert_close(linear_mod.dense_linear(x2, w), x2, w)
+    bias = torch.randn(384, dtype=x.dtype, device=DEV)
+    y = linear_mod.dense_linear(x, w, bias)
+    assert calls == [(1, 1024)]  # two rows and a bias: cuBLAS
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, bias))
