@@ -139,6 +139,15 @@ class ModelRunner:
                                    self.cfg.model_config.hidden_size, self.cfg.dtype)
         self.graphs.capture()
 
+    def release_graphs(self, wait: bool = True) -> None:
+        """Destroy the decode CUDA graphs, then (``wait``) let the device finish. NCCL keeps a
+        communicator referenced by every graph that captured one of its collectives: aborting
+        it while such a graph lived blocked forever (TP=2 shutdown, 2×H100 and 2×H200).
+        ``wait=False`` after a peer died: a collective waiting on it would never finish."""
+        self.graphs = None
+        if wait and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # ---- one step -------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput, prev: PrevTokens | None = None) -> ForwardBatch:
         bs = self.block_size

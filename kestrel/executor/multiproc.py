@@ -254,9 +254,10 @@ class MultiProcExecutor:
                 self.stage.drain_sends()
             except Exception as e:  # noqa: BLE001 - shutting down regardless
                 log.warning("parallel executor: unclean stop (%s)", e)
-            leave_process_groups()  # as the workers do on "stop": nobody waits on a peer
+            self.stage.leave()  # as the workers do on "stop": nobody waits on a peer
         self._join_workers(timeout=10.0)
         if getattr(self, "stage", None) is not None:
+            self.stage.runner.release_graphs(wait=False)
             self.stage.runner.kv_caches = []
         leave_process_groups()
 

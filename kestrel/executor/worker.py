@@ -53,6 +53,11 @@ class StageRunner:
         self._sends: list[tuple[Any, torch.Tensor]] = []  # in-flight isends and their buffers
         self.poll = self.runner.device.type == "cuda"  # gloo p2p work can only be waited on
 
+    def leave(self) -> None:
+        """Release the graphs that captured collectives, then leave the process groups."""
+        self.runner.release_graphs()
+        self.groups.destroy()
+
     # ---- start-up -------------------------------------------------------------------------
     def local_num_blocks(self) -> int:
         """KV blocks this rank can hold (its stage's layers, its share of the KV heads)."""
@@ -244,7 +249,7 @@ def run_worker(cfg: EngineConfig, layout: ParallelLayout, backend: str, init_met
                 stage.send_logits(seq, logits)
         stage.drain_sends()
     finally:
-        stage.groups.destroy()
+        stage.leave()
 
 
 def _receive_loop(groups: Groups, inbox: queue.SimpleQueue) -> None:
