@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU tests, the roofline, and the benchmarks of issues 4, 5 and 6; each part fits one device
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
-#   PART: tests | roofline | profile | kernels | splits | latency | fp8gemm | sweep | hf |
-#         decode64 | throughput | fp8-70b
+#   PART: tests | roofline | profile | kernels | splits | latency | fp8gemm | sweep | sweep-tp2 |
+#         hf | decode64 | throughput | fp8-70b
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT; a summary table is printed last.
 set -uo pipefail
@@ -54,6 +54,13 @@ if has sweep; then  # tuned skinny-GEMM configs (TUNED / TUNED_16BIT tables) and
     > "$OUT/fp8_sweep.log" 2>&1; tail -n 30 "$OUT/fp8_sweep.log"
   python3 tests/quant/bench_fp8_gemm.py --sweep-bf16 --json "$OUT/bf16_sweep.json" \
     > "$OUT/bf16_sweep.log" 2>&1; tail -n 30 "$OUT/bf16_sweep.log"
+fi
+if has sweep-tp2; then  # bf16 skinny GEMM vs cuBLAS on one rank's shapes at TP=2 (one GPU)
+  for preset in llama-3-8b llama-3-70b; do
+    python3 tests/quant/bench_fp8_gemm.py --sweep-bf16 --preset $preset --tp 2 --m 1 \
+      --json "$OUT/bf16_sweep_${preset}_tp2.json" > "$OUT/bf16_sweep_${preset}_tp2.log" 2>&1
+    tail -n 12 "$OUT/bf16_sweep_${preset}_tp2.log"
+  done
 fi
 if has fp8-70b; then  # issue 6: a 70B model in FP8 on one H200 (BF16 does not fit)
   k bench latency --preset llama-3-70b --quantization fp8 --batch 1 --input 128 --output 128 \

@@ -14,6 +14,7 @@ from pathlib import Path
 import triton
 
 from kestrel.kernels.fp8_gemm import SkinnyConfig, default_config
+from kestrel.loader.dummy import preset_config
 from tests.quant.skinny_timing import (
     SHAPES,
     describe,
@@ -30,11 +31,18 @@ SHAPES_70B = {"70b_gate_up": (57344, 8192), "70b_down": (8192, 28672)}
 SWEEP_MS = [1, 2, 4, 8, 16]
 COARSE_REP, FINE_REP = 5, 20  # ms of graph replays per timing: ranking, reported figures
 
-# --sweep-bf16: Llama 3 8B linears at TP=1, name → (N, K); one decode step runs the first four
-# once per layer and lm_head once.
-SHAPES_BF16 = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096),
-               "down": (4096, 14336), "lm_head": (128256, 4096)}
-LAYERS_8B = 32
+
+
+def bf16_shapes(preset: str, tp: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """--sweep-bf16's cases: one rank's linears of ``preset`` at tensor-parallel size ``tp``,
+    name → (N, K) (column-parallel ones split N, row-parallel ones K), and the layer count. One
+    decode step runs the first four once per layer and lm_head once."""
+    c = preset_config(preset)
+    q, kv = c.num_attention_heads * c.head_dim, max(1, c.num_key_value_heads // tp) * c.head_dim
+    h, f = c.hidden_size, c.intermediate_size
+    return {"qkv": (q // tp + 2 * kv, h), "o_proj": (h, q // tp), "gate_up": (2 * f // tp, h),
+            "down": (h, f // tp), "lm_head": (-(-c.vocab_size // tp), h)}, c.num_hidden_layers
+
 # bf16 tiles, K in elements: the FP8 winners at the same bytes per step and their neighbours.
 # FMA rows shorter than 256·num_warps take broadcast_x only (it won every such FP8 case).
 BF16_FMA_TILES = [(2, 2048, 8), (4, 1024, 4), (4, 512, 2), (8, 512, 4), (8, 256, 2),
@@ -191,8 +199,9 @@ def _report_bf16(c: dict, sms: int) -> str | None:
     return _tuned_line(c, cfg, sms)
 
 
-def _decode_step(results: list[dict]) -> dict[int, dict[str, float]]:
-    """Per M with every shape timed: µs of one decode step's linears (LAYERS_8B × the four
+def _decode_step(results: list[dict], names: set[str], layers: int
+                 ) -> dict[int, dict[str, float]]:
+    """Per M with every shape timed: µs of one decode step's linears (``layers`` × the four
     layer GEMMs + lm_head) with the best skinny configs, with F.linear, with the faster of
     the two per shape."""
     by_m: dict[int, dict[str, dict]] = {}
@@ -200,13 +209,13 @@ def _decode_step(results: list[dict]) -> dict[int, dict[str, float]]:
         by_m.setdefault(c["m"], {})[c["shape"]] = c
     out = {}
     for m, cases in sorted(by_m.items()):
-        if set(cases) != set(SHAPES_BF16) or any(c["cublas"]["us"] is None
+        if set(cases) != set(names) or any(c["cublas"]["us"] is None
                                                  for c in cases.values()):
             continue
         sums = {"skinny": 0.0, "cublas": 0.0, "faster": 0.0}
         for name, c in cases.items():
             times = c["best"]["us"], c["cublas"]["us"]
-            count = 1 if name == "lm_head" else LAYERS_8B
+            count = 1 if name == "lm_head" else layers
             for key, us in zip(sums, (*times, min(times))):
                 sums[key] += count * us
         out[m] = sums
@@ -214,12 +223,14 @@ def _decode_step(results: list[dict]) -> dict[int, dict[str, float]]:
 
 
 def sweep_bf16(args: argparse.Namespace, l2: int, sms: int, peak: float, meta: dict) -> None:
-    """bf16_gemm_small_m against F.linear (cuBLAS) on the Llama 3 8B linears: the default and
-    the pruned grid, then refinement, within --budget-s; final timings with FINE_REP."""
+    """bf16_gemm_small_m against F.linear (cuBLAS) on one rank's linears of --preset at --tp:
+    the default and the pruned grid, then refinement, within --budget-s; final timings with
+    FINE_REP."""
+    shapes, layers = bf16_shapes(args.preset, args.tp)
     ms, start = args.m or SWEEP_MS, time.monotonic()
     deadline = start + args.budget_s
     ops = {name: weights(n, k, l2, with_bf16=True, with_fp8=False)
-           for name, (n, k) in SHAPES_BF16.items()}
+           for name, (n, k) in shapes.items()}
     cases = [{"name": name, "m": m, "n": op["wb"][0].shape[0], "k": op["wb"][0].shape[1],
               "op": with_activation_bf16(op, m), "timed": {}}
              for m in sorted(ms) for name, op in ops.items()]  # M = 1 first
@@ -248,8 +259,8 @@ def sweep_bf16(args: argparse.Namespace, l2: int, sms: int, peak: float, meta: d
     for c in results:  # M = 1 first, as the cases
         if (line := _report_bf16(c, sms)) is not None:
             tuned.append(line)
-    step = _decode_step(results)
-    print(f"# one decode step's linears ({LAYERS_8B} × qkv, o_proj, gate_up, down + lm_head), µs:")
+    step = _decode_step(results, set(shapes), layers)
+    print(f"# one decode step's linears ({layers} × qkv, o_proj, gate_up, down + lm_head), µs:")
     for m, sums in step.items():
         print(f"    M={m:<3} skinny best {sums['skinny']:8.1f}  F.linear {sums['cublas']:8.1f}  "
               f"faster of the two per shape {sums['faster']:8.1f}  "
