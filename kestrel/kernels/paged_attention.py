@@ -134,13 +134,16 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PREC, UPCAST)
         m_i = m_new
 
-    # An empty split (or a zero-length padding sequence) has l_i == 0: emit 0 and lse = -inf.
+    # An empty split (or a zero-length padding sequence) has l_i == 0: lse = -inf and, split,
+    # no partial output (the reduce kernel skips it: graphs captured with many splits run short
+    # contexts with most splits empty), unsplit a zero output.
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     out_mask = g_mask[:, None] & d_mask[None, :]
     if SPLIT:
         row = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [BLOCK_G]
-        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o,
+                 mask=out_mask & has[:, None])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=g_mask)
     else:
@@ -173,7 +176,8 @@ def _reduce_kernel(
     denom = tl.sum(w, axis=0)
     denom = tl.where(denom > 0, denom, 1.0)
     p_ptrs = part_out_ptr + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :]
-    o = tl.load(p_ptrs, mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    filled = s_mask & (lse > float("-inf"))  # empty splits wrote no partial output
+    o = tl.load(p_ptrs, mask=filled[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     out = tl.sum(o * w[:, None], axis=0) / denom  # [BLOCK_D]
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)  # fmt: skip
