@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kestrel.quant.fp8_ops import FP8_DTYPE, cast_fp8
+
 
 @dataclass
 class AttentionMetadata:
@@ -54,6 +56,10 @@ class AttentionBackend(ABC):
     own position (new tokens included), times V. GQA: query head h reads KV head
     ``h // (Hq // Hkv)``. The rotary sits behind the seam so a backend may fuse it with the
     cache write; the model never knows whether it does.
+
+    An FP8 cache (``float8_e4m3fn``) holds ``quantize_kv(k, k_scale)`` and ``quantize_kv(v,
+    v_scale)``, per-KV-head float32 scales of this layer (``k_scale``, ``v_scale`` [Hkv], set by
+    the model runner's calibration); attention reads ``cached · scale`` rounded to q's dtype.
     """
 
     name: str = "base"
@@ -65,6 +71,17 @@ class AttentionBackend(ABC):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.k_scale: torch.Tensor | None = None  # [Hkv] float32, FP8 caches only
+        self.v_scale: torch.Tensor | None = None
+
+    def kv_scales(self, k_cache: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """This layer's (k_scale, v_scale) for an FP8 cache, else (None, None)."""
+        if k_cache.dtype != FP8_DTYPE:
+            return None, None
+        if self.k_scale is None or self.v_scale is None:
+            raise RuntimeError("an FP8 KV cache needs calibrated scales (ModelRunner."
+                               "calibrate_kv_scales) before the first forward")
+        return self.k_scale, self.v_scale
 
     @abstractmethod
     def forward(
@@ -81,17 +98,32 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor: ...
 
 
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """K or V [..., Hkv, D] → FP8: x / scale[head] in float32, saturated to ±448."""
+    return cast_fp8(x.float() / scale[:, None])
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 K or V [..., Hkv, D] → ``dtype``: x · scale[head] in float32, rounded once."""
+    return (x.float() * scale[:, None]).to(dtype)
+
+
 def write_kv_cache(
     k: torch.Tensor,
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Reference scatter of new K/V [T, Hkv, D] into the paged cache at ``slot_mapping``."""
+    """Reference scatter of new K/V [T, Hkv, D] into the paged cache at ``slot_mapping``
+    (quantized with the per-head scales when the cache is FP8)."""
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    if k_cache.dtype == FP8_DTYPE:
+        k, v = quantize_kv(k, k_scale), quantize_kv(v, v_scale)
     num_blocks, block_size = k_cache.shape[:2]
     k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slot_mapping] = k.to(k_cache.dtype)
     v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)

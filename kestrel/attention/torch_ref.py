@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kestrel.attention.base import AttentionBackend, AttentionMetadata, register_backend, write_kv_cache
+from kestrel.attention.base import (AttentionBackend, AttentionMetadata, dequantize_kv,
+                                    register_backend, write_kv_cache)
 from kestrel.layers.rotary import apply_rotary_ref
 
 
@@ -24,8 +25,11 @@ def paged_attention_ref(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of flat queries [T, Hq, D] against each sequence's paged context."""
+    """Causal attention of flat queries [T, Hq, D] against each sequence's paged context
+    (an FP8 cache dequantized with its per-head scales)."""
     t, hq, d = q.shape
     hkv = k_cache.shape[2]
     b = meta.num_seqs
@@ -38,8 +42,11 @@ def paged_attention_ref(
     tok_idx = torch.arange(t, device=q.device) - qsl[seq_idx]
     qp = q.new_zeros(b, max_q, hq, d)
     qp[seq_idx, tok_idx] = q
-    k = gather_paged(k_cache, meta.block_tables, max_l).to(q.dtype)  # [B, L, Hkv, D]
-    v = gather_paged(v_cache, meta.block_tables, max_l).to(q.dtype)
+    k = gather_paged(k_cache, meta.block_tables, max_l)  # [B, L, Hkv, D]
+    v = gather_paged(v_cache, meta.block_tables, max_l)
+    if k_scale is not None:
+        k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
+    k, v = k.to(q.dtype), v.to(q.dtype)
     # Query t of sequence i sits at position seq_len - q_len + t and sees keys at positions <= it.
     q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_q, device=q.device)[None]  # [B, max_q]
     k_pos = torch.arange(max_l, device=q.device)
@@ -64,5 +71,6 @@ class TorchAttention(AttentionBackend):
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, *,
                 positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         q, k = apply_rotary_ref(q, k, positions, cos_sin)
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        return paged_attention_ref(q, k_cache, v_cache, meta, self.scale)
+        ks, vs = self.kv_scales(k_cache)
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, ks, vs)
+        return paged_attention_ref(q, k_cache, v_cache, meta, self.scale, ks, vs)

@@ -67,19 +67,21 @@ class TritonAttention(AttentionBackend):
         cos_sin: torch.Tensor,  # [max_pos, D]
     ) -> torch.Tensor:
         # q and k are rotated in place: SDPA below reads the new k directly, not the cache.
+        ks, vs = self.kv_scales(k_cache)
         q, k = self._fused.rotary_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache,
-                                            meta.slot_mapping)
+                                            meta.slot_mapping, ks, vs)
         if meta.is_decode_only and q.shape[0] == meta.num_seqs:
             # One token per sequence: token i belongs to sequence i (query_start_loc = arange).
             return self._decode.paged_attention_decode(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
-                num_splits=self.num_splits, max_seq_len=meta.max_seq_len,
+                num_splits=self.num_splits, max_seq_len=meta.max_seq_len, k_scale=ks,
+                v_scale=vs,
             )  # fmt: skip
-        if self._fresh_long_prompts(meta):
+        if ks is None and self._fresh_long_prompts(meta):  # an FP8 cache: attend as cached
             return self._sdpa(q, k, v, meta.query_lens_cpu)
         return self._prefill.prefill_attention(
             q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            meta.max_query_len, self.scale,
+            meta.max_query_len, self.scale, k_scale=ks, v_scale=vs,
         )  # fmt: skip
 
     def _fresh_long_prompts(self, meta: AttentionMetadata) -> bool:

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from kestrel.config import (CacheConfig, EngineConfig, ParallelConfig, QuantConfig,
-                            SchedulerConfig, resolve_dtype)
+from kestrel.config import (KV_CACHE_DTYPES, CacheConfig, EngineConfig, ParallelConfig,
+                            QuantConfig, SchedulerConfig, resolve_dtype)
 from kestrel.loader.dummy import PRESETS, preset_config
 from kestrel.loader.hf import load_model_config, read_config
 
@@ -193,7 +193,9 @@ def add_engine_cli_args(p: Any) -> None:
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    g.add_argument("--kv-cache-dtype", default="auto")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="auto: the model dtype; fp8: e4m3 with per-layer, per-KV-head scales "
+                        "calibrated at start-up (half the cache memory)")
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false")
     g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill",

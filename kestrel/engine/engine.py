@@ -59,9 +59,9 @@ class Engine:
         tok_eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = tuple(eos) + ((tok_eos,) if tok_eos is not None and
                                            tok_eos not in eos else ())
-        log.info("engine ready: %s on %s, %d KV blocks of %d tokens, overlapped steps %s",
+        log.info("engine ready: %s on %s, %d KV blocks of %d tokens (%s), overlapped steps %s",
                  cfg.model, cfg.device, num_blocks, cfg.cache.block_size,
-                 "on" if self.overlap else "off")
+                 cfg.cache.kv_cache_dtype, "on" if self.overlap else "off")
 
     # ---- requests in --------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:

@@ -122,7 +122,7 @@ def run_compare(ns: Any) -> int:
     cand_args = _eval_args(ns)
     base_args = dataclasses.replace(
         cand_args, quantization=None if ns.baseline == "none" else ns.baseline,
-        dtype=ns.baseline_dtype or cand_args.dtype)
+        dtype=ns.baseline_dtype or cand_args.dtype, kv_cache_dtype="auto")
     base = LLM(**vars(base_args))
     cand = LLM(**vars(cand_args))
     windows = _windows(cand, ns)
@@ -148,5 +148,7 @@ def run_compare(ns: Any) -> int:
 
 def _describe(llm: Any) -> str:
     cfg = llm.engine.cfg
-    dtype = str(cfg.dtype).replace("torch.", "")
-    return f"{dtype}+{cfg.quant.method}" if cfg.quant.method else dtype
+    parts = [str(cfg.dtype).replace("torch.", ""), cfg.quant.method]
+    if cfg.cache.kv_cache_dtype != "auto":
+        parts.append(f"kv-{cfg.cache.kv_cache_dtype}")
+    return "+".join(p for p in parts if p)

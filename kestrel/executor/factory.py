@@ -24,6 +24,7 @@ class UniProcExecutor:
 
     def __init__(self, cfg: EngineConfig) -> None:
         self.runner = ModelRunner(cfg)
+        self.runner.calibrate_kv_scales()  # before the profile run, which attends as served
         self.num_blocks = self.runner.num_blocks_that_fit()
         self.runner.allocate_kv_cache(self.num_blocks)
         self.runner.capture_graphs()

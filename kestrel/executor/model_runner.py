@@ -14,8 +14,14 @@ from kestrel.core.scheduler import SchedulerOutput
 from kestrel.executor.cuda_graph import DecodeGraphs
 from kestrel.executor.loading import build_model
 from kestrel.parallel.state import SINGLE, TPGroup
+from kestrel.quant.fp8_ops import FP8_DTYPE, FP8_MAX
 
 log = logging.getLogger(__name__)
+
+# FP8 KV cache calibration (calibrate_kv_scales): tokens of the calibration prefill, and the
+# factor above their K/V amax that later inputs may reach before saturating at ±448.
+KV_CALIBRATION_TOKENS = 512
+KV_SCALE_HEADROOM = 2.0
 
 
 @dataclass
@@ -77,7 +83,7 @@ class ModelRunner:
 
     # ---- KV cache -------------------------------------------------------------------------
     def kv_dtype(self) -> torch.dtype:
-        return self.cfg.dtype  # CacheConfig admits only "auto" (the model dtype) for now
+        return self.cfg.dtype if self.cfg.cache.kv_cache_dtype == "auto" else FP8_DTYPE
 
     def block_bytes(self) -> int:
         attn = next(iter(self.model.layers.values())).self_attn
@@ -120,14 +126,41 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return int(peak)
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype | None = None) -> None:
         attn = next(iter(self.model.layers.values())).self_attn
         shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-        dt = self.kv_dtype()
+        dt = dtype or self.kv_dtype()
         self.kv_caches = [(torch.zeros(shape, dtype=dt, device=self.device),
                            torch.zeros(shape, dtype=dt, device=self.device))
                           for _ in self.model.layers]
         self.num_blocks = num_blocks
+
+    @torch.inference_mode()
+    def calibrate_kv_scales(self) -> None:
+        """FP8 cache: each layer's per-KV-head scales, KV_SCALE_HEADROOM × amax / 448 of K (as
+        cached: after the rotary) and of V over a prefill of KV_CALIBRATION_TOKENS seeded
+        random tokens through a temporary cache in the model dtype; a no-op otherwise. Call
+        before sizing (its profile run attends through the FP8 cache) and allocating the cache;
+        every TP rank runs the same tokens, so the forward's all-reduces pair up."""
+        if self.kv_dtype() != FP8_DTYPE:
+            return
+        from kestrel.core.scheduler import ScheduledRequest
+
+        sc, vocab = self.cfg.scheduler, self.cfg.model_config.vocab_size
+        n = min(KV_CALIBRATION_TOKENS, sc.max_model_len, sc.max_num_batched_tokens)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(1, vocab, (n,), generator=gen).tolist()
+        nb = -(-n // self.block_size)
+        self.allocate_kv_cache(nb, dtype=self.cfg.dtype)
+        batch = self.prepare(SchedulerOutput([ScheduledRequest("calibrate", ids, 0,
+                                                               list(range(nb)), True)]))
+        self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        for layer, (kc, vc) in zip(self.model.layers.values(), self.kv_caches):
+            attn = layer.self_attn.attn
+            attn.k_scale, attn.v_scale = (
+                (c.abs().amax(dim=(0, 1, 3)).float().clamp_min(1e-6) * KV_SCALE_HEADROOM
+                 / FP8_MAX).contiguous() for c in (kc, vc))
+        self.kv_caches = []
 
     def capture_graphs(self) -> None:
         """Decode CUDA graphs, on CUDA unless enforce_eager; call after allocate_kv_cache."""

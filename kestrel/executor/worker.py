@@ -203,11 +203,12 @@ def start_rank(cfg: EngineConfig, layout: ParallelLayout, backend: str, init_met
     one_shot = cfg.dtype if cfg.parallel.custom_all_reduce else None
     groups = init_groups(layout, backend, torch.device(cfg.device), init_method, one_shot)
     stage = StageRunner(cfg, groups)
+    stage.runner.calibrate_kv_scales()  # FP8 caches (PP = 1): every rank at once
     if layout.rank == 0:
-        stage.runner.num_blocks = _agreed_blocks_driver(stage, groups, health)
+        num_blocks = _agreed_blocks_driver(stage, groups, health)
     else:
-        stage.runner.num_blocks = all_reduce_min(stage.local_num_blocks(), groups)
-    stage.runner.allocate_kv_cache(stage.runner.num_blocks)
+        num_blocks = all_reduce_min(stage.local_num_blocks(), groups)
+    stage.runner.allocate_kv_cache(num_blocks)
     if stage.runner.device.type == "cuda":
         if layout.tp > 1:  # create the NCCL communicator before graph capture needs it
             groups.tp.all_reduce(torch.zeros(1, device=stage.runner.device))

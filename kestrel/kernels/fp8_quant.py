@@ -74,7 +74,7 @@ def _scale_of(amax, scale_ub):
 
 
 @triton.jit
-def _quant(v, scale, HW_CAST: tl.constexpr):
+def quantize_e4m3(v, scale, HW_CAST: tl.constexpr):
     """v / scale → e4m3 bits (uint8), as the reference's cast_fp8(v / scale)."""
     y = tl.math.div_rn(v, scale)  # IEEE division, as in the torch reference
     y = tl.minimum(tl.maximum(y, -_MAX), _MAX)
@@ -120,7 +120,7 @@ def _per_token_quant_kernel(
         mask = offs < n_cols
         v = _load_act(x_row, n_cols, offs, mask, SILU, DT)
         scale = _scale_of(tl.max(tl.abs(v), axis=0), scale_ub)
-        tl.store(q_row + offs, _quant(v, scale, HW_CAST), mask=mask)
+        tl.store(q_row + offs, quantize_e4m3(v, scale, HW_CAST), mask=mask)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
@@ -132,7 +132,7 @@ def _per_token_quant_kernel(
             offs = start + tl.arange(0, BLOCK)
             mask = offs < n_cols
             v = _load_act(x_row, n_cols, offs, mask, SILU, DT)
-            tl.store(q_row + offs, _quant(v, scale, HW_CAST), mask=mask)
+            tl.store(q_row + offs, quantize_e4m3(v, scale, HW_CAST), mask=mask)
     tl.store(s_ptr + row, scale)
 
 
@@ -182,7 +182,7 @@ def _chunk_quant_kernel(
     offs = c * CHUNK + tl.arange(0, CHUNK)
     mask = offs < n_cols
     v = tl.load(a_ptr + row * stride_a + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(q_ptr + row * stride_q + offs, _quant(v, scale, HW_CAST), mask=mask)
+    tl.store(q_ptr + row * stride_q + offs, quantize_e4m3(v, scale, HW_CAST), mask=mask)
     tl.store(s_ptr + row, scale, mask=c == 0)
 
 
@@ -220,7 +220,7 @@ def _rms_norm_quant_kernel(
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = round_dtype(w * round_dtype(x * rstd, DT), DT)  # cast back, then scale (HF order)
     scale = _scale_of(tl.max(tl.abs(v), axis=0), scale_ub)
-    tl.store(q_ptr + row * stride_q + offs, _quant(v, scale, HW_CAST), mask=mask)
+    tl.store(q_ptr + row * stride_q + offs, quantize_e4m3(v, scale, HW_CAST), mask=mask)
     tl.store(s_ptr + row, scale)
 
 

@@ -7,7 +7,7 @@ the storage dtype where the reference does) and differs only by float32 reductio
     silu_and_mul      ~ kestrel.layers.activation.silu_and_mul_ref
     apply_rotary      ~ kestrel.layers.rotary.apply_rotary_ref    (but IN PLACE on q and k)
     rotary_and_cache  ~ apply_rotary_ref, then kestrel.attention.base.write_kv_cache
-                        (in place on q and k; slot < 0 is skipped; bit-exact)
+                        (in place on q and k; slot < 0 is skipped; bit-exact, FP8 caches too)
 
 Layout assumptions: the last (hidden / head_dim) dimension is contiguous; other dimensions
 may be strided, so q/k/v can be views into a fused qkv projection output without a copy.
@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kestrel.kernels.fp8_quant import hw_fp8_cast, quantize_e4m3
+from kestrel.kernels.paged_attention import check_kv_scales
 
 
 def _row_warps(block: int) -> int:
@@ -185,6 +188,8 @@ def _rotary_cache_kernel(
     k_cache_ptr,  # [num_blocks * block_size, Hkv, D] contiguous per slot
     v_cache_ptr,
     slot_ptr,  # [T] int64, < 0 = skip (padding token)
+    k_scale_ptr,  # [Hkv] float32 (FP8 caches)
+    v_scale_ptr,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -196,6 +201,8 @@ def _rotary_cache_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    FP8: tl.constexpr,  # the caches are FP8 (passed as their uint8 views)
+    HW_CAST: tl.constexpr,  # FP8: the hardware e4m3 conversion (kestrel.kernels.fp8_quant)
 ):  # fmt: skip
     # One program per token: the rotary kernel and the cache write of reshape_and_cache in one
     # launch (decode at batch 1 pays for launches, not bytes).
@@ -212,14 +219,22 @@ def _rotary_cache_kernel(
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot >= 0:
         offs_h = tl.arange(0, BLOCK_HK)
-        mask = (offs_h[:, None] < num_kv_heads) & dmask[None, :]
+        hmask = offs_h < num_kv_heads
+        mask = hmask[:, None] & dmask[None, :]
         c_off = slot * stride_slot + offs_h[:, None] * (2 * HALF) + offs_d[None, :]
-        cache_ty = k_cache_ptr.dtype.element_ty
-        tl.store(k_cache_ptr + c_off, k1.to(cache_ty), mask=mask)
-        tl.store(k_cache_ptr + c_off + HALF, k2.to(cache_ty), mask=mask)
         v_row = v_ptr + tok * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
         v1 = tl.load(v_row, mask=mask)
         v2 = tl.load(v_row + HALF, mask=mask)
+        if FP8:  # e4m3 bits of x / scale[head] into the caches' uint8 views
+            ks = tl.load(k_scale_ptr + offs_h, mask=hmask, other=1.0)[:, None]
+            vs = tl.load(v_scale_ptr + offs_h, mask=hmask, other=1.0)[:, None]
+            k1, k2 = quantize_e4m3(k1.to(tl.float32), ks, HW_CAST), quantize_e4m3(
+                k2.to(tl.float32), ks, HW_CAST)
+            v1, v2 = quantize_e4m3(v1.to(tl.float32), vs, HW_CAST), quantize_e4m3(
+                v2.to(tl.float32), vs, HW_CAST)
+        cache_ty = k_cache_ptr.dtype.element_ty
+        tl.store(k_cache_ptr + c_off, k1.to(cache_ty), mask=mask)
+        tl.store(k_cache_ptr + c_off + HALF, k2.to(cache_ty), mask=mask)
         tl.store(v_cache_ptr + c_off, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_cache_ptr + c_off + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -233,9 +248,12 @@ def rotary_and_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding IN PLACE on q [T, Hq, D] and k [T, Hkv, D], then k and v into the paged
     cache [NB, BS, Hkv, D] at ``slot_mapping`` (slots < 0 skipped), in one launch; returns (q, k).
+    An FP8 cache takes ``quantize_kv`` of them with the per-head float32 ``k_scale``/``v_scale``.
 
     Bit-exact with ``apply_rotary_ref`` then ``write_kv_cache`` on CUDA: float32 rotation
     without FMA contraction (as torch's separate multiply and subtract), rounded to q/k's dtype,
@@ -254,17 +272,23 @@ def rotary_and_cache(
     if any(x.stride(-1) != 1 for x in (q, k, v, cos_sin)):
         raise ValueError("rotary_and_cache: the last dimension of q, k, v, cos_sin must be "
                          "contiguous")  # fmt: skip
+    fp8 = check_kv_scales("rotary_and_cache", k_cache, hk, k_scale, v_scale)
     if t == 0:
         return q, k
     half = d // 2
+    if fp8:
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+    else:
+        k_scale = v_scale = slot_mapping  # unread placeholders
     _rotary_cache_kernel[(t,)](
-        q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
+        q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos_sin.stride(0), hk * d, hq, hk,
         HALF=half,
         BLOCK_HQ=triton.next_power_of_2(hq),
         BLOCK_HK=triton.next_power_of_2(hk),
         BLOCK_HALF=triton.next_power_of_2(half),
+        FP8=fp8, HW_CAST=fp8 and hw_fp8_cast(q.device),
         num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip
     return q, k

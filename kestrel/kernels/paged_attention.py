@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kestrel.quant.fp8_ops import FP8_DTYPE
+
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 PROGRAMS_PER_SM = 4  # measured (H200, bf16, D=128): ~4 resident programs saturate HBM
@@ -62,6 +64,8 @@ def _decode_kernel(
     v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
     block_tables_ptr,  # [B, max_blocks] int32
     seq_lens_ptr,  # [B] int32
+    k_scale_ptr,  # [Hkv] float32 (FP8_KV)
+    v_scale_ptr,
     out_ptr,  # [B, Hq, D] final output (written when not SPLIT)
     part_out_ptr,  # [B, Hq, num_splits, D] fp32 normalised partial outputs (SPLIT)
     part_lse_ptr,  # [B, Hq, num_splits] fp32 base-2 log-sum-exp of each split (SPLIT)
@@ -79,6 +83,7 @@ def _decode_kernel(
     PAGE_SIZE: tl.constexpr,  # cache block size (tokens per page)
     BLOCK_N: tl.constexpr,  # tokens per tile
     SPLIT: tl.constexpr,  # write partials for the reduce kernel instead of the output
+    FP8_KV: tl.constexpr,  # FP8 cache: K and V read as cached · scale, rounded to q's dtype
     DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (no tf32 rounding), else the default
     UPCAST: tl.constexpr,  # interpreter only: dot in fp32 (see mma)
 ):  # fmt: skip
@@ -108,6 +113,11 @@ def _decode_kernel(
     bt_row = block_tables_ptr + seq * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
+    k_scale = 1.0
+    v_scale = 1.0
+    if FP8_KV:
+        k_scale = tl.load(k_scale_ptr + kv_head)
+        v_scale = tl.load(v_scale_ptr + kv_head)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n  # [BLOCK_N] token positions
         n_mask = pos < end
@@ -123,6 +133,8 @@ def _decode_kernel(
             mask=n_mask[None, :] & d_mask[:, None],
             other=0.0,
         )
+        if FP8_KV:
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
         qk = mma(q, k, DOT_PREC, UPCAST) * qk_scale  # [BLOCK_G, BLOCK_N]
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         # Online softmax: the first tile always holds a valid token, so m_new is finite.
@@ -131,6 +143,8 @@ def _decode_kernel(
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if FP8_KV:
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PREC, UPCAST)
         m_i = m_new
 
@@ -183,6 +197,17 @@ def _reduce_kernel(
              out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)  # fmt: skip
 
 
+def check_kv_scales(name: str, k_cache: torch.Tensor, hkv: int, k_scale, v_scale) -> bool:
+    """Is the cache FP8 (then with one float32 scale per KV head for K and for V)?"""
+    if k_cache.dtype != FP8_DTYPE:
+        return False
+    for s in (k_scale, v_scale):
+        if s is None or s.dtype != torch.float32 or s.numel() != hkv or not s.is_contiguous():
+            raise ValueError(f"{name}: an FP8 cache needs contiguous float32 k_scale and "
+                             f"v_scale of {hkv} values (one per KV head)")
+    return True
+
+
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -231,12 +256,15 @@ def paged_attention_decode(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention: q [B, Hq, D] (one token per sequence, the last of its context).
 
-    k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks] int32
-    (padded); seq_lens: [B] int32, context length including the new token (whose K/V must
-    already be in the cache). Returns out [B, Hq, D] in q's dtype.
+    k_cache, v_cache: [num_blocks, block_size, Hkv, D] (q's dtype, or FP8 with float32
+    ``k_scale``/``v_scale`` [Hkv]); block_tables: [B, max_blocks] int32 (padded); seq_lens: [B]
+    int32, context length including the new token (whose K/V must already be in the cache).
+    Returns out [B, Hq, D] in q's dtype.
 
     ``num_splits``: split-K factor; None picks one with ``choose_num_splits`` from
     ``max_seq_len`` (a host int; default: the block table's capacity, which never syncs).
@@ -250,6 +278,7 @@ def paged_attention_decode(
         raise ValueError("decode: the head_dim axis of q and the caches must be contiguous")
     if page_size & (page_size - 1):
         raise ValueError(f"decode: block_size must be a power of two, got {page_size}")
+    fp8 = check_kv_scales("decode", k_cache, hkv, k_scale, v_scale)
     if out is None:
         out = torch.empty_like(q)
     if b == 0:
@@ -266,8 +295,10 @@ def paged_attention_decode(
         part_lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused placeholders
+    if not fp8:
+        k_scale = v_scale = seq_lens  # unread placeholders
     _decode_kernel[(b, hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale, out, part_out, part_lse,
         scale * LOG2E, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -276,7 +307,7 @@ def paged_attention_decode(
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        PAGE_SIZE=page_size, BLOCK_N=block_n, SPLIT=split,
+        PAGE_SIZE=page_size, BLOCK_N=block_n, SPLIT=split, FP8_KV=fp8,
         **dot_flags(q.dtype, q.device),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.paged_attention import dot_flags, mma
+from kestrel.kernels.paged_attention import check_kv_scales, dot_flags, mma
 
 LOG2E = 1.4426950408889634
 
@@ -32,10 +32,11 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _attend_tile(
     q, acc, m_i, l_i,  # [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_D], [BLOCK_M], [BLOCK_M]
-    k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale,
+    k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale, k_scale, v_scale,
     stride_kb, stride_kt, stride_vb, stride_vt,
     offs_n, offs_d, d_mask,
-    PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, FP8_KV: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax step of a query tile against the key tile at positions n0.."""
     pos = n0 + offs_n  # [BLOCK_N] key positions
@@ -51,6 +52,8 @@ def _attend_tile(
         k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
     else:
         k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+    if FP8_KV:  # cached · scale, rounded to q's dtype
+        k = (k.to(tl.float32) * k_scale).to(q.dtype)
     qk = mma(q, k, DOT_PREC, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASKED:
         causal = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
@@ -63,6 +66,8 @@ def _attend_tile(
         v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [N, D]
     else:
         v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+    if FP8_KV:
+        v = (v.to(tl.float32) * v_scale).to(q.dtype)
     acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PREC, UPCAST)
     return acc, m_new, l_i
 
@@ -76,6 +81,8 @@ def _prefill_kernel(
     query_start_loc_ptr,  # [B+1] int32
     seq_lens_ptr,  # [B] int32
     block_tables_ptr,  # [B, max_blocks] int32
+    k_scale_ptr,  # [Hkv] float32 (FP8_KV)
+    v_scale_ptr,
     qk_scale,  # softmax scale * log2(e)
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -88,6 +95,7 @@ def _prefill_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    FP8_KV: tl.constexpr,  # FP8 cache with per-KV-head scales
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -115,6 +123,11 @@ def _prefill_kernel(
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
     bt_row = block_tables_ptr + seq * stride_bt
+    k_scale = 1.0
+    v_scale = 1.0
+    if FP8_KV:
+        k_scale = tl.load(k_scale_ptr + kv_head)
+        v_scale = tl.load(v_scale_ptr + kv_head)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -123,18 +136,18 @@ def _prefill_kernel(
     full_end = (first_pos + tile * BLOCK_M) // BLOCK_N * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale,
-            stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d, d_mask,
-            PAGE_SIZE, False, DOT_PREC, UPCAST,
+            q, acc, m_i, l_i, k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale, k_scale,
+            v_scale, stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d, d_mask,
+            PAGE_SIZE, False, FP8_KV, DOT_PREC, UPCAST,
         )  # fmt: skip
     # Loop 2: the diagonal, up to the tile's last valid query position (inclusive). Key 0 is
     # visible to every row, so the first masked tile leaves every m_i finite (no NaN rows).
     last_pos = first_pos + tl.minimum((tile + 1) * BLOCK_M, q_len)  # exclusive bound
     for n0 in range(full_end, last_pos, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale,
-            stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d, d_mask,
-            PAGE_SIZE, True, DOT_PREC, UPCAST,
+            q, acc, m_i, l_i, k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale, k_scale,
+            v_scale, stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d, d_mask,
+            PAGE_SIZE, True, FP8_KV, DOT_PREC, UPCAST,
         )  # fmt: skip
 
     o = acc / l_i[:, None]
@@ -169,10 +182,13 @@ def prefill_attention(
     out: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal varlen attention of flat queries q [T, Hq, D] against the paged cache.
 
-    k_cache, v_cache: [num_blocks, block_size, Hkv, D] already holding the new tokens' K/V;
+    k_cache, v_cache: [num_blocks, block_size, Hkv, D] already holding the new tokens' K/V (q's
+    dtype, or FP8 with float32 ``k_scale``/``v_scale`` [Hkv]);
     query_start_loc: [B+1] int32; seq_lens: [B] int32 (context after this step, >= q_len);
     block_tables: [B, max_blocks] int32; max_query_len: host int bounding the grid.
     Returns out [T, Hq, D] in q's dtype. block_m / block_n override the tile (tests).
@@ -185,6 +201,9 @@ def prefill_attention(
         raise ValueError("prefill: the head_dim axis of q and the caches must be contiguous")
     if page_size & (page_size - 1):
         raise ValueError(f"prefill: block_size must be a power of two, got {page_size}")
+    fp8 = check_kv_scales("prefill", k_cache, hkv, k_scale, v_scale)
+    if not fp8:
+        k_scale = v_scale = seq_lens  # unread placeholders
     if out is None:
         out = torch.empty_like(q)
     b = seq_lens.shape[0]
@@ -194,7 +213,7 @@ def prefill_attention(
     bm, bn = block_m or bm, block_n or bn
     grid = (triton.cdiv(max_query_len, bm), b, hq)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, k_scale, v_scale,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -202,7 +221,7 @@ def prefill_attention(
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), PAGE_SIZE=page_size,
-        BLOCK_M=bm, BLOCK_N=bn, **dot_flags(q.dtype, q.device),
+        BLOCK_M=bm, BLOCK_N=bn, FP8_KV=fp8, **dot_flags(q.dtype, q.device),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

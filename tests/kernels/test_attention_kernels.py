@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kestrel.attention.base import AttentionMetadata
+from kestrel.attention.base import AttentionMetadata, quantize_kv
 from kestrel.attention.torch_ref import TorchAttention, paged_attention_ref
 from kestrel.attention.triton_backend import TritonAttention
 from kestrel.kernels.paged_attention import (
@@ -39,13 +39,20 @@ class Batch:
     k_cache: torch.Tensor  # [num_blocks, bs, Hkv, D], every block random
     v_cache: torch.Tensor
     meta: AttentionMetadata
+    k_scale: torch.Tensor | None = None  # [Hkv] float32: the caches are FP8
+    v_scale: torch.Tensor | None = None
+
+    @property
+    def scales(self) -> dict[str, torch.Tensor | None]:
+        return {"k_scale": self.k_scale, "v_scale": self.v_scale}
 
 
 def make_batch(
     q_lens: list[int], prefix_lens: list[int], hq: int, hkv: int, d: int, bs: int,
-    dtype: torch.dtype, dev: str, pad_cols: int = 2,
+    dtype: torch.dtype, dev: str, pad_cols: int = 2, fp8: bool = False,
 ) -> Batch:  # fmt: skip
-    """Random queries and paged cache for sequences of q_lens new tokens after prefix_lens."""
+    """Random queries and paged cache for sequences of q_lens new tokens after prefix_lens
+    (``fp8``: the cache quantized with random per-KV-head scales)."""
     seq_lens = [p + q for p, q in zip(prefix_lens, q_lens)]
     nblk = [-(-s // bs) for s in seq_lens]
     num_blocks = sum(nblk) + 3  # spare blocks hold random garbage that must not be read
@@ -71,10 +78,15 @@ def make_batch(
     q = torch.randn(t, hq, d, dtype=dtype, device=dev)
     k_cache = torch.randn(num_blocks, bs, hkv, d, dtype=dtype, device=dev)
     v_cache = torch.randn(num_blocks, bs, hkv, d, dtype=dtype, device=dev)
-    return Batch(q, k_cache, v_cache, meta)
+    if not fp8:
+        return Batch(q, k_cache, v_cache, meta)
+    ks, vs = (0.004 + 0.01 * torch.rand(hkv, device=dev) for _ in range(2))
+    return Batch(q, quantize_kv(k_cache, ks), quantize_kv(v_cache, vs), meta, ks, vs)
 
 
 def reference(b: Batch, scale: float) -> torch.Tensor:
+    if b.k_scale is not None:  # dequantized in float32 by the reference
+        return paged_attention_ref(b.q.float(), b.k_cache, b.v_cache, b.meta, scale, **b.scales)
     return paged_attention_ref(b.q.float(), b.k_cache.float(), b.v_cache.float(), b.meta, scale)
 
 
@@ -90,14 +102,15 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
 
 def check_decode(
     seq_lens: list[int], hq: int, hkv: int, d: int, bs: int, dtype: torch.dtype,
-    num_splits: int | None, dev: str,
+    num_splits: int | None, dev: str, fp8: bool = False,
 ) -> None:  # fmt: skip
-    b = make_batch([1] * len(seq_lens), [s - 1 for s in seq_lens], hq, hkv, d, bs, dtype, dev)
+    b = make_batch([1] * len(seq_lens), [s - 1 for s in seq_lens], hq, hkv, d, bs, dtype, dev,
+                   fp8=fp8)
     scale = d**-0.5
     out = torch.full_like(b.q, NAN)
     paged_attention_decode(
         b.q, b.k_cache, b.v_cache, b.meta.block_tables, b.meta.seq_lens, scale,
-        out=out, num_splits=num_splits, max_seq_len=b.meta.max_seq_len,
+        out=out, num_splits=num_splits, max_seq_len=b.meta.max_seq_len, **b.scales,
     )  # fmt: skip
     assert_close(out, reference(b, scale), dtype)
 
@@ -112,6 +125,13 @@ DECODE_SHAPES = [(4, 4, 64, 16), (6, 2, 96, 8), (8, 2, 64, 32), (8, 1, 128, 16)]
 def test_decode(dtype: torch.dtype, hq: int, hkv: int, d: int, bs: int, num_splits: int) -> None:
     # Lengths: one token, one partial page, several tiles; with 3 splits some are empty.
     check_decode([1, 37, 150], hq, hkv, d, bs, dtype, num_splits, DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_fp8_cache(dtype: torch.dtype, num_splits: int) -> None:
+    """An FP8 cache read as cached · per-head scale (the reference dequantizes in float32)."""
+    check_decode([1, 37, 150], 8, 2, 64, 16, dtype, num_splits, DEV, fp8=True)
 
 
 def test_decode_heuristic_splits() -> None:
@@ -205,15 +225,15 @@ def test_decode_cuda_graph_replay() -> None:
 
 def check_prefill(
     q_lens: list[int], prefix_lens: list[int], hq: int, hkv: int, d: int, bs: int,
-    dtype: torch.dtype, dev: str, **tiles: int,
+    dtype: torch.dtype, dev: str, fp8: bool = False, **tiles: int,
 ) -> None:  # fmt: skip
-    b = make_batch(q_lens, prefix_lens, hq, hkv, d, bs, dtype, dev)
+    b = make_batch(q_lens, prefix_lens, hq, hkv, d, bs, dtype, dev, fp8=fp8)
     scale = d**-0.5
     out = torch.full_like(b.q, NAN)
     m = b.meta
     prefill_attention(
         b.q, b.k_cache, b.v_cache, m.query_start_loc, m.seq_lens, m.block_tables,
-        m.max_query_len, scale, out=out, **tiles,
+        m.max_query_len, scale, out=out, **tiles, **b.scales,
     )  # fmt: skip
     assert_close(out, reference(b, scale), dtype)
 
@@ -226,6 +246,22 @@ def test_prefill(dtype: torch.dtype, hq: int, hkv: int, d: int, bs: int) -> None
                   block_m=16, block_n=16)  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_fp8_cache(dtype: torch.dtype) -> None:
+    check_prefill([37, 20, 1, 3], [0, 45, 13, 0], 8, 2, 64, 16, dtype, DEV, fp8=True,
+                  block_m=16, block_n=16)  # fmt: skip
+
+
+def test_kernels_refuse_an_fp8_cache_without_scales() -> None:
+    b = make_batch([1, 1], [4, 9], 4, 2, 64, 16, torch.float32, DEV, fp8=True)
+    m = b.meta
+    with pytest.raises(ValueError, match="one per KV head"):
+        paged_attention_decode(b.q, b.k_cache, b.v_cache, m.block_tables, m.seq_lens, 0.125)
+    with pytest.raises(ValueError, match="one per KV head"):
+        prefill_attention(b.q, b.k_cache, b.v_cache, m.query_start_loc, m.seq_lens,
+                          m.block_tables, 1, 0.125, k_scale=b.k_scale, v_scale=b.v_scale[:1])
+
+
 def test_prefill_default_tiles() -> None:
     check_prefill([70, 5], [0, 90], 4, 2, 64, 16, torch.bfloat16, DEV)
 
@@ -236,6 +272,16 @@ def test_prefill_default_tiles() -> None:
 @pytest.mark.parametrize("hq,hkv,d,bs", [(32, 8, 128, 16), (28, 4, 128, 16), (12, 4, 64, 32)])
 def test_prefill_gpu(dtype, hq, hkv, d, bs) -> None:
     check_prefill([1000, 333, 1, 129, 64], [0, 700, 2000, 0, 63], hq, hkv, d, bs, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_splits", [1, 7, None])
+def test_fp8_cache_gpu(num_splits) -> None:
+    lens = torch.randint(1, 3000, (9,)).tolist() + [1, 4097]
+    check_decode(lens, 32, 8, 128, 16, torch.bfloat16, num_splits, "cuda", fp8=True)
+    check_prefill([1000, 333, 1, 129], [0, 700, 2000, 63], 32, 8, 128, 16, torch.bfloat16,
+                  "cuda", fp8=True)
 
 
 # ----------------------------------------------------------------------------- backend
@@ -284,6 +330,31 @@ def test_backend_fresh_prompts_through_sdpa(dtype: torch.dtype, monkeypatch) -> 
     assert used == [[40, 9, 23]]
     check_backend([40, 9], [0, 5], dtype, DEV)  # a cached prefix: the paged kernel
     assert len(used) == 1
+
+
+@pytest.mark.parametrize("q_lens,prefix_lens", [([20, 1, 6], [0, 30, 17]), ([1, 1], [0, 40])])
+def test_backend_fp8_cache(q_lens, prefix_lens) -> None:
+    """FP8 cache: the Triton backend writes the torch backend's codes and attends as it does."""
+    hq, hkv, d = 8, 2, 64
+    b = make_batch(q_lens, prefix_lens, hq, hkv, d, 16, torch.float32, DEV, fp8=True)
+    k = torch.randn(b.q.shape[0], hkv, d, device=DEV) * 3
+    v = torch.randn_like(k)
+    positions = [torch.arange(s - n, s) for n, s in zip(q_lens, b.meta.seq_lens_cpu)]
+    rope = {"positions": torch.cat(positions).to(DEV),
+            "cos_sin": RotaryEmbedding(d, 4096, 10000.0, None).cos_sin.to(DEV)}  # fmt: skip
+    outs, caches = [], []
+    for cls in (TorchAttention, TritonAttention):
+        backend = cls(hq, hkv, d, d**-0.5)
+        backend.k_scale, backend.v_scale = b.k_scale, b.v_scale
+        kc, vc = b.k_cache.clone(), b.v_cache.clone()
+        outs.append(backend.forward(b.q.clone(), k.clone(), v, kc, vc, b.meta, **rope))
+        caches.append((kc, vc))
+    for got, want in zip(caches[1], caches[0]):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert_close(outs[1], outs[0].float(), torch.float32)
+    with pytest.raises(RuntimeError, match="calibrated scales"):
+        TorchAttention(hq, hkv, d, 0.125).forward(b.q, k, v, b.k_cache, b.v_cache, b.meta,
+                                                  **rope)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

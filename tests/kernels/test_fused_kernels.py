@@ -13,6 +13,7 @@ from kestrel.kernels.fused import rms_norm, rotary_and_cache, silu_and_mul
 from kestrel.layers.activation import silu_and_mul_ref
 from kestrel.layers.norm import rms_norm_ref
 from kestrel.layers.rotary import RotaryEmbedding, apply_rotary_ref
+from kestrel.quant.fp8_ops import FP8_DTYPE
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -93,7 +94,8 @@ def test_silu_and_mul_gpu(dtype: torch.dtype) -> None:
 
 
 def _check_rotary_and_cache(
-    t: int, hq: int, hk: int, d: int, num_blocks: int, bs: int, dtype: torch.dtype, dev: str
+    t: int, hq: int, hk: int, d: int, num_blocks: int, bs: int, dtype: torch.dtype, dev: str,
+    fp8: bool = False,
 ) -> None:
     rope = RotaryEmbedding(d, 4096, 500000.0, None).to(dev)
     positions = torch.randint(0, 4096, (t,), device=dev)
@@ -102,30 +104,59 @@ def _check_rotary_and_cache(
     q, k, v = qkv.split([hq, hk, hk], dim=1)
     slots = torch.randperm(num_blocks * bs, device=dev)[:t]
     slots[::3] = -1  # padding tokens: rotated, but must leave the cache alone
-    k_cache = torch.randn(num_blocks, bs, hk, d, dtype=dtype, device=dev)
-    v_cache = torch.randn(num_blocks, bs, hk, d, dtype=dtype, device=dev)
+    cache_dtype = FP8_DTYPE if fp8 else dtype
+    k_cache = torch.randn(num_blocks, bs, hk, d, device=dev).to(cache_dtype)
+    v_cache = torch.randn(num_blocks, bs, hk, d, device=dev).to(cache_dtype)
+    # FP8: per-head scales small enough that values past ~1.1σ saturate at ±448
+    ks = vs = None
+    if fp8:
+        ks = 0.008 + 0.001 * torch.arange(hk, dtype=torch.float32, device=dev)
+        vs = ks.flip(0).contiguous()
     ref_kc, ref_vc = k_cache.clone(), v_cache.clone()
     ref_q, ref_k = apply_rotary_ref(q.clone(), k.clone(), positions, rope.cos_sin)
-    write_kv_cache(ref_k, v.clone(), ref_kc, ref_vc, slots)
-    out_q, out_k = rotary_and_cache(q, k, v, positions, rope.cos_sin, k_cache, v_cache, slots)
+    write_kv_cache(ref_k, v.clone(), ref_kc, ref_vc, slots, ks, vs)
+    out_q, out_k = rotary_and_cache(q, k, v, positions, rope.cos_sin, k_cache, v_cache, slots,
+                                    ks, vs)
     assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()  # in place
-    # Bit-exact, except bf16 under the interpreter, which truncates where torch rounds.
+    # Bit-exact, except bf16 under the interpreter, which truncates where torch rounds (its k,
+    # then an FP8 code of that k, may sit one step off).
     exact = dev == "cuda" or dtype != torch.bfloat16
     rtol, atol = (0.0, 0.0) if exact else (2**-7, 1e-6)
-    for out, ref in ((q, ref_q), (k, ref_k), (k_cache, ref_kc)):
+    for out, ref in ((q, ref_q), (k, ref_k)):
         torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
-    torch.testing.assert_close(v_cache, ref_vc, rtol=0, atol=0)  # a copy
+    if fp8 and not exact:
+        rtol = 2**-3  # one e4m3 step
+    torch.testing.assert_close(k_cache.float(), ref_kc.float(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(v_cache.float(), ref_vc.float(), rtol=0, atol=0)  # a copy
+    if fp8:
+        assert (ref_kc.float().abs() == 448).any(), "no value saturated: the test lost its edge"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq,hk,d,bs", [(4, 2, 64, 16), (6, 3, 96, 8)])
-def test_rotary_and_cache(dtype: torch.dtype, hq: int, hk: int, d: int, bs: int) -> None:
-    _check_rotary_and_cache(7, hq, hk, d, 4, bs, dtype, DEV)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_rotary_and_cache(dtype: torch.dtype, hq: int, hk: int, d: int, bs: int,
+                          fp8: bool) -> None:
+    _check_rotary_and_cache(7, hq, hk, d, 4, bs, dtype, DEV, fp8)
+
+
+def test_rotary_and_cache_fp8_needs_its_scales() -> None:
+    q, k, v = torch.randn(2, 4, 64), torch.randn(2, 2, 64), torch.randn(2, 2, 64)
+    rope = RotaryEmbedding(64, 128, 10000.0, None)
+    cache = torch.zeros(2, 16, 2, 64, dtype=FP8_DTYPE)
+    pos, slots = torch.arange(2), torch.arange(2)
+    with pytest.raises(ValueError, match="one per KV head"):
+        rotary_and_cache(q, k, v, pos, rope.cos_sin, cache, cache.clone(), slots)
+    with pytest.raises(ValueError, match="one per KV head"):
+        rotary_and_cache(q, k, v, pos, rope.cos_sin, cache, cache.clone(), slots,
+                         torch.ones(3), torch.ones(3))
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq,hk,d,bs", [(32, 8, 128, 16), (12, 4, 64, 32)])
-def test_rotary_and_cache_gpu(dtype: torch.dtype, hq: int, hk: int, d: int, bs: int) -> None:
-    _check_rotary_and_cache(1000, hq, hk, d, 512, bs, dtype, "cuda")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_rotary_and_cache_gpu(dtype: torch.dtype, hq: int, hk: int, d: int, bs: int,
+                              fp8: bool) -> None:
+    _check_rotary_and_cache(1000, hq, hk, d, 512, bs, dtype, "cuda", fp8)
