@@ -4,7 +4,8 @@
 # `kestrel plan`'s predictions for the same runs with their error.
 #
 #   bash scripts/parallel_check.sh [part ...]  # on a 2-GPU machine (nvidia-h200-x2), repo root
-#   part: tests | latency | throughput | serve70b | validate | decode16k | all (default)
+#   part: tests | latency | throughput | throughput-high | serve70b | validate | decode16k |
+#         all (default: every part but throughput-high and decode16k)
 #
 # Logs and JSON land in $OUT; validate reads the latency and throughput JSON back, so run it in
 # the same call as those parts. serve70b needs fastapi and uvicorn, which the device machines
@@ -13,7 +14,8 @@ set -uo pipefail
 OUT=${OUT:-/tmp/kestrel-parallel}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 parts=" ${*:-all} "
-has() { [[ $parts == *" $1 "* || ( $parts == *" all "* && $1 != decode16k ) ]]; }
+has() { [[ $parts == *" $1 "* || ( $parts == *" all "* && $1 != decode16k
+                                   && $1 != throughput-high ) ]]; }
 LIMIT=${LIMIT:-280}  # seconds per benchmark command
 k() { echo "+ kestrel $*" | tee -a "$OUT/run.log" >&2
       timeout "$LIMIT" python3 -m kestrel.cli --log-level WARNING "$@" 2>&1 | tee -a "$OUT/run.log"; }
@@ -49,6 +51,18 @@ if has throughput; then
     k bench throughput --preset llama-3-8b -tp "$tp" -pp "$pp" --workload llama3-paper \
       --num-prompts 64 --max-num-seqs 64 --max-num-batched-tokens 8192 \
       --json "$OUT/throughput_tp${tp}_pp${pp}.json" | tail -n 10
+  done
+fi
+if has throughput-high; then
+  # More requests than one GPU's KV cache holds at once (256 × 4,352 tokens: ~140 GB of BF16
+  # KV): each layout runs as many at a time as its memory allows. PP=2 stores half the layers'
+  # KV per GPU, so about twice one GPU's concurrent requests; at the same total batch its
+  # decode reads the same weight bytes per token as one GPU (see docs/PARALLEL.md).
+  for layout in "1 1" "1 2" "2 1"; do
+    read -r tp pp <<<"$layout"
+    k bench throughput --preset llama-3-8b -tp "$tp" -pp "$pp" --workload llama3-paper \
+      --num-prompts 256 --max-num-seqs 256 --max-num-batched-tokens 8192 \
+      --json "$OUT/throughput_high_tp${tp}_pp${pp}.json" | tail -n 10
   done
 fi
 if has serve70b; then
