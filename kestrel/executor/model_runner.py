@@ -161,6 +161,8 @@ class ModelRunner:
                 (c.abs().amax(dim=(0, 1, 3)).float().clamp_min(1e-6) * KV_SCALE_HEADROOM
                  / FP8_MAX).contiguous() for c in (kc, vc))
         self.kv_caches = []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the cache sizing that follows reads free memory
 
     def capture_graphs(self) -> None:
         """Decode CUDA graphs, on CUDA unless enforce_eager; call after allocate_kv_cache."""
