@@ -38,6 +38,8 @@ def register(sub: Any) -> None:
     p.add_argument("--layout", default=None, help="only this layout, e.g. 8x2 (TP x PP)")
     p.add_argument("--micro-batches", type=int, default=None, help="default: the PP size")
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="auto: a BF16 KV cache; fp8: half the bytes per cached token")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--roofline", default=None,
                    help="JSON from `kestrel bench roofline --json` (default: datasheet x "
@@ -108,7 +110,8 @@ def run_plan(ns: Any) -> int:
     cfg = model_config(ns.model)
     cl, wl = cluster(ns), workload(ns)
     precisions = ("bf16", "fp8") if ns.precision == "both" else (ns.precision,)
-    ests = plan(cfg, cl, wl, precisions, ns.micro_batches, _layout_arg(ns.layout))
+    ests = plan(cfg, cl, wl, precisions, ns.micro_batches, _layout_arg(ns.layout),
+                kv_elem_bytes=1 if ns.kv_cache_dtype == "fp8" else 2)
     print(header(ns, cfg, cl, wl))
     for prec in precisions:
         rows = [e for e in ests if e.precision == prec]
@@ -133,6 +136,7 @@ def header(ns: Any, cfg: ModelConfig, cl: Cluster, wl: Workload) -> str:
             f" inter-node {cl.internode_bw / GB:.0f} GB/s per GPU\n"
             f"  workload {wl.name}: {wl.input_len} in / {wl.output_len} out, up to "
             f"{wl.max_num_seqs} sequences, {wl.token_budget}-token prefill chunks; "
+            f"KV cache {'FP8' if ns.kv_cache_dtype == 'fp8' else 'BF16'}; "
             f"objective: {ns.objective}\n")
 
 

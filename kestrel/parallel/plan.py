@@ -156,7 +156,9 @@ def _layer_weights(cfg: ModelConfig, idx: int, tp: int, fp8: bool) -> tuple[floa
     return attn * 2 + mlp_bytes + 4 * h, attn + mlp
 
 
-def stage_shapes(cfg: ModelConfig, tp: int, pp: int, fp8: bool) -> list[StageShape]:
+def stage_shapes(cfg: ModelConfig, tp: int, pp: int, fp8: bool, kv_elem_bytes: int = 2
+                 ) -> list[StageShape]:
+    """``kv_elem_bytes``: 2 for a BF16 KV cache, 1 for FP8 (``--kv-cache-dtype fp8``)."""
     kv_heads = max(1, cfg.num_key_value_heads // tp)
     table = cfg.vocab_size * cfg.hidden_size / tp * 2  # vocab-parallel, BF16
     shapes = []
@@ -164,7 +166,7 @@ def stage_shapes(cfg: ModelConfig, tp: int, pp: int, fp8: bool) -> list[StageSha
         per = [_layer_weights(cfg, i, tp, fp8) for i in range(a, b)]
         wbytes = sum(x for x, _ in per) + (table if s == 0 else 0) + (table if s == pp - 1 else 0)
         params = sum(p for _, p in per) + (table / 2 if s == pp - 1 else 0)  # LM head matmul
-        kv = (b - a) * 2 * kv_heads * cfg.head_dim * 2
+        kv = (b - a) * 2 * kv_heads * cfg.head_dim * kv_elem_bytes
         shapes.append(StageShape(wbytes, params, kv, b - a, s == 0, s == pp - 1))
     return shapes
 
@@ -231,9 +233,10 @@ def pipeline_pass(cfg: ModelConfig, shapes: list[StageShape], cluster: Cluster, 
 
 def estimate(cfg: ModelConfig, cluster: Cluster, wl: Workload, tp: int, pp: int,
              precision: str, micro_batches: int | None = None,
-             kv_tokens: int | None = None) -> Estimate:
+             kv_tokens: int | None = None, kv_elem_bytes: int = 2) -> Estimate:
     """Fit check, then the latency (one request) and throughput (full load) figures.
-    ``kv_tokens``: the KV capacity of a running engine, instead of one derived from memory."""
+    ``kv_tokens``: the KV capacity of a running engine, instead of one derived from memory;
+    ``kv_elem_bytes``: 1 for an FP8 KV cache."""
     fp8 = precision == "fp8"
     est = Estimate(tp, pp, cluster.num_gpus // (tp * pp), precision, fits=False)
     try:
@@ -241,7 +244,7 @@ def estimate(cfg: ModelConfig, cluster: Cluster, wl: Workload, tp: int, pp: int,
     except ValueError as e:
         est.reason = str(e).split(": ", 1)[-1]
         return est
-    shapes = stage_shapes(cfg, tp, pp, fp8)
+    shapes = stage_shapes(cfg, tp, pp, fp8, kv_elem_bytes)
     budget = cluster.gpu.memory_bytes * cluster.memory_utilization
     rows = min(wl.max_num_seqs, wl.token_budget)
     act = activation_bytes(cfg, tp, wl.token_budget, rows)
@@ -319,10 +322,10 @@ def layouts(cfg: ModelConfig, num_gpus: int) -> list[tuple[int, int]]:
 
 
 def plan(cfg: ModelConfig, cluster: Cluster, wl: Workload, precisions: tuple[str, ...],
-         micro_batches: int | None = None, only: tuple[int, int] | None = None
-         ) -> list[Estimate]:
+         micro_batches: int | None = None, only: tuple[int, int] | None = None,
+         kv_elem_bytes: int = 2) -> list[Estimate]:
     pairs = [only] if only else layouts(cfg, cluster.num_gpus)
-    return [estimate(cfg, cluster, wl, tp, pp, prec, micro_batches)
+    return [estimate(cfg, cluster, wl, tp, pp, prec, micro_batches, None, kv_elem_bytes)
             for prec in precisions for tp, pp in pairs]
 
 

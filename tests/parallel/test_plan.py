@@ -94,3 +94,16 @@ def test_layer_overhead_adds_per_layer_time_that_tp_does_not_shrink():
                                            ("bf16",))}[(tp, 1)]
             for kw in ({}, {"layer_overhead": 20e-6}))
         assert extra.tpot - base.tpot == pytest.approx(cfg.num_hidden_layers * 20e-6, rel=1e-6)
+
+
+def test_fp8_kv_cache_doubles_the_kv_tokens_and_cuts_decode_kv_reads():
+    """--kv-cache-dtype fp8: a cached token takes half the bytes, so the same free memory
+    holds twice the tokens, and a long-context decode step reads less."""
+    wl = Workload("long", 16384, 256, max_num_seqs=8)
+    cl = Cluster(gpu_spec("h200"), 8, 8)
+    bf16, fp8 = ({(e.tp, e.pp): e for e in plan(M405, cl, wl, ("fp8",), kv_elem_bytes=b)}
+                 for b in (2, 1))
+    for key, e in bf16.items():
+        if e.fits:
+            assert fp8[key].kv_tokens == pytest.approx(2 * e.kv_tokens, abs=2)
+            assert fp8[key].tpot < e.tpot
