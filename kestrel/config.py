@@ -222,11 +222,6 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
 
-    def __post_init__(self) -> None:
-        if self.cache.kv_cache_dtype != "auto" and self.parallel.pipeline_parallel_size > 1:
-            raise ValueError("kv_cache_dtype fp8 does not work with pipeline parallelism yet: "
-                             "its scales are calibrated by a forward of the whole model")
-
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 

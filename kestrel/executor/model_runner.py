@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -136,12 +138,14 @@ class ModelRunner:
         self.num_blocks = num_blocks
 
     @torch.inference_mode()
-    def calibrate_kv_scales(self) -> None:
+    def calibrate_kv_scales(self, forward: Callable[[SchedulerOutput], Any] | None = None
+                            ) -> None:
         """FP8 cache: each layer's per-KV-head scales, KV_SCALE_HEADROOM × amax / 448 of K (as
         cached: after the rotary) and of V over a prefill of KV_CALIBRATION_TOKENS seeded
         random tokens through a temporary cache in the model dtype; a no-op otherwise. Call
         before sizing (its profile run attends through the FP8 cache) and allocating the cache;
-        every TP rank runs the same tokens, so the forward's all-reduces pair up."""
+        every rank runs the same tokens, so the forward's all-reduces pair up. ``forward``
+        runs the step (a pipeline stage passes its hand-offs); default: the whole model."""
         if self.kv_dtype() != FP8_DTYPE:
             return
         from kestrel.core.scheduler import ScheduledRequest
@@ -152,9 +156,12 @@ class ModelRunner:
         ids = torch.randint(1, vocab, (n,), generator=gen).tolist()
         nb = -(-n // self.block_size)
         self.allocate_kv_cache(nb, dtype=self.cfg.dtype)
-        batch = self.prepare(SchedulerOutput([ScheduledRequest("calibrate", ids, 0,
-                                                               list(range(nb)), True)]))
-        self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        out = SchedulerOutput([ScheduledRequest("calibrate", ids, 0, list(range(nb)), True)])
+        if forward is not None:
+            forward(out)
+        else:
+            batch = self.prepare(out)
+            self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         for layer, (kc, vc) in zip(self.model.layers.values(), self.kv_caches):
             attn = layer.self_attn.attn
             attn.k_scale, attn.v_scale = (

@@ -35,6 +35,8 @@ from kestrel.parallel.pipeline import ParallelLayout, stage_ranges
 
 log = logging.getLogger(__name__)
 
+CALIBRATION_SEQ = (1 << 20) - 1  # micro-batch number of the start-up calibration (p2p tags)
+
 
 class StageRunner:
     """This rank's stage: the model shard, its KV cache, and the sends to the next stage."""
@@ -52,6 +54,12 @@ class StageRunner:
         self.split = lay.tp if lay.tp > 1 and self.hidden_size % lay.tp == 0 else 1
         self._sends: list[tuple[Any, torch.Tensor]] = []  # in-flight isends and their buffers
         self.poll = self.runner.device.type == "cuda"  # gloo p2p work can only be waited on
+
+    def calibrate_kv_scales(self) -> None:
+        """FP8 caches: the runner's calibration prefill as one micro-batch through the stages
+        (each stage calibrates its own layers on the hidden states it receives)."""
+        self.runner.calibrate_kv_scales(lambda out: self.run(CALIBRATION_SEQ, out))
+        self.drain_sends()
 
     def leave(self) -> None:
         """Release the graphs that captured collectives, then leave the process groups."""
@@ -203,7 +211,7 @@ def start_rank(cfg: EngineConfig, layout: ParallelLayout, backend: str, init_met
     one_shot = cfg.dtype if cfg.parallel.custom_all_reduce else None
     groups = init_groups(layout, backend, torch.device(cfg.device), init_method, one_shot)
     stage = StageRunner(cfg, groups)
-    stage.runner.calibrate_kv_scales()  # FP8 caches (PP = 1): every rank at once
+    stage.calibrate_kv_scales()  # FP8 caches: every rank at once
     if layout.rank == 0:
         num_blocks = _agreed_blocks_driver(stage, groups, health)
     else:

@@ -66,25 +66,31 @@ def test_prefix_cache_hits_reuse_fp8_blocks(fp8_llm):
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
 
 
-def test_tp2_calibrates_each_rank_like_one_process(tmp_path):
-    """Under TP=2 (gloo) every rank calibrates its own KV heads in the same forward: the same
-    greedy tokens as one process with an FP8 cache."""
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_parallel_ranks_calibrate_like_one_process(tmp_path, tp, pp):
+    """TP=2: every rank calibrates its own KV heads in the same forward; PP=2: the calibration
+    prefill runs as one micro-batch through the stages, each calibrating its own layers. Both
+    give one FP8-cache process's greedy tokens (real processes, gloo)."""
     path = str(make_tiny_checkpoint(tmp_path / "tiny4"))
     prompts = [{"prompt_token_ids": [1 + (7 * i + j) % 500 for j in range(3 + 11 * i)]}
                for i in range(4)]
     one = LLM(path, kv_cache_dtype="fp8", num_kv_blocks=64)
     want = [o.outputs[0].token_ids for o in one.generate(prompts, GREEDY)]
-    llm = LLM(path, kv_cache_dtype="fp8", num_kv_blocks=64, tensor_parallel_size=2)
+    llm = LLM(path, kv_cache_dtype="fp8", num_kv_blocks=64, tensor_parallel_size=tp,
+              pipeline_parallel_size=pp)
     try:
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == want
+        stage0 = llm.engine.executor.stage.runner.model.layers.values()
+        scales0 = [layer.self_attn.attn.k_scale for layer in stage0]
+        assert all(s is not None for s in scales0)
+        ref = [layer.self_attn.attn.k_scale for layer in _layers(one)][:len(scales0)]
+        if tp == 1:  # stage 0 holds the first layers whole: the same scales as one process
+            assert all(torch.allclose(a, b) for a, b in zip(scales0, ref))
     finally:
         llm.engine.executor.shutdown()
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"kv_cache_dtype": "int8"}, "kv_cache_dtype 'int8' is not supported"),
-    ({"kv_cache_dtype": "fp8", "pipeline_parallel_size": 2}, "pipeline parallelism"),
-])
-def test_unsupported_settings_are_refused(kw, match):
-    with pytest.raises(ValueError, match=match):
-        EngineArgs(model="tiny-llama", load_format="dummy", **kw).create_config()
+def test_unsupported_cache_dtype_is_refused():
+    with pytest.raises(ValueError, match="kv_cache_dtype 'int8' is not supported"):
+        EngineArgs(model="tiny-llama", load_format="dummy",
+                   kv_cache_dtype="int8").create_config()
