@@ -54,6 +54,16 @@ def test_gpu_greedy_equals_cpu_reference(checkpoint):
     assert gpu == cpu
 
 
+def test_fp8_kv_cache_on_gpu_equals_cpu_reference(checkpoint):
+    """FP8 KV cache: the Triton kernels (hardware e4m3 cast, dequantizing attention) in CUDA
+    graphs give the torch reference's tokens on CPU, and eager steps the same."""
+    prompts = _prompts(4)
+    kw = {"dtype": "float32", "kv_cache_dtype": "fp8"}
+    cpu = _tokens(checkpoint, prompts, device="cpu", **kw)
+    assert _tokens(checkpoint, prompts, _uses_fast_path, device="cuda", **kw) == cpu
+    assert _tokens(checkpoint, prompts, device="cuda", enforce_eager=True, **kw) == cpu
+
+
 @pytest.mark.parametrize("batch", [1, 4, 8])
 def test_cuda_graphs_on_and_off_identical(checkpoint, batch):
     prompts = _prompts(batch)
