@@ -145,8 +145,11 @@ class ModelRunner:
         random tokens through a temporary cache in the model dtype; a no-op otherwise. Call
         before sizing (its profile run attends through the FP8 cache) and allocating the cache;
         every rank runs the same tokens, so the forward's all-reduces pair up. ``forward``
-        runs the step (a pipeline stage passes its hand-offs); default: the whole model."""
+        runs the step (a pipeline stage passes its hand-offs); default: the whole model. A
+        checkpoint that carries KV cache scales for every layer is used instead."""
         if self.kv_dtype() != FP8_DTYPE:
+            return
+        if self._checkpoint_kv_scales():
             return
         from kestrel.core.scheduler import ScheduledRequest
 
@@ -170,6 +173,24 @@ class ModelRunner:
         self.kv_caches = []
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the cache sizing that follows reads free memory
+
+    def _checkpoint_kv_scales(self) -> bool:
+        """Use the checkpoint's per-layer K and V scales (every head of a layer shares them)
+        when it has them for every layer of this stage; False when it has none."""
+        found = self.model.checkpoint_kv_scales
+        if not found:
+            return False
+        for idx in range(self.cfg.model_config.num_hidden_layers):
+            if (idx, "k") not in found or (idx, "v") not in found:
+                raise ValueError(f"the checkpoint has KV cache scales for some layers but not "
+                                 f"for layer {idx}: an FP8 cache needs all or none")
+        for idx, layer in self.model.layers.items():
+            attn = layer.self_attn.attn
+            attn.k_scale, attn.v_scale = (
+                torch.full((attn.num_kv_heads,), found[(int(idx), w)], dtype=torch.float32,
+                           device=self.device) for w in ("k", "v"))
+        log.info("FP8 KV cache: the checkpoint's scales, no calibration")
+        return True
 
     def capture_graphs(self) -> None:
         """Decode CUDA graphs, on CUDA unless enforce_eager; call after allocate_kv_cache."""

@@ -127,7 +127,7 @@ class LazyTensor:
     def materialize(self) -> torch.Tensor:
         """Read this (narrowed) region from the file."""
         try:
-            return self._source[self._index] if self._index else self._source[:]
+            return self._source[self._index]  # () for a 0-dim tensor (a scale)
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"{self._what} is unreadable or truncated ({e})") from None
 

@@ -119,6 +119,8 @@ class LlamaForCausalLM(nn.Module):
         quant = quant or QuantConfig()
         self.cfg = cfg
         self.start, self.end = layer_range or (0, cfg.num_hidden_layers)
+        # (layer, "k" | "v") → the checkpoint's FP8 KV cache scale, if it has them
+        self.checkpoint_kv_scales: dict[tuple[int, str], float] = {}
         self.is_first = self.start == 0
         self.is_last = self.end == cfg.num_hidden_layers
         self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, tp)
@@ -162,7 +164,10 @@ class LlamaForCausalLM(nn.Module):
         """Load (name, tensor) pairs in Hugging Face naming; every parameter must be covered."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        self.checkpoint_kv_scales.clear()
         for name, tensor in weights:
+            if self._take_kv_scale(name, tensor):
+                continue
             target = self._map_name(name)
             if target is None:
                 continue
@@ -188,6 +193,27 @@ class LlamaForCausalLM(nn.Module):
             qm = getattr(module, "quant_method", None)
             if qm is not None:
                 qm.process_weights_after_loading(module)
+
+    # FP8 KV cache scales as FP8 checkpoints store them (one per layer for K, one for V):
+    # vLLM's ``self_attn.k_scale`` and compressed-tensors' ``self_attn.k_proj.output_scale``.
+    KV_SCALE_SUFFIXES = {".self_attn.k_scale": "k", ".self_attn.v_scale": "v",
+                         ".self_attn.k_proj.output_scale": "k",
+                         ".self_attn.v_proj.output_scale": "v"}
+
+    def _take_kv_scale(self, name: str, tensor: torch.Tensor) -> bool:
+        """Keep a checkpoint's KV cache scale (``checkpoint_kv_scales``, every layer's, so each
+        pipeline stage sees whether all are there; an FP8 cache uses them instead of
+        calibrating); True if ``name`` is one."""
+        which = next((w for sfx, w in self.KV_SCALE_SUFFIXES.items() if name.endswith(sfx)),
+                     None)
+        if which is None:
+            return False
+        value = tensor.float().reshape(-1)
+        if value.numel() != 1 or not bool(torch.isfinite(value).all()) or value.item() <= 0:
+            raise ValueError(f"checkpoint tensor {name!r}: a KV cache scale must be one "
+                             f"positive finite number, got {value.tolist()[:4]}")
+        self.checkpoint_kv_scales[(int(name.split(".")[2]), which)] = value.item()
+        return True
 
     def _map_name(self, name: str) -> tuple[str, object] | None:
         """HF name → (our parameter name, shard id), or None for tensors this stage skips."""

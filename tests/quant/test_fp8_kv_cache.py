@@ -94,3 +94,43 @@ def test_unsupported_cache_dtype_is_refused():
     with pytest.raises(ValueError, match="kv_cache_dtype 'int8' is not supported"):
         EngineArgs(model="tiny-llama", load_format="dummy",
                    kv_cache_dtype="int8").create_config()
+
+
+def _with_kv_scales(folder, names: dict[str, float]):
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "model.safetensors"
+    tensors = load_file(f)
+    tensors.update({n: torch.tensor(v) for n, v in names.items()})
+    save_file(tensors, f, metadata={"format": "pt"})
+    return str(folder)
+
+
+def test_checkpoint_kv_scales_replace_calibration(tmp_path):
+    """A checkpoint's per-layer scales (vLLM's self_attn.k_scale, or compressed-tensors'
+    k_proj.output_scale) are used as they are, for every head; a model-dtype cache ignores
+    them; missing layers, or a scale that is not one positive number, are refused."""
+    folder = make_tiny_checkpoint(tmp_path / "tiny4")
+    names = {}
+    for i in range(4):
+        k_name = f"model.layers.{i}.self_attn.k_scale" if i % 2 else \
+            f"model.layers.{i}.self_attn.k_proj.output_scale"
+        names[k_name] = 0.01 * (i + 1)
+        names[f"model.layers.{i}.self_attn.v_scale"] = 0.02 * (i + 1)
+    path = _with_kv_scales(folder, names)
+    llm = LLM(path, kv_cache_dtype="fp8", num_kv_blocks=64)
+    for i, layer in enumerate(_layers(llm)):
+        attn = layer.self_attn.attn
+        assert torch.equal(attn.k_scale, torch.full((attn.num_kv_heads,), 0.01 * (i + 1)))
+        assert torch.equal(attn.v_scale, torch.full((attn.num_kv_heads,), 0.02 * (i + 1)))
+    assert len(llm.generate([{"prompt_token_ids": [1, 2, 3]}], GREEDY)[0].outputs[0]
+               .token_ids) == GREEDY.max_tokens
+    plain = LLM(path, num_kv_blocks=64)
+    assert all(layer.self_attn.attn.k_scale is None for layer in _layers(plain))
+    del names["model.layers.2.self_attn.v_scale"]
+    partial = make_tiny_checkpoint(tmp_path / "partial")
+    with pytest.raises(ValueError, match="not for layer 2"):
+        LLM(_with_kv_scales(partial, names), kv_cache_dtype="fp8", num_kv_blocks=64)
+    bad = make_tiny_checkpoint(tmp_path / "bad")
+    with pytest.raises(ValueError, match="one positive finite number"):
+        LLM(_with_kv_scales(bad, {"model.layers.0.self_attn.k_scale": -1.0}), num_kv_blocks=64)
