@@ -2,8 +2,8 @@
 
     python tests/quant/bench_fp8_gemm.py [--m 1 4 16] [--quick] [--rep 100]
     python tests/quant/bench_fp8_gemm.py --sweep [--json PATH] [--budget-s 180]
-    python tests/quant/bench_fp8_gemm.py --sweep-bf16 [--preset llama-3-8b] [--tp 1] [--m 1 2 4 8 16]
-        [--json PATH] [--budget-s 60]
+    python tests/quant/bench_fp8_gemm.py --sweep-bf16 [--preset llama-3-8b] [--tp 1]
+        [--m 1 2 4 8 16] [--json PATH] [--budget-s 60]
 
 Compare (default): Llama 3 8B FFN shapes (gate_up 4096→28672, down 14336→4096) at decode batch
 sizes M: bf16 F.linear vs torch._scaled_mm (row-wise scales) vs fp8_gemm_small_m with its
@@ -19,9 +19,9 @@ lines to paste into kestrel.kernels.fp8_gemm.TUNED, and writes everything to --j
 
 BF16 sweep (--sweep-bf16): does the same kernel on bf16 weights (bf16_gemm_small_m) beat cuBLAS
 (F.linear) at decode? One rank's linear shapes of --preset at --tp (qkv, o_proj, gate_up, down,
-lm_head; default Llama 3 8B at TP=1) at M = 1, 2, 4, 8, 16, M = 1 first: the default config and a pruned bf16 grid (K in elements, 8
-per 16-byte vector), then refinement, both within --budget-s (default 60 s; past it a case gets
-its default only); then the default, the two fastest and F.linear timed with longer runs. Prints
+lm_head; default Llama 3 8B at TP=1) at M = 1, 2, 4, 8, 16, M = 1 first: the default config and
+a pruned bf16 grid (K in elements, 8 per 16-byte vector), then refinement, both within
+--budget-s (default 60 s; past it a case gets its default only); then the default, the two fastest and F.linear timed with longer runs. Prints
 per case the best config, µs, share of the copy bandwidth, F.linear's µs and F.linear / best;
 per M the decode-step sum (every layer + lm_head); lines for fp8_gemm.TUNED_16BIT; --json. Meant
 to take under 2 minutes on an H200 (60 s of tuning, ~30 s of final timings), compiles included;
