@@ -21,11 +21,12 @@ BF16 sweep (--sweep-bf16): does the same kernel on bf16 weights (bf16_gemm_small
 (F.linear) at decode? One rank's linear shapes of --preset at --tp (qkv, o_proj, gate_up, down,
 lm_head; default Llama 3 8B at TP=1) at M = 1, 2, 4, 8, 16, M = 1 first: the default config and
 a pruned bf16 grid (K in elements, 8 per 16-byte vector), then refinement, both within
---budget-s (default 60 s; past it a case gets its default only); then the default, the two fastest and F.linear timed with longer runs. Prints
-per case the best config, µs, share of the copy bandwidth, F.linear's µs and F.linear / best;
-per M the decode-step sum (every layer + lm_head); lines for fp8_gemm.TUNED_16BIT; --json. Meant
-to take under 2 minutes on an H200 (60 s of tuning, ~30 s of final timings), compiles included;
-with a cold Triton cache they may use up the budget before the M > 1 grids ("grid cut").
+--budget-s (default 60 s; past it a case gets its default only); then the default, the two
+fastest and F.linear timed with longer runs. Prints per case the best config, µs, share of the
+copy bandwidth, F.linear's µs and F.linear / best; per M the decode-step sum (every layer +
+lm_head); lines for fp8_gemm.TUNED_16BIT; --json. Meant to take under 2 minutes on an H200 (60 s
+of tuning, ~30 s of final timings), compiles included; with a cold Triton cache they may use up
+the budget before the M > 1 grids ("grid cut").
 
 Timing and checks: tests/quant/skinny_timing.py; the sweeps: tests/quant/skinny_sweep.py.
 """
