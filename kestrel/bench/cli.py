@@ -243,6 +243,7 @@ def run_latency(ns: Any) -> int:
     res["startup_s"] = startup
     res["model"], res["dtype"] = llm.engine.cfg.model, str(llm.engine.cfg.dtype)
     res["quantization"] = llm.engine.cfg.quant.method
+    res["kv_cache_dtype"] = llm.engine.cfg.cache.kv_cache_dtype
     if ns.baseline == "hf":
         from kestrel.bench.hf_baseline import hf_latency, load_hf_model
         from kestrel.bench.workloads import random_prompts
@@ -275,7 +276,8 @@ def run_throughput(ns: Any) -> int:
     res = bench_throughput(llm, reqs)
     res.update({"workload": wl.name, "num_prompts": wl.num_prompts,
                 "model": llm.engine.cfg.model, "dtype": str(llm.engine.cfg.dtype),
-                "quantization": llm.engine.cfg.quant.method})
+                "quantization": llm.engine.cfg.quant.method,
+                "kv_cache_dtype": llm.engine.cfg.cache.kv_cache_dtype})
     if ns.ceilings:
         from kestrel.bench.throughput import roofline_estimate
 

@@ -90,8 +90,9 @@ def roofline_estimate(engine: Any, res: dict, ceilings: dict) -> float:
                       min(n, cfg.scheduler.max_num_seqs), cfg.scheduler.max_num_batched_tokens)
     prec = "fp8" if (cfg.quant.method or "").startswith("fp8") else "bf16"
     kv = engine.executor.num_blocks * cfg.cache.block_size
+    kv_elem = 1 if cfg.cache.kv_cache_dtype != "auto" else 2
     return estimate(cfg.model_config, Cluster(gpu, tp * pp, tp * pp), wl, tp, pp, prec,
-                    kv_tokens=kv).throughput
+                    kv_tokens=kv, kv_elem_bytes=kv_elem).throughput
 
 
 def throughput_rows(res: dict) -> list[tuple[str, object]]:
