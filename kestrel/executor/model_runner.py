@@ -176,7 +176,8 @@ class ModelRunner:
 
     def _checkpoint_kv_scales(self) -> bool:
         """Use the checkpoint's per-layer K and V scales (every head of a layer shares them)
-        when it has them for every layer of this stage; False when it has none."""
+        when it has them for every layer of the model, so every pipeline stage decides alike;
+        False when it has none."""
         found = self.model.checkpoint_kv_scales
         if not found:
             return False
