@@ -30,8 +30,11 @@ if has profile; then  # GPU kernel time vs wall time of batch-1 decode, overlapp
       | grep -v "^\s*$" | head -n 14
   done
 fi
-if has kernels; then  # attention kernels vs torch SDPA (picks the SDPA crossover)
+if has kernels; then  # attention kernels vs torch SDPA (picks the SDPA crossover); decode
+  # attention with a BF16 and an FP8 cache
   python3 tests/kernels/bench_kernels.py --only prefill 2>&1 | tee "$OUT/kernels.log" | tail -n 9
+  python3 tests/kernels/bench_kernels.py --only decode 2>&1 | tee -a "$OUT/kernels.log" \
+    | tail -n 8
 fi
 if has splits; then  # decode split-K crossover: sets paged_attention.NO_SPLIT_MAX_LEN
   python3 tests/kernels/bench_kernels.py --only splits 2>&1 | tee "$OUT/splits.log" | tail -n 12

@@ -5,7 +5,8 @@
 Decode: llama-3-8b attention shape (32 q heads, 8 KV heads, head_dim 128, bf16, 16-token
 pages, blocks shuffled) at batch 1/64 × context 1k/4k/16k, timed in a CUDA graph (as the
 engine runs decode) with triton.testing.do_bench_cudagraph; bandwidth = K+V bytes read / time,
-against a device-to-device copy measured on the same card.
+against a device-to-device copy measured on the same card; each case again with an FP8 cache
+(``--kv-cache-dtype fp8``: half the bytes, per-head scales) and its speedup.
 Splits (not in the default run): the same decode at batch 1/8/64 × context 128..16k with the
 split-K factor forced to 1, 2, 4, .., 64 and chosen by ``choose_num_splits``, in µs; the last
 lines give, per batch, the longest context at which one split (no reduce kernel) is within 3%
@@ -27,6 +28,7 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, uninstalled
+from kestrel.attention.base import quantize_kv
 from kestrel.attention.triton_backend import TritonAttention
 from kestrel.kernels.fused import rms_norm, silu_and_mul
 from kestrel.kernels.paged_attention import MAX_SPLITS, choose_num_splits, paged_attention_decode
@@ -67,26 +69,40 @@ def _decode_inputs(batch: int, ctx: int) -> tuple[torch.Tensor, ...]:
     return (q, *paged_cache(batch, ctx))
 
 
-def _decode_ms(inputs: tuple[torch.Tensor, ...], splits: int) -> float:
+def _fp8_cache(inputs: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], dict]:
+    """The same inputs with FP8 caches, and their per-head scales as keyword arguments."""
+    q, k_cache, v_cache, *rest = inputs
+    scale = torch.full((HKV,), 4.0 / 448, device="cuda")
+    return ((q, quantize_kv(k_cache, scale), quantize_kv(v_cache, scale), *rest),
+            {"k_scale": scale, "v_scale": scale})
+
+
+def _decode_ms(inputs: tuple[torch.Tensor, ...], splits: int, **scales) -> float:
     """Graph-replay time of one decode with a fixed split-K factor."""
     out = torch.empty_like(inputs[0])
 
     def fn() -> None:
-        paged_attention_decode(*inputs, D**-0.5, out=out, num_splits=splits)
+        paged_attention_decode(*inputs, D**-0.5, out=out, num_splits=splits, **scales)
 
     return _graph_ms(fn)
 
 
 def _decode_case(batch: int, ctx: int, peak: float) -> None:
     splits = choose_num_splits(batch, HKV, ctx, torch.device("cuda"))
-    ms = _decode_ms(_decode_inputs(batch, ctx), splits)
-    gbs = 2 * batch * ctx * HKV * D * DTYPE.itemsize / ms / 1e6
-    print(f"{batch:>5} {ctx:>6} {splits:>6} {ms * 1e3:>9.1f} {gbs:>8.0f} {100 * gbs / peak:>6.0f}%")
+    inputs = _decode_inputs(batch, ctx)
+    ms = _decode_ms(inputs, splits)
+    inputs8, scales = _fp8_cache(inputs)
+    ms8 = _decode_ms(inputs8, splits, **scales)
+    kv = 2 * batch * ctx * HKV * D
+    gbs, gbs8 = kv * DTYPE.itemsize / ms / 1e6, kv / ms8 / 1e6
+    print(f"{batch:>5} {ctx:>6} {splits:>6} {ms * 1e3:>9.1f} {gbs:>8.0f} {100 * gbs / peak:>6.0f}%"
+          f" {ms8 * 1e3:>9.1f} {100 * gbs8 / peak:>6.0f}% {ms / ms8:>6.2f}x")
 
 
 def bench_decode(peak: float, quick: bool) -> None:
     print(f"\ndecode  Hq={HQ} Hkv={HKV} D={D} {DTYPE} block={BS}  (CUDA graph replay)")
-    print(f"{'batch':>5} {'ctx':>6} {'splits':>6} {'us':>9} {'GB/s':>8} {'% copy':>7}")
+    print(f"{'batch':>5} {'ctx':>6} {'splits':>6} {'us':>9} {'GB/s':>8} {'% copy':>7}"
+          f" {'fp8 us':>9} {'% copy':>7} {'fp8 x':>7}")
     for batch in (1, 64):
         for ctx in (1024, 4096) if quick else (1024, 4096, 16384):
             _decode_case(batch, ctx, peak)
