@@ -43,27 +43,26 @@ if has latency; then
     --max-num-seqs 1 --iters 2 --no-roofline --disable-custom-all-reduce \
     --json "$OUT/latency_tp2_pp1_nccl.json" | tail -n 14
 fi
-if has throughput; then
-  # llama3-paper (4,096 in / 256 out) at high load: PP=2 with two micro-batches in flight vs one
-  # GPU (and TP=2 for reference).
+# llama3-paper (4,096 in / 256 out) with N requests on one GPU, PP=2 and TP=2; JSON tagged
+layouts_throughput() {
+  local n=$1 tag=$2 tp pp
   for layout in "1 1" "1 2" "2 1"; do
     read -r tp pp <<<"$layout"
     k bench throughput --preset llama-3-8b -tp "$tp" -pp "$pp" --workload llama3-paper \
-      --num-prompts 64 --max-num-seqs 64 --max-num-batched-tokens 8192 \
-      --json "$OUT/throughput_tp${tp}_pp${pp}.json" | tail -n 10
+      --num-prompts "$n" --max-num-seqs "$n" --max-num-batched-tokens 8192 \
+      --json "$OUT/throughput${tag}_tp${tp}_pp${pp}.json" | tail -n 10
   done
+}
+if has throughput; then
+  # PP=2 with two micro-batches in flight vs one GPU (and TP=2 for reference), 64 requests
+  layouts_throughput 64 ""
 fi
 if has throughput-high; then
   # More requests than one GPU's KV cache holds at once (256 × 4,352 tokens: ~140 GB of BF16
   # KV): each layout runs as many at a time as its memory allows. PP=2 stores half the layers'
   # KV per GPU, so about twice one GPU's concurrent requests; at the same total batch its
   # decode reads the same weight bytes per token as one GPU (see docs/PARALLEL.md).
-  for layout in "1 1" "1 2" "2 1"; do
-    read -r tp pp <<<"$layout"
-    k bench throughput --preset llama-3-8b -tp "$tp" -pp "$pp" --workload llama3-paper \
-      --num-prompts 256 --max-num-seqs 256 --max-num-batched-tokens 8192 \
-      --json "$OUT/throughput_high_tp${tp}_pp${pp}.json" | tail -n 10
-  done
+  layouts_throughput 256 _high
 fi
 if has serve70b; then
   # llama-3-70b in BF16 (140 GB) does not fit one GPU; TP=2 serves it. Health, a completion,

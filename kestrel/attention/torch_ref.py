@@ -46,7 +46,8 @@ def paged_attention_ref(
     v = gather_paged(v_cache, meta.block_tables, max_l)
     if k_scale is not None:
         k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
-    k, v = k.to(q.dtype), v.to(q.dtype)
+    else:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     # Query t of sequence i sits at position seq_len - q_len + t and sees keys at positions <= it.
     q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_q, device=q.device)[None]  # [B, max_q]
     k_pos = torch.arange(max_l, device=q.device)

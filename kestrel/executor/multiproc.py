@@ -247,14 +247,16 @@ class MultiProcExecutor:
             return
         self._closed = True
         if self.dead_error is None:
+            clean = False
             try:
                 while self._in_flight:
                     self.collect()
                 broadcast_object(("stop",), self.stage.groups, self._check_workers)
                 self.stage.drain_sends()
+                clean = True
             except Exception as e:  # noqa: BLE001 - shutting down regardless
                 log.warning("parallel executor: unclean stop (%s)", e)
-            self.stage.leave()  # as the workers do on "stop": nobody waits on a peer
+            self.stage.leave(clean)  # as the workers do on "stop": nobody waits on a peer
         self._join_workers(timeout=10.0)
         if getattr(self, "stage", None) is not None:
             self.stage.runner.release_graphs(wait=False)

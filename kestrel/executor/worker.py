@@ -61,9 +61,10 @@ class StageRunner:
         self.runner.calibrate_kv_scales(lambda out: self.run(CALIBRATION_SEQ, out))
         self.drain_sends()
 
-    def leave(self) -> None:
-        """Release the graphs that captured collectives, then leave the process groups."""
-        self.runner.release_graphs()
+    def leave(self, clean: bool = True) -> None:
+        """Release the graphs that captured collectives, then leave the process groups.
+        ``clean``: every step finished (else a collective may wait on a dead peer: no wait)."""
+        self.runner.release_graphs(wait=clean)
         self.groups.destroy()
 
     # ---- start-up -------------------------------------------------------------------------
@@ -241,6 +242,7 @@ def run_worker(cfg: EngineConfig, layout: ParallelLayout, backend: str, init_met
     threading.Thread(target=_receive_loop, args=(stage.groups, inbox), daemon=True,
                      name="kestrel-ctrl").start()
     prev: PrevTokens | None = None  # the last step's shared tokens (overlapped steps)
+    clean = False
     try:
         while True:
             msg = inbox.get()
@@ -257,8 +259,9 @@ def run_worker(cfg: EngineConfig, layout: ParallelLayout, backend: str, init_met
             if logits is not None and layout.rank == layout.last_stage_leader != 0:
                 stage.send_logits(seq, logits)
         stage.drain_sends()
+        clean = True
     finally:
-        stage.leave()
+        stage.leave(clean)
 
 
 def _receive_loop(groups: Groups, inbox: queue.SimpleQueue) -> None:
