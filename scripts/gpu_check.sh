@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU tests, the roofline, and the benchmarks of issues 4, 5 and 6; each part fits one device
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
-#   PART: tests | roofline | profile | kernels | splits | latency | fp8gemm | sweep | sweep-tp2 |
-#         hf | decode64 | throughput | fp8-70b
+#   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
+#         sweep | sweep-tp2 | hf | decode64 | throughput | fig27 | fp8-70b
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT; a summary table is printed last.
 set -uo pipefail
@@ -28,6 +28,13 @@ if has profile; then  # GPU kernel time vs wall time of batch-1 decode, overlapp
   for a in --async-scheduling --no-async-scheduling; do
     python3 scripts/profile_decode.py --max-num-seqs 1 $a 2>&1 | tee -a "$OUT/profile.log" \
       | grep -v "^\s*$" | head -n 14
+  done
+fi
+if has profile-prefill; then  # where a 4,096-token prefill's time goes, BF16 and the FP8 recipe
+  for q in "" "--quantization fp8"; do
+    python3 scripts/profile_decode.py --prefill --input 4096 --max-num-seqs 1 \
+      --max-num-batched-tokens 4096 --no-async-scheduling $q 2>&1 \
+      | tee -a "$OUT/profile_prefill.log" | grep -v "^\s*$" | tail -n 18
   done
 fi
 if has kernels; then  # attention kernels vs torch SDPA (picks the SDPA crossover); decode
@@ -94,6 +101,11 @@ if has throughput; then
   done
   k bench throughput --preset llama-3-8b --workload mixed-100-1024 $c \
     --json "$OUT/tput_mixed.json" | tail -n 16
+fi
+if has fig27; then  # the Llama 3 paper's Figure 27: BF16 vs FP8 throughput against latency
+  k bench sweep --preset llama-3-8b --config bf16= --config "fp8=-q fp8" \
+    --batch-sizes 1,2,4,8,16,32 --input-len 4096 --output-len 256 --iters 1 \
+    --max-num-batched-tokens 8192 --json "$OUT/fig27.json" --plot "$OUT/fig27.png" | tail -n 20
 fi
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys

@@ -1,9 +1,11 @@
-"""Where a decode step's time goes on the GPU: kernel time vs wall time per step.
+"""Where a decode (or prefill) step's time goes on the GPU: kernel time vs wall time per step.
 
-    python scripts/profile_decode.py [--batch 1] [--input 128] [--steps 32] [--trace DIR]
-        [any kestrel engine flags; default --preset llama-3-8b]
+    python scripts/profile_decode.py [--batch 1] [--input 128] [--steps 32] [--prefill]
+        [--trace DIR] [any kestrel engine flags; default --preset llama-3-8b]
 
-Runs one batch to steady decode, then profiles ``--steps`` engine steps with torch.profiler.
+Runs one batch to steady decode, then profiles ``--steps`` engine steps with torch.profiler;
+with ``--prefill``, profiles the prefill step of a fresh batch instead (after one warm-up batch
+of the same shape; pass ``--max-num-batched-tokens`` >= batch × input for a single step).
 Prints the wall time per step, the GPU kernel time per step (the sum of kernel durations: what
 the step would take with no host gap), the idle share, and the top kernels. A wall time well
 above the kernel time means the host is the limit, not the GPU.
@@ -31,6 +33,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--input", type=int, default=128)
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--prefill", action="store_true",
+                   help="profile the first step of a fresh batch (its prefill) instead")
     p.add_argument("--trace", default=None, help="write a chrome trace into this folder")
     add_engine_cli_args(p)
     ns = p.parse_args()
@@ -41,11 +45,21 @@ def main() -> None:
     sync = torch.cuda.synchronize if eng.cfg.device.startswith("cuda") else (lambda: None)
     vocab = eng.cfg.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=ns.steps + 40, ignore_eos=True)
-    for i in range(ns.batch):
-        ids = torch.randint(1, vocab, (ns.input,), generator=torch.Generator().manual_seed(i))
-        eng.add_request(f"p{i}", ids.tolist(), params)
+
+    def add_batch(tag: str) -> None:
+        for i in range(ns.batch):
+            seed = i + 1000 * (tag == "fresh")
+            ids = torch.randint(1, vocab, (ns.input,), generator=torch.Generator().manual_seed(seed))
+            eng.add_request(f"{tag}{i}", ids.tolist(), params)
+
+    add_batch("warm")
     for _ in range(20):  # prefill, then decode until steady (graphs warm)
         eng.step()
+    if ns.prefill:  # the warm batch has run one prefill of this shape; time a fresh one
+        while eng.has_unfinished_requests():
+            eng.step()
+        add_batch("fresh")
+        ns.steps = 1
     sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
@@ -58,15 +72,17 @@ def main() -> None:
         if e.device_type == torch.autograd.DeviceType.CUDA:  # a kernel or copy on the GPU
             kernels[e.name] += e.time_range.elapsed_us()
     gpu = sum(kernels.values()) / ns.steps / 1e6  # µs → s
-    print(f"batch {ns.batch}, context ~{ns.input + 30}, overlap {eng.overlap}: "
+    phase = f"prefill of {ns.input} tokens" if ns.prefill else f"context ~{ns.input + 30}"
+    print(f"batch {ns.batch}, {phase}, overlap {eng.overlap}: "
           f"wall {wall * 1e3:.3f} ms/step, GPU kernels {gpu * 1e3:.3f} ms/step, "
           f"GPU idle {100 * max(0.0, 1 - gpu / wall):.1f}%")
     print("top kernels (ms per step):")
-    for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]:
+    for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:16 if ns.prefill else 12]:
         print(f"  {us / ns.steps / 1e3:8.3f}  {name[:100]}")
     if ns.trace:
         Path(ns.trace).mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(Path(ns.trace) / "decode_trace.json"))
+        prof.export_chrome_trace(str(Path(ns.trace) / f"{'prefill' if ns.prefill else 'decode'}"
+                                                        "_trace.json"))
     while eng.has_unfinished_requests():
         eng.step()
 
