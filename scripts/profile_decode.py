@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kestrel.engine.args import add_engine_cli_args, engine_args_from_cli  # noqa: E402
@@ -64,13 +64,16 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(ns.steps):
-            eng.step()
+            with record_function("engine_step"):
+                eng.step()
         sync()
         wall = (time.perf_counter() - t0) / ns.steps
     kernels: dict[str, float] = defaultdict(float)
+    spans = []  # (start, end, name) of every GPU kernel or copy, µs
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:  # a kernel or copy on the GPU
             kernels[e.name] += e.time_range.elapsed_us()
+            spans.append((e.time_range.start, e.time_range.end, e.name))
     gpu = sum(kernels.values()) / ns.steps / 1e6  # µs → s
     phase = f"prefill of {ns.input} tokens" if ns.prefill else f"context ~{ns.input + 30}"
     print(f"batch {ns.batch}, {phase}, overlap {eng.overlap}: "
@@ -79,12 +82,28 @@ def main() -> None:
     print("top kernels (ms per step):")
     for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:16 if ns.prefill else 12]:
         print(f"  {us / ns.steps / 1e3:8.3f}  {name[:100]}")
+    print_gaps(prof, sorted(spans))
     if ns.trace:
         Path(ns.trace).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(Path(ns.trace) / f"{'prefill' if ns.prefill else 'decode'}"
                                                         "_trace.json"))
     while eng.has_unfinished_requests():
         eng.step()
+
+
+def print_gaps(prof, spans: list[tuple[float, float, str]]) -> None:
+    """Where the GPU waits: from the first step's start to its first kernel, and the widest
+    gaps between consecutive kernels (a host sync or slow launches show up here)."""
+    steps = [e for e in prof.events() if e.name == "engine_step"]
+    if not spans or not steps:
+        return
+    lead = spans[0][0] - min(e.time_range.start for e in steps)
+    gaps = sorted(((b[0] - a[1], a[2], b[2]) for a, b in zip(spans, spans[1:])), reverse=True)
+    total = sum(g for g, _, _ in gaps if g > 0)
+    print(f"GPU waits: {lead / 1e3:.3f} ms from the step's start to its first kernel, "
+          f"{total / 1e3:.3f} ms between kernels; widest gaps (µs, after → before):")
+    for g, a, b in gaps[:6]:
+        print(f"  {g:8.1f}  {a[:45]} → {b[:45]}")
 
 
 if __name__ == "__main__":

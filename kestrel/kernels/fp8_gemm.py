@@ -120,6 +120,21 @@ TUNED_16BIT: dict[tuple[int, int, int, int], SkinnyConfig] = {
     (132, 1, 28672, 4096): _FMA_2x2048,  # gate_up 81.3 → 75.3
     (132, 1, 4096, 14336): _FMA_2x2048,  # down 44.4 → 41.5
     (132, 1, 128256, 4096): SkinnyConfig(2, 2048, 1, num_warps=8),  # lm_head 377.0 → 329.8
+    # H200, `--sweep-bf16 --preset P --tp 2 --m 1`, 2026-11-26 17:05 UTC: one rank's shapes at
+    # TP=2. llama-3-8b: one decode step's linears 2,349 → 2,008 µs (1.17x).
+    (132, 1, 3072, 4096): SkinnyConfig(4, 1024, 1, evict_first=True),  # qkv 11.8 → 7.9
+    (132, 1, 4096, 2048): SkinnyConfig(4, 512, 1, num_warps=2, evict_first=True),  # o 7.0 → 6.1
+    (132, 1, 14336, 4096): SkinnyConfig(16, 256, 1, evict_first=True,
+                                        broadcast_x=True),  # gate_up 30.7 → 28.8
+    (132, 1, 4096, 7168): SkinnyConfig(4, 512, 1, num_warps=2, evict_first=True),  # 19.8 → 16.2
+    (132, 1, 64128, 4096): SkinnyConfig(4, 1024, 1, evict_first=True),  # lm_head 131.8 → 119.1
+    # llama-3-70b (o_proj 18.7 → 18.5 is a tie and stays on cuBLAS): 17,408 → 16,440 µs
+    (132, 1, 5120, 8192): SkinnyConfig(8, 512, 1, evict_first=True,
+                                       broadcast_x=True),  # qkv 26.2 → 21.7
+    (132, 1, 28672, 8192): SkinnyConfig(4, 1024, 1, evict_first=True),  # gate_up 110.3 → 105.6
+    (132, 1, 8192, 14336): SkinnyConfig(2, 2048, 1, num_warps=8,
+                                        evict_first=True),  # down 59.2 → 56.8
+    (132, 1, 64128, 8192): SkinnyConfig(4, 1024, 1, evict_first=True),  # lm_head 258.2 → 232.2
 }
 
 
