@@ -71,7 +71,8 @@ def main() -> None:
     kernels: dict[str, float] = defaultdict(float)
     spans = []  # (start, end, name) of every GPU kernel or copy, µs
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:  # a kernel or copy on the GPU
+        # a kernel or copy on the GPU (not the GPU-side span of the step's record_function)
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.name != "engine_step":
             kernels[e.name] += e.time_range.elapsed_us()
             spans.append((e.time_range.start, e.time_range.end, e.name))
     gpu = sum(kernels.values()) / ns.steps / 1e6  # µs → s

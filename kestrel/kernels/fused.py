@@ -225,18 +225,21 @@ def _rotary_cache_kernel(
         v_row = v_ptr + tok * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
         v1 = tl.load(v_row, mask=mask)
         v2 = tl.load(v_row + HALF, mask=mask)
+        # New names, not k1 = ...: the compiler refuses a variable whose type (here the uint8
+        # bits) changes inside a runtime `if` (the interpreter does not check).
         if FP8:  # e4m3 bits of x / scale[head] into the caches' uint8 views
             ks = tl.load(k_scale_ptr + offs_h, mask=hmask, other=1.0)[:, None]
             vs = tl.load(v_scale_ptr + offs_h, mask=hmask, other=1.0)[:, None]
-            k1, k2 = quantize_e4m3(k1.to(tl.float32), ks, HW_CAST), quantize_e4m3(
-                k2.to(tl.float32), ks, HW_CAST)
-            v1, v2 = quantize_e4m3(v1.to(tl.float32), vs, HW_CAST), quantize_e4m3(
-                v2.to(tl.float32), vs, HW_CAST)
-        cache_ty = k_cache_ptr.dtype.element_ty
-        tl.store(k_cache_ptr + c_off, k1.to(cache_ty), mask=mask)
-        tl.store(k_cache_ptr + c_off + HALF, k2.to(cache_ty), mask=mask)
-        tl.store(v_cache_ptr + c_off, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_cache_ptr + c_off + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
+            kc1 = quantize_e4m3(k1.to(tl.float32), ks, HW_CAST)
+            kc2 = quantize_e4m3(k2.to(tl.float32), ks, HW_CAST)
+            vc1 = quantize_e4m3(v1.to(tl.float32), vs, HW_CAST)
+            vc2 = quantize_e4m3(v2.to(tl.float32), vs, HW_CAST)
+        else:
+            kc1, kc2, vc1, vc2 = k1, k2, v1, v2
+        tl.store(k_cache_ptr + c_off, kc1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_cache_ptr + c_off + HALF, kc2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + c_off, vc1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + c_off + HALF, vc2.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def rotary_and_cache(
