@@ -33,8 +33,8 @@ fi
 if has profile-prefill; then  # where a 4,096-token prefill's time goes, BF16 and the FP8 recipe
   for q in "" "--quantization fp8"; do
     python3 scripts/profile_decode.py --prefill --input 4096 --max-num-seqs 1 \
-      --max-num-batched-tokens 4096 --no-async-scheduling $q 2>&1 \
-      | tee -a "$OUT/profile_prefill.log" | grep -v "^\s*$" | tail -n 18
+      --max-num-batched-tokens 4096 --no-async-scheduling --cprofile $q 2>&1 \
+      | tee -a "$OUT/profile_prefill.log" | grep -v "^\s*$" | grep -B 30 "GPU waits" | tail -n 26
   done
 fi
 if has kernels; then  # attention kernels vs torch SDPA (picks the SDPA crossover); decode

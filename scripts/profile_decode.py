@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--prefill", action="store_true",
                    help="profile the first step of a fresh batch (its prefill) instead")
+    p.add_argument("--cprofile", action="store_true",
+                   help="also time the same steps under cProfile: where the host's time goes")
     p.add_argument("--trace", default=None, help="write a chrome trace into this folder")
     add_engine_cli_args(p)
     ns = p.parse_args()
@@ -48,7 +51,7 @@ def main() -> None:
 
     def add_batch(tag: str) -> None:
         for i in range(ns.batch):
-            seed = i + 1000 * (tag == "fresh")
+            seed = zlib.crc32(f"{tag}{i}".encode())  # a new tag: prompts the cache has not seen
             ids = torch.randint(1, vocab, (ns.input,), generator=torch.Generator().manual_seed(seed))
             eng.add_request(f"{tag}{i}", ids.tolist(), params)
 
@@ -84,12 +87,33 @@ def main() -> None:
     for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:16 if ns.prefill else 12]:
         print(f"  {us / ns.steps / 1e3:8.3f}  {name[:100]}")
     print_gaps(prof, sorted(spans))
+    if ns.cprofile:
+        host_profile(eng, add_batch if ns.prefill else None, ns.steps, sync)
     if ns.trace:
         Path(ns.trace).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(Path(ns.trace) / f"{'prefill' if ns.prefill else 'decode'}"
                                                         "_trace.json"))
     while eng.has_unfinished_requests():
         eng.step()
+
+
+def host_profile(eng, add_batch, steps: int, sync) -> None:
+    """The same steps again (a fresh batch first when profiling a prefill) under cProfile."""
+    import cProfile
+    import pstats
+
+    if add_batch is not None:
+        while eng.has_unfinished_requests():
+            eng.step()
+        add_batch("host")
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        eng.step()
+    sync()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
 
 
 def print_gaps(prof, spans: list[tuple[float, float, str]]) -> None:
