@@ -34,7 +34,7 @@ if has profile-prefill; then  # where a 4,096-token prefill's time goes, BF16 an
   for q in "" "--quantization fp8"; do
     python3 scripts/profile_decode.py --prefill --input 4096 --max-num-seqs 1 \
       --max-num-batched-tokens 4096 --no-async-scheduling --cprofile $q 2>&1 \
-      | tee -a "$OUT/profile_prefill.log" | grep -v "^\s*$" | grep -B 30 "GPU waits" | tail -n 26
+      | tee -a "$OUT/profile_prefill.log" | grep -E -A7 "^batch|GPU waits"
   done
 fi
 if has kernels; then  # attention kernels vs torch SDPA (picks the SDPA crossover); decode
