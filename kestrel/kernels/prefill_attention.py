@@ -32,7 +32,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _attend_tile(
     q, acc, m_i, l_i,  # [BLOCK_M, BLOCK_D], [BLOCK_M, BLOCK_D], [BLOCK_M], [BLOCK_M]
-    k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale, k_scale, v_scale,
+    k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale,
     stride_kb, stride_kt, stride_vb, stride_vt,
     offs_n, offs_d, d_mask,
     PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, FP8_KV: tl.constexpr,
@@ -52,8 +52,8 @@ def _attend_tile(
         k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
     else:
         k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
-    if FP8_KV:  # cached · scale, rounded to q's dtype
-        k = (k.to(tl.float32) * k_scale).to(q.dtype)
+    if FP8_KV:  # exact in q's dtype; the scales are in qk_scale and the caller's output
+        k = k.to(q.dtype)
     qk = mma(q, k, DOT_PREC, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASKED:
         causal = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
@@ -67,7 +67,7 @@ def _attend_tile(
     else:
         v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
     if FP8_KV:
-        v = (v.to(tl.float32) * v_scale).to(q.dtype)
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PREC, UPCAST)
     return acc, m_new, l_i
 
@@ -123,10 +123,9 @@ def _prefill_kernel(
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
     bt_row = block_tables_ptr + seq * stride_bt
-    k_scale = 1.0
     v_scale = 1.0
-    if FP8_KV:
-        k_scale = tl.load(k_scale_ptr + kv_head)
+    if FP8_KV:  # per-head scales factor out of the dots, as in the decode kernel
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
         v_scale = tl.load(v_scale_ptr + kv_head)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -136,8 +135,8 @@ def _prefill_kernel(
     full_end = (first_pos + tile * BLOCK_M) // BLOCK_N * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale, k_scale,
-            v_scale, stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d, d_mask,
+            q, acc, m_i, l_i, k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale,
+            stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d, d_mask,
             PAGE_SIZE, False, FP8_KV, DOT_PREC, UPCAST,
         )  # fmt: skip
     # Loop 2: the diagonal, up to the tile's last valid query position (inclusive). Key 0 is
@@ -145,12 +144,12 @@ def _prefill_kernel(
     last_pos = first_pos + tl.minimum((tile + 1) * BLOCK_M, q_len)  # exclusive bound
     for n0 in range(full_end, last_pos, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale, k_scale,
-            v_scale, stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d, d_mask,
+            q, acc, m_i, l_i, k_base, v_base, bt_row, n0, q_pos, seq_len, qk_scale,
+            stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d, d_mask,
             PAGE_SIZE, True, FP8_KV, DOT_PREC, UPCAST,
         )  # fmt: skip
 
-    o = acc / l_i[:, None]
+    o = acc * (v_scale / l_i)[:, None]
     o_ptrs = out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
