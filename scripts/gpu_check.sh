@@ -2,7 +2,7 @@
 # GPU tests, the roofline, and the benchmarks of issues 4, 5 and 6; each part fits one device
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
-#         sweep | sweep-tp2 | hf | decode64 | throughput | fig27 | fp8-70b
+#         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | fig27 | fp8-70b
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT; a summary table is printed last.
 set -uo pipefail
@@ -92,6 +92,15 @@ if has decode64; then
   # the FP8 KV cache halves the KV bytes each step reads (about two thirds of all at 4k)
   $L8 --batch 64 --input 4096 --output 32 --max-num-seqs 64 --max-num-batched-tokens 16384 \
     --iters 2 --kv-cache-dtype fp8 $c --json "$OUT/decode_b64_4096_kvfp8.json" | tail -n 16
+fi
+if has decode16k; then  # 16k contexts on one GPU: batch 32 in BF16, batch 64 with an FP8 cache
+  # (batch 64 in BF16 needs 134 GB of KV). One prompt per step: enough output tokens that
+  # the whole batch decodes together for a while (the TPOT counts only such steps).
+  for a in "--batch 32 --output 64" "--batch 64 --output 96 --kv-cache-dtype fp8"; do
+    $L8 $a --input 16384 --max-model-len 16480 --max-num-seqs 64 --max-num-batched-tokens 16384 \
+      --iters 1 --warmup 0 $(ceil) --json "$OUT/decode_16k_$(echo $a | tr -c 'a-z0-9' _).json" \
+      | tail -n 16
+  done
 fi
 if has throughput; then
   c=$(ceil)

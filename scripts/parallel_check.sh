@@ -88,8 +88,8 @@ if has serve70b; then
 fi
 if has decode16k; then
   # Issue 5's batch-64 decode at 16k context: 134 GB of BF16 KV cache, which needs two H200s.
-  k bench latency --preset llama-3.1-8b -tp 2 --batch 64 --input 16384 --output 32 \
-    --max-model-len 16448 --max-num-seqs 64 --max-num-batched-tokens 16384 --iters 1 \
+  k bench latency --preset llama-3.1-8b -tp 2 --batch 64 --input 16384 --output 96 \
+    --max-model-len 16480 --max-num-seqs 64 --max-num-batched-tokens 16384 --iters 1 \
     --json "$OUT/decode_b64_16k_tp2.json" | tail -n 16
 fi
 if has validate; then

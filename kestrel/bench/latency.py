@@ -2,8 +2,13 @@
 
 Each step of the engine is timed from the host, as the interval between the calls that land
 it (no extra synchronization, so overlapped steps are timed as they run). A step that computes
-prompt tokens is a prefill step; one that only extends every request by a token is a decode step. From the
-model's shape we know what each kind of step must move and compute:
+prompt tokens is a prefill step; one that only extends every request by a token is a decode step.
+Time per output token is the mean over decode steps of the full batch: with long prompts,
+requests admitted early decode while later ones prefill and finish early, so the last decode
+steps run fewer requests (counting them as full batches overstated the bandwidth: 144% of the
+copy rate at batch 32 × 16k on an H200). Raise the output length when the JSON reports no
+full-batch decode step. From the model's shape we know what each kind of step must move and
+compute:
 
 - decode bytes per step = weight bytes (every linear weight and the LM head, as stored, so
   quantized weights count at their size) + KV bytes read (every cached token of every
@@ -16,6 +21,7 @@ model's shape we know what each kind of step must move and compute:
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from dataclasses import dataclass
@@ -112,9 +118,11 @@ def _one_iteration(llm: Any, prompts: list[list[int]], output_len: int) -> dict:
     steps, total = run_steps(engine)
     prefill = [s for s in steps if s.prompt_tokens > 0]
     decode = [s for s in steps if s.prompt_tokens == 0 and s.generation_tokens > 0]
+    full = [s for s in decode if s.generation_tokens == len(prompts)]  # the whole batch
     return {"total_s": total, "prefill_s": sum(s.seconds for s in prefill),
             "prefill_steps": len(prefill), "decode_steps": len(decode),
-            "tpot_s": statistics.fmean(s.seconds for s in decode) if decode else None,
+            "full_batch_decode_steps": len(full),
+            "tpot_s": statistics.fmean(s.seconds for s in full) if full else None,
             "preemptions": engine.stats.num_preemptions - pre0}
 
 
@@ -142,6 +150,10 @@ def bench_latency(llm: Any, batch: int, input_len: int, output_len: int, iters: 
         if it >= warmup:
             runs.append(run)
     res = _summarize(runs, engine, batch, input_len, output_len)
+    if res["tpot_s"] is None and output_len > 1:
+        logging.getLogger(__name__).warning(
+            "no decode step ran all %d requests (early ones finished while later ones were "
+            "still in prefill): no time per output token; raise --output-len", batch)
     if ceilings is not None:
         add_fractions(res, ceilings, engine.cfg.dtype, engine.cfg.quant.method)
     return res
@@ -162,6 +174,7 @@ def _summarize(runs: list[dict], engine: Any, batch: int, input_len: int,
         "prefill_tokens_per_s": batch * input_len / prefill if prefill else None,
         "decode_tokens_per_s": batch / tpot if tpot else None,
         "prefill_steps": runs[-1]["prefill_steps"], "decode_steps": runs[-1]["decode_steps"],
+        "full_batch_decode_steps": runs[-1]["full_batch_decode_steps"],
         "preemptions": sum(r["preemptions"] for r in runs),
         "weight_bytes": weight_bytes(engine), "kv_bytes_per_token": kv_bytes_per_token(engine),
         "decode_bytes_per_step": step_bytes,

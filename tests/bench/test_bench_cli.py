@@ -50,6 +50,7 @@ def test_latency_fields_consistent(tmp_path):
     assert res["prefill_tokens_per_s"] == pytest.approx(b * i / res["prefill_time_s"])
     assert res["decode_tokens_per_s"] == pytest.approx(b / res["tpot_s"])
     assert res["prefill_steps"] == 1 and res["decode_steps"] == o - 1  # whole batch per step
+    assert res["full_batch_decode_steps"] == o - 1
     assert res["prefill_time_s"] + (o - 1) * res["tpot_s"] <= res["total_time_s"] * 1.0001
     assert res["preemptions"] == 0
     mcfg = preset_config("tiny-llama")
@@ -68,6 +69,22 @@ def test_latency_fields_consistent(tmp_path):
         res["decode_bandwidth_Bps"] / ceil["copy_bandwidth_Bps"])
     assert res["prefill_flops_fraction"] == pytest.approx(
         res["prefill_flops_per_s"] / ceil["matmul_flops"]["float32"])
+
+
+def test_latency_times_only_full_batch_decode_steps(tmp_path):
+    """One prompt per step (the token budget holds one): requests admitted first decode while
+    the rest prefill and finish first, so only the steps that run all of them give the TPOT."""
+    b, i = 3, 16
+    args = ["bench", "latency", *TINY, *ROOF, "--batch", str(b), "--input-len", str(i),
+            "--iters", "1", "--warmup", "0", "--max-num-batched-tokens", str(i)]
+    res = run([*args, "--output-len", "8"], tmp_path)
+    # at least b prefill steps (decode tokens share the budget, so a prompt may be chunked);
+    # the first requests' tokens run partly alongside the later prefills.
+    assert res["prefill_steps"] >= b
+    assert 0 < res["full_batch_decode_steps"] < res["decode_steps"]
+    assert res["tpot_s"] is not None
+    short = run([*args, "--output-len", "2"], tmp_path, "short.json")  # done before the last
+    assert short["full_batch_decode_steps"] == 0 and short["tpot_s"] is None
 
 
 def test_weight_bytes_match_the_model():
