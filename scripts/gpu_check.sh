@@ -97,7 +97,7 @@ if has decode16k; then  # 16k contexts on one GPU: batch 32 in BF16, batch 64 wi
   # (batch 64 in BF16 needs 134 GB of KV). One prompt per step: enough output tokens that
   # the whole batch decodes together for a while (the TPOT counts only such steps).
   for a in "--batch 32 --output 64" "--batch 64 --output 96 --kv-cache-dtype fp8"; do
-    $L8 $a --input 16384 --max-model-len 16480 --max-num-seqs 64 --max-num-batched-tokens 16384 \
+    k bench latency --preset llama-3.1-8b $a --input 16384 --max-model-len 16480 --max-num-seqs 64 --max-num-batched-tokens 16384 \
       --iters 1 --warmup 0 $(ceil) --json "$OUT/decode_16k_$(echo $a | tr -c 'a-z0-9' _).json" \
       | tail -n 16
   done
