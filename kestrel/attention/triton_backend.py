@@ -20,9 +20,10 @@ import torch
 from kestrel.attention.base import AttentionBackend, AttentionMetadata, register_backend
 
 
-# Fresh prompts at least this long (each) use torch SDPA. H200, 32/8 heads, d 128, bf16: ours
-# 0.150 / 0.466 / 1.615 ms at 2k / 4k / 8k tokens, SDPA (cuDNN, KV repeat included) 0.283 /
-# 0.349 / 1.128 ms: it has ~0.28 ms of fixed cost per call and wins from 4k on.
+# Fresh prompts at least this long (each) use torch SDPA. H200, 32/8 heads, d 128, bf16,
+# 2026-11-26 (`bench_kernels.py --only prefill`): ours 0.056 / 0.149 / 0.463 / 1.639 ms at
+# 1k / 2k / 4k / 8k tokens, SDPA through _sdpa (cuDNN, grouped heads) 0.088 / 0.197 / 0.272 /
+# 1.001 ms: it wins from 4k on.
 SDPA_MIN_TOKENS = 4096
 SDPA_MAX_SEQS = 8  # one SDPA call per sequence: only for a few long prompts
 
