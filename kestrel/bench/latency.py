@@ -112,6 +112,9 @@ def decode_bytes_per_step(engine: Any, batch: int, input_len: int, output_len: i
 def _one_iteration(llm: Any, prompts: list[list[int]], output_len: int) -> dict:
     engine = llm.engine
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+    # Every run computes its prompts in full: a warm-up or a sweep's smaller batch (same seeds)
+    # left their prefixes cached, and hits made a sweep's prefill look faster than the GPU.
+    engine.kv.pool.reset_prefix_cache()
     pre0 = engine.stats.num_preemptions
     for i, ids in enumerate(prompts):
         engine.add_request(f"bench-latency-{time.monotonic_ns()}-{i}", ids, params)

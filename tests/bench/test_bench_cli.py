@@ -87,6 +87,20 @@ def test_latency_times_only_full_batch_decode_steps(tmp_path):
     assert short["full_batch_decode_steps"] == 0 and short["tpot_s"] is None
 
 
+def test_latency_runs_never_hit_the_prefix_cache():
+    """A sweep reuses one engine with the same prompt seeds at every batch size: each run must
+    still compute its prompts (a hit would time the cache, not the prefill)."""
+    from kestrel import LLM
+    from kestrel.bench.latency import bench_latency
+
+    llm = LLM("tiny-llama", load_format="dummy", device="cpu", dtype="float32")
+    pool = llm.engine.kv.pool
+    for batch in (1, 2, 2):
+        hits = pool.hits
+        res = bench_latency(llm, batch, 40, 2, iters=1, warmup=1)
+        assert pool.hits == hits and res["prefill_steps"] == 1
+
+
 def test_weight_bytes_match_the_model():
     from kestrel import LLM
 
