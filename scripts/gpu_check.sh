@@ -4,7 +4,8 @@
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | fig27 | fp8-70b
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
-# land under $OUT; a summary table is printed last.
+# land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
+# summary table is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/kestrel-gpu}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -128,3 +129,9 @@ for f in sorted(out.glob("*.json")):
     print(f"{f.stem:34} {g('tpot_s', 1e3):>8} {g('decode_bandwidth_fraction'):>8} "
           f"{g('prefill_time_s', 1e3):>10} {g('prefill_flops_fraction'):>9} {g('speedup_vs_hf'):>6}")
 PY
+# The device tool returns only a few files from $OUT: pack this call's results into one archive
+# (roofline.json stays for the next invocation in the same call). PACK=0 keeps them loose.
+if [[ ${PACK:-1} == 1 ]]; then
+  ( cd "$OUT" && shopt -s nullglob && f=( *.json *.log *.txt *.md *.png ) && f=( "${f[@]/roofline.json}" ) \
+    && [[ ${#f[@]} -gt 0 ]] && tar czf "gpu_check_$(date +%H%M%S).tgz" --remove-files ${f[@]} )
+fi

@@ -7,8 +7,9 @@
 #   part: tests | latency | throughput | throughput-high | serve70b | validate | decode16k |
 #         all (default: every part but throughput-high and decode16k)
 #
-# Logs and JSON land in $OUT; validate reads the latency and throughput JSON back, so run it in
-# the same call as those parts. serve70b needs fastapi and uvicorn, which the device machines
+# Logs and JSON land in $OUT, packed at the end into one parallel_check_HHMMSS.tgz (PACK=0:
+# left loose); validate reads the latency and throughput JSON back, so name it in the same
+# invocation as those parts. serve70b needs fastapi and uvicorn, which the device machines
 # lack: carry them as wheels (the device tool's README says how; PYTHONPATH is kept).
 set -uo pipefail
 OUT=${OUT:-/tmp/kestrel-parallel}; mkdir -p "$OUT"
@@ -111,4 +112,10 @@ EOF
     k plan --model llama-3.1-405b --gpus $n --gpus-per-node 8 --gpu $g --objective throughput \
       > "$OUT/plan_405b_${n}x${g}.md"
   done
+fi
+# The device tool returns only a few files from $OUT: pack this call's results into one archive
+# (roofline.json stays for the next invocation in the same call). PACK=0 keeps them loose.
+if [[ ${PACK:-1} == 1 ]]; then
+  ( cd "$OUT" && shopt -s nullglob && f=( *.json *.log *.txt *.md *.png ) && f=( "${f[@]/roofline.json}" ) \
+    && [[ ${#f[@]} -gt 0 ]] && tar czf "parallel_check_$(date +%H%M%S).tgz" --remove-files ${f[@]} )
 fi
