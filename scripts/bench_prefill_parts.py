@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kestrel.kernels import fp8_quant  # noqa: E402
-from kestrel.kernels.fused import silu_and_mul  # noqa: E402
+from kestrel.kernels import fp8_quant
+from kestrel.kernels.fused import silu_and_mul
 
 BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -95,7 +95,8 @@ def bench_silu_quant(t: int, inter: int) -> None:
     for one_pass in (16384, 8192, 4096, 2048, 1024):
         q, s = fp8_quant.silu_and_mul_quant_fp8(x, 1200.0, max_one_pass=one_pass)
         same = torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s, ref_s)
-        us = timed(lambda: fp8_quant.silu_and_mul_quant_fp8(x, 1200.0, max_one_pass=one_pass))
+        us = timed(lambda n=one_pass: fp8_quant.silu_and_mul_quant_fp8(x, 1200.0,
+                                                                         max_one_pass=n))
         print(f"silu_and_mul_quant t={t} max_one_pass {one_pass:5}: {us:8.1f} µs  "
               f"{moved / us / 1e3:7.0f} GB/s  same bits {same}")
 

@@ -14,6 +14,7 @@ above the kernel time means the host is the limit, not the GPU.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 import zlib
@@ -24,9 +25,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kestrel.engine.args import add_engine_cli_args, engine_args_from_cli  # noqa: E402
-from kestrel.engine.llm import LLM  # noqa: E402
-from kestrel.sampling_params import SamplingParams  # noqa: E402
+from kestrel.engine.args import add_engine_cli_args, engine_args_from_cli
+from kestrel.engine.llm import LLM
+from kestrel.sampling_params import SamplingParams
 
 
 def main() -> None:
@@ -123,7 +124,8 @@ def print_gaps(prof, spans: list[tuple[float, float, str]]) -> None:
     if not spans or not steps:
         return
     lead = spans[0][0] - min(e.time_range.start for e in steps)
-    gaps = sorted(((b[0] - a[1], a[2], b[2]) for a, b in zip(spans, spans[1:])), reverse=True)
+    gaps = sorted(((b[0] - a[1], a[2], b[2]) for a, b in itertools.pairwise(spans)),
+                  reverse=True)
     total = sum(g for g, _, _ in gaps if g > 0)
     print(f"GPU waits: {lead / 1e3:.3f} ms from the step's start to its first kernel, "
           f"{total / 1e3:.3f} ms between kernels; widest gaps (µs, after → before):")

@@ -19,7 +19,6 @@ import torch
 
 from kestrel.attention.base import AttentionBackend, AttentionMetadata, register_backend
 
-
 # Fresh prompts at least this long (each) use torch SDPA. H200, 32/8 heads, d 128, bf16,
 # 2026-11-26 (`bench_kernels.py --only prefill`): ours 0.056 / 0.149 / 0.463 / 1.639 ms at
 # 1k / 2k / 4k / 8k tokens, SDPA through _sdpa (cuDNN, grouped heads) 0.088 / 0.197 / 0.272 /

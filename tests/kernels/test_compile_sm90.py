@@ -22,11 +22,11 @@ triton = pytest.importorskip("triton")
 if torch.cuda.is_available():
     pytest.skip("CUDA present: the kernel tests compile every kernel for it",
                 allow_module_level=True)
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction
 
-from kestrel.attention.base import FP8_DTYPE  # noqa: E402
-from kestrel.kernels import fp8_gemm, fp8_quant, fused, paged_attention  # noqa: E402
-from kestrel.kernels.prefill_attention import prefill_attention  # noqa: E402
+from kestrel.attention.base import FP8_DTYPE
+from kestrel.kernels import fp8_gemm, fp8_quant, fused, paged_attention
+from kestrel.kernels.prefill_attention import prefill_attention
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
          torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", FP8_DTYPE: "fp8e4nv"}
@@ -141,7 +141,7 @@ def test_every_kernel_compiles_for_sm90(monkeypatch) -> None:
             for fn, sig, consts, opts in specs]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(jobs), env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["ok"] * len(jobs), proc.stdout[-3000:]
 
