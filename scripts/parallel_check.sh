@@ -64,6 +64,10 @@ if has throughput-high; then
   # KV per GPU, so about twice one GPU's concurrent requests; at the same total batch its
   # decode reads the same weight bytes per token as one GPU (see docs/PARALLEL.md).
   layouts_throughput 256 _high
+  # the same PP=2 run without the prompts-only lookahead micro-batch (A/B of the default)
+  k bench throughput --preset llama-3-8b -pp 2 --no-pipeline-lookahead --workload llama3-paper \
+    --num-prompts 256 --max-num-seqs 256 --max-num-batched-tokens 8192 \
+    --json "$OUT/throughput_high_tp1_pp2_no_lookahead.json" | tail -n 10
 fi
 if has serve70b; then
   # llama-3-70b in BF16 (140 GB) does not fit one GPU; TP=2 serves it. Health, a completion,

@@ -83,15 +83,26 @@ class Scheduler:
         self.kv.free(req)
         self.kv.forget(req)
 
-    def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
-        """One step's work; ``max_seqs`` caps how many requests it takes (a micro-batch)."""
+    def schedule(self, max_seqs: int | None = None, prompts_only: bool = False
+                 ) -> SchedulerOutput:
+        """One step's work; ``max_seqs`` caps how many requests it takes (a micro-batch);
+        ``prompts_only``: start waiting requests, leave the running ones for later steps."""
         out = SchedulerOutput()
         budget = self.cfg.max_num_batched_tokens
         cap = max_seqs if max_seqs is not None else self.cfg.max_num_seqs
-        budget = self._schedule_running(out, budget, cap)
+        if not prompts_only:
+            budget = self._schedule_running(out, budget, cap)
         if not out.preempted_ids:
             self._schedule_waiting(out, budget, cap)
         return out
+
+    def can_admit(self) -> bool:
+        """Could the first waiting request start now: a free seat, and free KV blocks for a
+        step's worth of its prompt? (Pipeline lookahead pays only for prompt work.)"""
+        if not self.waiting or len(self.running) >= self.cfg.max_num_seqs:
+            return False
+        tokens = min(self.waiting[0].num_tokens, self.cfg.max_num_batched_tokens)
+        return self.kv.pool.num_free >= -(-tokens // self.kv.block_size)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int, cap: int) -> int:
         i = 0

@@ -34,6 +34,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     disable_custom_all_reduce: bool = False
+    pipeline_lookahead: bool = True
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -84,7 +85,8 @@ class EngineArgs:
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 policy=self.scheduling_policy, max_waiting=self.max_waiting),
             parallel=ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
-                                    custom_all_reduce=not self.disable_custom_all_reduce),
+                                    custom_all_reduce=not self.disable_custom_all_reduce,
+                                    pipeline_lookahead=self.pipeline_lookahead),
             quant=quant,
         )
 
@@ -186,6 +188,10 @@ def add_engine_cli_args(p: Any) -> None:
     g.add_argument("--disable-custom-all-reduce", action="store_true",
                    help="CUDA TP: every all-reduce through NCCL (default: small ones through "
                         "a symmetric-memory one-shot kernel over NVLink)")
+    g.add_argument("--no-pipeline-lookahead", dest="pipeline_lookahead", action="store_false",
+                   help="PP: keep only pp micro-batches in flight (default: one more, of "
+                        "waiting prompts only, while one can start, so the first stage has "
+                        "work queued while the driver lands the oldest micro-batch)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)

@@ -101,20 +101,23 @@ def test_tp2_overlapped_steps_match_one_process(tiny4, tiny_ref):
         _close(llm)
 
 
-def test_pp_matches_one_process_and_serves_a_stream(tiny4, tiny_ref):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_pp_matches_one_process_and_serves_a_stream(tiny4, tiny_ref, lookahead):
     """PP=2 with chunked prefill (48-token budget) and a small KV pool: the same tokens and
     logits as one process; then 30 requests arriving while others run, one aborted in flight:
-    none lost, the same tokens, no leaked blocks, two micro-batches really in flight."""
+    none lost, the same tokens, no leaked blocks, two micro-batches really in flight (three
+    with lookahead while prompts wait)."""
     llm = LLM(str(tiny4), debug_checks=True, pipeline_parallel_size=2, max_model_len=160,
-              max_num_batched_tokens=48, num_kv_blocks=24, max_num_seqs=16)
+              max_num_batched_tokens=48, num_kv_blocks=24, max_num_seqs=16,
+              pipeline_lookahead=lookahead)
     try:
         _check_same(llm, tiny_ref)
-        _check_stream(llm, tiny_ref[0])
+        _check_stream(llm, tiny_ref[0], max_depth=3 if lookahead else 2)
     finally:
         _close(llm)
 
 
-def _check_stream(llm: LLM, ref_llm: LLM) -> None:
+def _check_stream(llm: LLM, ref_llm: LLM, max_depth: int = 2) -> None:
     prompts = [[2 + (13 * i + j) % 480 for j in range(4 + (17 * i) % 60)] for i in range(30)]
     want = _tokens(ref_llm, prompts)
     engine, ex = llm.engine, llm.engine.executor
@@ -129,7 +132,7 @@ def _check_stream(llm: LLM, ref_llm: LLM) -> None:
     assert aborted is not None and aborted not in got
     assert {int(k) for k in got} == set(range(30)) - {int(aborted)}
     assert all(got[str(i)] == want[i] for i in range(30) if str(i) != aborted)
-    assert max(depth) == 2
+    assert max(depth) == max_depth
     assert engine.scheduler.num_preemptions > preempted0
     assert not engine.scheduler.in_flight
     engine.pool.check_invariants(expect_idle=True)
@@ -181,8 +184,8 @@ class _FakePipeline:
 def test_engine_micro_batching_depth3_in_one_process(tiny4, tiny_ref):
     """The scheduler/engine side of micro-batching alone (fast): 3 in flight, preemption."""
     cfg = EngineArgs(model=str(tiny4), pipeline_parallel_size=3, max_model_len=160,
-                     max_num_batched_tokens=40, num_kv_blocks=20, debug_checks=True
-                     ).create_config()
+                     max_num_batched_tokens=40, num_kv_blocks=20, debug_checks=True,
+                     pipeline_lookahead=False).create_config()
     fake = _FakePipeline(cfg)
     engine = Engine(cfg, None, executor=fake)
     prompts = [[3 + (11 * i + j) % 470 for j in range(5 + (23 * i) % 50)] for i in range(16)]
@@ -191,6 +194,46 @@ def test_engine_micro_batching_depth3_in_one_process(tiny4, tiny_ref):
     assert fake.max_depth == 3 and engine.scheduler.num_preemptions > 0
     assert all(got[str(i)] == want[i] for i in range(16) if str(i) != aborted)
     assert len(got) == 15
+    engine.pool.check_invariants(expect_idle=True)
+
+
+def test_pipeline_lookahead_only_while_prompts_wait(tiny4, tiny_ref):
+    """PP=2 with lookahead: a third micro-batch in flight, of prompts only, while a waiting
+    prompt can start; running requests stay in two groups."""
+    cfg = EngineArgs(model=str(tiny4), pipeline_parallel_size=2, pipeline_lookahead=True,
+                     max_model_len=160, max_num_batched_tokens=40, num_kv_blocks=40,
+                     debug_checks=True).create_config()
+    fake = _FakePipeline(cfg)
+    engine = Engine(cfg, None, executor=fake)
+    # (prompts waited when this micro-batch was scheduled, depth after submitting it, it
+    # holds prompt chunks only): a micro-batch that admitted no prompt, with none waiting
+    # after it, saw none before either
+    depth_when: list[tuple[bool, int, bool]] = []
+    submit = fake.submit
+
+    def record(out):
+        submit(out)
+        depth_when.append((
+            bool(engine.scheduler.waiting) or any(s.start == 0 for s in out.scheduled),
+            len(fake.queue),
+            all(s.start < engine.requests[s.request_id].num_prompt_tokens
+                for s in out.scheduled)))
+
+    fake.submit = record  # type: ignore[method-assign]
+    prompts = [[3 + (7 * i + j) % 470 for j in range(20 + (13 * i) % 30)] for i in range(12)]
+    want = _tokens(tiny_ref[0], prompts)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, GREEDY)
+    got = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+    assert all(got[str(i)] == want[i] for i in range(12))
+    assert fake.max_depth == 3
+    assert any(not waiting for waiting, _, _ in depth_when)  # a decode-only tail ran
+    assert all(d <= 2 for waiting, d, _ in depth_when if not waiting)  # decode: pp in flight
+    assert all(prompts for _, d, prompts in depth_when if d == 3)  # the third: prompts only
     engine.pool.check_invariants(expect_idle=True)
 
 
