@@ -32,9 +32,11 @@ if has profile; then  # GPU kernel time vs wall time of batch-1 decode, overlapp
   done
 fi
 if has profile-prefill; then  # where a 4,096-token prefill's time goes, BF16 and the FP8 recipe
+  # (the BF16 step's chrome trace lands in $OUT/prefill_trace.json: the host's launch gaps)
   for q in "" "--quantization fp8"; do
     python3 scripts/profile_decode.py --prefill --input 4096 --max-num-seqs 1 \
-      --max-num-batched-tokens 4096 --no-async-scheduling --cprofile $q 2>&1 \
+      --max-num-batched-tokens 4096 --no-async-scheduling --cprofile $q \
+      $([[ -z $q ]] && echo --trace "$OUT") 2>&1 \
       | tee -a "$OUT/profile_prefill.log" | grep -E -A7 "^batch|GPU waits"
   done
 fi

@@ -10,7 +10,8 @@
 # Logs and JSON land in $OUT, packed at the end into one parallel_check_HHMMSS.tgz (PACK=0:
 # left loose); validate reads the latency and throughput JSON back, so name it in the same
 # invocation as those parts. serve70b needs fastapi and uvicorn, which the device machines
-# lack: carry them as wheels (the device tool's README says how; PYTHONPATH is kept).
+# lack: carry them as wheels (the device tool's README says how; PYTHONPATH is kept; fastapi
+# 0.165 also needs opentelemetry-api, without which `kestrel serve` is not registered).
 set -uo pipefail
 OUT=${OUT:-/tmp/kestrel-parallel}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
