@@ -182,7 +182,7 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     distributed_backend: str | None = None  # None: nccl on CUDA, gloo on CPU
     custom_all_reduce: bool = True  # CUDA TP: symmetric-memory one-shot for small all-reduces
-    pipeline_lookahead: bool = True  # PP: a prompts-only micro-batch beyond the pp in flight
+    pipeline_lookahead: bool = True  # PP: pp + 1 micro-batches in flight while a prompt can start
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:

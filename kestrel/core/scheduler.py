@@ -83,15 +83,12 @@ class Scheduler:
         self.kv.free(req)
         self.kv.forget(req)
 
-    def schedule(self, max_seqs: int | None = None, prompts_only: bool = False
-                 ) -> SchedulerOutput:
-        """One step's work; ``max_seqs`` caps how many requests it takes (a micro-batch);
-        ``prompts_only``: start waiting requests, leave the running ones for later steps."""
+    def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
+        """One step's work; ``max_seqs`` caps how many requests it takes (a micro-batch)."""
         out = SchedulerOutput()
         budget = self.cfg.max_num_batched_tokens
         cap = max_seqs if max_seqs is not None else self.cfg.max_num_seqs
-        if not prompts_only:
-            budget = self._schedule_running(out, budget, cap)
+        budget = self._schedule_running(out, budget, cap)
         if not out.preempted_ids:
             self._schedule_waiting(out, budget, cap)
         return out

@@ -189,9 +189,9 @@ def add_engine_cli_args(p: Any) -> None:
                    help="CUDA TP: every all-reduce through NCCL (default: small ones through "
                         "a symmetric-memory one-shot kernel over NVLink)")
     g.add_argument("--no-pipeline-lookahead", dest="pipeline_lookahead", action="store_false",
-                   help="PP: keep only pp micro-batches in flight (default: one more, of "
-                        "waiting prompts only, while one can start, so the first stage has "
-                        "work queued while the driver lands the oldest micro-batch)")
+                   help="PP: keep only pp micro-batches in flight (default: one more while a "
+                        "waiting prompt can start, so the first stage has work queued while "
+                        "the driver lands the oldest micro-batch)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)

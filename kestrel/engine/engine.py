@@ -47,11 +47,11 @@ class Engine:
         self.groups: dict[str, RequestGroup] = {}  # live user requests, by the user's id
         self.stats = EngineStats()
         # Pipeline parallelism: up to pp micro-batches in flight (executor.submit / collect);
-        # with lookahead one more, of waiting prompts only, while one can start: the driver is
-        # also the first stage, and without a queued micro-batch that stage idles while the
-        # driver lands the oldest one, samples and schedules (prompt work does not wait on
-        # earlier tokens). Prompts only: running requests split over more micro-batches would
-        # make every stage re-read its weights more often per decoded token.
+        # with lookahead one more while a waiting prompt can start: the driver is also the
+        # first stage, and without a queued micro-batch that stage idles while the driver lands
+        # the oldest one, samples and schedules (prompt work does not wait on earlier tokens).
+        # Only then: once no prompt can start, the decode groups merge back into pp (more
+        # groups make every stage re-read its weights more often per decoded token).
         pp = cfg.parallel.pipeline_parallel_size
         self.pipeline_depth = pp if pp > 1 and hasattr(self.executor, "submit") else 1
         self.pipeline_lookahead = cfg.parallel.pipeline_lookahead and self.pipeline_depth > 1
@@ -195,8 +195,8 @@ class Engine:
         return self._update(kept, item.result, samp)
 
     def _step_pipelined(self) -> list[RequestOutput]:
-        """Fill the pipeline with up to pp micro-batches (and, with lookahead, one of prompts
-        only), then land the oldest one."""
+        """Fill the pipeline with up to pp micro-batches (one more with lookahead while a
+        prompt can start), then land the oldest one."""
         sched = self.scheduler
         while True:
             n = len(self._in_flight)
@@ -205,7 +205,7 @@ class Engine:
                          + len(sched.waiting))
                 out = sched.schedule(micro_batch_seq_cap(ready, self.pipeline_depth - n))
             elif n == self.pipeline_depth and self.pipeline_lookahead and sched.can_admit():
-                out = sched.schedule(prompts_only=True)  # decode work stays in pp groups
+                out = sched.schedule()  # the landed requests' next tokens, and new prompts
             else:
                 break
             if out.is_empty:
