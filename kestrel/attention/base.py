@@ -59,7 +59,8 @@ class AttentionBackend(ABC):
 
     An FP8 cache (``float8_e4m3fn``) holds ``quantize_kv(k, k_scale)`` and ``quantize_kv(v,
     v_scale)``, per-KV-head float32 scales of this layer (``k_scale``, ``v_scale`` [Hkv], set by
-    the model runner's calibration); attention reads ``cached · scale`` rounded to q's dtype.
+    the model runner's calibration); attention sees ``cached · scale`` (the reference
+    dequantizes to q's dtype; the Triton kernels apply the scales to q·k and the output).
     """
 
     name: str = "base"

@@ -30,8 +30,6 @@ from kestrel.kernels.prefill_attention import prefill_attention
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
          torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", FP8_DTYPE: "fp8e4nv"}
-# What the wrappers pass on CUDA instead of their interpreter settings.
-ON_CUDA = {"HW_CAST": True, "UPCAST": False, "DOT_F32": False}
 OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
 
@@ -47,17 +45,29 @@ def _record(monkeypatch) -> list[tuple]:
     return launches
 
 
+def _on_cuda(values: dict) -> dict:
+    """The constexprs the wrappers pass on CUDA instead of their interpreter settings."""
+    cuda = {"HW_CAST": True}  # sm_90 has the e4m3 conversion (fp8_quant.hw_fp8_cast)
+    if "UPCAST" in values:  # attention dots: paged_attention.dot_flags for q's dtype
+        cuda |= paged_attention.dot_flags(next(iter(values.values())).dtype,
+                                          torch.device("cuda"))
+    if "DOT_F32" in values:  # the skinny GEMM: fp32 dots only for fp32 weights there
+        cuda["DOT_F32"] = values["DOT_F32"] and values["w_ptr"].dtype == torch.float32
+    return cuda
+
+
 def _spec(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
     """(signature, constexprs, options) of one launch, with the CUDA settings."""
     jit = triton.JITFunction(fn)
     names = jit.arg_names
     values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k not in OPTIONS}
+    cuda = _on_cuda(values)
     sig, consts = {}, {}
     for name, param in zip(names, jit.params):
         v = values[name]
         if param.is_constexpr:
             sig[name] = "constexpr"
-            consts[(names.index(name),)] = ON_CUDA.get(name, v)
+            consts[(names.index(name),)] = cuda.get(name, v)
         elif isinstance(v, torch.Tensor):
             sig[name] = "*" + TYPES[v.dtype]
         elif isinstance(v, float):
@@ -67,10 +77,6 @@ def _spec(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
             consts[(names.index(name),)] = None
         else:
             sig[name] = "i64" if abs(int(v)) >= 2**31 else "i32"
-    if consts.get((names.index("UPCAST"),) if "UPCAST" in names else None) is False:
-        prec = (names.index("DOT_PREC"),)
-        q_fp32 = any(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args[:1])
-        consts[prec] = "ieee" if q_fp32 else "tf32"
     return sig, consts, {k: v for k, v in kwargs.items() if k in OPTIONS}
 
 
