@@ -85,8 +85,20 @@ def sm_count(device_type: str, index: int | None) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.cache
+def gpu_model(device_type: str, index: int | None) -> str | None:
+    """The GPU's model ("H100", "H200"): tuned entries for one model, where GPUs with the same
+    SM count differ (an H200 streams 1.4x an H100's bytes and wants other tiles). None off
+    CUDA."""
+    if device_type != "cuda":
+        return None
+    words = torch.cuda.get_device_name(index).split()
+    return words[1] if len(words) > 1 and words[0] == "NVIDIA" else " ".join(words)
+
+
 # Winners of ``python tests/quant/bench_fp8_gemm.py --sweep`` (it prints these lines), keyed by
-# (SMs, rows rounded up to a power of two, N, K): a split-K that fills 132 SMs is wrong for 78.
+# (GPU, rows rounded up to a power of two, N, K), where GPU is an SM count (every GPU with that
+# many: a split-K that fills 132 SMs is wrong for 78) or a model (``gpu_model``), which wins.
 TUNED: dict[tuple[int, int, int, int], SkinnyConfig] = {
     # H200 (132 SMs), `bench_fp8_gemm.py --sweep --m 1 2`, 2026-11-26: the llama-3-8b and 70b
     # FFN shapes at TP=1; µs of the rule → tuned (share of the 4,222 GB/s copy rate).
@@ -135,6 +147,16 @@ TUNED_16BIT: dict[tuple[int, int, int, int], SkinnyConfig] = {
     (132, 1, 8192, 14336): SkinnyConfig(2, 2048, 1, num_warps=8,
                                         evict_first=True),  # down 59.2 → 56.8
     (132, 1, 64128, 8192): SkinnyConfig(4, 1024, 1, evict_first=True),  # lm_head 258.2 → 232.2
+    # H200 only, `--sweep-bf16 --m 1`, 2026-11-26 19:27 UTC: llama-3-8b at TP=1, µs of the
+    # H100 entries above → H200 winners (o_proj keeps its entry). One decode step's linears
+    # 3,943 → 3,755 µs (F.linear 4,147).
+    ("H200", 1, 6144, 4096): SkinnyConfig(4, 512, 1, num_warps=2,
+                                          evict_first=True),  # qkv 15.1 → 14.0
+    ("H200", 1, 28672, 4096): SkinnyConfig(16, 256, 1, evict_first=True,
+                                           broadcast_x=True),  # gate_up 58.4 → 55.0
+    ("H200", 1, 4096, 14336): SkinnyConfig(16, 256, 3, evict_first=True,
+                                           broadcast_x=True),  # down 31.1 → 30.1
+    ("H200", 1, 128256, 4096): SkinnyConfig(4, 1024, 1),  # lm_head 247.4 → 235.7
 }
 
 
@@ -143,22 +165,30 @@ def beats_cublas(x: torch.Tensor, w: torch.Tensor) -> bool:
     ``TUNED_16BIT`` entry)? x [M, K], w [N, K], 16-bit."""
     if x.dim() != 2 or w.element_size() != 2:
         return False
-    key = (sm_count(x.device.type, x.device.index), triton.next_power_of_2(x.shape[0]),
-           w.shape[0], w.shape[1])
-    return key in TUNED_16BIT
+    dev = x.device
+    return _tuned(TUNED_16BIT, gpu_model(dev.type, dev.index), sm_count(dev.type, dev.index),
+                  x.shape[0], w.shape[0], w.shape[1]) is not None
 
 
-def default_config(m: int, n: int, k: int, num_sms: int, elem_bytes: int = 1) -> SkinnyConfig:
-    """The tuned config of this shape on this GPU if its table has one (``elem_bytes``, bytes
-    per weight element: 1 fp8 → ``TUNED``, 2 bf16/fp16 → ``TUNED_16BIT``, 4: none), else a
-    rule that is a starting point for Hopper.
+def _tuned(table: dict, gpu: str | None, num_sms: int, m: int, n: int, k: int
+           ) -> SkinnyConfig | None:
+    """The table's entry for this GPU model, else for its SM count, else None."""
+    rows = triton.next_power_of_2(m)
+    return table.get((gpu, rows, n, k)) or table.get((num_sms, rows, n, k))
+
+
+def default_config(m: int, n: int, k: int, num_sms: int, elem_bytes: int = 1,
+                   gpu: str | None = None) -> SkinnyConfig:
+    """The tuned config of this shape on this GPU (``gpu``: its model, or None) if its table
+    has one (``elem_bytes``, bytes per weight element: 1 fp8 → ``TUNED``, 2 bf16/fp16 →
+    ``TUNED_16BIT``, 4: none), else a rule that is a starting point for Hopper.
 
     M == 1: FMA, 16 columns × 512 bytes of K per step (4 × 16-byte loads and 64 accumulators per
     thread at 4 warps); M > 1: tensor cores, 64 columns (one wgmma side) × 256 K. K is split
     until there are about 4 (FMA) or 2 (dot) programs per SM to keep enough bytes in flight,
     with at least 2 K steps per split. Wider weights take block_k / elem_bytes elements.
     """
-    tuned = _tuned_table(elem_bytes).get((num_sms, triton.next_power_of_2(m), n, k))
+    tuned = _tuned(_tuned_table(elem_bytes), gpu, num_sms, m, n, k)
     if tuned is not None:
         return tuned
     if m == 1:
@@ -381,7 +411,9 @@ def fp8_gemm_small_m(
     out = _out_tensor("fp8_gemm_small_m", out, m, n, out_dtype, xq.device)
     if m == 0 or n == 0 or k == 0:
         return out.zero_()
-    cfg = config or default_config(m, n, k, sm_count(xq.device.type, xq.device.index))
+    dev = xq.device
+    cfg = config or default_config(m, n, k, sm_count(dev.type, dev.index),
+                                   gpu=gpu_model(dev.type, dev.index))
     return _launch(xq, xs, wq, ws, out, cfg, scaled=True)
 
 
@@ -406,6 +438,7 @@ def bf16_gemm_small_m(x: torch.Tensor, w: torch.Tensor, config: SkinnyConfig | N
     out = _out_tensor("bf16_gemm_small_m", out, m, n, x.dtype, x.device)
     if m == 0 or n == 0 or k == 0:
         return out.zero_()
-    cfg = config or default_config(m, n, k, sm_count(x.device.type, x.device.index),
-                                   elem_bytes=w.element_size())
+    dev = x.device
+    cfg = config or default_config(m, n, k, sm_count(dev.type, dev.index),
+                                   elem_bytes=w.element_size(), gpu=gpu_model(dev.type, dev.index))
     return _launch(x, x, w, w, out, cfg, scaled=False)  # x, w in place of the unread scales

@@ -44,7 +44,7 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, uninstalled
-from kestrel.kernels.fp8_gemm import default_config, sm_count
+from kestrel.kernels.fp8_gemm import default_config, gpu_model, sm_count
 from kestrel.quant.fp8_ops import SMALL_M_MAX
 from tests.quant.skinny_sweep import BUDGET_S, SWEEP_MS, sweep, sweep_bf16
 from tests.quant.skinny_timing import (
@@ -81,7 +81,8 @@ def bench_case(name: str, op: dict, m: int, grid: bool, rep: int, peak: float,
     if smm is not None:
         res["scaled_mm"] = (smm[0], "-")
         _row(name, m, "_scaled_mm", "-" if smm[1] else "WRONG", smm[0], n * k, peak, base)
-    configs = [default_config(m, n, k, sms)] + (tile_configs(m, n, k, sms) if grid else [])
+    configs = [default_config(m, n, k, sms, gpu=gpu_model("cuda", 0))]
+    configs += tile_configs(m, n, k, sms) if grid else []
     for j, cfg in enumerate(configs):
         us = time_config(op, cfg, rep)
         if us is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import triton
 
-from kestrel.kernels.fp8_gemm import SkinnyConfig, default_config
+from kestrel.kernels.fp8_gemm import SkinnyConfig, default_config, gpu_model
 from kestrel.loader.dummy import preset_config
 from tests.quant.skinny_timing import (
     SHAPES,
@@ -154,7 +154,7 @@ def sweep(args: argparse.Namespace, l2: int, sms: int, peak: float, meta: dict) 
     results, tuned = [], []
     for i, case in enumerate(cases):
         _progress("final", i, cases, start)
-        default = default_config(case["m"], case["n"], case["k"], sms)
+        default = default_config(case["m"], case["n"], case["k"], sms, gpu=gpu_model("cuda", 0))
         fine = {c: us for c in {default, *_fastest(case["timed"], 3)}
                 if (us := time_config(case["op"], c, FINE_REP)) is not None}
         if not fine:
@@ -182,7 +182,7 @@ def bf16_grid(m: int, n: int, k: int, sms: int) -> list[SkinnyConfig]:
     """The bf16 default config, then the pruned bf16 tile grid."""
     grid = tile_configs(m, n, k, sms, BF16_DOT_TILES, BF16_FMA_TILES, elem_bytes=2,
                         bx_only=True)
-    return [default_config(m, n, k, sms, elem_bytes=2)] + grid
+    return [default_config(m, n, k, sms, elem_bytes=2, gpu=gpu_model("cuda", 0))] + grid
 
 
 def _report_bf16(c: dict, sms: int) -> str | None:
@@ -243,7 +243,8 @@ def sweep_bf16(args: argparse.Namespace, l2: int, sms: int, peak: float, meta: d
     results, tuned = [], []
     for i, case in enumerate(cases):
         _progress("final", i, cases, start)
-        default = default_config(case["m"], case["n"], case["k"], sms, elem_bytes=2)
+        default = default_config(case["m"], case["n"], case["k"], sms, elem_bytes=2,
+                                 gpu=gpu_model("cuda", 0))
         fine = {c: us for c in {default, *_fastest(case["timed"], 2)}
                 if (us := time_config(case["op"], c, FINE_REP)) is not None}
         if not fine:

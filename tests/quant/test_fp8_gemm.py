@@ -148,6 +148,18 @@ def test_default_config_takes_tuned_entries_by_gpu_row_bucket_and_shape(monkeypa
                               torch.bfloat16)
 
 
+def test_a_gpu_models_entry_wins_over_its_sm_counts(monkeypatch):
+    """H100 and H200 both have 132 SMs; an entry keyed by the model applies to that model only."""
+    by_sms = SkinnyConfig(block_n=32, block_k=64)
+    by_model = SkinnyConfig(block_n=16, block_k=128, split_k=2)
+    monkeypatch.setitem(fp8_gemm.TUNED, (132, 1, 40, 160), by_sms)
+    monkeypatch.setitem(fp8_gemm.TUNED, ("H200", 1, 40, 160), by_model)
+    assert default_config(1, 40, 160, 132, gpu="H200") is by_model
+    assert default_config(1, 40, 160, 132, gpu="H100") is by_sms
+    assert default_config(1, 40, 160, 132) is by_sms
+    assert fp8_gemm.gpu_model("cpu", None) is None
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 
