@@ -218,10 +218,11 @@ class Engine:
         if not self._in_flight:
             return []
         out, reqs = self._in_flight.popleft()
-        result = self.executor.collect()
-        sched.in_flight.difference_update(id(r) for r in reqs)
-        out, result = self._drop_gone(out, reqs, result)
-        return self._update(out, result)
+        with self.executor.landing():  # sampling must not queue behind later micro-batches
+            result = self.executor.collect()
+            sched.in_flight.difference_update(id(r) for r in reqs)
+            out, result = self._drop_gone(out, reqs, result)
+            return self._update(out, result)
 
     def _drop_gone(self, out: SchedulerOutput, reqs: list[Request], result: Any
                    ) -> tuple[SchedulerOutput, Any]:

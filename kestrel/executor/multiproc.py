@@ -21,11 +21,13 @@ every later call raises it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +90,14 @@ class MultiProcExecutor:
         except BaseException as e:  # noqa: BLE001 - stop the spawned workers, then re-raise
             self._abort_start(e)
         self.num_blocks = self.stage.runner.num_blocks
+        # The driver lands pipelined micro-batches (logits, sampling) on a CUDA stream of its
+        # own: on the compute stream, sampling micro-batch k would queue behind the stage-0 work
+        # of k+1 (and the lookahead's k+2) that the driver already launched there, so reading
+        # the tokens would wait for those too and the driver could not schedule the next
+        # micro-batch until stage 0 ran dry: the very idle time the extra micro-batch is for.
+        device = self.stage.runner.device
+        self._land_stream = (torch.cuda.Stream(device) if device.type == "cuda"
+                             and layout.pp > 1 else None)
         self._watchdog = threading.Thread(target=self._watch, daemon=True,
                                           name="kestrel-watchdog")
         self._watchdog.start()
@@ -212,7 +222,8 @@ class MultiProcExecutor:
         self._in_flight.append(item)
 
     def collect(self) -> RunnerOutput:
-        """The oldest submitted micro-batch's logits (waits for the last stage)."""
+        """The oldest submitted micro-batch's logits (waits for the last stage). Called inside
+        ``landing()``, the logits are ready on the landing stream."""
         item = self._in_flight.popleft()
         if item.result is not None:
             return item.result
@@ -220,10 +231,22 @@ class MultiProcExecutor:
             try:
                 wait_work(item.work, f"logits of micro-batch {item.seq} from rank "
                           f"{self.layout.last_stage_leader}", self._check_workers,
-                          poll=self.stage.poll)
+                          poll=self.stage.poll)  # ends with work.wait(): the current stream
             except Exception as e:  # noqa: BLE001
                 self._fail(e, f"micro-batch {item.seq}")
+            if self._land_stream is not None:  # allocated on the compute stream, read here
+                item.logits.record_stream(self._land_stream)
         return runner_output(item.batch, item.logits, self.vocab_size)
+
+    @contextlib.contextmanager
+    def landing(self) -> Iterator[None]:
+        """Where the engine collects a micro-batch and samples from it: the landing stream
+        (CUDA pipelines; see ``__init__``), else the current one."""
+        if self._land_stream is None:
+            yield
+            return
+        with torch.cuda.stream(self._land_stream):
+            yield
 
     def execute(self, out: SchedulerOutput, prev: PrevTokens | None = None,
                 share_sampled: bool = False) -> RunnerOutput:

@@ -5,6 +5,7 @@ pipeline lookahead are tested fast, without worker processes (test_tp_pp.py runs
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,9 @@ class _FakePipeline:
 
     def collect(self):
         return self.inner.execute(self.queue.pop(0))
+
+    def landing(self):
+        return contextlib.nullcontext()
 
     def execute(self, out):
         return self.inner.execute(out)
