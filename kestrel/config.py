@@ -182,11 +182,16 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     distributed_backend: str | None = None  # None: nccl on CUDA, gloo on CPU
     custom_all_reduce: bool = True  # CUDA TP: symmetric-memory one-shot for small all-reduces
-    pipeline_lookahead: bool = True  # PP: pp + 1 micro-batches in flight while a prompt can start
+    pipeline_micro_batches: int | None = None  # PP: micro-batches in flight; None: pp + 1
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
+        mb = self.pipeline_micro_batches
+        if mb is not None and mb < self.pipeline_parallel_size:
+            raise ValueError(f"pipeline_micro_batches ({mb}) must be at least "
+                             f"pipeline_parallel_size ({self.pipeline_parallel_size}): fewer "
+                             f"micro-batches than stages leave a stage idle by construction")
 
     @property
     def world_size(self) -> int:

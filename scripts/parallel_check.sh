@@ -45,30 +45,47 @@ if has latency; then
     --max-num-seqs 1 --iters 2 --no-roofline --disable-custom-all-reduce \
     --json "$OUT/latency_tp2_pp1_nccl.json" | tail -n 14
 fi
-# llama3-paper (4,096 in / 256 out) with N requests on one GPU, PP=2 and TP=2; JSON tagged
+# Runs a command while nvidia-smi samples every GPU's utilization (share of time a kernel ran,
+# start-up included) into $OUT/util_TAG.csv; prints each GPU's mean: do the stages idle?
+util() {
+  local tag=$1; shift
+  nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader,nounits -lms 200 \
+    >"$OUT/util_$tag.csv" 2>/dev/null &
+  local sampler=$!
+  "$@"; local rc=$?
+  kill $sampler 2>/dev/null; wait $sampler 2>/dev/null
+  awk -F', ' '{s[$1] += $2; n[$1]++} END {for (g in s) printf "GPU %s busy %.0f%%  ", g, s[g] / n[g]}
+              END {print ""}' "$OUT/util_$tag.csv" | sed "s/^/$tag: /" | tee -a "$OUT/run.log"
+  return $rc
+}
+# llama3-paper (4,096 in / 256 out) with N requests; layouts "TP PP" (default: one GPU, PP=2,
+# TP=2); extra arguments go to every run, JSON tagged
 layouts_throughput() {
-  local n=$1 tag=$2 tp pp
-  for layout in "1 1" "1 2" "2 1"; do
+  local n=$1 tag=$2 layouts=${3:-"1 1,1 2,2 1"} tp pp layout
+  shift 3 2>/dev/null || shift $#
+  IFS=, read -ra layouts <<<"$layouts"
+  for layout in "${layouts[@]}"; do
     read -r tp pp <<<"$layout"
-    k bench throughput --preset llama-3-8b -tp "$tp" -pp "$pp" --workload llama3-paper \
-      --num-prompts "$n" --max-num-seqs "$n" --max-num-batched-tokens 8192 \
+    util "throughput${tag}_tp${tp}_pp${pp}" \
+      k bench throughput --preset llama-3-8b -tp "$tp" -pp "$pp" --workload llama3-paper \
+      --num-prompts "$n" --max-num-seqs "$n" --max-num-batched-tokens 8192 "$@" \
       --json "$OUT/throughput${tag}_tp${tp}_pp${pp}.json" | tail -n 10
   done
 }
 if has throughput; then
   # PP=2 with two micro-batches in flight vs one GPU (and TP=2 for reference), 64 requests
-  layouts_throughput 64 ""
+  layouts_throughput 64 "" "1 1,1 2,2 1"
 fi
 if has throughput-high; then
   # More requests than one GPU's KV cache holds at once (256 × 4,352 tokens: ~140 GB of BF16
   # KV): each layout runs as many at a time as its memory allows. PP=2 stores half the layers'
   # KV per GPU, so about twice one GPU's concurrent requests; at the same total batch its
   # decode reads the same weight bytes per token as one GPU (see docs/PARALLEL.md).
-  layouts_throughput 256 _high
-  # the same PP=2 run without the prompts-only lookahead micro-batch (A/B of the default)
-  k bench throughput --preset llama-3-8b -pp 2 --no-pipeline-lookahead --workload llama3-paper \
-    --num-prompts 256 --max-num-seqs 256 --max-num-batched-tokens 8192 \
-    --json "$OUT/throughput_high_tp1_pp2_no_lookahead.json" | tail -n 10
+  layouts_throughput 256 _high "${HIGH_LAYOUTS:-1 1,1 2,2 1}"
+  # the same PP=2 run with 2 and 4 micro-batches in flight (the default is 3)
+  for m in 2 4; do
+    layouts_throughput 256 "_high_mb$m" "1 2" --pipeline-micro-batches $m
+  done
 fi
 if has serve70b; then
   # llama-3-70b in BF16 (140 GB) does not fit one GPU; TP=2 serves it. Health, a completion,

@@ -93,14 +93,6 @@ class Scheduler:
             self._schedule_waiting(out, budget, cap)
         return out
 
-    def can_admit(self) -> bool:
-        """Could the first waiting request start now: a free seat, and free KV blocks for a
-        step's worth of its prompt? (Pipeline lookahead pays only for prompt work.)"""
-        if not self.waiting or len(self.running) >= self.cfg.max_num_seqs:
-            return False
-        tokens = min(self.waiting[0].num_tokens, self.cfg.max_num_batched_tokens)
-        return self.kv.pool.num_free >= -(-tokens // self.kv.block_size)
-
     def _schedule_running(self, out: SchedulerOutput, budget: int, cap: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0 and len(out.scheduled) < cap:

@@ -34,7 +34,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     disable_custom_all_reduce: bool = False
-    pipeline_lookahead: bool = True
+    pipeline_micro_batches: int | None = None
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -86,7 +86,7 @@ class EngineArgs:
                 policy=self.scheduling_policy, max_waiting=self.max_waiting),
             parallel=ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
                                     custom_all_reduce=not self.disable_custom_all_reduce,
-                                    pipeline_lookahead=self.pipeline_lookahead),
+                                    pipeline_micro_batches=self.pipeline_micro_batches),
             quant=quant,
         )
 
@@ -188,10 +188,11 @@ def add_engine_cli_args(p: Any) -> None:
     g.add_argument("--disable-custom-all-reduce", action="store_true",
                    help="CUDA TP: every all-reduce through NCCL (default: small ones through "
                         "a symmetric-memory one-shot kernel over NVLink)")
-    g.add_argument("--no-pipeline-lookahead", dest="pipeline_lookahead", action="store_false",
-                   help="PP: keep only pp micro-batches in flight (default: one more while a "
-                        "waiting prompt can start, so the first stage has work queued while "
-                        "the driver lands the oldest micro-batch)")
+    g.add_argument("--pipeline-micro-batches", type=int, default=None, metavar="M",
+                   help="PP: micro-batches in flight, at least pp (default pp + 1: the first "
+                        "stage has one queued while the driver lands the oldest, samples and "
+                        "schedules; each one more makes every stage re-read its weights once "
+                        "more per round of decoded tokens)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)

@@ -216,7 +216,7 @@ class MultiProcExecutor:
                 item.logits = torch.empty(n, self.vocab_size, dtype=torch.float32,
                                           device=self.stage.runner.device)
                 item.work = dist.irecv(item.logits, self.layout.last_stage_leader,
-                                       tag=p2p_tag(seq, 1))
+                                       group=self.stage.groups.logits, tag=p2p_tag(seq, 1))
         except Exception as e:  # noqa: BLE001 - every failure becomes the job's error
             self._fail(e, f"micro-batch {seq}")
         self._in_flight.append(item)

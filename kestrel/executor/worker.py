@@ -170,7 +170,8 @@ class StageRunner:
     def send_logits(self, seq: int, logits: torch.Tensor) -> None:
         """Last stage, TP rank 0: hand the micro-batch's logits to the driver."""
         logits = logits.contiguous()
-        self._sends.append((dist.isend(logits, 0, tag=p2p_tag(seq, 1)), logits))
+        self._sends.append((dist.isend(logits, 0, group=self.groups.logits,
+                                       tag=p2p_tag(seq, 1)), logits))
 
     def _reap_sends(self) -> None:
         """Forget finished sends (NCCL); gloo sends complete once the peer has the data, which

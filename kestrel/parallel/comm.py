@@ -66,6 +66,10 @@ class Groups:
     tp: TPGroup
     ctrl: Any  # gloo ProcessGroup over all ranks
     device: torch.device  # where this rank's tensors live
+    # PP: the driver and the last stage's TP rank 0, on the world's backend, for the logits
+    # alone. NCCL runs a group's point-to-point ops in order on one stream, so on the world
+    # group the hidden states of micro-batch k+1 would queue behind the logits of k. None: PP=1.
+    logits: Any = None
 
     def destroy(self) -> None:
         leave_process_groups()
@@ -113,7 +117,10 @@ def init_groups(layout: ParallelLayout, backend: str, device: torch.device,
 
             one_shot = try_symm_mem_all_reduce(tp.group, tp.rank, tp.size, device, one_shot_dtype)
             tp = TPGroup(tp.rank, tp.size, tp.group, one_shot)
-    return Groups(layout, tp, ctrl, device)
+    logits = None
+    if layout.pp > 1:  # every rank takes part in creating a group, members or not
+        logits = dist.new_group([0, layout.last_stage_leader], backend=backend, timeout=timeout)
+    return Groups(layout, tp, ctrl, device, logits)
 
 
 # ---- waiting with a deadline --------------------------------------------------------------

@@ -61,7 +61,7 @@ def test_engine_micro_batching_depth3_in_one_process(tiny4, ref_llm):
     """The scheduler/engine side of micro-batching alone (fast): 3 in flight, preemption."""
     cfg = EngineArgs(model=str(tiny4), pipeline_parallel_size=3, max_model_len=160,
                      max_num_batched_tokens=40, num_kv_blocks=20, debug_checks=True,
-                     pipeline_lookahead=False).create_config()
+                     pipeline_micro_batches=3).create_config()
     fake = _FakePipeline(cfg)
     engine = Engine(cfg, None, executor=fake)
     prompts = [[3 + (11 * i + j) % 470 for j in range(5 + (23 * i) % 50)] for i in range(16)]
@@ -73,42 +73,42 @@ def test_engine_micro_batching_depth3_in_one_process(tiny4, ref_llm):
     engine.pool.check_invariants(expect_idle=True)
 
 
-def test_pipeline_lookahead_only_while_prompts_wait(tiny4, ref_llm):
-    """PP=2 with lookahead: a third micro-batch in flight while a waiting prompt can start,
-    carrying the landed requests' next tokens too (decode is never held back for prompts);
-    two once none can start."""
-    cfg = EngineArgs(model=str(tiny4), pipeline_parallel_size=2, pipeline_lookahead=True,
-                     max_model_len=160, max_num_batched_tokens=40, num_kv_blocks=40,
-                     debug_checks=True).create_config()
-    fake = _FakePipeline(cfg)
-    engine = Engine(cfg, None, executor=fake)
-    # (prompts waited when this micro-batch was scheduled, depth after submitting it, it
-    # holds decode work): a micro-batch that admitted no prompt, with none waiting after it,
-    # saw none before either
-    depth_when: list[tuple[bool, int, bool]] = []
-    submit = fake.submit
-
-    def record(out):
-        submit(out)
-        depth_when.append((
-            bool(engine.scheduler.waiting) or any(s.start == 0 for s in out.scheduled),
-            len(fake.queue),
-            any(s.start >= engine.requests[s.request_id].num_prompt_tokens
-                for s in out.scheduled)))
-
-    fake.submit = record  # type: ignore[method-assign]
+def test_pp_keeps_one_micro_batch_more_than_stages_by_default(tiny4, ref_llm):
+    """PP=2 keeps three micro-batches in flight, while prompts wait and in the decode-only
+    tail (the running requests split three ways), so the driver's stage always has one queued;
+    ``pipeline_micro_batches=2`` keeps two."""
     prompts = [[3 + (7 * i + j) % 470 for j in range(20 + (13 * i) % 30)] for i in range(12)]
     want = _tokens(ref_llm, prompts)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, GREEDY)
-    got = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                got[out.request_id] = out.outputs[0].token_ids
-    assert all(got[str(i)] == want[i] for i in range(12))
-    assert fake.max_depth == 3
-    assert any(not waiting for waiting, _, _ in depth_when)  # a decode-only tail ran
-    assert all(d <= 2 for waiting, d, _ in depth_when if not waiting)  # decode: pp in flight
-    assert any(decode for _, d, decode in depth_when if d == 3)  # decode rides along
-    engine.pool.check_invariants(expect_idle=True)
+    for micro_batches, depth in ((None, 3), (2, 2)):
+        cfg = EngineArgs(model=str(tiny4), pipeline_parallel_size=2, max_model_len=160,
+                         max_num_batched_tokens=40, num_kv_blocks=40, debug_checks=True,
+                         pipeline_micro_batches=micro_batches).create_config()
+        fake = _FakePipeline(cfg)
+        engine = Engine(cfg, None, executor=fake)
+        decode_depths: list[int] = []  # in flight after submitting a decode-only micro-batch
+        submit = fake.submit
+
+        def record(out, submit=submit, fake=fake, engine=engine, decode_depths=decode_depths):
+            submit(out)
+            if not engine.scheduler.waiting and all(
+                    s.start >= engine.requests[s.request_id].num_prompt_tokens
+                    for s in out.scheduled):
+                decode_depths.append(len(fake.queue))
+
+        fake.submit = record  # type: ignore[method-assign]
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, GREEDY)
+        got = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    got[out.request_id] = out.outputs[0].token_ids
+        assert all(got[str(i)] == want[i] for i in range(12))
+        assert fake.max_depth == depth and max(decode_depths) == depth
+        engine.pool.check_invariants(expect_idle=True)
+
+
+def test_fewer_micro_batches_than_stages_is_refused(tiny4):
+    with pytest.raises(ValueError, match="pipeline_micro_batches"):
+        EngineArgs(model=str(tiny4), pipeline_parallel_size=3,
+                   pipeline_micro_batches=2).create_config()

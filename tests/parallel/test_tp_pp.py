@@ -97,18 +97,18 @@ def test_tp2_overlapped_steps_match_one_process(tiny4, tiny_ref):
         _close(llm)
 
 
-@pytest.mark.parametrize("lookahead", [False, True])
-def test_pp_matches_one_process_and_serves_a_stream(tiny4, tiny_ref, lookahead):
+@pytest.mark.parametrize("micro_batches", [2, None])
+def test_pp_matches_one_process_and_serves_a_stream(tiny4, tiny_ref, micro_batches):
     """PP=2 with chunked prefill (48-token budget) and a small KV pool: the same tokens and
     logits as one process; then 30 requests arriving while others run, one aborted in flight:
-    none lost, the same tokens, no leaked blocks, two micro-batches really in flight (three
-    with lookahead while prompts wait)."""
+    none lost, the same tokens, no leaked blocks, the micro-batches really in flight (two, or
+    three by default)."""
     llm = LLM(str(tiny4), debug_checks=True, pipeline_parallel_size=2, max_model_len=160,
               max_num_batched_tokens=48, num_kv_blocks=24, max_num_seqs=16,
-              pipeline_lookahead=lookahead)
+              pipeline_micro_batches=micro_batches)
     try:
         _check_same(llm, tiny_ref)
-        _check_stream(llm, tiny_ref[0], max_depth=3 if lookahead else 2)
+        _check_stream(llm, tiny_ref[0], max_depth=micro_batches or 3)
     finally:
         _close(llm)
 
