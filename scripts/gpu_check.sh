@@ -2,7 +2,8 @@
 # GPU tests, the roofline, and the benchmarks of issues 4, 5 and 6; each part fits one device
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
-#         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | fig27 | fp8-70b
+#         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 | fig27 |
+#         fp8-70b
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
 # summary table is printed last.
@@ -105,14 +106,20 @@ if has decode16k; then  # 16k contexts on one GPU: batch 32 in BF16, batch 64 wi
       | tail -n 16
   done
 fi
-if has throughput; then
-  c=$(ceil)
+throughputs() {  # the issue's workloads; $1: JSON tag, then extra engine arguments
+  local tag=$1 c n; shift; c=$(ceil)
   for n in 32 64; do
     k bench throughput --preset llama-3-8b --workload llama3-paper --num-prompts $n \
-      --max-num-seqs $n $c --json "$OUT/tput_llama3paper_${n}.json" | tail -n 16
+      --max-num-seqs $n $c "$@" --json "$OUT/tput${tag}_llama3paper_${n}.json" | tail -n 16
   done
-  k bench throughput --preset llama-3-8b --workload mixed-100-1024 $c \
-    --json "$OUT/tput_mixed.json" | tail -n 16
+  k bench throughput --preset llama-3-8b --workload mixed-100-1024 $c "$@" \
+    --json "$OUT/tput${tag}_mixed.json" | tail -n 16
+}
+if has throughput; then
+  throughputs ""
+fi
+if has throughput-fp8; then  # the same in FP8 (the recipe)
+  throughputs _fp8 --quantization fp8
 fi
 if has fig27; then  # the Llama 3 paper's Figure 27: BF16 vs FP8 throughput against latency
   k bench sweep --preset llama-3-8b --config bf16= --config "fp8=-q fp8" \
