@@ -1,6 +1,6 @@
 """Tile and split sweep of the paged decode-attention kernel, BF16 vs FP8 cache: picks the
-(BLOCK_N, num_warps, num_stages) of ``paged_attention._decode_config`` for both caches, and
-checks ``choose_num_splits`` against 2x and 4x its choice. Timed as CUDA-graph replays
+(BLOCK_N, num_warps, num_stages) of ``paged_attention._decode_config`` per cache element size,
+and checks ``choose_num_splits`` against 2x and 4x its choice. Timed as CUDA-graph replays
 (as decode runs): plain launches of a 5-40 µs kernel measure the host, not the kernel.
 
     python scripts/sweep_decode_config.py   # one GPU; prints µs and % of a copy's bandwidth
@@ -37,7 +37,7 @@ def main() -> None:
     bw = copy_bandwidth()
     print(torch.cuda.get_device_name(), f"copy {bw:.0f} GB/s")
     real = pa._decode_config
-    assert real(D) in CONFIGS
+    assert real(D, torch.bfloat16) in CONFIGS and real(D, FP8_DTYPE) in CONFIGS
     for batch, ctx in CASES:
         pages = batch * ctx // PAGE
         q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
@@ -65,7 +65,7 @@ def main() -> None:
                         continue
                     res.append((ms, cfg, splits))
             pa._decode_config = real
-            default = real(D)
+            default = real(D, cache_dt)
             best_ms, best, best_splits = min(res)
             def_ms = next(ms for ms, c, sp in res if c == default and sp == auto)
             print(f"batch {batch:3} ctx {ctx:6} {'fp8 ' if fp8 else 'bf16'}: best {best} "

@@ -237,17 +237,18 @@ def choose_num_splits(
     return max(1, min(want, triton.cdiv(max_seq_len, block_n), MAX_SPLITS))
 
 
-def _decode_config(head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages): tiles of as many tokens as a 16 KB tile of a 16-bit
-    cache holds (64 at D=128), whatever the cache dtype.
+def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages): a 16 KB K tile + 16 KB V tile per stage.
 
     Swept on an H200 (D=128, ``sweep_decode_config.py``, CUDA-graph replays, 2026-11-26):
-    BLOCK_N 64, 4 warps, 2 stages was best or within 4% at batch 1..64 for a bf16 cache; an
-    FP8 cache, whose tile of the same bytes holds 128 tokens, ran 2-12% faster with 64 (batch
-    16 at 4k: 69.7 vs 78.4 µs, batch 8 at 16k: 130 vs 148 µs at twice the splits): its time is
-    in the per-token softmax and conversion work, not in the bytes.
+    for a bf16 cache BLOCK_N 64, 4 warps, 2 stages was best or within 4% at batch 1..64. An FP8
+    cache (128-token tiles) has no single best: 64-token tiles were 11-12% faster at batch 8
+    and 16, but the engine's batch-64 decode at 4k ran 12% slower with them (15.5 vs 13.8 ms
+    per step, on another H200 host than the 13.8), so the byte rule stays until a choice by
+    batch is measured.
     """
-    block_n = max(16, min(128, 16384 // (triton.next_power_of_2(head_dim) * 2)))
+    elem = torch.finfo(dtype).bits // 8
+    block_n = max(16, min(128, 16384 // (triton.next_power_of_2(head_dim) * elem)))
     return block_n, 4, 2
 
 
@@ -290,7 +291,7 @@ def paged_attention_decode(
     if b == 0:
         return out
     group = hq // hkv
-    block_n, num_warps, num_stages = _decode_config(d)
+    block_n, num_warps, num_stages = _decode_config(d, k_cache.dtype)
     if num_splits is None:
         if max_seq_len is None:
             max_seq_len = block_tables.shape[1] * page_size
