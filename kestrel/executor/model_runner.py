@@ -261,10 +261,15 @@ class ModelRunner:
 
     def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """Several small int64 arrays in one host→device copy (pinned and non-blocking on
-        CUDA, so preparing a step never waits for the device)."""
-        flat = torch.from_numpy(np.concatenate([np.asarray(a, np.int64).ravel() for a in arrays]))
-        if self.device.type == "cuda":
-            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        CUDA, so preparing a step never waits for the device). The arrays are written straight
+        into a buffer from the pinned allocator: ``Tensor.pin_memory()`` first asks the driver
+        whether the tensor is pinned, which took 2 ms of a 4k prefill step on an H200."""
+        parts = [np.asarray(a, np.int64).ravel() for a in arrays]
+        pinned = self.device.type == "cuda"
+        flat = torch.empty(sum(p.size for p in parts), dtype=torch.int64, pin_memory=pinned)
+        np.concatenate(parts, out=flat.numpy())
+        if pinned:
+            flat = flat.to(self.device, non_blocking=True)
         out, off = [], 0
         for a in arrays:
             out.append(flat[off: off + a.size].view(a.shape))

@@ -86,8 +86,10 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 def _on(device: torch.device, values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A small per-request tensor on ``device``. On CUDA it goes through pinned memory without
     blocking: a plain upload would wait for the device and undo overlapped steps."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype)
+    # allocated pinned: Tensor.pin_memory() would first ask the driver (see ModelRunner._upload)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _random_sample(probs: torch.Tensor, reqs: list[Request], gen: torch.Generator
