@@ -147,10 +147,7 @@ class Fp8LinearMethod(QuantMethod):
             if not self.serialized:
                 raise ValueError(f"{name}: the checkpoint is already FP8; load it with the "
                                  "QuantConfig from fp8_checkpoint.quant_config_from_hf")
-            nan = int(((loaded.view(torch.uint8) & 0x7F) == 0x7F).sum())  # e4m3fn NaN codes
-            if nan:
-                raise ValueError(f"{name}: {nan} NaN value(s) in the FP8 weight")
-            default(layer.weight, loaded, shard_id)
+            default(layer.weight, loaded, shard_id)  # NaN codes: checked once all are in
         else:
             # Quantize whole checkpoint rows (before the layer cuts this rank's shard) so the
             # scales, like those of an FP8 checkpoint, do not depend on the parallel layout.
@@ -177,6 +174,8 @@ class Fp8LinearMethod(QuantMethod):
         st: _LoadState = layer.fp8_state
         if st.weight_shards or st.scale_shards:
             self._check_complete(layer)
+            if self.serialized:
+                self._check_weight_values(layer)
         elif not st.processed:
             self._requantize_dummy(layer)
         _check_scale_values(layer.weight_scale, f"{self.prefix}.weight_scale")
@@ -196,6 +195,15 @@ class Fp8LinearMethod(QuantMethod):
             if missing:
                 names = [self.tensor_name(s, suffix) for s in missing]
                 raise ValueError(f"checkpoint is missing {', '.join(names)}")
+
+    def _check_weight_values(self, layer) -> None:
+        """No e4m3fn NaN codes in this rank's weight. Checked here, on the loaded shard, not on
+        the checkpoint tensor as it comes: that would read every rank's rows from disk."""
+        nan = int(((layer.weight.view(torch.uint8) & 0x7F) == 0x7F).sum())
+        if nan:
+            names = [self.tensor_name(s, "weight")
+                     for s in sorted(layer.fp8_state.weight_shards, key=str)]
+            raise ValueError(f"{', '.join(names)}: {nan} NaN value(s) in the FP8 weight")
 
     @torch.no_grad()
     def _requantize_dummy(self, layer) -> None:

@@ -94,6 +94,8 @@ def _broken(h, out, tmp_path, edit):
     ("rows", "model.layers.1.mlp.gate_proj.weight_scale"),
     ("nan", "model.layers.2.mlp.down_proj.weight_scale"),
     ("inf", "model.layers.1.mlp.up_proj.weight_scale"),
+    ("weight_nan", "model.layers.2.mlp.down_proj.weight"),
+    ("weight_nan_fused", "model.layers.1.mlp.up_proj.weight"),  # one shard of gate_up
 ])
 def test_bad_scales_raise_value_error_naming_the_tensor(h, folders, tmp_path, case, match):
     def edit(t):
@@ -107,6 +109,10 @@ def test_bad_scales_raise_value_error_naming_the_tensor(h, folders, tmp_path, ca
             t["model.layers.1.mlp.gate_proj.weight_scale"] = torch.ones(255, 1)
         elif case == "nan":
             t["model.layers.2.mlp.down_proj.weight_scale"][5, 0] = float("nan")
+        elif case == "weight_nan":
+            t["model.layers.2.mlp.down_proj.weight"].view(torch.uint8)[3, 7] = 0xFF  # -NaN
+        elif case == "weight_nan_fused":
+            t["model.layers.1.mlp.up_proj.weight"].view(torch.uint8)[0, 0] = 0x7F  # +NaN
         else:
             t["model.layers.1.mlp.up_proj.weight_scale"][0, 0] = float("inf")
 
