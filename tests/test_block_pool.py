@@ -93,3 +93,14 @@ def test_no_leak_under_random_interleavings(tiny_engine, ops):
     assert not eng.scheduler.waiting and not eng.scheduler.running
     eng.pool.check_invariants(expect_idle=True)
     assert eng.pool.num_free == eng.pool.num_blocks
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 12), st.data())
+def test_token_ids_slice_is_a_slice_of_all_tokens(n_prompt, n_out, data):
+    r = _req("s", list(range(100, 100 + n_prompt)))
+    r.output_token_ids = list(range(500, 500 + n_out))
+    n = n_prompt + n_out
+    start = data.draw(st.integers(0, n))
+    end = data.draw(st.integers(start, n))
+    assert r.token_ids_slice(start, end) == r.all_token_ids[start:end]

@@ -146,3 +146,21 @@ def test_unknown_model_path_is_a_clear_error():
 
     with pytest.raises(ValueError, match="not found"):
         LLM("/nonexistent/model/folder")
+
+
+def test_final_only_requests_emit_one_output_when_finished(smollm_llm):
+    """output_kind="final_only" (what LLM.generate uses): no RequestOutput per step, one at the
+    end with the same tokens as a streamed ("cumulative") request's last output."""
+    engine = smollm_llm.engine
+    prompt = smollm_llm.get_tokenizer().encode("The capital of France is")
+    seen: dict[str, list] = {"stream": [], "final": []}
+    for kind, rid in (("cumulative", "stream"), ("final_only", "final")):
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=6, temperature=0,
+                                                       ignore_eos=True, output_kind=kind))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen["stream"]) == 6 and len(seen["final"]) == 1 and seen["final"][0].finished
+    assert seen["final"][0].outputs[0].token_ids == seen["stream"][-1].outputs[0].token_ids
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="delta")

@@ -179,7 +179,7 @@ class Scheduler:
         if end <= p:
             tokens = req.prompt_token_ids[start:end]
         else:
-            tokens = req.all_token_ids[start:min(end, known)] + [-1] * (end - max(start, known))
+            tokens = req.token_ids_slice(start, min(end, known)) + [-1] * (end - max(start, known))
         sample = end == known + req.num_pending
         req.num_computed_tokens = end
         req.num_pending += sample

@@ -254,7 +254,8 @@ class Engine:
             if status is not None:
                 self._finish(r, status)
             touched[group.request_id] = group
-        outputs = [g.output() for g in touched.values()]
+        outputs = [g.output() for g in touched.values()
+                   if g.finished or g.params.output_kind == "cumulative"]
         for g in touched.values():
             if g.finished:
                 self._pop_group(g.request_id)

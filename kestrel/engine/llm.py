@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -43,6 +44,7 @@ class LLM:
         ids: list[str] = []
         try:
             for i, (p, sp) in enumerate(zip(prompts, plist)):
+                sp = replace(sp, output_kind="final_only")  # only finished outputs are read
                 ids.append(self._add(p, sp, priority[i] if priority else 0))
         except BaseException:
             for rid in ids:  # one bad prompt rejects the batch; nothing lingers in the engine

@@ -85,7 +85,9 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
                           "stop": [] if req.stop is None else req.stop, "ignore_eos": req.ignore_eos,
                           "min_tokens": req.min_tokens,
                           "skip_special_tokens": req.skip_special_tokens,
-                          "include_stop_str_in_output": req.include_stop_str_in_output}
+                          "include_stop_str_in_output": req.include_stop_str_in_output,
+                          # a non-streamed answer reads only the final output
+                          "output_kind": "cumulative" if req.stream else "final_only"}
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                  "frequency_penalty", "repetition_penalty"):
         value = getattr(req, name)
