@@ -92,9 +92,9 @@ class MultiProcExecutor:
         self.num_blocks = self.stage.runner.num_blocks
         # The driver lands pipelined micro-batches (logits, sampling) on a CUDA stream of its
         # own: on the compute stream, sampling micro-batch k would queue behind the stage-0 work
-        # of k+1 (and the lookahead's k+2) that the driver already launched there, so reading
-        # the tokens would wait for those too and the driver could not schedule the next
-        # micro-batch until stage 0 ran dry: the very idle time the extra micro-batch is for.
+        # of k+1 and k+2 that the driver already launched there, so reading the tokens would
+        # wait for those too and the driver could not schedule the next micro-batch until
+        # stage 0 ran dry: the very idle time the extra micro-batch is for.
         device = self.stage.runner.device
         self._land_stream = (torch.cuda.Stream(device) if device.type == "cuda"
                              and layout.pp > 1 else None)

@@ -1,6 +1,7 @@
 """Micro-batching on the engine side, in one process: a fake pipeline of depth p runs each
 micro-batch when it is collected, so the scheduler's in-flight bookkeeping, preemption and the
-pipeline lookahead are tested fast, without worker processes (test_tp_pp.py runs real ones).
+micro-batch beyond the stages are tested fast, without worker processes (test_tp_pp.py runs
+real ones).
 """
 
 from __future__ import annotations
