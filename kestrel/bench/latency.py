@@ -111,7 +111,8 @@ def decode_bytes_per_step(engine: Any, batch: int, input_len: int, output_len: i
 
 def _one_iteration(llm: Any, prompts: list[list[int]], output_len: int) -> dict:
     engine = llm.engine
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0,
+                            output_kind="final_only")  # the steps' outputs are not read
     # Every run computes its prompts in full: a warm-up or a sweep's smaller batch (same seeds)
     # left their prefixes cached, and hits made a sweep's prefill look faster than the GPU.
     engine.kv.pool.reset_prefix_cache()
