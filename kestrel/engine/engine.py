@@ -11,6 +11,7 @@ import torch
 from kestrel.config import EngineConfig
 from kestrel.core.block_pool import BlockPool, KVCacheManager
 from kestrel.core.scheduler import Scheduler, SchedulerOutput
+from kestrel.engine.detokenizer import byte_table
 from kestrel.engine.group import RequestGroup
 from kestrel.engine.stats import EngineStats
 from kestrel.executor.model_runner import PrevTokens
@@ -60,6 +61,8 @@ class Engine:
                         and getattr(self.executor, "supports_overlap", False))
         self._pending: _Launched | None = None
         self._num_history_groups = 0  # live groups whose sampling needs the host-known tokens
+        if tokenizer is not None:  # the detokenizers' byte table, built before any request
+            byte_table(tokenizer, skip_special_tokens=True)
         eos = cfg.model_config.eos_token_id
         tok_eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = tuple(eos) + ((tok_eos,) if tok_eos is not None and

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from kestrel.engine.detokenizer import IncrementalDetokenizer, find_stop
+from kestrel.engine.detokenizer import find_stop, make_detokenizer
 from kestrel.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kestrel.request import Request, RequestStatus
 from kestrel.sampling_params import SamplingParams
@@ -20,7 +20,7 @@ class RequestGroup:
         self.prompt_ids = prompt_ids
         self.params = params
         self.samples = samples
-        self.detok = [IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
+        self.detok = [make_detokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
                       for _ in samples]
         self.texts = [""] * len(samples)
         self.holdback = max((len(s) for s in params.stop), default=1) - 1
