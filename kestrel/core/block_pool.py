@@ -160,6 +160,15 @@ class KVCacheManager:
 
         ``computed`` are prefix-cache hits for a request being admitted (not yet in its table).
         """
+        bs = self.block_size
+        if not computed and req.num_computed_tokens + num_new <= len(req.block_ids) * bs:
+            # decode's usual case: the new tokens fit the blocks the request holds; only a
+            # block that just filled up needs registering in the prefix cache
+            total = req.num_computed_tokens + num_new
+            if (self.pool.enable_prefix_caching
+                    and total // bs > self._num_cached.get(req.request_id, 0)):
+                self._cache_full(req, total)
+            return True
         computed = computed or []
         num_computed = req.num_computed_tokens + len(computed) * self.block_size
         needed = -(-(num_computed + num_new) // self.block_size)
