@@ -27,7 +27,6 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,15 +237,12 @@ class MultiProcExecutor:
                 item.logits.record_stream(self._land_stream)
         return runner_output(item.batch, item.logits, self.vocab_size)
 
-    @contextlib.contextmanager
-    def landing(self) -> Iterator[None]:
+    def landing(self) -> contextlib.AbstractContextManager:
         """Where the engine collects a micro-batch and samples from it: the landing stream
         (CUDA pipelines; see ``__init__``), else the current one."""
         if self._land_stream is None:
-            yield
-            return
-        with torch.cuda.stream(self._land_stream):
-            yield
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self._land_stream)
 
     def execute(self, out: SchedulerOutput, prev: PrevTokens | None = None,
                 share_sampled: bool = False) -> RunnerOutput:

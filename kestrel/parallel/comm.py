@@ -136,9 +136,9 @@ def wait_work(work: Any, what: str, health: HealthCheck | None = None,
     growing slices of at most 0.1 ms, asking ``health`` each time (a pipeline stage waits
     here for every micro-batch's hidden states, the driver for its logits: naps of up to 1 ms
     overshot by up to 1 ms, 10-20% of a 5-10 ms decode micro-batch). gloo point-to-point work
-    never reports
-    completion before ``wait()``, so there ``poll=False`` blocks in ``wait()``, which gloo bounds
-    by the group's timeout and fails at once with "Connection closed by peer" if a rank dies.
+    never reports completion before ``wait()``, so there ``poll=False`` blocks in ``wait()``,
+    which gloo bounds by the group's timeout and fails at once with "Connection closed by peer"
+    if a rank dies.
     """
     if not poll:
         try:
