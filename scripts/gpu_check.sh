@@ -3,7 +3,7 @@
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 | fig27 |
-#         fp8-70b | prefetch
+#         fp8-70b
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
 # summary table is printed last.
@@ -58,26 +58,6 @@ if has latency; then
       --json "$OUT/decode_b1_${tag}.json" | tail -n 16
     $L8 --batch 1 --input 4096 --output 1 $q --max-num-seqs 1 --max-num-batched-tokens 4096 \
       $c --json "$OUT/prefill_4k_${tag}.json" | tail -n 16
-  done
-fi
-if has prefetch; then  # L2 weight prefetch (kernels/prefetch.py): its tests, the GEMV-chain
-  # benchmark at TP=1 and TP=2 shapes, then batch-1 decode per setting (PREFETCH: MB,variant)
-  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_prefetch.py -m gpu \
-    -k "not next_one" 2>&1 | tee "$OUT/prefetch_tests.log" | tail -n 3
-  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -m gpu -k prefetch 2>&1 \
-    | tee -a "$OUT/prefetch_tests.log" | tail -n 3
-  for tp in 1 2; do
-    python3 scripts/bench_prefetch.py --tp $tp 2>&1 | tee -a "$OUT/bench_prefetch.log"
-  done
-  c=$(ceil)
-  for pf in ${PREFETCH:-0 8,line 16,line 32,line 16,line_last 16,bulk}; do
-    KESTREL_L2_PREFETCH=$pf $L8 --batch 1 --input 128 --output 256 --max-num-seqs 1 $c \
-      --json "$OUT/pf_decode_b1_bf16_${pf/,/_}.json" | grep -E "TPOT|bandwidth" | head -n 3
-  done
-  for pf in 0 ${PREFETCH_FP8:-16,line}; do
-    KESTREL_L2_PREFETCH=$pf $L8 --batch 1 --input 128 --output 256 --max-num-seqs 1 $c \
-      --quantization fp8 --json "$OUT/pf_decode_b1_fp8_${pf/,/_}.json" \
-      | grep -E "TPOT|bandwidth" | head -n 3
   done
 fi
 if has fp8gemm; then

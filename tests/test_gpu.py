@@ -90,22 +90,3 @@ def test_overlapped_steps_identical_to_sync_on_gpu(checkpoint):
             torch.cuda.empty_cache()
 
     assert run(True) == run(False)
-
-
-def test_l2_weight_prefetch_changes_no_token(checkpoint, monkeypatch):
-    """KESTREL_L2_PREFETCH on (every variant, in CUDA graphs and eager steps): the tokens of
-    no prefetch."""
-    from kestrel.kernels.prefetch import VARIANTS
-
-    prompts = _prompts(4)
-    monkeypatch.setenv("KESTREL_L2_PREFETCH", "0")
-    off = _tokens(checkpoint, prompts, device="cuda", dtype="float32")
-
-    def prefetches(llm):
-        assert llm.engine.executor.runner.model.prefetcher is not None
-
-    for variant in VARIANTS:
-        monkeypatch.setenv("KESTREL_L2_PREFETCH", f"1,{variant}")
-        assert _tokens(checkpoint, prompts, prefetches, device="cuda", dtype="float32") == off
-    assert _tokens(checkpoint, prompts, prefetches, device="cuda", dtype="float32",
-                   enforce_eager=True) == off

@@ -30,7 +30,6 @@ def build_model(cfg: EngineConfig, backend_cls: type[AttentionBackend], tp: TPGr
 def use_triton_kernels(model: nn.Module) -> None:
     """Swap the torch reference ops for fused Triton kernels: the one place GPU ops are chosen."""
     from kestrel.kernels import fused
-    from kestrel.kernels.prefetch import chain_prefetches, maybe_prefetcher
     from kestrel.layers.norm import RMSNorm
     from kestrel.models.llama import LlamaDecoderLayer, LlamaMLP
     from kestrel.quant.fp8_fused import fp8_norm_mlp, uses_fp8_producers
@@ -42,6 +41,3 @@ def use_triton_kernels(model: nn.Module) -> None:
             m.act = fused.silu_and_mul
         elif isinstance(m, LlamaDecoderLayer) and uses_fp8_producers(m.mlp):
             m.norm_mlp = fp8_norm_mlp  # FP8 activations quantized by the norm / SwiGLU kernels
-    prefetcher = maybe_prefetcher(next(model.parameters()).device)
-    if prefetcher is not None:
-        chain_prefetches(model, prefetcher)

@@ -13,7 +13,6 @@ The loaders only ``narrow`` what they are given before copying, so a lazy checkp
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,10 +71,6 @@ class UnquantizedLinearMethod(QuantMethod):
 class LinearBase(nn.Module):
     """Shared parts: the quant method, the optional bias, and shard bookkeeping."""
 
-    # Set by kestrel.kernels.prefetch.chain_prefetches: called with the row count once this
-    # layer's GEMM is launched, to start fetching the next layer's weight into L2.
-    prefetch_next: Callable[[int], None] | None = None
-
     def __init__(
         self,
         input_size: int,
@@ -100,12 +95,6 @@ class LinearBase(nn.Module):
         for p in self.parameters(recurse=False):
             p.weight_loader = self.weight_loader  # type: ignore[attr-defined]
 
-    def _gemm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        y = self.quant_method.apply(self, x, bias)
-        if self.prefetch_next is not None:
-            self.prefetch_next(y.shape[0])
-        return y
-
     def _copy(self, param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
         if param.shape != loaded.shape:
             raise ValueError(
@@ -125,7 +114,7 @@ class ReplicatedLinear(LinearBase):
         super().__init__(input_size, output_size, bias, dtype, quant_method, SINGLE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._gemm(x, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -146,7 +135,7 @@ class ColumnParallelLinear(LinearBase):
         self._copy(param, loaded, "column-parallel weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._gemm(x, self.bias)
+        y = self.quant_method.apply(self, x, self.bias)
         return self.tp.all_gather_last_dim(y) if self.gather_output else y
 
 
@@ -212,7 +201,7 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, after the reduction, not once per rank.
-        y = self._gemm(x, None)
+        y = self.quant_method.apply(self, x, None)
         if self.reduce_results:
             y = self.tp.all_reduce(y)
         return y + self.bias if self.bias is not None else y

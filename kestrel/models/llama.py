@@ -137,7 +137,6 @@ class LlamaForCausalLM(nn.Module):
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
             self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(
                 cfg.vocab_size, cfg.hidden_size, dtype, tp)
-        self.prefetcher = None  # kestrel.kernels.prefetch.chain_prefetches may set one
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata, hidden: torch.Tensor | None = None,
@@ -151,8 +150,6 @@ class LlamaForCausalLM(nn.Module):
             hidden = self.embed_tokens(input_ids)
         for j, layer in enumerate(self.layers.values()):
             hidden, residual = layer(positions, hidden, residual, kv_caches[j], meta)
-        if self.prefetcher is not None:
-            self.prefetcher.join()
         if self.is_last:
             hidden, _ = self.norm(hidden, residual)
             return hidden, None
