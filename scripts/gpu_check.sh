@@ -3,7 +3,7 @@
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 | fig27 |
-#         fp8-70b | pdl
+#         fp8-70b
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
 # summary table is printed last.
@@ -58,21 +58,6 @@ if has latency; then
       --json "$OUT/decode_b1_${tag}.json" | tail -n 16
     $L8 --batch 1 --input 4096 --output 1 $q --max-num-seqs 1 --max-num-batched-tokens 4096 \
       $c --json "$OUT/prefill_4k_${tag}.json" | tail -n 16
-  done
-fi
-if has pdl; then  # programmatic dependent launch (kernels/pdl.py): its test, then batch-1
-  # decode and 4k prefill with it off and on, BF16 and the FP8 recipe
-  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -m gpu -k "dependent" 2>&1 \
-    | tee "$OUT/pdl_tests.log" | tail -n 3
-  c=$(ceil)
-  for q in "" "--quantization fp8"; do
-    for p in 0 1; do
-      tag=$(echo "bf16${q}_pdl${p}" | tr -c 'a-z0-9\n' '_' | tr -s _)
-      KESTREL_PDL=$p $L8 --batch 1 --input 128 --output 256 $q --max-num-seqs 1 $c \
-        --json "$OUT/decode_b1_${tag}.json" | grep -E "TPOT|bandwidth /" | head -n 2
-      KESTREL_PDL=$p $L8 --batch 1 --input 4096 --output 1 $q --max-num-seqs 1 \
-        --max-num-batched-tokens 4096 $c --json "$OUT/prefill_4k_${tag}.json" >/dev/null
-    done
   done
 fi
 if has fp8gemm; then

@@ -38,7 +38,6 @@ import triton
 import triton.language as tl
 
 from kestrel.kernels.fp8_quant import DTYPE_CODES, round_dtype
-from kestrel.kernels.pdl import pdl_args, pdl_enter
 from kestrel.quant.fp8_ops import FP8_DTYPE
 
 _SUM_BLOCK = 1024  # outputs per program of the split-K reduction
@@ -287,9 +286,7 @@ def _skinny_kernel(
     BROADCAST_X: tl.constexpr,
     SCALED: tl.constexpr,  # fp8 operands with row scales; False: plain x·wᵀ
     DOT_F32: tl.constexpr,  # unscaled dot in float32, IEEE (float32 operands; see _launch)
-    PDL: tl.constexpr,
 ):
-    pdl_enter(PDL)
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -323,9 +320,8 @@ def _skinny_kernel(
 
 @triton.jit
 def _sum_splits_kernel(p_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, DT: tl.constexpr,
-                       BLOCK: tl.constexpr, PDL: tl.constexpr):
+                       BLOCK: tl.constexpr):
     """p [SPLIT_K, numel] float32 → out [numel]: the partials summed in split order, rounded."""
-    pdl_enter(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.load(p_ptr + offs, mask=mask, other=0.0)
@@ -387,12 +383,10 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
         EVEN_K=k % cfg.block_k == 0, SPLIT=split > 1, DT=dt,
         W_EVICT="evict_first" if cfg.evict_first else "", BROADCAST_X=cfg.broadcast_x,
         SCALED=scaled, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **pdl_args(x.device),
     )
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, _SUM_BLOCK),)](
-            dst, out, m * n, SPLIT_K=split, DT=dt, BLOCK=_SUM_BLOCK, num_warps=4,
-            **pdl_args(x.device))
+            dst, out, m * n, SPLIT_K=split, DT=dt, BLOCK=_SUM_BLOCK, num_warps=4)
     return out
 
 

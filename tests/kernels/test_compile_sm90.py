@@ -48,8 +48,6 @@ def _record(monkeypatch) -> list[tuple]:
 def _on_cuda(values: dict) -> dict:
     """The constexprs the wrappers pass on CUDA instead of their interpreter settings."""
     cuda = {"HW_CAST": True}  # sm_90 has the e4m3 conversion (fp8_quant.hw_fp8_cast)
-    if "PDL" in values:  # and programmatic dependent launch (kernels.pdl)
-        cuda["PDL"] = True
     if "UPCAST" in values:  # attention dots: paged_attention.dot_flags for q's dtype
         cuda |= paged_attention.dot_flags(next(iter(values.values())).dtype,
                                           torch.device("cuda"))
