@@ -47,9 +47,10 @@ def set_param_dims(param: nn.Parameter, output_dim: int | None, input_dim: int |
 def dense_linear(x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except on GPU shapes where the Triton skinny GEMM measured faster than cuBLAS
-    (batch-1 decode of the tuned models: ``fp8_gemm.TUNED_16BIT``)."""
+    (batch-1 decode of the tuned models: ``skinny_config.TUNED_16BIT``)."""
     if x.is_cuda and bias is None:
-        from kestrel.kernels.fp8_gemm import beats_cublas, bf16_gemm_small_m
+        from kestrel.kernels.fp8_gemm import bf16_gemm_small_m
+        from kestrel.kernels.skinny_config import beats_cublas
 
         if beats_cublas(x, weight):
             return bf16_gemm_small_m(x, weight)

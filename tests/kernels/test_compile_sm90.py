@@ -25,7 +25,7 @@ if torch.cuda.is_available():
 from triton.runtime.interpreter import InterpretedFunction
 
 from kestrel.attention.base import FP8_DTYPE
-from kestrel.kernels import fp8_gemm, fp8_quant, fused, paged_attention
+from kestrel.kernels import fp8_gemm, fp8_quant, fused, paged_attention, skinny_config
 from kestrel.kernels.prefill_attention import prefill_attention
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
@@ -91,7 +91,8 @@ def _representative_calls() -> None:
         fused.silu_and_mul(torch.randn(3, 128, generator=g).to(dt))
         for fp8 in (False, True):
             _attention_calls(dt, fp8, g)
-        for cfg in (fp8_gemm.SkinnyConfig(4, 64), fp8_gemm.SkinnyConfig(16, 32, 2, use_dot=True)):
+        for cfg in (skinny_config.SkinnyConfig(4, 64),
+                    skinny_config.SkinnyConfig(16, 32, 2, use_dot=True)):
             fp8_gemm.bf16_gemm_small_m(torch.randn(2, 128, generator=g).to(dt),
                                        torch.randn(32, 128, generator=g).to(dt), config=cfg)
     a = torch.randn(4, 256, generator=g)
@@ -103,7 +104,8 @@ def _representative_calls() -> None:
     fp8_quant.rms_norm_quant_fp8(a, torch.ones(256), 1e-5, residual=a.clone())
     xq, xs = fp8_quant.per_token_quant_fp8(torch.randn(2, 128, generator=g))
     wq, ws = fp8_quant.per_token_quant_fp8(torch.randn(32, 128, generator=g))
-    for cfg in (fp8_gemm.SkinnyConfig(4, 64), fp8_gemm.SkinnyConfig(16, 64, 2, use_dot=True)):
+    for cfg in (skinny_config.SkinnyConfig(4, 64),
+                skinny_config.SkinnyConfig(16, 64, 2, use_dot=True)):
         fp8_gemm.fp8_gemm_small_m(xq, xs, wq, ws.view(-1), torch.bfloat16, config=cfg)
 
 

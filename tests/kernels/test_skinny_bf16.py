@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kestrel.kernels import fp8_gemm
-from kestrel.kernels.fp8_gemm import SkinnyConfig, bf16_gemm_small_m, default_config
+from kestrel.kernels import fp8_gemm, skinny_config
+from kestrel.kernels.fp8_gemm import bf16_gemm_small_m
+from kestrel.kernels.skinny_config import SkinnyConfig, default_config
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -78,14 +79,14 @@ def test_split_k_partials_are_all_written(monkeypatch):
 
 
 def test_default_config_keeps_bytes_per_step_and_has_its_own_table(monkeypatch):
-    monkeypatch.setattr(fp8_gemm, "TUNED", {})
-    monkeypatch.setattr(fp8_gemm, "TUNED_16BIT", {})
+    monkeypatch.setattr(skinny_config, "TUNED", {})
+    monkeypatch.setattr(skinny_config, "TUNED_16BIT", {})
     for m in (1, 4):
         fp8, bf16 = (default_config(m, 28672, 4096, 132, elem_bytes=b) for b in (1, 2))
         assert bf16.block_k * 2 == fp8.block_k and bf16.use_dot == fp8.use_dot
     assert default_config(1, 64, 48, 132, elem_bytes=2).block_k == 64  # tiny K still clamps
     tuned = SkinnyConfig(block_n=16, block_k=32, split_k=2, use_dot=True)
-    monkeypatch.setitem(fp8_gemm.TUNED_16BIT, (1, 4, 40, 160), tuned)
+    monkeypatch.setitem(skinny_config.TUNED_16BIT, (1, 4, 40, 160), tuned)
     assert default_config(3, 40, 160, 1, elem_bytes=2) is tuned
     assert default_config(3, 40, 160, 1) != tuned  # fp8 keeps its own table
     assert default_config(3, 40, 160, 1, elem_bytes=4) != tuned  # float32: the rule
@@ -123,16 +124,18 @@ def test_llama_shapes_on_gpu(m, n, k):
 def test_beats_cublas_only_for_listed_shapes(monkeypatch):
     """The layers run the kernel exactly where TUNED_16BIT lists the shape (rows rounded up to
     a power of two) on a GPU of this many SMs; fp8 and float32 weights never."""
-    monkeypatch.setattr(fp8_gemm, "TUNED_16BIT", {})
+    monkeypatch.setattr(skinny_config, "TUNED_16BIT", {})
     x, w = _operands(3, 40, 160, torch.bfloat16, seed=7)
-    assert not fp8_gemm.beats_cublas(x, w)
-    sms = fp8_gemm.sm_count(x.device.type, x.device.index)
-    monkeypatch.setitem(fp8_gemm.TUNED_16BIT, (sms, 4, 40, 160), SkinnyConfig(8, 32))
-    assert fp8_gemm.beats_cublas(x, w) and fp8_gemm.beats_cublas(x[:1].expand(4, -1), w)
-    assert not fp8_gemm.beats_cublas(x[:1], w)  # M=1 is another entry
-    assert not fp8_gemm.beats_cublas(x, w[:, :80]) and not fp8_gemm.beats_cublas(x, w[:20])
-    assert not fp8_gemm.beats_cublas(x.float(), w.float())
-    assert not fp8_gemm.beats_cublas(x[None], w)
+    assert not skinny_config.beats_cublas(x, w)
+    sms = skinny_config.sm_count(x.device.type, x.device.index)
+    monkeypatch.setitem(skinny_config.TUNED_16BIT, (sms, 4, 40, 160), SkinnyConfig(8, 32))
+    assert skinny_config.beats_cublas(x, w)
+    assert skinny_config.beats_cublas(x[:1].expand(4, -1), w)
+    assert not skinny_config.beats_cublas(x[:1], w)  # M=1 is another entry
+    assert not skinny_config.beats_cublas(x, w[:, :80])
+    assert not skinny_config.beats_cublas(x, w[:20])
+    assert not skinny_config.beats_cublas(x.float(), w.float())
+    assert not skinny_config.beats_cublas(x[None], w)
 
 
 @pytest.mark.gpu
@@ -147,8 +150,8 @@ def test_dense_linear_runs_the_kernel_for_listed_shapes(monkeypatch):
     monkeypatch.setattr(fp8_gemm, "bf16_gemm_small_m",
                         lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
     x, w = _operands(1, 384, 1024, torch.bfloat16, seed=8)
-    sms = fp8_gemm.sm_count("cuda", x.device.index)
-    monkeypatch.setitem(fp8_gemm.TUNED_16BIT, (sms, 1, 384, 1024), SkinnyConfig(2, 512))
+    sms = skinny_config.sm_count("cuda", x.device.index)
+    monkeypatch.setitem(skinny_config.TUNED_16BIT, (sms, 1, 384, 1024), SkinnyConfig(2, 512))
     _assert_close(linear_mod.dense_linear(x, w), x, w)
     assert calls == [(1, 1024)]
     x2, _ = _operands(2, 384, 1024, torch.bfloat16, seed=9)

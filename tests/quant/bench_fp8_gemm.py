@@ -15,7 +15,7 @@ through the tile grid (with the default's split-K rule); refinement around each 
 fastest (num_stages, split-K, evict-first weight loads), M = 1 first, until --budget-s is spent;
 the default and the three fastest timed again with longer runs. Prints per case the best config,
 its µs and fraction of the copy bandwidth against default_config's µs and _scaled_mm's, the
-lines to paste into kestrel.kernels.fp8_gemm.TUNED, and writes everything to --json.
+lines to paste into kestrel.kernels.skinny_config.TUNED, and writes everything to --json.
 
 BF16 sweep (--sweep-bf16): does the same kernel on bf16 weights (bf16_gemm_small_m) beat cuBLAS
 (F.linear) at decode? One rank's linear shapes of --preset at --tp (qkv, o_proj, gate_up, down,
@@ -24,7 +24,7 @@ a pruned bf16 grid (K in elements, 8 per 16-byte vector), then refinement, both 
 --budget-s (default 60 s; past it a case gets its default only); then the default, the two
 fastest and F.linear timed with longer runs. Prints per case the best config, µs, share of the
 copy bandwidth, F.linear's µs and F.linear / best; per M the decode-step sum (every layer +
-lm_head); lines for fp8_gemm.TUNED_16BIT; --json. Meant to take under 2 minutes on an H200 (60 s
+lm_head); lines for skinny_config.TUNED_16BIT; --json. Meant to take under 2 minutes on an H200 (60 s
 of tuning, ~30 s of final timings), compiles included; with a cold Triton cache they may use up
 the budget before the M > 1 grids ("grid cut").
 
@@ -44,7 +44,7 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, uninstalled
-from kestrel.kernels.fp8_gemm import default_config, gpu_model, sm_count
+from kestrel.kernels.skinny_config import default_config, gpu_model, sm_count
 from kestrel.quant.fp8_ops import SMALL_M_MAX
 from tests.quant.skinny_sweep import BUDGET_S, SWEEP_MS, sweep, sweep_bf16
 from tests.quant.skinny_timing import (

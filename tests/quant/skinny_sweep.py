@@ -1,6 +1,6 @@
 """The tuning sweeps of bench_fp8_gemm.py (--sweep, --sweep-bf16): every (shape, M) through a
 tile grid, refinement around the fastest within a time budget, then longer final timings; the
-winners print as lines for kestrel.kernels.fp8_gemm's TUNED / TUNED_16BIT tables.
+winners print as lines for kestrel.kernels.skinny_config's TUNED / TUNED_16BIT tables.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import triton
 
-from kestrel.kernels.fp8_gemm import SkinnyConfig, default_config, gpu_model
+from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_model
 from kestrel.loader.dummy import preset_config
 from tests.quant.skinny_timing import (
     SHAPES,
@@ -167,7 +167,7 @@ def sweep(args: argparse.Namespace, l2: int, sms: int, peak: float, meta: dict) 
     for c in sorted(results, key=lambda c: (c["n"] * c["k"], c["n"], c["m"])):
         if (line := _report(c, sms)) is not None:
             tuned.append(line)
-    print("# TUNED entries for kestrel/kernels/fp8_gemm.py (the default is > 2% slower):")
+    print("# TUNED entries for kestrel/kernels/skinny_config.py (the default is > 2% slower):")
     print("\n".join(tuned) or "    (none)")
     if args.json:
         Path(args.json).write_text(json.dumps({**meta, "cases": results, "tuned": tuned},
@@ -266,7 +266,7 @@ def sweep_bf16(args: argparse.Namespace, l2: int, sms: int, peak: float, meta: d
         print(f"    M={m:<3} skinny best {sums['skinny']:8.1f}  F.linear {sums['cublas']:8.1f}  "
               f"faster of the two per shape {sums['faster']:8.1f}  "
               f"(F.linear/skinny {sums['cublas'] / sums['skinny']:.3f}x)")
-    print("# TUNED_16BIT entries for kestrel/kernels/fp8_gemm.py (the default is > 2% slower):")
+    print("# TUNED_16BIT entries for kestrel/kernels/skinny_config.py (the default is > 2% slower):")
     print("\n".join(tuned) or "    (none)")
     if args.json:
         Path(args.json).write_text(json.dumps(

@@ -18,12 +18,8 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-from kestrel.kernels.fp8_gemm import (
-    SkinnyConfig,
-    bf16_gemm_small_m,
-    fp8_gemm_small_m,
-    split_to_fill,
-)
+from kestrel.kernels.fp8_gemm import bf16_gemm_small_m, fp8_gemm_small_m
+from kestrel.kernels.skinny_config import SkinnyConfig, split_to_fill
 from kestrel.quant.fp8_ops import fp8_matmul_emulated, quantize_rowwise_ref
 
 DEVICE = "cuda"  # a CPU dry run of the code paths may set "cpu" (TRITON_INTERPRET=1)

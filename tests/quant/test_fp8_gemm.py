@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kestrel.config import QuantConfig
-from kestrel.kernels import fp8_gemm
-from kestrel.kernels.fp8_gemm import SkinnyConfig, default_config, fp8_gemm_small_m
+from kestrel.kernels import fp8_gemm, skinny_config
+from kestrel.kernels.fp8_gemm import fp8_gemm_small_m
+from kestrel.kernels.skinny_config import SkinnyConfig, default_config
 from kestrel.layers.linear import ColumnParallelLinear, RowParallelLinear
 from kestrel.parallel.state import TPGroup
 from kestrel.quant import fp8_ops
@@ -130,7 +131,7 @@ def test_empty_and_bad_operands():
 
 
 def test_default_config_splits_k_only_when_columns_are_few(monkeypatch):
-    monkeypatch.setattr(fp8_gemm, "TUNED", {})  # the rule, under the tuned entries
+    monkeypatch.setattr(skinny_config, "TUNED", {})  # the rule, under the tuned entries
     # Llama 3 8B FFN on an H100/H200 (132 SMs).
     gate_up, down = default_config(1, 28672, 4096, 132), default_config(1, 4096, 14336, 132)
     assert gate_up.split_k == 1 and down.split_k > 1 and not down.use_dot
@@ -140,7 +141,7 @@ def test_default_config_splits_k_only_when_columns_are_few(monkeypatch):
 
 def test_default_config_takes_tuned_entries_by_gpu_row_bucket_and_shape(monkeypatch):
     tuned = SkinnyConfig(block_n=32, block_k=64, split_k=2, use_dot=True, evict_first=True)
-    monkeypatch.setitem(fp8_gemm.TUNED, (1, 4, 40, 160), tuned)  # 1 SM: the interpreter
+    monkeypatch.setitem(skinny_config.TUNED, (1, 4, 40, 160), tuned)  # 1 SM: the interpreter
     assert default_config(3, 40, 160, 1) is tuned  # 3 rows fall in the bucket of 4
     assert default_config(3, 40, 160, 132) != tuned and default_config(5, 40, 160, 1) != tuned
     xq, xs, wq, ws = _operands(3, 160, 40, seed=3)
@@ -152,12 +153,12 @@ def test_a_gpu_models_entry_wins_over_its_sm_counts(monkeypatch):
     """H100 and H200 both have 132 SMs; an entry keyed by the model applies to that model only."""
     by_sms = SkinnyConfig(block_n=32, block_k=64)
     by_model = SkinnyConfig(block_n=16, block_k=128, split_k=2)
-    monkeypatch.setitem(fp8_gemm.TUNED, (132, 1, 40, 160), by_sms)
-    monkeypatch.setitem(fp8_gemm.TUNED, ("H200", 1, 40, 160), by_model)
+    monkeypatch.setitem(skinny_config.TUNED, (132, 1, 40, 160), by_sms)
+    monkeypatch.setitem(skinny_config.TUNED, ("H200", 1, 40, 160), by_model)
     assert default_config(1, 40, 160, 132, gpu="H200") is by_model
     assert default_config(1, 40, 160, 132, gpu="H100") is by_sms
     assert default_config(1, 40, 160, 132) is by_sms
-    assert fp8_gemm.gpu_model("cpu", None) is None
+    assert skinny_config.gpu_model("cpu", None) is None
 
 
 # ----------------------------------------------------------------------------- dispatch
