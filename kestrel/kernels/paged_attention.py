@@ -12,15 +12,10 @@ programs to keep every SM's loads in flight:
   one): each token's page comes from the block table, so any power-of-two page size works.
 * Flash-decoding (split-K). With few sequences (batch 1..16 × 8 KV heads: too few programs
   to keep 132 SMs loading) the context of each (sequence, KV head) is cut into ``num_splits``
-  chunks handled by separate programs that write a partial output and its log-sum-exp; the
-  last of them to arrive (an atomic counter per (sequence, KV head)) merges the partials into
-  the output, so a split decode is one launch (in CUDA-graph replays on an H200, 0.2-1.2 µs
-  faster than with a separate reduce kernel). The merging program zeroes its counter again,
-  so replays need no memset; the one assumption is that no two split decode launches run
-  concurrently on one device (the engine runs one forward pass at a time per device). Short
-  contexts, up to ``NO_SPLIT_MAX_LEN``, are not split. The chunk length is computed in the
-  kernel from the sequence's own length, so a launch with a fixed ``num_splits`` (as
-  captured in a CUDA graph) is right for any context length.
+  chunks handled by separate programs that write a partial output and its log-sum-exp; a
+  second kernel merges them (short contexts, up to ``NO_SPLIT_MAX_LEN``, are not split).
+  The chunk length is computed in the kernel from the sequence's own length, so a launch
+  with a fixed ``num_splits`` (as captured in a CUDA graph) is right for any context length.
 
 Softmax runs in base 2 (``exp2``) on float32 scores; the P·V product takes P in the cache
 dtype, as flash attention does.
@@ -39,16 +34,11 @@ from kestrel.quant.fp8_ops import FP8_DTYPE
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 PROGRAMS_PER_SM = 4  # measured (H200, bf16, D=128): ~4 resident programs saturate HBM
-# Contexts up to this many tokens decode unsplit: no partials to write and merge, which cost
-# more than a short context takes to read. Measured (`bench_kernels.py --only splits`, H100,
-# llama-3-8b heads, 2026-11-26) with the former two-kernel split path (a separate reduce
-# launch; not re-measured since the merge moved into the decode kernel): at 128 tokens
-# unsplit 5.1 µs vs 5.5 split 4 ways; at 256 unsplit 8.0 vs 5.5 (batch 1) and 8.4 vs 7.2
-# (batch 8).
+# Contexts up to this many tokens decode unsplit: one launch, no reduce kernel, whose launch
+# costs more than a short context takes to read. Measured (`bench_kernels.py --only splits`,
+# H100, llama-3-8b heads, 2026-11-26): at 128 tokens unsplit 5.1 µs vs 5.5 split 4 ways; at 256
+# unsplit 8.0 vs 5.5 (batch 1) and 8.4 vs 7.2 (batch 8).
 NO_SPLIT_MAX_LEN = 128
-# Split-K arrival counters per device: one int32 per (sequence, KV head) of a split launch.
-SPLIT_COUNTERS = 1 << 16
-_counters: dict[torch.device, torch.Tensor] = {}
 
 
 @triton.jit
@@ -76,10 +66,9 @@ def _decode_kernel(
     seq_lens_ptr,  # [B] int32
     k_scale_ptr,  # [Hkv] float32 (FP8_KV)
     v_scale_ptr,
-    out_ptr,  # [B, Hq, D] final output (SPLIT: written by the last split to arrive)
+    out_ptr,  # [B, Hq, D] final output (written when not SPLIT)
     part_out_ptr,  # [B, Hq, num_splits, D] fp32 normalised partial outputs (SPLIT)
     part_lse_ptr,  # [B, Hq, num_splits] fp32 base-2 log-sum-exp of each split (SPLIT)
-    counters_ptr,  # [>= B * Hkv] int32 arrival counters, zero at launch and at exit (SPLIT)
     qk_scale,  # softmax scale * log2(e)
     num_splits,
     stride_qb, stride_qh,
@@ -93,10 +82,7 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two
     PAGE_SIZE: tl.constexpr,  # cache block size (tokens per page)
     BLOCK_N: tl.constexpr,  # tokens per tile
-    SPLIT: tl.constexpr,  # write partials; the last split to arrive merges them into out
-    BLOCK_S: tl.constexpr,  # SPLIT: num_splits padded to a power of two
-    MERGE_G: tl.constexpr,  # SPLIT: GROUP padded to a power of two (the merge's head axis)
-    MERGE_CHUNK: tl.constexpr,  # SPLIT: splits merged per step
+    SPLIT: tl.constexpr,  # write partials for the reduce kernel instead of the output
     FP8_KV: tl.constexpr,  # FP8 cache: the per-head scales multiply q·k and the output
     DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (no tf32 rounding), else the default
     UPCAST: tl.constexpr,  # interpreter only: dot in fp32 (see mma)
@@ -166,82 +152,52 @@ def _decode_kernel(
         m_i = m_new
 
     # An empty split (or a zero-length padding sequence) has l_i == 0: lse = -inf and, split,
-    # no partial output (the merge skips it: graphs captured with many splits run short
+    # no partial output (the reduce kernel skips it: graphs captured with many splits run short
     # contexts with most splits empty), unsplit a zero output.
     has = l_i > 0
     o = acc * (v_scale / tl.where(has, l_i, 1.0))[:, None]
     out_mask = g_mask[:, None] & d_mask[None, :]
     if SPLIT:
-        pair = seq * tl.num_programs(1) + kv_head  # (sequence, KV head): its counter's index
-        row = (pair * GROUP + offs_g) * num_splits + split  # [BLOCK_G]
+        row = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [BLOCK_G]
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o,
                  mask=out_mask & has[:, None])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=g_mask)
-        # Every split, empty ones too, arrives; the last merges. The barrier puts all warps'
-        # stores before the atomic, whose release publishes them; the last program's acquire
-        # makes every split's stores visible to it (read past L1 with .cg all the same).
-        tl.debug_barrier()
-        if tl.atomic_add(counters_ptr + pair, 1, sem="acq_rel") == num_splits - 1:
-            _merge_splits(part_out_ptr, part_lse_ptr, pair * GROUP, num_splits,
-                          out_ptr + seq * stride_ob + kv_head * GROUP * stride_oh, stride_oh,
-                          GROUP, HEAD_DIM, BLOCK_D, BLOCK_S, MERGE_G, MERGE_CHUNK)  # fmt: skip
-            tl.store(counters_ptr + pair, 0)  # zero again for the next launch or graph replay
     else:
         o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
-def _merge_splits(
+def _reduce_kernel(
     part_out_ptr,  # [B, Hq, num_splits, D] fp32
     part_lse_ptr,  # [B, Hq, num_splits] fp32, base 2
-    first_row,  # sequence * Hq + the group's first query head
+    out_ptr,  # [B, Hq, D]
     num_splits,
-    out_ptr,  # the output row of the group's first query head
-    stride_oh,
-    GROUP: tl.constexpr,
+    stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,  # num_splits padded to a power of two
-    MERGE_G: tl.constexpr,  # GROUP padded to a power of two
-    MERGE_CHUNK: tl.constexpr,  # splits read per step (a [MERGE_G, MERGE_CHUNK, BLOCK_D] tile)
 ):  # fmt: skip
-    """out = Σ_s w_s·o_s / Σ_s w_s, w_s = 2^(lse_s - max_s lse_s), for the GROUP heads at once.
-
-    All heads in one tile so that their loads overlap: a loop over heads, one round trip to L2
-    after another, made a split decode slower than with a separate reduce kernel (H200, batch
-    1, 4k tokens, 64 splits: 17.2 µs vs 10.9).
-    """
-    offs_g = tl.arange(0, MERGE_G)
+    # One program per (sequence, query head): out = Σ_s w_s·o_s / Σ_s w_s, w_s = 2^(lse_s - max).
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    row = seq * tl.num_programs(1) + head
     offs_s = tl.arange(0, BLOCK_S)
-    offs_c = tl.arange(0, MERGE_CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
-    g_mask = offs_g < GROUP
-    d_mask = offs_d < HEAD_DIM
-    rows = (first_row + offs_g) * num_splits  # [MERGE_G]: each head's split 0
-    lse = tl.load(part_lse_ptr + rows[:, None] + offs_s[None, :],
-                  mask=g_mask[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"),
-                  cache_modifier=".cg")  # fmt: skip
-    m = tl.max(lse, axis=1)
+    s_mask = offs_s < num_splits
+    lse = tl.load(part_lse_ptr + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty: weights 0, output 0
-    denom = tl.sum(tl.exp2(lse - m[:, None]), axis=1)
+    w = tl.exp2(lse - m)  # [BLOCK_S]
+    denom = tl.sum(w, axis=0)
     denom = tl.where(denom > 0, denom, 1.0)
-    acc = tl.zeros([MERGE_G, BLOCK_D], dtype=tl.float32)
-    for c in tl.static_range(0, BLOCK_S, MERGE_CHUNK):
-        s = c + offs_c
-        rows_c = rows[:, None] + s[None, :]  # [MERGE_G, MERGE_CHUNK]
-        # The chunk's lse again (a register tile cannot be sliced): L2 hits.
-        lse_c = tl.load(part_lse_ptr + rows_c, mask=g_mask[:, None] & (s < num_splits)[None, :],
-                        other=float("-inf"), cache_modifier=".cg")  # fmt: skip
-        filled = lse_c > float("-inf")  # empty splits wrote no partial output
-        o = tl.load(part_out_ptr + rows_c[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-                    mask=filled[:, :, None] & d_mask[None, None, :], other=0.0,
-                    cache_modifier=".cg")  # fmt: skip
-        acc += tl.sum(o * tl.exp2(lse_c - m[:, None])[:, :, None], axis=1)
-    tl.store(out_ptr + offs_g[:, None] * stride_oh + offs_d[None, :],
-             (acc / denom[:, None]).to(out_ptr.dtype.element_ty),
-             mask=g_mask[:, None] & d_mask[None, :])  # fmt: skip
+    p_ptrs = part_out_ptr + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :]
+    filled = s_mask & (lse > float("-inf"))  # empty splits wrote no partial output
+    o = tl.load(p_ptrs, mask=filled[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / denom  # [BLOCK_D]
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)  # fmt: skip
 
 
 def check_kv_scales(name: str, k_cache: torch.Tensor, hkv: int, k_scale, v_scale) -> bool:
@@ -253,19 +209,6 @@ def check_kv_scales(name: str, k_cache: torch.Tensor, hkv: int, k_scale, v_scale
             raise ValueError(f"{name}: an FP8 cache needs contiguous float32 k_scale and "
                              f"v_scale of {hkv} values (one per KV head)")
     return True
-
-
-def _arrival_counters(device: torch.device) -> torch.Tensor:
-    """The device's split-K arrival counters: zeroed once, then left zero by every launch (each
-    merging program resets its own), and never freed, as CUDA graphs keep their address."""
-    counters = _counters.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode: run a split decode before CUDA-graph capture, which "
-                               "would record the counters' zeroing instead of doing it")
-        counters = _counters[device] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32,
-                                                   device=device)
-    return counters
 
 
 @functools.cache
@@ -355,34 +298,30 @@ def paged_attention_decode(
         num_splits = choose_num_splits(b, hkv, max_seq_len, q.device, block_n)
     split = num_splits > 1
     if split:
-        if b * hkv > SPLIT_COUNTERS:
-            raise ValueError(f"decode: {b} sequences × {hkv} KV heads exceed the {SPLIT_COUNTERS} "
-                             f"split-K arrival counters; pass num_splits=1")
         part_out = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
-        counters = _arrival_counters(q.device)
     else:
         part_out = part_lse = out  # unused placeholders
-        counters = seq_lens  # unused placeholder
     if not fp8:
         k_scale = v_scale = seq_lens  # unread placeholders
-    # The merge reads [merge_g, merge_chunk, D] partials per step: up to 8192 fp32 elements,
-    # 64 registers a thread at 4 warps (chunks of 4..16 splits timed alike on an H200).
-    block_s, block_d, merge_g = (triton.next_power_of_2(n) for n in (num_splits, d, group))
-    merge_chunk = min(block_s, max(1, 8192 // (merge_g * block_d)))
     _decode_kernel[(b, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale, out, part_out, part_lse,
-        counters, scale * LOG2E, num_splits,
+        scale * LOG2E, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=d, BLOCK_D=block_d,
-        PAGE_SIZE=page_size, BLOCK_N=block_n,
-        SPLIT=split, BLOCK_S=block_s, MERGE_G=merge_g, MERGE_CHUNK=merge_chunk, FP8_KV=fp8,
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        PAGE_SIZE=page_size, BLOCK_N=block_n, SPLIT=split, FP8_KV=fp8,
         **dot_flags(q.dtype, q.device),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    if split:
+        _reduce_kernel[(b, hq)](
+            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        )  # fmt: skip
     return out

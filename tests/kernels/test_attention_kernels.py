@@ -16,7 +16,6 @@ import torch
 from kestrel.attention.base import AttentionMetadata, quantize_kv
 from kestrel.attention.torch_ref import TorchAttention, paged_attention_ref
 from kestrel.attention.triton_backend import TritonAttention
-from kestrel.kernels import paged_attention
 from kestrel.kernels.paged_attention import (
     NO_SPLIT_MAX_LEN,
     choose_num_splits,
@@ -140,7 +139,7 @@ def test_decode_heuristic_splits() -> None:
 
 
 def test_short_contexts_decode_unsplit() -> None:
-    """Up to NO_SPLIT_MAX_LEN tokens decode unsplit (no partials to write and merge)."""
+    """Up to NO_SPLIT_MAX_LEN tokens one launch does it all (no reduce kernel)."""
     dev = torch.device(DEV)
     assert choose_num_splits(1, 8, NO_SPLIT_MAX_LEN, dev) == 1
     assert choose_num_splits(1, 8, NO_SPLIT_MAX_LEN + 1, dev) > 1
@@ -173,7 +172,7 @@ def test_decode_zero_length_rows(num_splits: int) -> None:
 
 def test_decode_empty_splits_leave_partials_unread(monkeypatch) -> None:
     """Far more splits than a short context has tiles (a graph captured at max_model_len):
-    empty splits write no partial output and the merge reads none, so NaN-filled partial
+    empty splits write no partial output and the reduce reads none, so NaN-filled partial
     buffers leave the output right."""
     real = torch.empty
 
@@ -183,33 +182,6 @@ def test_decode_empty_splits_leave_partials_unread(monkeypatch) -> None:
 
     monkeypatch.setattr(torch, "empty", empty)
     check_decode([1, 37, 70], 8, 2, 64, 16, torch.float32, 16, DEV)
-
-
-def test_decode_split_counters_left_zero() -> None:
-    """The last split to arrive merges and zeroes its arrival counter, so the device's counters
-    are all zero after every launch (CUDA-graph replays rely on it) and the next launch on the
-    same counters merges right too."""
-    for lens, num_splits in (([1, 37, 150], 3), ([300, 5, 90, 1], 7), ([150], 7)):
-        b = make_batch([1] * len(lens), [s - 1 for s in lens], 8, 2, 64, 16, torch.float32, DEV)
-        counters = paged_attention._arrival_counters(b.q.device)  # cuda:0, not cuda
-        ref = reference(b, 0.125)
-        for _ in range(2):
-            out = torch.full_like(b.q, NAN)
-            paged_attention_decode(b.q, b.k_cache, b.v_cache, b.meta.block_tables,
-                                   b.meta.seq_lens, 0.125, out=out, num_splits=num_splits)
-            assert_close(out, ref, torch.float32)
-            assert not counters.any()
-
-
-def test_decode_refuses_more_pairs_than_counters(monkeypatch) -> None:
-    b = make_batch([1, 1, 1], [4, 9, 2], 4, 2, 64, 16, torch.float32, DEV)
-    m = b.meta
-    monkeypatch.setattr(paged_attention, "SPLIT_COUNTERS", 5)  # 3 sequences × 2 KV heads
-    with pytest.raises(ValueError, match="arrival counters"):
-        paged_attention_decode(b.q, b.k_cache, b.v_cache, m.block_tables, m.seq_lens, 0.125,
-                               num_splits=2)
-    paged_attention_decode(b.q, b.k_cache, b.v_cache, m.block_tables, m.seq_lens, 0.125,
-                           num_splits=1)  # unsplit: no counters
 
 
 @pytest.mark.gpu

@@ -142,7 +142,7 @@ def test_every_kernel_compiles_for_sm90(monkeypatch) -> None:
             seen.add(key)
             specs.append((fn, sig, consts, opts))
     names = {fn.__name__ for fn, *_ in specs}
-    assert {"_rotary_cache_kernel", "_decode_kernel", "_prefill_kernel",
+    assert {"_rotary_cache_kernel", "_decode_kernel", "_reduce_kernel", "_prefill_kernel",
             "_per_token_quant_kernel", "_skinny_kernel", "_rms_norm_quant_kernel"} <= names
     jobs = [{"module": fn.__module__, "name": fn.__name__, "sig": sig,
              "consts": [[list(k), v] for k, v in consts.items()], "opts": opts}
