@@ -164,3 +164,19 @@ def test_final_only_requests_emit_one_output_when_finished(smollm_llm):
     assert seen["final"][0].outputs[0].token_ids == seen["stream"][-1].outputs[0].token_ids
     with pytest.raises(ValueError, match="output_kind"):
         SamplingParams(output_kind="delta")
+
+
+def test_heap_frozen_only_inside_its_block():
+    """The serve and bench commands run with the start-up heap frozen, and unfreeze it after
+    (else a dropped engine's reference cycles would never be collected)."""
+    import gc
+
+    from kestrel.engine.engine import heap_frozen
+
+    before = gc.get_freeze_count()
+    with heap_frozen():
+        assert gc.get_freeze_count() > before
+    assert gc.get_freeze_count() == before
+    with pytest.raises(KeyError), heap_frozen():
+        raise KeyError("the block fails")
+    assert gc.get_freeze_count() == before

@@ -229,6 +229,7 @@ def _collect() -> None:
 
 def run_latency(ns: Any) -> int:
     from kestrel.bench.latency import bench_latency, latency_rows
+    from kestrel.engine.engine import heap_frozen
     from kestrel.engine.llm import LLM
 
     set_threads(ns)
@@ -238,8 +239,9 @@ def run_latency(ns: Any) -> int:
     startup = time.perf_counter() - t0  # load, KV sizing, graph capture: until it can serve
     device = llm.engine.cfg.device
     ceilings = _ceilings(ns, device)
-    res = bench_latency(llm, ns.batch, i_len, o_len, ns.bench_iters, ns.warmup, ns.seed,
-                        ceilings)
+    with heap_frozen():
+        res = bench_latency(llm, ns.batch, i_len, o_len, ns.bench_iters, ns.warmup, ns.seed,
+                            ceilings)
     res["startup_s"] = startup
     res["model"], res["dtype"] = llm.engine.cfg.model, str(llm.engine.cfg.dtype)
     res["quantization"] = llm.engine.cfg.quant.method
@@ -266,6 +268,7 @@ def _workload(ns: Any) -> Any:
 
 def run_throughput(ns: Any) -> int:
     from kestrel.bench.throughput import bench_throughput, build_requests, throughput_rows
+    from kestrel.engine.engine import heap_frozen
     from kestrel.engine.llm import LLM
 
     set_threads(ns)
@@ -273,7 +276,8 @@ def run_throughput(ns: Any) -> int:
     llm = LLM(**vars(engine_args_from_cli(ns)))
     device = llm.engine.cfg.device
     reqs = build_requests(llm, wl, ns.workload_seed, ns.prompt_source, ns.text)
-    res = bench_throughput(llm, reqs)
+    with heap_frozen():
+        res = bench_throughput(llm, reqs)
     res.update({"workload": wl.name, "num_prompts": wl.num_prompts,
                 "model": llm.engine.cfg.model, "dtype": str(llm.engine.cfg.dtype),
                 "quantization": llm.engine.cfg.quant.method,

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+
 from kestrel.config import EngineConfig
 from kestrel.core.block_pool import BlockPool, KVCacheManager
 from kestrel.core.scheduler import Scheduler, SchedulerOutput
@@ -303,3 +307,22 @@ class _Launched:
 
 class QueueFullError(RuntimeError):
     """The waiting queue is at its bound; the server answers 503 with Retry-After."""
+
+
+@contextmanager
+def heap_frozen() -> Iterator[None]:
+    """Run the body with every object alive now out of the cyclic garbage collector's reach.
+
+    After start-up a process holds hundreds of thousands of long-lived objects (torch and
+    transformers modules, the model, the tokenizer): 234k with tiny-llama, whose full
+    collection takes ~0.1 s on a CPU. Serving makes full collections happen now and then, each
+    a pause of every step in flight; frozen (``gc.freeze``), 256 requests × 200 tokens saw a
+    longest GC pause of 5 ms instead of 136. Unfrozen on exit, so that an engine dropped
+    afterwards (its reference cycles) can be collected.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

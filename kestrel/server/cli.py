@@ -57,7 +57,7 @@ def served_names(model: str, given: list[str] | None) -> list[str]:
 
 
 def run_serve(ns: Any) -> int:
-    from kestrel.engine.engine import Engine
+    from kestrel.engine.engine import Engine, heap_frozen
     from kestrel.server.api import build_app
     from kestrel.server.metrics import ServerMetrics
 
@@ -83,7 +83,8 @@ def run_serve(ns: Any) -> int:
                             timeout_graceful_shutdown=int(ns.shutdown_timeout) + 5,
                             timeout_keep_alive=5)
     server = _GracefulServer(config, async_engine, ns.shutdown_timeout)
-    server.run(sockets=[sock])
+    with heap_frozen():
+        server.run(sockets=[sock])
     log.info("server stopped")
     return 0
 
