@@ -318,15 +318,17 @@ def _client_tokenizer(ns: Any) -> tuple[Any, int]:
     return tok, ns.vocab_size or len(tok)
 
 
-def _serve_requests(ns: Any) -> list:
+def _serve_requests(ns: Any, point: int = 0) -> list:
+    """The workload's requests; ``point`` > 0 (later points of a sweep): the same lengths with
+    other prompt tokens, so that no point finds the previous one's prompts in a prefix cache."""
     from kestrel.bench.serve import build_serve_requests
     from kestrel.bench.workloads import make_prompts
 
     wl = _workload(ns)
     tok, vocab = _client_tokenizer(ns)
     lengths = wl.lengths(ns.workload_seed)
-    prompts = make_prompts([i for i, _ in lengths], vocab, ns.prompt_source, ns.workload_seed,
-                           tok, ns.text)
+    prompts = make_prompts([i for i, _ in lengths], vocab, ns.prompt_source,
+                           ns.workload_seed + point, tok, ns.text)
     return build_serve_requests(lengths, prompts, ns.prompt_format, tok)
 
 
@@ -398,8 +400,8 @@ def _sweep_servers(ns: Any) -> dict:
         mode, values = "rate", parse_values(ns.request_rates, "--request-rates", True)
     else:
         mode, values = "concurrency", parse_values(ns.concurrencies, "--concurrencies")
-    return sweep_servers(servers, _serve_requests(ns), values, mode, parse_slo(ns.goodput),
-                         ns.gpu_hour_price, ns.num_gpus)
+    return sweep_servers(servers, lambda point: _serve_requests(ns, point), values, mode,
+                         parse_slo(ns.goodput), ns.gpu_hour_price, ns.num_gpus)
 
 
 def _sweep_offline(ns: Any) -> dict:

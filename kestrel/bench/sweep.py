@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,18 +77,20 @@ def sweep_offline(configs: dict[str, Any], batch_sizes: list[int], input_len: in
             "points": points}
 
 
-def sweep_servers(servers: dict[str, ServeOptions], requests: list[ServeRequest],
+def sweep_servers(servers: dict[str, ServeOptions], requests: Callable[[int], list[ServeRequest]],
                   values: list[float], mode: str, slo: dict[str, float] | None = None,
                   gpu_hour_price: float | None = None, num_gpus: int = 1) -> dict:
-    """``mode``: "rate" (requests/s) or "concurrency" (requests in flight)."""
+    """``mode``: "rate" (requests/s) or "concurrency" (requests in flight). ``requests(i)``:
+    the requests of the i-th value, each server the same ones; fresh prompts per value, or every
+    point after the first would find its prompts in the server's prefix cache."""
     if mode not in ("rate", "concurrency"):
         raise ValueError(f"unknown sweep mode {mode!r}")
     points = []
     for label, base in servers.items():
-        for v in values:
+        for i, v in enumerate(values):
             opts = (dataclasses.replace(base, request_rate=v) if mode == "rate" else
                     dataclasses.replace(base, max_concurrency=int(v), request_rate=math.inf))
-            res = run_serve(opts, requests, slo, gpu_hour_price, num_gpus)
+            res = run_serve(opts, requests(i), slo, gpu_hour_price, num_gpus)
             points.append({"config": label, "x": v, **res})
     return {"mode": mode, "points": points}
 

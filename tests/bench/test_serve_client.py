@@ -206,6 +206,12 @@ def test_sweep_against_servers(fake, tmp_path):
         ("a", 50.0), ("a", None), ("b", 50.0), ("b", None)]  # inf is null in JSON
     assert all(p["completed"] == 3 for p in res["points"])
     assert len(a.payloads) == len(b.payloads) == 6
+    # each rate gets other prompts of the same lengths (no prefix-cache hits from the last
+    # point), and both servers the same ones
+    first, second = ([p["prompt"] for p in a.payloads[i:i + 3]] for i in (0, 3))
+    assert sorted(map(len, first)) == sorted(map(len, second)) and not set(
+        map(tuple, first)) & set(map(tuple, second))
+    assert sorted(map(tuple, first)) == sorted(tuple(p["prompt"]) for p in b.payloads[:3])
 
 
 # ---------------------------------------------------------------------------- kestrel serve
