@@ -3,7 +3,7 @@
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 | fig27 |
-#         fp8-70b
+#         fp8-70b | serve
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
 # summary table is printed last.
@@ -120,6 +120,30 @@ if has throughput; then
 fi
 if has throughput-fp8; then  # the same in FP8 (the recipe)
   throughputs _fp8 --quantization fp8
+fi
+if has serve; then  # the OpenAI server under mixed-100-1024 (streamed), then the offline engine
+  # on the same workload. Needs fastapi/uvicorn/uvloop/httptools: carry .whl and install it to
+  # /tmp/site first (PYTHONPATH=/tmp/site:...). Each rate gets its own seed (prompts and
+  # lengths drawn anew from the same distribution), so no run finds the previous one's prompts
+  # in the server's prefix cache. SERVE_PRESET / SERVE_VOCAB / SERVE_RATES override.
+  port=8766 seed=0 preset=${SERVE_PRESET:-llama-3-8b} vocab=${SERVE_VOCAB:-128256}
+  python3 -m kestrel.cli serve --preset $preset --port $port > "$OUT/serve.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 150); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+    kill -0 $pid 2>/dev/null || break
+    sleep 1
+  done
+  for rate in ${SERVE_RATES:-inf 16}; do
+    seed=$((seed + 1))
+    k bench serve --base-url "http://127.0.0.1:$port" --workload mixed-100-1024 \
+      --request-rate $rate --workload-seed $seed --goodput ttft:1000 tpot:50 \
+      --gpu-hour-price 3.5 --vocab-size $vocab --no-progress \
+      --json "$OUT/serve_mixed_rate${rate}.json" | grep -E "output token|TTFT median|TPOT median"
+  done
+  kill -TERM $pid; wait $pid
+  k bench throughput --preset $preset --workload mixed-100-1024 \
+    --json "$OUT/tput_mixed_offline.json" | grep -E "output tokens/s"
 fi
 if has fig27; then  # the Llama 3 paper's Figure 27: BF16 vs FP8 throughput against latency
   k bench sweep --preset llama-3-8b --config bf16= --config "fp8=-q fp8" \
