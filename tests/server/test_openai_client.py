@@ -133,6 +133,13 @@ def test_prompt_forms_and_echo(client: openai.OpenAI, default_server: Server) ->
                                      temperature=0)
     assert [c.index for c in both.choices] == [0, 1]
     assert both.choices[0].text == by_text.choices[0].text
+    # streamed, two prompts interleave (merge's general path; one prompt awaits its stream)
+    texts = ["", ""]
+    for chunk in client.completions.create(model=MODEL, prompt=[PROMPT, "1, 2, 3,"],
+                                           max_tokens=4, temperature=0, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in both.choices]
     echo = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0,
                                      echo=True)
     assert echo.choices[0].text == PROMPT + by_text.choices[0].text
