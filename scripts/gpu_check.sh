@@ -3,7 +3,7 @@
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 | fig27 |
-#         fp8-70b | serve
+#         fp8-70b | serve | pdl
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
 # summary table is printed last.
@@ -26,10 +26,12 @@ fi
 if has roofline; then
   k bench roofline --json "$OUT/roofline.json" | tee "$OUT/roofline.txt"
 fi
-if has profile; then  # GPU kernel time vs wall time of batch-1 decode, overlapped or not
-  for a in --async-scheduling --no-async-scheduling; do
-    python3 scripts/profile_decode.py --max-num-seqs 1 $a 2>&1 | tee -a "$OUT/profile.log" \
-      | grep -v "^\s*$" | head -n 14
+if has profile; then  # GPU kernel time vs wall time of batch-1 decode, BF16 and the FP8 recipe;
+  # each step's kernels in launch order (duration, idle time before) in $OUT/sequence_*.txt
+  for q in "" "--quantization fp8"; do
+    tag=$(echo "bf16${q}" | tr -c 'a-z0-9\n' '_' | tr -s _)
+    python3 scripts/profile_decode.py --max-num-seqs 1 $q --sequence "$OUT/sequence_$tag.txt" \
+      2>&1 | tee -a "$OUT/profile.log" | grep -v "^\s*$" | head -n 14
   done
 fi
 if has profile-prefill; then  # where a 4,096-token prefill's time goes, BF16 and the FP8 recipe
@@ -58,6 +60,21 @@ if has latency; then
       --json "$OUT/decode_b1_${tag}.json" | tail -n 16
     $L8 --batch 1 --input 4096 --output 1 $q --max-num-seqs 1 --max-num-batched-tokens 4096 \
       $c --json "$OUT/prefill_4k_${tag}.json" | tail -n 16
+  done
+fi
+if has pdl; then  # programmatic dependent launch (kernels/pdl.py): its test, then batch-1
+  # decode with it off and on, BF16 and the FP8 recipe, and the kernel sequence with it on
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -m gpu -k "dependent" 2>&1 \
+    | tee "$OUT/pdl_tests.log" | tail -n 3
+  c=$(ceil)
+  for q in "" "--quantization fp8"; do
+    for p in 0 1; do
+      tag=$(echo "bf16${q}_pdl${p}" | tr -c 'a-z0-9\n' '_' | tr -s _)
+      KESTREL_PDL=$p $L8 --batch 1 --input 128 --output 256 $q --max-num-seqs 1 $c \
+        --json "$OUT/decode_b1_${tag}.json" | grep -E "TPOT|bandwidth /" | head -n 2
+    done
+    python3 scripts/profile_decode.py --max-num-seqs 1 $q --sequence "$OUT/sequence_${tag}.txt" \
+      2>&1 | tee -a "$OUT/profile_pdl.log" | grep "^batch"
   done
 fi
 if has fp8gemm; then

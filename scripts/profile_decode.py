@@ -40,6 +40,9 @@ def main() -> None:
     p.add_argument("--cprofile", action="store_true",
                    help="also time the same steps under cProfile: where the host's time goes")
     p.add_argument("--trace", default=None, help="write a chrome trace into this folder")
+    p.add_argument("--sequence", default=None,
+                   help="write one step's kernels in launch order (mean duration and the GPU's "
+                        "idle time before each, over the profiled steps) to this file")
     add_engine_cli_args(p)
     ns = p.parse_args()
     if ns.model is None and ns.preset is None:
@@ -88,6 +91,8 @@ def main() -> None:
     for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:16 if ns.prefill else 12]:
         print(f"  {us / ns.steps / 1e3:8.3f}  {name[:100]}")
     print_gaps(prof, sorted(spans))
+    if ns.sequence:
+        write_sequence(Path(ns.sequence), sorted(spans), ns.steps)
     if ns.cprofile:
         host_profile(eng, add_batch if ns.prefill else None, ns.steps, sync)
     if ns.trace:
@@ -115,6 +120,24 @@ def host_profile(eng, add_batch, steps: int, sync) -> None:
     sync()
     prof.disable()
     pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+
+
+def write_sequence(path: Path, spans: list[tuple[float, float, str]], steps: int) -> None:
+    """Kernel i of every step (steps replay one graph, so position i is the same kernel each
+    time): its mean duration and the mean idle time before it, in launch order."""
+    per_step = len(spans) // steps
+    if per_step * steps != len(spans):
+        path.write_text(f"{len(spans)} kernels over {steps} steps: steps differ, no sequence\n")
+        return
+    lines = ["pos  dur_us  gap_us  kernel"]
+    for i in range(per_step):
+        runs = [spans[s * per_step + i] for s in range(steps)]
+        dur = sum(b - a for a, b, _ in runs) / steps
+        gaps = [a - spans[s * per_step + i - 1][1] for s, (a, _, _) in enumerate(runs)
+                if s * per_step + i > 0 and i > 0]
+        gap = sum(gaps) / len(gaps) if gaps else 0.0
+        lines.append(f"{i:4d} {dur:7.2f} {gap:7.2f}  {runs[0][2][:90]}")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def print_gaps(prof, spans: list[tuple[float, float, str]]) -> None:

@@ -90,3 +90,23 @@ def test_overlapped_steps_identical_to_sync_on_gpu(checkpoint):
             torch.cuda.empty_cache()
 
     assert run(True) == run(False)
+
+
+def test_programmatic_dependent_launch_on_and_off_identical(checkpoint, monkeypatch):
+    """Kernels launched with PDL (kernels/pdl.py: each waits for its predecessor before touching
+    memory) in CUDA graphs and eagerly: the tokens of plain launches."""
+    from kestrel.kernels import pdl
+
+    prompts = _prompts(4)
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("KESTREL_PDL", flag)
+        pdl._enabled.cache_clear()
+        assert pdl.pdl_args(torch.device("cuda")).get("launch_pdl", False) == (
+            flag == "1" and torch.cuda.get_device_capability()[0] >= 9)
+        runs[flag] = [_tokens(checkpoint, prompts, _uses_fast_path, device="cuda",
+                              dtype=dt) for dt in ("float32", "bfloat16")]
+        runs[flag].append(_tokens(checkpoint, prompts, device="cuda", dtype="bfloat16",
+                                  enforce_eager=True))
+    pdl._enabled.cache_clear()
+    assert runs["1"] == runs["0"]

@@ -18,7 +18,7 @@ from kestrel.core.scheduler import Scheduler, SchedulerOutput
 from kestrel.engine.detokenizer import byte_table
 from kestrel.engine.group import RequestGroup
 from kestrel.engine.stats import EngineStats
-from kestrel.executor.model_runner import PrevTokens
+from kestrel.executor.model_runner import PrevTokens, select_backend
 from kestrel.layers.sampler import Sampler, SamplerOutput
 from kestrel.outputs import RequestOutput
 from kestrel.parallel.pipeline import micro_batch_seq_cap
@@ -47,7 +47,7 @@ class Engine:
         self.pool = BlockPool(num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
         self.scheduler = Scheduler(cfg.scheduler, self.kv)
-        self.sampler = Sampler(cfg.seed)
+        self.sampler = Sampler(cfg.seed, fast_argmax=select_backend(cfg) == "triton")
         self.requests: dict[str, Request] = {}  # live samples, by their own id
         self.groups: dict[str, RequestGroup] = {}  # live user requests, by the user's id
         self.stats = EngineStats()

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from kestrel.kernels.fp8_quant import DTYPE_CODES, round_dtype
+from kestrel.kernels.pdl import pdl_args, pdl_enter, pdl_release, pdl_wait
 from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_model, sm_count
 from kestrel.quant.fp8_ops import FP8_DTYPE
 
@@ -42,53 +43,61 @@ _SUM_BLOCK = 1024  # outputs per program of the split-K reduction
 
 
 @triton.jit
-def _load_tiles(x_ptrs, w_ptrs, offs_k, K, EVEN_K: tl.constexpr, W_EVICT: tl.constexpr):
-    """One K step of x and w; masked past K unless every step is full."""
+def _load_w(w_ptrs, offs_k, K, EVEN_K: tl.constexpr, W_EVICT: tl.constexpr):
+    """One K step of w; masked past K unless every step is full."""
     if EVEN_K:
-        w = tl.load(w_ptrs, eviction_policy=W_EVICT)
-        x = tl.load(x_ptrs)
-    else:
-        in_k = offs_k[None, :] < K
-        w = tl.load(w_ptrs, mask=in_k, other=0.0, eviction_policy=W_EVICT)
-        x = tl.load(x_ptrs, mask=in_k, other=0.0)
-    return x, w
+        return tl.load(w_ptrs, eviction_policy=W_EVICT)
+    return tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0.0, eviction_policy=W_EVICT)
 
 
 @triton.jit
-def _fma_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_N: tl.constexpr,
+def _load_x(x_ptrs, offs_k, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(x_ptrs)
+    return tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
+
+
+@triton.jit
+def _fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, W_EVICT: tl.constexpr,
               BROADCAST_X: tl.constexpr):
-    """x_ptrs [1, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → x·wᵀ as [BLOCK_N, 1] float32."""
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    """x_ptrs [1, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → x·wᵀ as [BLOCK_N, 1] float32; the first
+    K step's weights are ``w_first``, loaded by the caller."""
     if BROADCAST_X:  # x in the weight tile's layout (SkinnyConfig.broadcast_x)
         x_ptrs = x_ptrs + tl.zeros([BLOCK_N, 1], dtype=tl.int32)
-    for _ in range(k_lo, k_hi, BLOCK_K):
-        x, w = _load_tiles(x_ptrs, w_ptrs, offs_k, K, EVEN_K, W_EVICT)
-        acc += w.to(tl.float32) * x.to(tl.float32)
+    acc = w_first.to(tl.float32) * _load_x(x_ptrs, offs_k, K, EVEN_K).to(tl.float32)
+    for _ in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         offs_k += BLOCK_K
+        w = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
+        acc += w.to(tl.float32) * _load_x(x_ptrs, offs_k, K, EVEN_K).to(tl.float32)
     return tl.sum(acc, axis=1)[:, None]
 
 
 @triton.jit
-def _dot_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_M: tl.constexpr,
+def _dot_step(acc, x, w, BLOCK_K: tl.constexpr, SCALED: tl.constexpr, DOT_F32: tl.constexpr):
+    if SCALED:  # fp8: promoted to float32 every BLOCK_K products
+        return tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=BLOCK_K)
+    if DOT_F32:  # float32 operands, no TF32 rounding (FMA, not tensor cores)
+        return tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(w, tl.trans(x), acc)  # 16-bit MMA, float32 accumulation
+
+
+@triton.jit
+def _dot_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
               W_EVICT: tl.constexpr, SCALED: tl.constexpr, DOT_F32: tl.constexpr):
-    """x_ptrs [BLOCK_M, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → w·xᵀ as [BLOCK_N, BLOCK_M]."""
+    """x_ptrs [BLOCK_M, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → w·xᵀ as [BLOCK_N, BLOCK_M]; the
+    first K step's weights are ``w_first``."""
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for _ in range(k_lo, k_hi, BLOCK_K):
-        x, w = _load_tiles(x_ptrs, w_ptrs, offs_k, K, EVEN_K, W_EVICT)
-        if SCALED:  # fp8: promoted to float32 every BLOCK_K products
-            acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=BLOCK_K)
-        elif DOT_F32:  # float32 operands, no TF32 rounding (FMA, not tensor cores)
-            acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc,
-                         input_precision="ieee")
-        else:  # 16-bit MMA, float32 accumulation
-            acc = tl.dot(w, tl.trans(x), acc)
+    acc = _dot_step(acc, _load_x(x_ptrs, offs_k, K, EVEN_K), w_first, BLOCK_K, SCALED, DOT_F32)
+    for _ in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         offs_k += BLOCK_K
+        w = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
+        acc = _dot_step(acc, _load_x(x_ptrs, offs_k, K, EVEN_K), w, BLOCK_K, SCALED, DOT_F32)
     return acc
 
 
@@ -114,7 +123,9 @@ def _skinny_kernel(
     BROADCAST_X: tl.constexpr,
     SCALED: tl.constexpr,  # fp8 operands with row scales; False: plain x·wᵀ
     DOT_F32: tl.constexpr,  # unscaled dot in float32, IEEE (float32 operands; see _launch)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels.pdl)
 ):
+    pdl_release(PDL)
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -126,12 +137,16 @@ def _skinny_kernel(
     offs_k = k_lo + tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    # Every split has at least one K step. Its weights are loaded before waiting for the kernel
+    # that writes x: under PDL they stream while that kernel still runs.
+    w_first = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
+    pdl_wait(PDL)
     if USE_DOT:
-        acc = _dot_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                        W_EVICT, SCALED, DOT_F32)
+        acc = _dot_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_M, BLOCK_N,
+                        BLOCK_K, EVEN_K, W_EVICT, SCALED, DOT_F32)
     else:
-        acc = _fma_loop(x_ptrs, w_ptrs, offs_k, k_lo, k_hi, K, BLOCK_N, BLOCK_K, EVEN_K,
-                        W_EVICT, BROADCAST_X)
+        acc = _fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N, BLOCK_K,
+                        EVEN_K, W_EVICT, BROADCAST_X)
     if SCALED:
         ws = tl.load(ws_ptr + rows_n)
         xs = tl.load(xs_ptr + rows_m)
@@ -148,8 +163,9 @@ def _skinny_kernel(
 
 @triton.jit
 def _sum_splits_kernel(p_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, DT: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, PDL: tl.constexpr):
     """p [SPLIT_K, numel] float32 → out [numel]: the partials summed in split order, rounded."""
+    pdl_enter(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.load(p_ptr + offs, mask=mask, other=0.0)
@@ -211,10 +227,12 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
         EVEN_K=k % cfg.block_k == 0, SPLIT=split > 1, DT=dt,
         W_EVICT="evict_first" if cfg.evict_first else "", BROADCAST_X=cfg.broadcast_x,
         SCALED=scaled, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_args(x.device),
     )
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, _SUM_BLOCK),)](
-            dst, out, m * n, SPLIT_K=split, DT=dt, BLOCK=_SUM_BLOCK, num_warps=4)
+            dst, out, m * n, SPLIT_K=split, DT=dt, BLOCK=_SUM_BLOCK, num_warps=4,
+            **pdl_args(x.device))
     return out
 
 

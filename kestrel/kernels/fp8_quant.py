@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kestrel.kernels.pdl import pdl_args, pdl_enter
 from kestrel.quant.fp8_ops import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, INV_FP8_MAX
 
 _MAX_ONE_PASS = 16384  # longest row held in registers at once
@@ -111,7 +112,9 @@ def _per_token_quant_kernel(
     HW_CAST: tl.constexpr,
     BLOCK: tl.constexpr,
     ONE_PASS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
@@ -146,9 +149,11 @@ def _chunk_amax_kernel(
     SILU: tl.constexpr,
     DT: tl.constexpr,
     CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Phase 1 of a split row: program (row, c) takes the amax of chunk c. The activation is
     stored in x's dtype, exactly: _load_act already rounded it to that dtype."""
+    pdl_enter(PDL)
     row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs = c * CHUNK + tl.arange(0, CHUNK)
     mask = offs < n_cols
@@ -171,9 +176,11 @@ def _chunk_quant_kernel(
     HW_CAST: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_C: tl.constexpr,  # next power of two of C
+    PDL: tl.constexpr,
 ):
     """Phase 2 of a split row: program (row, c) reduces the row's C chunk amaxes to its scale
     (every program of the row gets the same one) and quantizes chunk c."""
+    pdl_enter(PDL)
     row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     n_chunks = tl.num_programs(1)
     chunks = tl.arange(0, BLOCK_C)
@@ -205,7 +212,9 @@ def _rms_norm_quant_kernel(
     DT: tl.constexpr,
     HW_CAST: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -262,11 +271,12 @@ def _launch_split(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, n_cols: int
     act = torch.empty(t, n_cols, dtype=x.dtype, device=x.device) if silu else x
     grid = (t, n_chunks)
     _chunk_amax_kernel[grid](x, act, amax, n_cols, x.stride(0), SILU=silu,
-                             DT=DTYPE_CODES[x.dtype], CHUNK=chunk, num_warps=_warps(chunk))
+                             DT=DTYPE_CODES[x.dtype], CHUNK=chunk, num_warps=_warps(chunk),
+                             **pdl_args(x.device))
     _chunk_quant_kernel[grid](
         act, amax, q, s, n_cols, act.stride(0), q.stride(0), _ub(scale_ub),
         HW_CAST=hw_fp8_cast(x.device), CHUNK=chunk, BLOCK_C=triton.next_power_of_2(n_chunks),
-        num_warps=_warps(chunk))
+        num_warps=_warps(chunk), **pdl_args(x.device))
 
 
 def _launch_rowwise(x: torch.Tensor, n_cols: int, silu: bool, scale_ub: float | None,
@@ -289,7 +299,7 @@ def _launch_rowwise(x: torch.Tensor, n_cols: int, silu: bool, scale_ub: float | 
         _per_token_quant_kernel[(t,)](
             x, q, s, n_cols, x.stride(0), q.stride(0), _ub(scale_ub),
             SILU=silu, DT=DTYPE_CODES[x.dtype], HW_CAST=hw_fp8_cast(x.device), BLOCK=block,
-            ONE_PASS=one_pass, num_warps=_warps(block),
+            ONE_PASS=one_pass, num_warps=_warps(block), **pdl_args(x.device),
         )
     return q.view(FP8_DTYPE), s
 
@@ -344,5 +354,6 @@ def rms_norm_quant_fp8(
             res_out.stride(0), eps, _ub(scale_ub),
             HAS_RES=residual is not None, DT=DTYPE_CODES[x.dtype],
             HW_CAST=hw_fp8_cast(x.device), BLOCK=block, num_warps=_warps(block),
+            **pdl_args(x.device),
         )
     return q.view(FP8_DTYPE), s, res_out

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from kestrel.kernels.fp8_quant import hw_fp8_cast, quantize_e4m3
 from kestrel.kernels.paged_attention import check_kv_scales
+from kestrel.kernels.pdl import pdl_args, pdl_enter
 
 
 def _row_warps(block: int) -> int:
@@ -46,7 +47,9 @@ def _rms_norm_kernel(
     eps,
     HAS_RES: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -103,6 +106,7 @@ def rms_norm(
             x2.stride(0), r2.stride(0), out2.stride(0), res_out.stride(0),
             hidden, eps,
             HAS_RES=residual is not None, BLOCK=block, num_warps=_row_warps(block),
+            **pdl_args(x.device),
         )  # fmt: skip
     return out, (residual_out if residual_out is not None else x)
 
@@ -118,7 +122,9 @@ def _silu_and_mul_kernel(
     stride_o,
     inter,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
@@ -145,7 +151,8 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
         block = min(triton.next_power_of_2(inter), 2048)
         grid = (x2.shape[0], triton.cdiv(inter, block))
         _silu_and_mul_kernel[grid](
-            x2, o2, x2.stride(0), o2.stride(0), inter, BLOCK=block, num_warps=_row_warps(block)
+            x2, o2, x2.stride(0), o2.stride(0), inter, BLOCK=block, num_warps=_row_warps(block),
+            **pdl_args(x.device),
         )
     return out
 
@@ -203,7 +210,9 @@ def _rotary_cache_kernel(
     BLOCK_HALF: tl.constexpr,
     FP8: tl.constexpr,  # the caches are FP8 (passed as their uint8 views)
     HW_CAST: tl.constexpr,  # FP8: the hardware e4m3 conversion (kestrel.kernels.fp8_quant)
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     # One program per token: the rotary kernel and the cache write of reshape_and_cache in one
     # launch (decode at batch 1 pays for launches, not bytes).
     tok = tl.program_id(0).to(tl.int64)
@@ -292,6 +301,6 @@ def rotary_and_cache(
         BLOCK_HK=triton.next_power_of_2(hk),
         BLOCK_HALF=triton.next_power_of_2(half),
         FP8=fp8, HW_CAST=fp8 and hw_fp8_cast(q.device),
-        num_warps=4, enable_fp_fusion=False,
+        num_warps=4, enable_fp_fusion=False, **pdl_args(q.device),
     )  # fmt: skip
     return q, k

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kestrel.kernels.pdl import pdl_args, pdl_enter
 from kestrel.quant.fp8_ops import FP8_DTYPE
 
 LOG2E = 1.4426950408889634
@@ -86,7 +87,9 @@ def _decode_kernel(
     FP8_KV: tl.constexpr,  # FP8 cache: the per-head scales multiply q·k and the output
     DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (no tf32 rounding), else the default
     UPCAST: tl.constexpr,  # interpreter only: dot in fp32 (see mma)
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -178,7 +181,9 @@ def _reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,  # num_splits padded to a power of two
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     # One program per (sequence, query head): out = Σ_s w_s·o_s / Σ_s w_s, w_s = 2^(lse_s - max).
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -316,12 +321,12 @@ def paged_attention_decode(
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
         PAGE_SIZE=page_size, BLOCK_N=block_n, SPLIT=split, FP8_KV=fp8,
         **dot_flags(q.dtype, q.device),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl_args(q.device),
     )  # fmt: skip
     if split:
         _reduce_kernel[(b, hq)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4, **pdl_args(q.device),
         )  # fmt: skip
     return out

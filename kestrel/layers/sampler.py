@@ -111,8 +111,11 @@ def _random_sample(probs: torch.Tensor, reqs: list[Request], gen: torch.Generato
 
 
 class Sampler:
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, fast_argmax: bool = False) -> None:
+        """``fast_argmax``: greedy rows through kestrel.kernels.argmax on CUDA logits (torch's
+        argmax takes ~27 µs for one 128k row on an H200)."""
         self.seed = seed
+        self.fast_argmax = fast_argmax
         self.generators: dict[torch.device, torch.Generator] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -123,7 +126,12 @@ class Sampler:
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """Next tokens [N] on the logits' device, without waiting for the device."""
         logits = _block_stop_tokens(apply_penalties(logits, reqs), reqs)
-        tokens = logits.argmax(dim=-1)
+        if self.fast_argmax and logits.is_cuda:
+            from kestrel.kernels.argmax import argmax_rows
+
+            tokens = argmax_rows(logits)
+        else:
+            tokens = logits.argmax(dim=-1)
         rand = [i for i, r in enumerate(reqs) if not r.params.greedy]
         if rand:
             dev = logits.device

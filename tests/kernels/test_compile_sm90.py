@@ -48,6 +48,8 @@ def _record(monkeypatch) -> list[tuple]:
 def _on_cuda(values: dict) -> dict:
     """The constexprs the wrappers pass on CUDA instead of their interpreter settings."""
     cuda = {"HW_CAST": True}  # sm_90 has the e4m3 conversion (fp8_quant.hw_fp8_cast)
+    if "PDL" in values:  # and programmatic dependent launch (kernels.pdl)
+        cuda["PDL"] = True
     if "UPCAST" in values:  # attention dots: paged_attention.dot_flags for q's dtype
         cuda |= paged_attention.dot_flags(next(iter(values.values())).dtype,
                                           torch.device("cuda"))
@@ -166,7 +168,14 @@ for job in json.loads(sys.stdin.read()):
     try:
         c = triton.compile(ASTSource(kernel, job["sig"], constexprs=consts),
                            target=GPUTarget("cuda", 90, 32), options=job["opts"])
-        print("ok" if "cubin" in c.asm else "no-cubin:" + job["name"])
+        ptx = c.asm["ptx"]
+        if "cubin" not in c.asm:
+            print("no-cubin:" + job["name"])
+        elif (job["name"] == "_skinny_kernel" and "griddepcontrol.wait" in ptx
+              and not 0 <= ptx.find("ld.global") < ptx.find("griddepcontrol.wait")):
+            print("weights-not-loaded-before-the-PDL-wait")  # kestrel.kernels.pdl's protocol
+        else:
+            print("ok")
     except Exception as e:
         print("FAILED", job["name"], consts, type(e).__name__, str(e)[:800])
 """
