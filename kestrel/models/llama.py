@@ -137,6 +137,24 @@ class LlamaForCausalLM(nn.Module):
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
             self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(
                 cfg.vocab_size, cfg.hidden_size, dtype, tp)
+        if tp.size > 1:
+            self._sum_in_norms(tp)
+
+    def _sum_in_norms(self, tp: TPGroup) -> None:
+        """Move each row-parallel output's all-reduce into the RMSNorm that takes it next
+        (o_proj → post_attention_layernorm, down_proj → the next layer's input_layernorm or the
+        final norm), where one kernel can sum, add the residual and normalise
+        (TPGroup.all_reduce_rms_norm). A stage's last down_proj keeps its all-reduce unless
+        the final norm follows: the next stage receives summed hidden states."""
+        layers = list(self.layers.values())
+        for i, layer in enumerate(layers):
+            nxt = (layers[i + 1].input_layernorm if i + 1 < len(layers)
+                   else self.norm if self.is_last else None)
+            for linear, norm in ((layer.self_attn.o_proj, layer.post_attention_layernorm),
+                                 (layer.mlp.down_proj, nxt)):
+                if norm is not None and linear.bias is None:
+                    linear.reduce_results = False
+                    norm.reduce_input = tp
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata, hidden: torch.Tensor | None = None,

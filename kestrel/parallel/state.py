@@ -27,6 +27,15 @@ class TPGroup:
         dist.all_reduce(x, group=self.group)
         return x
 
+    def all_reduce_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                            residual: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """``norm(all_reduce(x), weight, eps, residual)``: one fused kernel where the one-shot
+        all-reduce offers it for these shapes (kernels/allreduce_norm.py), else the two steps.
+        ``norm``: an RMSNorm implementation (rms_norm_ref or the fused kernel)."""
+        if self.one_shot is not None and self.one_shot.fits_norm(x, residual):
+            return self.one_shot.rms_norm(x, weight, eps, residual)
+        return norm(self.all_reduce(x), weight, eps, residual)
+
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank gets TP rank 0's ``x`` (in place; queued on the device, no host wait)."""
         if self.size > 1:

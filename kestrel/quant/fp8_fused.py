@@ -51,7 +51,7 @@ def fp8_norm_mlp(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,
     """
     qm = rowwise_fp8(mlp.gate_up_proj)
     if qm is not None:
-        q, s, residual = rms_norm_quant_fp8(x, norm.weight, norm.eps, residual,
+        q, s, residual = rms_norm_quant_fp8(norm.reduced(x), norm.weight, norm.eps, residual,
                                             qm.activation_scale_ub)  # [T, H] fp8, [T, 1]
         h = mlp.gate_up_proj(Fp8Input(q, s))  # [T, 2I]
     else:

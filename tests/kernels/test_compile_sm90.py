@@ -179,3 +179,33 @@ for job in json.loads(sys.stdin.read()):
     except Exception as e:
         print("FAILED", job["name"], consts, type(e).__name__, str(e)[:800])
 """
+
+
+def test_allreduce_norm_kernel_compiles_with_system_scope_signals():
+    """The fused TP all-reduce + RMSNorm runs only on several GPUs; here it at least compiles for
+    sm_90, its peer signals system-scope release stores and acquire loads, and its inline-asm
+    labels unique when inlined twice (kernels/allreduce_norm.py)."""
+    sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+           "res_out_ptr": "*bf16", "buf_ptrs": "*i64", "sig_ptrs": "*i64", "M": "i32",
+           "H": "i32", "max_rows": "i32", "rank": "i32", "slot_base": "i32", "eps": "fp32",
+           "W": "constexpr", "BLOCK": "constexpr", "PDL": "constexpr"}
+    script = f"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kestrel.kernels.allreduce_norm import _allreduce_rms_norm_kernel as k
+sig = {sig!r}
+consts = {{(k.arg_names.index("W"),): 2, (k.arg_names.index("BLOCK"),): 4096,
+          (k.arg_names.index("PDL"),): True}}
+c = triton.compile(ASTSource(k, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={{"num_warps": 16}})
+print(c.asm["ptx"])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ptx = proc.stdout
+    # two barriers, each a release store to the peer and an acquire spin on the own slot
+    assert ptx.count("st.release.sys.global.u32") >= 2
+    assert ptx.count("ld.acquire.sys.global.u32") >= 2

@@ -1,4 +1,5 @@
-"""The symmetric-memory one-shot all-reduce against NCCL's, eager and inside a CUDA graph.
+"""The symmetric-memory one-shot all-reduce, and the fused all-reduce + RMSNorm on the same
+buffers, against NCCL's sum, eager and inside a CUDA graph.
 
 Two real processes, one GPU each (scripts/parallel_check.sh runs it on a 2-GPU machine).
 """
@@ -51,11 +52,49 @@ def _rank(rank: int, port: int, dtype: torch.dtype, errors) -> None:
                 want = x.clone()
                 dist.all_reduce(want, group=group)
                 assert torch.equal(out, want), "graph replay differs from NCCL"
+        _check_fused_norm(ar, group, gen, dev, dtype)
         dist.barrier(group=group)
         dist.destroy_process_group()
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         errors.put(f"rank {rank}: {type(e).__name__}: {e}")
         raise
+
+
+def _check_fused_norm(ar, group, gen, dev, dtype) -> None:
+    """The fused all-reduce + residual + RMSNorm kernel against NCCL's sum then the RMSNorm
+    kernel: the same bits, eagerly (row counts back to back) and replayed in a CUDA graph."""
+    from kestrel.kernels.fused import rms_norm
+
+    assert ar.fused_norm, "the fused all-reduce + RMSNorm failed its start-up check"
+    h = 4096
+    w = torch.randn(h, generator=gen, device=dev).to(dtype)
+
+    def want(x, res):
+        s = x.clone()
+        dist.all_reduce(s, group=group)
+        return rms_norm(s, w, 1e-6, res)
+
+    for rows in (1, 3, 17, ar._max_rows(h)):
+        for _ in range(3):
+            x = torch.randn(rows, h, generator=gen, device=dev).to(dtype)
+            res = torch.randn(rows, h, generator=gen, device=dev).to(dtype)
+            assert ar.fits_norm(x, res)
+            got = ar.rms_norm(x, w, 1e-6, res)
+            ref = want(x, res)
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), rows
+    xs = [torch.zeros(2, h, dtype=dtype, device=dev) for _ in range(3)]
+    res = torch.zeros(2, h, dtype=dtype, device=dev)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [ar.rms_norm(x, w, 1e-6, res) for x in xs]
+    for _ in range(3):
+        for x in xs + [res]:
+            x.copy_(torch.randn(x.shape, generator=gen, device=dev))
+        graph.replay()
+        for x, out in zip(xs, outs):
+            ref = want(x, res)
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), "graph replay"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
