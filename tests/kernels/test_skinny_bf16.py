@@ -160,3 +160,46 @@ def test_dense_linear_runs_the_kernel_for_listed_shapes(monkeypatch):
     y = linear_mod.dense_linear(x, w, bias)
     assert calls == [(1, 1024)]  # two rows and a bias: cuBLAS
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w, bias))
+
+
+def _check_swiglu(x: torch.Tensor, w: torch.Tensor, cfg: SkinnyConfig | None) -> None:
+    """swiglu=True against the same GEMM unfused, then SwiGLU with the silu kernel's rounding
+    points (silu in float32 rounded to the dtype, times up, rounded): on a GPU the bits of
+    fused.silu_and_mul; under the interpreter (numpy's exp, float→bf16 casts and, for float32
+    dots, BLAS sums in another order) within one step of the dtype."""
+    from kestrel.kernels.fused import silu_and_mul
+
+    got = bf16_gemm_small_m(x, w, config=cfg, swiglu=True)
+    unsplit = cfg and SkinnyConfig(**{**cfg.__dict__, "split_k": 1})
+    plain = bf16_gemm_small_m(x, w, config=unsplit)
+    assert got.shape == (x.shape[0], w.shape[0] // 2) and got.dtype == x.dtype
+    if HAS_CUDA:
+        assert torch.equal(got, silu_and_mul(plain))
+    gate, up = plain.float().chunk(2, dim=-1)
+    want = ((gate / (1.0 + torch.exp(-gate))).to(x.dtype).float() * up).to(x.dtype)
+    step = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 1e-5}[x.dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=step, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("m,inter,k", [(1, 24, 64), (3, 40, 96)])
+def test_swiglu_epilogue_equals_the_gemm_then_silu_and_mul(m, inter, k, name, dtype):
+    """silu(gate)·up straight from the GEMM's tiles (split-K configs run unsplit); the column
+    count is not a multiple of the tile's half (clamped, unstored columns)."""
+    x, w = _operands(m, 2 * inter, k, dtype, seed=m * 7 + inter)
+    _check_swiglu(x, w, CONFIGS[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("n,k", [(28672, 4096), (14336, 4096)])  # llama-3-8b gate_up, TP 1 / 2
+def test_swiglu_epilogue_llama_shapes_on_gpu(n, k):
+    x, w = _operands(1, n, k, torch.bfloat16, seed=n)
+    _check_swiglu(x, w, None)
+
+
+def test_swiglu_needs_gate_and_up_halves():
+    x, w = _operands(1, 7, 32, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="even number of weight rows"):
+        bf16_gemm_small_m(x, w, swiglu=True)
