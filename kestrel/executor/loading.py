@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -32,7 +30,6 @@ def build_model(cfg: EngineConfig, backend_cls: type[AttentionBackend], tp: TPGr
 def use_triton_kernels(model: nn.Module) -> None:
     """Swap the torch reference ops for fused Triton kernels: the one place GPU ops are chosen."""
     from kestrel.kernels import fused
-    from kestrel.layers.linear import UnquantizedLinearMethod
     from kestrel.layers.norm import RMSNorm
     from kestrel.models.llama import LlamaDecoderLayer, LlamaMLP
     from kestrel.quant.fp8_fused import fp8_norm_mlp, uses_fp8_producers
@@ -42,9 +39,5 @@ def use_triton_kernels(model: nn.Module) -> None:
             m.impl = fused.rms_norm
         elif isinstance(m, LlamaMLP):
             m.act = fused.silu_and_mul
-            gate_up = m.gate_up_proj
-            if (isinstance(gate_up.quant_method, UnquantizedLinearMethod) and gate_up.bias is None
-                    and not gate_up.gather_output and os.environ.get("KESTREL_AB", "1") == "1"):
-                m.gate_up_act = fused.gate_up_silu  # SwiGLU in the GEMV's epilogue at batch 1
         elif isinstance(m, LlamaDecoderLayer) and uses_fp8_producers(m.mlp):
             m.norm_mlp = fp8_norm_mlp  # FP8 activations quantized by the norm / SwiGLU kernels

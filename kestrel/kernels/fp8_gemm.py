@@ -30,8 +30,6 @@ inputs in full precision (``input_precision="ieee"``: no TF32 rounding, and no t
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
@@ -126,19 +124,13 @@ def _skinny_kernel(
     SCALED: tl.constexpr,  # fp8 operands with row scales; False: plain x·wᵀ
     DOT_F32: tl.constexpr,  # unscaled dot in float32, IEEE (float32 operands; see _launch)
     PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels.pdl)
-    SWIGLU: tl.constexpr,  # w is [gate; up] (N = 2I): write silu(gate)·up [M, I] (no split)
 ):
     pdl_release(PDL)
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     # Clamped rows: loads need no mask along N or M; the duplicates are computed, never stored.
-    if SWIGLU:  # the first half of the tile: gate rows of BLOCK_N/2 columns; the second: up's
-        j = tl.arange(0, BLOCK_N)
-        col = tl.minimum(pid_n * (BLOCK_N // 2) + j % (BLOCK_N // 2), N // 2 - 1)
-        rows_n = (col + tl.where(j < BLOCK_N // 2, 0, N // 2)).to(tl.int64)
-    else:
-        rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
+    rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
     rows_m = tl.minimum(offs_m, M - 1).to(tl.int64)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
@@ -161,30 +153,12 @@ def _skinny_kernel(
         y = acc * ws[:, None] * xs[None, :]  # [BLOCK_N, BLOCK_M]
     else:
         y = acc
-    if SWIGLU:
-        _store_swiglu(out_ptr, y, pid_n, offs_m, M, N // 2, BLOCK_N, BLOCK_M, DT)
-        return
     mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
     offs = offs_m[None, :] * N + offs_n[:, None]  # out is [M, N] row-major: N is contiguous
     if SPLIT:
         tl.store(out_ptr + pid_k * M * N + offs, y, mask=mask)
     else:
         tl.store(out_ptr + offs, round_dtype(y, DT).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _store_swiglu(out_ptr, y, pid_n, offs_m, M, inter, BLOCK_N: tl.constexpr,
-                  BLOCK_M: tl.constexpr, DT: tl.constexpr):
-    """y [BLOCK_N, BLOCK_M] float32 = [gate; up] rows of BLOCK_N/2 columns → silu(gate)·up into
-    out [M, inter], with the rounding points of the GEMM's output then fused.silu_and_mul."""
-    half: tl.constexpr = BLOCK_N // 2
-    y = round_dtype(y, DT)  # the GEMM's output, in the dtype
-    gate, up = tl.split(tl.permute(tl.reshape(y, [2, half, BLOCK_M]), (1, 2, 0)))
-    act = round_dtype(gate / (1.0 + tl.exp(-gate)), DT)
-    cols = pid_n * half + tl.arange(0, half)
-    mask = (cols < inter)[:, None] & (offs_m < M)[None, :]
-    tl.store(out_ptr + offs_m[None, :] * inter + cols[:, None],
-             round_dtype(act * up, DT).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -232,10 +206,8 @@ def _out_tensor(name: str, out: torch.Tensor | None, m: int, n: int, dtype: torc
 
 
 def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
-            out: torch.Tensor, cfg: SkinnyConfig, scaled: bool,
-            swiglu: bool = False) -> torch.Tensor:
-    """The skinny kernel (and the split-K sum) on validated, K-contiguous operands, M, N, K > 0;
-    ``swiglu``: out is [M, N/2] = silu(gate)·up (cfg must not split K, block_n >= 2)."""
+            out: torch.Tensor, cfg: SkinnyConfig, scaled: bool) -> torch.Tensor:
+    """The skinny kernel (and the split-K sum) on validated, K-contiguous operands, M, N, K > 0."""
     (m, k), n = x.shape, w.shape[0]
     dt = DTYPE_CODES[out.dtype]
     block_m = min(64, max(16, triton.next_power_of_2(m))) if cfg.use_dot else 1
@@ -243,8 +215,7 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
     steps_per_split = triton.cdiv(k_steps, min(cfg.split_k, k_steps))
     split = triton.cdiv(k_steps, steps_per_split)  # no empty split
     dst = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
-    grid = (triton.cdiv(n // 2 if swiglu else n, cfg.block_n // 2 if swiglu else cfg.block_n),
-            split, triton.cdiv(m, block_m))
+    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, block_m))
     # float32 dots in IEEE precision; also bf16 ones under the interpreter, whose tl.dot
     # (Triton 3.9) multiplies bf16 tiles as their raw 16-bit integers. bf16 products are exact
     # in float32, so this is the same function as the GPU's bf16 MMA.
@@ -256,7 +227,7 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
         EVEN_K=k % cfg.block_k == 0, SPLIT=split > 1, DT=dt,
         W_EVICT="evict_first" if cfg.evict_first else "", BROADCAST_X=cfg.broadcast_x,
         SCALED=scaled, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        SWIGLU=swiglu, **pdl_args(x.device),
+        **pdl_args(x.device),
     )
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, _SUM_BLOCK),)](
@@ -293,15 +264,12 @@ def fp8_gemm_small_m(
 
 
 def bf16_gemm_small_m(x: torch.Tensor, w: torch.Tensor, config: SkinnyConfig | None = None,
-                      out: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K], w [N, K] of one dtype (bf16, fp16 or float32) → x·wᵀ [M, N] in that dtype.
 
     ``fp8_gemm_small_m``'s kernel without scales: float32 accumulation, the output rounded
     once (half to even). ``config`` overrides ``default_config(..., elem_bytes)``, whose
     ``TUNED_16BIT`` is this function's table; ``out``: a contiguous [M, N] tensor of x's dtype.
-    ``swiglu``: w is a merged [gate; up] projection and the result is
-    ``fused.silu_and_mul(x·wᵀ)`` [M, N/2], bit for bit, without the [M, N] intermediate or a
-    second launch (the config's split-K is dropped: the epilogue needs whole sums).
     CUDA-graph safe: no host synchronisation.
     """
     if x.dtype not in DTYPE_CODES or w.dtype != x.dtype:
@@ -310,18 +278,13 @@ def bf16_gemm_small_m(x: torch.Tensor, w: torch.Tensor, config: SkinnyConfig | N
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"bf16_gemm_small_m: shapes {tuple(x.shape)} × {tuple(w.shape)}ᵀ "
                          "do not multiply ([M, K] and [N, K] expected)")
-    if swiglu and w.shape[0] % 2:
-        raise ValueError(f"bf16_gemm_small_m: swiglu needs an even number of weight rows "
-                         f"([gate; up]), got {w.shape[0]}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     w = w if w.stride(-1) == 1 else w.contiguous()
     (m, k), n = x.shape, w.shape[0]
-    out = _out_tensor("bf16_gemm_small_m", out, m, n // 2 if swiglu else n, x.dtype, x.device)
+    out = _out_tensor("bf16_gemm_small_m", out, m, n, x.dtype, x.device)
     if m == 0 or n == 0 or k == 0:
         return out.zero_()
     dev = x.device
     cfg = config or default_config(m, n, k, sm_count(dev.type, dev.index),
                                    elem_bytes=w.element_size(), gpu=gpu_model(dev.type, dev.index))
-    if swiglu:
-        cfg = dataclasses.replace(cfg, split_k=1, block_n=max(2, cfg.block_n))
-    return _launch(x, x, w, w, out, cfg, scaled=False, swiglu=swiglu)  # x, w: unread scales
+    return _launch(x, x, w, w, out, cfg, scaled=False)  # x, w in place of the unread scales

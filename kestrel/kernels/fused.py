@@ -157,19 +157,6 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     return out
 
 
-def gate_up_silu(mlp, x: torch.Tensor) -> torch.Tensor:
-    """``gate_up_act_ref`` for an unquantized, bias-free gate_up_proj: where the skinny GEMV
-    beats cuBLAS for this shape (batch-1 decode, ``skinny_config.TUNED_16BIT``), SwiGLU runs in
-    its epilogue (one kernel, the same bits); elsewhere the GEMM, then ``silu_and_mul``."""
-    from kestrel.kernels.fp8_gemm import bf16_gemm_small_m
-    from kestrel.kernels.skinny_config import beats_cublas
-
-    w = mlp.gate_up_proj.weight
-    if x.dim() == 2 and x.is_cuda and beats_cublas(x, w):
-        return bf16_gemm_small_m(x, w, swiglu=True)
-    return silu_and_mul(mlp.gate_up_proj(x))
-
-
 # ----------------------------------------------------------------------------- rotary
 
 

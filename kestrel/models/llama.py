@@ -71,15 +71,9 @@ class LlamaMLP(nn.Module):
             cfg.intermediate_size, cfg.hidden_size, False, dtype,
             get_quant_method(quant, LayerPlace(f"{prefix}.down_proj", idx, n)), tp)
         self.act = silu_and_mul_ref
-        self.gate_up_act = gate_up_act_ref  # the kernel registry may fuse the two (GEMV)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_act(self, x))
-
-
-def gate_up_act_ref(mlp: LlamaMLP, x: torch.Tensor) -> torch.Tensor:
-    """gate_up_proj, then SwiGLU: [T, H] → [T, I]."""
-    return mlp.act(mlp.gate_up_proj(x))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 def norm_mlp_ref(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,

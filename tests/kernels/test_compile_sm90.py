@@ -95,10 +95,8 @@ def _representative_calls() -> None:
             _attention_calls(dt, fp8, g)
         for cfg in (skinny_config.SkinnyConfig(4, 64),
                     skinny_config.SkinnyConfig(16, 32, 2, use_dot=True)):
-            for swiglu in (False, True):
-                fp8_gemm.bf16_gemm_small_m(torch.randn(2, 128, generator=g).to(dt),
-                                           torch.randn(32, 128, generator=g).to(dt), config=cfg,
-                                           swiglu=swiglu)
+            fp8_gemm.bf16_gemm_small_m(torch.randn(2, 128, generator=g).to(dt),
+                                       torch.randn(32, 128, generator=g).to(dt), config=cfg)
     a = torch.randn(4, 256, generator=g)
     fp8_quant.per_token_quant_fp8(a, 1200.0)
     fp8_quant.per_token_quant_fp8(a, 1200.0, max_one_pass=64)
