@@ -55,3 +55,20 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+
+
+def merge_delta(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """Two consecutive "delta" outputs of one request as one: what a reader that fell behind
+    gets. Text, token ids and logprobs are concatenated per sample; the rest is the newer's."""
+    old = {c.index: c for c in older.outputs}
+    outs = []
+    for c in newer.outputs:
+        o = old.get(c.index)
+        if o is not None:
+            lps = None if c.logprobs is None else (o.logprobs or []) + c.logprobs
+            c = CompletionOutput(c.index, o.text + c.text, o.token_ids + c.token_ids, lps,
+                                 c.finish_reason, c.stop_reason)
+        outs.append(c)
+    return RequestOutput(newer.request_id, newer.prompt, newer.prompt_token_ids, outs,
+                         newer.finished, older.prompt_logprobs or newer.prompt_logprobs,
+                         newer.metrics, newer.num_cached_tokens)

@@ -163,7 +163,43 @@ def test_final_only_requests_emit_one_output_when_finished(smollm_llm):
     assert len(seen["stream"]) == 6 and len(seen["final"]) == 1 and seen["final"][0].finished
     assert seen["final"][0].outputs[0].token_ids == seen["stream"][-1].outputs[0].token_ids
     with pytest.raises(ValueError, match="output_kind"):
-        SamplingParams(output_kind="delta")
+        SamplingParams(output_kind="deltas")
+
+
+def test_delta_outputs_add_up_to_the_cumulative_ones(smollm_llm):
+    """output_kind="delta" (the server's streams): each output holds only what is new, and the
+    pieces concatenate to the cumulative request's outputs step by step: text (held back
+    around a stop string), token ids and logprobs per sample, prompt logprobs once; metrics come
+    with the finished output only, in both kinds."""
+    from kestrel.outputs import merge_delta
+
+    engine = smollm_llm.engine
+    prompt = smollm_llm.get_tokenizer().encode("Count: one, two, three, four,")
+    seen: dict[str, list] = {"cumulative": [], "delta": []}
+    for kind in seen:
+        engine.add_request(kind, prompt, SamplingParams(
+            max_tokens=24, temperature=0.8, seed=7, n=2, stop=[" seven,"], logprobs=2,
+            prompt_logprobs=1, output_kind=kind))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    cum, deltas = seen["cumulative"], seen["delta"]
+    assert len(cum) == len(deltas) > 1
+    assert all(o.metrics is None for o in cum[:-1] + deltas[:-1])
+    assert cum[-1].metrics is not None and deltas[-1].metrics is not None
+    assert deltas[0].prompt_logprobs == cum[0].prompt_logprobs is not None
+    assert all(o.prompt_logprobs is None for o in deltas[1:])
+    acc = deltas[0]
+    for c, d in zip(cum[1:], deltas[1:]):
+        acc = merge_delta(acc, d)
+        for a, b in zip(acc.outputs, c.outputs):
+            assert (a.text, a.token_ids) == (b.text, b.token_ids)
+            assert (a.finish_reason, a.stop_reason) == (b.finish_reason, b.stop_reason)
+            # the two requests share batches in other rows: logprobs agree to float noise
+            assert [list(e) for e in a.logprobs] == [list(e) for e in b.logprobs]
+            assert [v for e in a.logprobs for v in e.values()] == pytest.approx(
+                [v for e in b.logprobs for v in e.values()], abs=1e-4)
+    assert acc.finished and all(c.stop_reason == " seven," for c in acc.outputs)
 
 
 def test_heap_frozen_only_inside_its_block():

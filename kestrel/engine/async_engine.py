@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from kestrel.outputs import RequestOutput
+from kestrel.outputs import RequestOutput, merge_delta
 from kestrel.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,12 @@ class OutputListener(Protocol):
 
 
 class RequestStream:
-    """Cumulative outputs of one request; a reader that falls behind skips to the newest."""
+    """Outputs of one request. A reader that falls behind gets one output for all it missed:
+    the newest when they are cumulative, the queued ones merged when they are deltas."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, delta: bool = False) -> None:
         self.request_id = request_id
+        self.delta = delta  # the request's output_kind is "delta"
         self.closed = False  # nothing more will be put
         self.num_tokens = 0  # generated tokens seen so far, over all samples (for metrics)
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -89,7 +91,11 @@ class RequestStream:
         """The newest output; raises the error the request failed with."""
         item = await self._queue.get()
         while not isinstance(item, BaseException) and not self._queue.empty():
-            item = self._queue.get_nowait()  # outputs are cumulative: older ones add nothing
+            newer = self._queue.get_nowait()
+            if self.delta and not isinstance(newer, BaseException):
+                item = merge_delta(item, newer)
+            else:  # cumulative: older outputs add nothing to the newest
+                item = newer
         if isinstance(item, BaseException):
             raise item
         return item
@@ -168,7 +174,7 @@ class AsyncEngine:
                           params: SamplingParams) -> RequestStream:
         """Queue a request; raises ValueError (bad input), QueueFullError, or the two above."""
         self._check_accepting()
-        stream = RequestStream(request_id)
+        stream = RequestStream(request_id, delta=params.output_kind == "delta")
         self._streams[request_id] = stream
         fut: concurrent.futures.Future[None] = concurrent.futures.Future()
         try:
@@ -348,6 +354,8 @@ class AsyncEngine:
 
     def _count(self, stream: RequestStream, out: RequestOutput) -> None:
         total = sum(len(c.token_ids) for c in out.outputs)
+        if stream.delta:
+            total += stream.num_tokens
         first = stream.num_tokens == 0 and total > 0
         self.listener.on_tokens(len(out.prompt_token_ids) if first else 0,
                                 total - stream.num_tokens)

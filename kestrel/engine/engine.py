@@ -262,7 +262,7 @@ class Engine:
                 self._finish(r, status)
             touched[group.request_id] = group
         outputs = [g.output() for g in touched.values()
-                   if g.finished or g.params.output_kind == "cumulative"]
+                   if g.finished or g.params.output_kind != "final_only"]
         for g in touched.values():
             if g.finished:
                 self._pop_group(g.request_id)

@@ -26,6 +26,10 @@ class RequestGroup:
         self.holdback = max((len(s) for s in params.stop), default=1) - 1
         self.prompt_logprobs: list[dict[int, float] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
+        # "delta" outputs: tokens and visible characters of each sample already sent
+        self.sent_tokens = [0] * len(samples)
+        self.sent_chars = [0] * len(samples)
+        self.sent_prompt_logprobs = False
 
     @property
     def finished(self) -> bool:
@@ -81,16 +85,29 @@ class RequestGroup:
             self.prompt_logprobs.append(d)
 
     def output(self) -> RequestOutput:
+        """Everything so far, or (output_kind "delta") what is new since the last output;
+        metrics only once the group is finished (nothing reads them before)."""
+        delta = self.params.output_kind == "delta"
+        want_lps = self.params.logprobs is not None
         outs = []
-        for r, text in zip(self.samples, self.texts):
+        for i, (r, text) in enumerate(zip(self.samples, self.texts)):
             done = r.is_finished
             visible = text if done or self.holdback == 0 else text[: max(0, len(text) - self.holdback)]
+            tokens, lps = r.output_token_ids, r.logprobs
+            if delta:  # a stop string never cuts text already sent: the holdback kept it back
+                t0, c0 = self.sent_tokens[i], self.sent_chars[i]
+                self.sent_tokens[i], self.sent_chars[i] = len(tokens), len(visible)
+                visible, tokens, lps = visible[c0:], tokens[t0:], lps[t0:] if want_lps else lps
             outs.append(CompletionOutput(
-                index=r.sample_index, text=visible, token_ids=list(r.output_token_ids),
-                logprobs=list(r.logprobs) if self.params.logprobs is not None else None,
+                index=r.sample_index, text=visible, token_ids=list(tokens),
+                logprobs=list(lps) if want_lps else None,
                 finish_reason=r.status.value if done else None, stop_reason=r.stop_reason))
-        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, self.finished,
-                             self.prompt_logprobs, self.metrics(),
+        # the prompt is done before the first token, so the first output has them all
+        prompt_lps = None if delta and self.sent_prompt_logprobs else self.prompt_logprobs
+        self.sent_prompt_logprobs = True
+        finished = self.finished
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, finished,
+                             prompt_lps, self.metrics() if finished else None,
                              self.samples[0].num_cached_tokens)
 
     def metrics(self) -> RequestMetrics:

@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from kestrel.engine.async_engine import RequestStream
-from kestrel.outputs import CompletionOutput, RequestOutput
+from kestrel.outputs import CompletionOutput
 from kestrel.server.errors import bad_request, engine_error
 from kestrel.server.protocol import ChatCompletionRequest, ChatMessage
 from kestrel.server.serving import (
@@ -28,6 +28,7 @@ from kestrel.server.serving import (
     sse,
     sse_error,
     start_requests,
+    usage,
 )
 
 
@@ -82,7 +83,7 @@ async def create_chat_completion(request: Request) -> Any:
                                  headers={"Cache-Control": "no-cache"})
     out = (await collect(request, state, started))[0]
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": view.logprobs(c, c.token_ids, 0),
+                "logprobs": view.logprobs(c),
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                for c in out.outputs]
     return JSONResponse({"id": rid, "object": "chat.completion", "created": view.created,
@@ -95,15 +96,15 @@ class _ChatView:
         self.state, self.rid, self.model, self.req = state, rid, model, req
         self.created = int(time.time())
 
-    def logprobs(self, c: CompletionOutput, token_ids: list[int], first: int
-                 ) -> dict[str, Any] | None:
+    def logprobs(self, c: CompletionOutput) -> dict[str, Any] | None:
+        """``c``'s tokens (all of them, or a stream's delta) with their logprob entries."""
         if not self.req.logprobs:
             return None
         k = self.req.top_logprobs or 0
         lps = c.logprobs or []
         content = []
-        for j, tid in enumerate(token_ids):
-            entry = lps[first + j] if first + j < len(lps) else {}
+        for j, tid in enumerate(c.token_ids):
+            entry = lps[j] if j < len(lps) else {}
             content.append({**self._token(tid, entry.get(tid, -9999.0)),
                             "top_logprobs": [self._token(t, v)
                                              for t, v in sorted_logprobs(entry)[:k]]})
@@ -121,31 +122,30 @@ class _ChatView:
 
 async def _stream(state: ServerState, view: _ChatView, started: list[tuple[str, RequestStream]]
                   ) -> AsyncIterator[str]:
-    """A role chunk per choice, content deltas, an optional usage chunk, then [DONE]."""
+    """A role chunk per choice, then the engine's delta outputs as content deltas, an optional
+    usage chunk, then [DONE]."""
     n = view.req.n
-    seen_text, seen_tokens = [0] * n, [0] * n
-    final: RequestOutput | None = None
+    completion = 0  # generated tokens over all choices, for usage
+    prompt_tokens = 0
     opts = view.req.stream_options
     try:
         for i in range(n):
             yield sse(view.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None}]))
         async for _, out in merge([s for _, s in started]):
+            prompt_tokens = len(out.prompt_token_ids)
             for c in out.outputs:
-                i = c.index
-                delta = c.text[seen_text[i]:]
-                if not delta and c.finish_reason is None and len(c.token_ids) == seen_tokens[i]:
+                if not c.text and not c.token_ids and c.finish_reason is None:
                     continue
-                choice = {"index": i, "delta": {"content": delta} if delta else {},
-                          "logprobs": view.logprobs(c, c.token_ids[seen_tokens[i]:],
-                                                    seen_tokens[i]),
+                choice = {"index": c.index, "delta": {"content": c.text} if c.text else {},
+                          "logprobs": view.logprobs(c),
                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                seen_text[i], seen_tokens[i] = len(c.text), len(c.token_ids)
-                live = count_usage([out]) if opts and opts.continuous_usage_stats else None
+                completion += len(c.token_ids)
+                live = (usage(prompt_tokens, completion)
+                        if opts and opts.continuous_usage_stats else None)
                 yield sse(view.chunk([choice], live))
-            final = out if out.finished else final
         if opts and opts.include_usage:
-            yield sse(view.chunk([], count_usage([final])))
+            yield sse(view.chunk([], usage(prompt_tokens, completion)))
     except Exception as e:  # noqa: BLE001 - the status line is gone: report inside the stream
         yield sse_error(e)
     finally:

@@ -28,6 +28,7 @@ from kestrel.server.serving import (
     sse,
     sse_error,
     start_requests,
+    usage,
 )
 
 
@@ -87,13 +88,15 @@ class _View:
         echo = self.req.echo and first_token == 0
         logprobs = None
         if self.req.logprobs is not None:
-            logprobs = self._logprobs(index, c, token_ids, first_token, out if echo else None)
+            logprobs = self._logprobs(index, c, token_ids, out if echo else None)
         return {"index": index, "text": (self.prompt_text(i) if echo else "") + text,
                 "logprobs": logprobs, "finish_reason": c.finish_reason if final else None,
                 "stop_reason": c.stop_reason if final else None}
 
-    def _logprobs(self, index: int, c: CompletionOutput, token_ids: list[int], first: int,
+    def _logprobs(self, index: int, c: CompletionOutput, token_ids: list[int],
                   echo_of: RequestOutput | None) -> dict[str, Any]:
+        """``token_ids`` are ``c``'s (all of them, or a stream's delta) and ``c.logprobs`` their
+        entries, one each."""
         tokens: list[str] = []
         token_lps: list[float | None] = []
         tops: list[dict[str, float] | None] = []
@@ -104,8 +107,7 @@ class _View:
             plps = echo_of.prompt_logprobs or [None] * len(echo_of.prompt_token_ids)
             entries += list(zip(echo_of.prompt_token_ids, plps))
         lps = c.logprobs or []
-        entries += [(t, lps[first + j] if first + j < len(lps) else None)
-                    for j, t in enumerate(token_ids)]
+        entries += [(t, lps[j] if j < len(lps) else None) for j, t in enumerate(token_ids)]
         for tid, entry in entries:
             text = self.state.token_text(tid)
             tokens.append(text)
@@ -126,29 +128,32 @@ class _View:
 
 async def _stream(state: ServerState, view: _View, started: list[tuple[str, RequestStream]]
                   ) -> AsyncIterator[str]:
-    """SSE chunks: text deltas per choice, an optional usage chunk, then [DONE]."""
-    seen_text: dict[int, int] = {}
-    seen_tokens: dict[int, int] = {}
+    """SSE chunks from the engine's delta outputs: what is new per choice, an optional usage
+    chunk, then [DONE]."""
+    sent: dict[int, int] = {}  # choice → tokens sent so far (echo goes with the first chunk)
+    completion = [0] * len(started)  # generated tokens per prompt, for usage
     finals: list[RequestOutput | None] = [None] * len(started)
     opts = view.req.stream_options
     try:
         async for i, out in merge([s for _, s in started]):
             for c in out.outputs:
                 key = i * view.req.n + c.index
-                t0, n0 = seen_text.get(key, 0), seen_tokens.get(key, -1)
-                if n0 >= 0 and len(c.text) == t0 and len(c.token_ids) == n0 \
-                        and c.finish_reason is None:
+                first = sent.get(key, -1)
+                if first >= 0 and not c.text and not c.token_ids and c.finish_reason is None:
                     continue
-                first = max(n0, 0)
-                choice = view.choice(i, c, c.text[t0:], c.token_ids[first:], first, out,
+                first = max(first, 0)
+                choice = view.choice(i, c, c.text, c.token_ids, first, out,
                                      final=c.finish_reason is not None)
-                seen_text[key], seen_tokens[key] = len(c.text), len(c.token_ids)
-                live = count_usage([out]) if opts and opts.continuous_usage_stats else None
+                sent[key] = first + len(c.token_ids)
+                completion[i] += len(c.token_ids)
+                live = (usage(len(out.prompt_token_ids), completion[i])
+                        if opts and opts.continuous_usage_stats else None)
                 yield sse(view.chunk([choice], live))
             if out.finished:
                 finals[i] = out
         if opts and opts.include_usage:
-            yield sse(view.chunk([], count_usage(finals)))
+            yield sse(view.chunk([], usage(sum(len(o.prompt_token_ids) for o in finals if o),
+                                           sum(completion))))
     except Exception as e:  # noqa: BLE001 - the status line is gone: report inside the stream
         yield sse_error(e)
     finally:

@@ -86,8 +86,8 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
                           "min_tokens": req.min_tokens,
                           "skip_special_tokens": req.skip_special_tokens,
                           "include_stop_str_in_output": req.include_stop_str_in_output,
-                          # a non-streamed answer reads only the final output
-                          "output_kind": "cumulative" if req.stream else "final_only"}
+                          # a stream sends what is new; a non-streamed answer reads the end
+                          "output_kind": "delta" if req.stream else "final_only"}
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                  "frequency_penalty", "repetition_penalty"):
         value = getattr(req, name)

@@ -200,3 +200,33 @@ def test_async_engine_generate_aborts_when_the_reader_leaves() -> None:
         assert not engine.healthy
 
     asyncio.run(run())
+
+
+def test_a_delta_reader_that_falls_behind_gets_every_token_once() -> None:
+    """In-process: a "delta" stream read slower than the engine steps gets the missed outputs
+    merged (RequestStream.next), so its pieces add up to the cumulative request's tokens."""
+    from kestrel.engine.args import EngineArgs
+    from kestrel.engine.async_engine import AsyncEngine
+    from kestrel.engine.engine import Engine
+    from kestrel.sampling_params import SamplingParams
+
+    cfg = EngineArgs(model="tiny-llama", load_format="dummy", device="cpu", num_kv_blocks=64,
+                     debug_checks=True).create_config()
+    engine = AsyncEngine(Engine(cfg, None))
+
+    async def run() -> None:
+        engine.start()
+        prompt = list(range(1, 20))
+        want = [o async for o in engine.generate(
+            "cum", prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))][-1]
+        pieces, reads = [], 0
+        async for out in engine.generate("delta", prompt, SamplingParams(
+                max_tokens=40, temperature=0, ignore_eos=True, output_kind="delta")):
+            pieces += out.outputs[0].token_ids
+            reads += 1
+            await asyncio.sleep(0.02)  # several engine steps pass between reads
+        assert pieces == want.outputs[0].token_ids and len(pieces) == 40
+        assert reads < 40, "no read was merged: the test did not fall behind"
+        await engine.shutdown()
+
+    asyncio.run(run())
