@@ -53,7 +53,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     prompt_logprobs: list[dict[int, float] | None] | None = None
-    metrics: RequestMetrics | None = None
+    metrics: RequestMetrics | None = None  # on the finished output only
     num_cached_tokens: int = 0
 
 
