@@ -126,6 +126,7 @@ async def _stream(state: ServerState, view: _ChatView, started: list[tuple[str, 
     usage chunk, then [DONE]."""
     n = view.req.n
     completion = 0  # generated tokens over all choices, for usage
+    ended: set[int] = set()  # choices whose finish_reason was sent
     prompt_tokens = 0
     opts = view.req.stream_options
     try:
@@ -135,8 +136,11 @@ async def _stream(state: ServerState, view: _ChatView, started: list[tuple[str, 
         async for _, out in merge([s for _, s in started]):
             prompt_tokens = len(out.prompt_token_ids)
             for c in out.outputs:
-                if not c.text and not c.token_ids and c.finish_reason is None:
-                    continue
+                if c.index in ended or (not c.text and not c.token_ids
+                                        and c.finish_reason is None):
+                    continue  # nothing new (a finished sample recurs while its siblings run)
+                if c.finish_reason is not None:
+                    ended.add(c.index)
                 choice = {"index": c.index, "delta": {"content": c.text} if c.text else {},
                           "logprobs": view.logprobs(c),
                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}

@@ -131,6 +131,7 @@ async def _stream(state: ServerState, view: _View, started: list[tuple[str, Requ
     """SSE chunks from the engine's delta outputs: what is new per choice, an optional usage
     chunk, then [DONE]."""
     sent: dict[int, int] = {}  # choice → tokens sent so far (echo goes with the first chunk)
+    ended: set[int] = set()  # choices whose finish_reason was sent
     completion = [0] * len(started)  # generated tokens per prompt, for usage
     finals: list[RequestOutput | None] = [None] * len(started)
     opts = view.req.stream_options
@@ -139,8 +140,11 @@ async def _stream(state: ServerState, view: _View, started: list[tuple[str, Requ
             for c in out.outputs:
                 key = i * view.req.n + c.index
                 first = sent.get(key, -1)
-                if first >= 0 and not c.text and not c.token_ids and c.finish_reason is None:
-                    continue
+                if key in ended or (first >= 0 and not c.text and not c.token_ids
+                                    and c.finish_reason is None):
+                    continue  # nothing new (a finished sample recurs while its siblings run)
+                if c.finish_reason is not None:
+                    ended.add(key)
                 first = max(first, 0)
                 choice = view.choice(i, c, c.text, c.token_ids, first, out,
                                      final=c.finish_reason is not None)

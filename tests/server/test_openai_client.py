@@ -92,6 +92,33 @@ def test_n2_with_seed_is_reproducible(client: openai.OpenAI) -> None:
     assert len(chat.choices) == 2
 
 
+def test_streamed_samples_finish_once_each(client: openai.OpenAI) -> None:
+    """n=3 streamed, samples ending at different steps (a stop string): each choice gets one
+    finish_reason, and its text matches the non-streamed answer of the same seed."""
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=12, n=3, temperature=1.0,
+              seed=11, stop=[","])
+    whole = client.completions.create(**kw)
+    finishes: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    texts = ["", "", ""]
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.finish_reason is not None:
+                finishes[c.index].append(c.finish_reason)
+    assert all(len(f) == 1 for f in finishes.values()), finishes
+    assert texts == [c.text for c in sorted(whole.choices, key=lambda c: c.index)]
+    assert len({len(t) for t in texts}) > 1, "the samples ended together: pick another seed"
+
+    chat_finishes: dict[int, int] = {}
+    for chunk in client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, n=3,
+                                                temperature=1.0, seed=11, stop=[","],
+                                                stream=True):
+        for c in chunk.choices:
+            if c.finish_reason is not None:
+                chat_finishes[c.index] = chat_finishes.get(c.index, 0) + 1
+    assert chat_finishes == {0: 1, 1: 1, 2: 1}
+
+
 def test_stop_string_ends_the_text(client: openai.OpenAI) -> None:
     full = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16,
                                      temperature=0).choices[0].text
