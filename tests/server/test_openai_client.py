@@ -95,8 +95,8 @@ def test_n2_with_seed_is_reproducible(client: openai.OpenAI) -> None:
 def test_streamed_samples_finish_once_each(client: openai.OpenAI) -> None:
     """n=3 streamed, samples ending at different steps (a stop string): each choice gets one
     finish_reason, and its text matches the non-streamed answer of the same seed."""
-    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=12, n=3, temperature=1.0,
-              seed=11, stop=[","])
+    kw = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 12, "n": 3,
+          "temperature": 1.0, "seed": 11, "stop": [","]}
     whole = client.completions.create(**kw)
     finishes: dict[int, list[str]] = {0: [], 1: [], 2: []}
     texts = ["", "", ""]
