@@ -1,14 +1,16 @@
 """Where a decode (or prefill) step's time goes on the GPU: kernel time vs wall time per step.
 
     python scripts/profile_decode.py [--batch 1] [--input 128] [--steps 32] [--prefill]
-        [--trace DIR] [any kestrel engine flags; default --preset llama-3-8b]
+        [--trace DIR] [--sequence FILE] [--cprofile]
+        [any kestrel engine flags; default --preset llama-3-8b]
 
 Runs one batch to steady decode, then profiles ``--steps`` engine steps with torch.profiler;
 with ``--prefill``, profiles the prefill step of a fresh batch instead (after one warm-up batch
 of the same shape; pass ``--max-num-batched-tokens`` >= batch × input for a single step).
 Prints the wall time per step, the GPU kernel time per step (the sum of kernel durations: what
 the step would take with no host gap), the idle share, and the top kernels. A wall time well
-above the kernel time means the host is the limit, not the GPU.
+above the kernel time means the host is the limit, not the GPU. ``--sequence`` writes one
+step's kernels in launch order, each with its mean duration and the idle time before it.
 """
 
 from __future__ import annotations

@@ -88,7 +88,8 @@ class RequestStream:
             self.closed = True
 
     async def next(self) -> RequestOutput:
-        """The newest output; raises the error the request failed with."""
+        """The next output, covering all that were queued (see the class); raises the error
+        the request failed with."""
         item = await self._queue.get()
         while not isinstance(item, BaseException) and not self._queue.empty():
             newer = self._queue.get_nowait()

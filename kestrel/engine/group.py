@@ -93,14 +93,15 @@ class RequestGroup:
         for i, (r, text) in enumerate(zip(self.samples, self.texts)):
             done = r.is_finished
             visible = text if done or self.holdback == 0 else text[: max(0, len(text) - self.holdback)]
-            tokens, lps = r.output_token_ids, r.logprobs
             if delta:  # a stop string never cuts text already sent: the holdback kept it back
                 t0, c0 = self.sent_tokens[i], self.sent_chars[i]
-                self.sent_tokens[i], self.sent_chars[i] = len(tokens), len(visible)
-                visible, tokens, lps = visible[c0:], tokens[t0:], lps[t0:] if want_lps else lps
-            outs.append(CompletionOutput(
-                index=r.sample_index, text=visible, token_ids=list(tokens),
-                logprobs=list(lps) if want_lps else None,
+                self.sent_tokens[i], self.sent_chars[i] = len(r.output_token_ids), len(visible)
+                visible = visible[c0:]
+            else:
+                t0 = 0
+            outs.append(CompletionOutput(  # slices: copies the engine goes on appending to
+                index=r.sample_index, text=visible, token_ids=r.output_token_ids[t0:],
+                logprobs=r.logprobs[t0:] if want_lps else None,
                 finish_reason=r.status.value if done else None, stop_reason=r.stop_reason))
         # the prompt is done before the first token, so the first output has them all
         prompt_lps = None if delta and self.sent_prompt_logprobs else self.prompt_logprobs

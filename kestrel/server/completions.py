@@ -58,7 +58,7 @@ async def create_completion(request: Request) -> Any:
         return StreamingResponse(_stream(state, view, started), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     finals = await collect(request, state, started)
-    choices = [view.choice(i, c, c.text, c.token_ids, 0, out, final=True)
+    choices = [view.choice(i, c, out, final=True, first_chunk=True)
                for i, out in enumerate(finals) for c in out.outputs]
     return JSONResponse({"id": rid, "object": "text_completion", "created": view.created,
                          "model": model, "choices": choices, "usage": count_usage(finals)})
@@ -81,22 +81,22 @@ class _View:
         tok = self.state.engine.tokenizer
         return "" if tok is None else tok.decode(p)
 
-    def choice(self, i: int, c: CompletionOutput, text: str, token_ids: list[int],
-               first_token: int, out: RequestOutput, final: bool) -> dict[str, Any]:
-        """A choice with ``text`` and the tokens from ``first_token`` on (echo on the first)."""
+    def choice(self, i: int, c: CompletionOutput, out: RequestOutput, final: bool,
+               first_chunk: bool) -> dict[str, Any]:
+        """A choice with ``c``'s text and tokens (all of them, or a stream's delta); the prompt
+        is echoed in a choice's first chunk."""
         index = i * self.req.n + c.index
-        echo = self.req.echo and first_token == 0
+        echo = self.req.echo and first_chunk
         logprobs = None
         if self.req.logprobs is not None:
-            logprobs = self._logprobs(index, c, token_ids, out if echo else None)
-        return {"index": index, "text": (self.prompt_text(i) if echo else "") + text,
+            logprobs = self._logprobs(index, c, out if echo else None)
+        return {"index": index, "text": (self.prompt_text(i) if echo else "") + c.text,
                 "logprobs": logprobs, "finish_reason": c.finish_reason if final else None,
                 "stop_reason": c.stop_reason if final else None}
 
-    def _logprobs(self, index: int, c: CompletionOutput, token_ids: list[int],
+    def _logprobs(self, index: int, c: CompletionOutput,
                   echo_of: RequestOutput | None) -> dict[str, Any]:
-        """``token_ids`` are ``c``'s (all of them, or a stream's delta) and ``c.logprobs`` their
-        entries, one each."""
+        """``c``'s tokens with their ``c.logprobs`` entries, after the prompt's if echoing."""
         tokens: list[str] = []
         token_lps: list[float | None] = []
         tops: list[dict[str, float] | None] = []
@@ -107,7 +107,7 @@ class _View:
             plps = echo_of.prompt_logprobs or [None] * len(echo_of.prompt_token_ids)
             entries += list(zip(echo_of.prompt_token_ids, plps))
         lps = c.logprobs or []
-        entries += [(t, lps[j] if j < len(lps) else None) for j, t in enumerate(token_ids)]
+        entries += [(t, lps[j] if j < len(lps) else None) for j, t in enumerate(c.token_ids)]
         for tid, entry in entries:
             text = self.state.token_text(tid)
             tokens.append(text)
@@ -130,7 +130,7 @@ async def _stream(state: ServerState, view: _View, started: list[tuple[str, Requ
                   ) -> AsyncIterator[str]:
     """SSE chunks from the engine's delta outputs: what is new per choice, an optional usage
     chunk, then [DONE]."""
-    sent: dict[int, int] = {}  # choice → tokens sent so far (echo goes with the first chunk)
+    begun: set[int] = set()  # choices with a chunk sent (the echo goes with the first)
     ended: set[int] = set()  # choices whose finish_reason was sent
     completion = [0] * len(started)  # generated tokens per prompt, for usage
     finals: list[RequestOutput | None] = [None] * len(started)
@@ -139,16 +139,14 @@ async def _stream(state: ServerState, view: _View, started: list[tuple[str, Requ
         async for i, out in merge([s for _, s in started]):
             for c in out.outputs:
                 key = i * view.req.n + c.index
-                first = sent.get(key, -1)
-                if key in ended or (first >= 0 and not c.text and not c.token_ids
+                if key in ended or (key in begun and not c.text and not c.token_ids
                                     and c.finish_reason is None):
                     continue  # nothing new (a finished sample recurs while its siblings run)
                 if c.finish_reason is not None:
                     ended.add(key)
-                first = max(first, 0)
-                choice = view.choice(i, c, c.text, c.token_ids, first, out,
-                                     final=c.finish_reason is not None)
-                sent[key] = first + len(c.token_ids)
+                choice = view.choice(i, c, out, final=c.finish_reason is not None,
+                                     first_chunk=key not in begun)
+                begun.add(key)
                 completion[i] += len(c.token_ids)
                 live = (usage(len(out.prompt_token_ids), completion[i])
                         if opts and opts.continuous_usage_stats else None)
