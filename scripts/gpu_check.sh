@@ -3,7 +3,7 @@
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 | fig27 |
-#         fp8-70b | serve | pdl
+#         fp8-70b | serve | pdl | ab
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
 # summary table is printed last.
@@ -75,6 +75,22 @@ if has pdl; then  # programmatic dependent launch (kernels/pdl.py): its test, th
     done
     python3 scripts/profile_decode.py --max-num-seqs 1 $q --sequence "$OUT/sequence_${tag}.txt" \
       2>&1 | tee -a "$OUT/profile_pdl.log" | grep "^batch"
+  done
+fi
+if has ab; then  # batch-1 decode, BF16 and the FP8 recipe: another copy of the code at $AB_TREE
+  # (default .ab, e.g. `git archive OLD kestrel scripts | tar -x -C .ab`, carried to the
+  # device) against this tree, alternating, ${AB_ROUNDS:-1} rounds, in the same call
+  c=$(ceil)
+  for round in $(seq 1 "${AB_ROUNDS:-1}"); do
+    for q in "" "--quantization fp8"; do
+      for tree in "${AB_TREE:-.ab}" .; do
+        tag=$(echo "$([[ $tree == . ]] && echo new || echo old)_bf16${q}_r$round" \
+              | tr -c 'a-z0-9\n' '_' | tr -s _)
+        ( cd "$tree" && PYTHONPATH=$PWD python3 -m kestrel.cli --log-level WARNING bench \
+          latency --preset llama-3-8b --batch 1 --input 128 --output 256 $q --max-num-seqs 1 \
+          $c --json "$OUT/ab_${tag}.json" ) | grep -E "TPOT" | sed "s/^/$tag: /"
+      done
+    done
   done
 fi
 if has fp8gemm; then

@@ -1,10 +1,10 @@
 """Triton attention backend: the GPU fast path behind the ``AttentionBackend`` seam.
 
-forward = rotary_and_cache (rotary on q and k, then new K/V into the paged cache, in one launch)
-+ one attention kernel: ``paged_attention_decode`` when every sequence has exactly one new
-token, else the varlen
-``prefill_attention`` (which also serves mixed prefill + decode batches: a decode row is a
-prefill of length 1). Both read every key from the cache, so prefix-cached and chunked
+forward, when every sequence has exactly one new token: ``paged_attention_decode``, which also
+rotates q and the new K and writes the new K/V into the paged cache (one launch per layer).
+Otherwise rotary_and_cache (rotary on q and k, then new K/V into the paged cache, in one
+launch) + the varlen ``prefill_attention`` (which also serves mixed prefill + decode batches:
+a decode row is a prefill of length 1). Both read every key from the cache, so prefix-cached and chunked
 prefills need nothing special. Long fresh prompts (no cached prefix: the new K/V are the whole
 context) go to torch's SDPA instead, whose cuDNN/flash kernels beat ours there (measured by
 tests/kernels/bench_kernels.py --only prefill; ``SDPA_MIN_TOKENS`` is the crossover).
@@ -66,17 +66,19 @@ class TritonAttention(AttentionBackend):
         positions: torch.Tensor,  # [T]
         cos_sin: torch.Tensor,  # [max_pos, D]
     ) -> torch.Tensor:
-        # q and k are rotated in place: SDPA below reads the new k directly, not the cache.
         ks, vs = self.kv_scales(k_cache)
-        q, k = self._fused.rotary_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache,
-                                            meta.slot_mapping, ks, vs)
         if meta.is_decode_only and q.shape[0] == meta.num_seqs:
             # One token per sequence: token i belongs to sequence i (query_start_loc = arange).
+            # Rotary and the cache write happen inside the attention launch.
+            new = self._decode.NewTokens(k, v, positions, cos_sin, meta.slot_mapping)
             return self._decode.paged_attention_decode(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
                 num_splits=self.num_splits, max_seq_len=meta.max_seq_len, k_scale=ks,
-                v_scale=vs,
+                v_scale=vs, new=new,
             )  # fmt: skip
+        # q and k are rotated in place: SDPA below reads the new k directly, not the cache.
+        q, k = self._fused.rotary_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache,
+                                            meta.slot_mapping, ks, vs)
         if ks is None and self._fresh_long_prompts(meta):  # an FP8 cache: attend as cached
             return self._sdpa(q, k, v, meta.query_lens_cpu)
         return self._prefill.prefill_attention(

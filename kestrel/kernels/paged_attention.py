@@ -12,10 +12,15 @@ programs to keep every SM's loads in flight:
   one): each token's page comes from the block table, so any power-of-two page size works.
 * Flash-decoding (split-K). With few sequences (batch 1..16 × 8 KV heads: too few programs
   to keep 132 SMs loading) the context of each (sequence, KV head) is cut into ``num_splits``
-  chunks handled by separate programs that write a partial output and its log-sum-exp; a
-  second kernel merges them (short contexts, up to ``NO_SPLIT_MAX_LEN``, are not split).
+  chunks handled by separate programs that write a partial output and its log-sum-exp; the
+  last of them to finish (an atomic arrival count per sequence and KV head) merges them, so
+  no second kernel is launched (short contexts, up to ``NO_SPLIT_MAX_LEN``, are not split).
   The chunk length is computed in the kernel from the sequence's own length, so a launch
   with a fixed ``num_splits`` (as captured in a CUDA graph) is right for any context length.
+* The step's new token (``NewTokens``): the kernel applies rotary to q and to the new K and
+  writes the new K/V into the cache itself; the split holding the last position attends to
+  them from registers. At batch 1 each launch costs ~2 µs, a layer's attention was three
+  (rotary + cache write, attention, split merge) and is now one.
 
 Softmax runs in base 2 (``exp2``) on float32 scores; the P·V product takes P in the cache
 dtype, as flash attention does.
@@ -24,12 +29,14 @@ dtype, as flash attention does.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.pdl import pdl_args, pdl_enter
+from kestrel.kernels.fp8_quant import hw_fp8_cast, quantize_e4m3
+from kestrel.kernels.pdl import pdl_args, pdl_release, pdl_wait
 from kestrel.quant.fp8_ops import FP8_DTYPE
 
 LOG2E = 1.4426950408889634
@@ -59,17 +66,72 @@ def dot_flags(dtype: torch.dtype, device: torch.device) -> dict[str, object]:
 
 
 @triton.jit
+def _rotate(x, x_partner, cos, sin, d_low):
+    """Neox half-split rotary on a [..., BLOCK_D] tile given each element's partner (the other
+    half's element of the same index): x1·cos − x2·sin | x2·cos + x1·sin, in float32 and with
+    the reference's rounding points (the kernel is compiled without FMA contraction)."""
+    xf = x.to(tl.float32)
+    pf = x_partner.to(tl.float32)
+    return tl.where(d_low, xf * cos - pf * sin, xf * cos + pf * sin)
+
+
+@triton.jit
+def _load_tile(k_base, v_base, bt_row, n0, end, last, offs_n, offs_d, d_mask,
+               stride_kb, stride_kt, stride_vb, stride_vt, PAGE_SIZE: tl.constexpr):
+    """K [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D] of the cached tokens n0.. (< end, and not
+    ``last``, the new token, which the caller supplies). Each token's page comes from the block
+    table; a token's row is HEAD_DIM contiguous elements, so the gather loads 16-byte vectors."""
+    pos_n = n0 + offs_n
+    cached = (pos_n < end) & (pos_n != last)
+    page = tl.load(bt_row + pos_n // PAGE_SIZE, mask=cached, other=0).to(tl.int64)
+    in_page = pos_n % PAGE_SIZE
+    k = tl.load(k_base + (page * stride_kb + in_page * stride_kt)[None, :] + offs_d[:, None],
+                mask=cached[None, :] & d_mask[:, None], other=0.0)
+    v = tl.load(v_base + (page * stride_vb + in_page * stride_vt)[:, None] + offs_d[None, :],
+                mask=cached[:, None] & d_mask[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend(q, k, v, k_last, v_last, n0, end, last, offs_n, qk_scale, m_i, l_i, acc,
+            ROPE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One tile of the online softmax (base 2, float32 scores; P·V takes P in q's dtype, as
+    flash attention does); ROPE: the new token's K/V come from registers."""
+    pos_n = n0 + offs_n
+    k = k.to(q.dtype)  # FP8 cache: e4m3 codes are exact in q's dtype
+    v = v.to(q.dtype)
+    if ROPE:
+        k = tl.where((pos_n == last)[None, :], k_last[:, None], k)
+        v = tl.where((pos_n == last)[:, None], v_last[None, :], v)
+    qk = mma(q, k, DOT_PREC, UPCAST) * qk_scale  # [BLOCK_G, BLOCK_N]
+    qk = tl.where((pos_n < end)[None, :], qk, float("-inf"))
+    # The first tile always holds a valid token, so m_new is finite.
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PREC, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_kernel(
-    q_ptr,  # [B, Hq, D]
+    q_ptr,  # [B, Hq, D] (ROPE: not yet rotated)
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
     v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
     block_tables_ptr,  # [B, max_blocks] int32
     seq_lens_ptr,  # [B] int32
     k_scale_ptr,  # [Hkv] float32 (FP8_KV)
     v_scale_ptr,
-    out_ptr,  # [B, Hq, D] final output (written when not SPLIT)
+    out_ptr,  # [B, Hq, D]
     part_out_ptr,  # [B, Hq, num_splits, D] fp32 normalised partial outputs (SPLIT)
     part_lse_ptr,  # [B, Hq, num_splits] fp32 base-2 log-sum-exp of each split (SPLIT)
+    arrivals_ptr,  # [B * Hkv] int32, zero between launches (SPLIT)
+    new_k_ptr,  # [B, Hkv, D] the new token's K, not yet rotated (ROPE)
+    new_v_ptr,  # [B, Hkv, D] (ROPE)
+    pos_ptr,  # [B] the new token's position (ROPE)
+    cs_ptr,  # [max_pos, D] cos | sin halves (ROPE)
+    slot_ptr,  # [B] int64 cache slot of the new token, < 0: not written (ROPE)
     qk_scale,  # softmax scale * log2(e)
     num_splits,
     stride_qb, stride_qh,
@@ -77,29 +139,42 @@ def _decode_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_bt,
     stride_ob, stride_oh,
+    stride_nkb, stride_nkh,
+    stride_nvb, stride_nvh,
+    stride_cs,
     GROUP: tl.constexpr,  # query heads per KV head
     BLOCK_G: tl.constexpr,  # GROUP padded to a power of two >= 16
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two
     PAGE_SIZE: tl.constexpr,  # cache block size (tokens per page)
     BLOCK_N: tl.constexpr,  # tokens per tile
-    SPLIT: tl.constexpr,  # write partials for the reduce kernel instead of the output
+    MERGE_G: tl.constexpr,  # GROUP padded to a power of two (the merge's tiles)
+    MERGE_S: tl.constexpr,  # splits per load of the merge
+    SPLIT: tl.constexpr,  # num_splits > 1: partials merged by the last split to finish
     FP8_KV: tl.constexpr,  # FP8 cache: the per-head scales multiply q·k and the output
+    ROPE: tl.constexpr,  # rotate q and the new K, write the new K/V into the cache
+    HW_CAST: tl.constexpr,  # FP8_KV and ROPE: the hardware e4m3 conversion
     DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (no tf32 rounding), else the default
     UPCAST: tl.constexpr,  # interpreter only: dot in fp32 (see mma)
     PDL: tl.constexpr,
 ):  # fmt: skip
-    pdl_enter(PDL)
+    # Before the PDL wait: what the step's earlier kernels do not write (lengths, positions,
+    # block tables, the cached K/V of past tokens), so the first tile streams while the qkv
+    # GEMV finishes; q and the new token's K/V only after it.
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    num_kv = tl.num_programs(1)
 
     seq_len = tl.load(seq_lens_ptr + seq)
     # This split's token range [start, end): whole tiles, so only the last tile is ragged.
+    # `used` splits hold tokens (0 for an empty padding row); the others do nothing.
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
+    used = tl.cdiv(num_tiles, tiles_per_split)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+    last = seq_len - 1 if ROPE else -1  # the new token: attended from registers (ROPE)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -107,102 +182,145 @@ def _decode_kernel(
     heads = kv_head * GROUP + offs_g  # [BLOCK_G] query heads of this KV head
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
-    q_ptrs = q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
-
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)  # running max (base 2)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp2
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    bt_row = block_tables_ptr + seq * stride_bt
-    k_base = k_cache_ptr + kv_head * stride_kh
-    v_base = v_cache_ptr + kv_head * stride_vh
-    # FP8 cache: e4m3 codes are exact in q's dtype, and a per-head scale factors out of the
-    # dots (q·(s·k) = s·(q·k), p·(s·v) = s·(p·v)): the tiles are only converted, and the
-    # scales fold into qk_scale and the output (converting and scaling every element made
-    # the kernel compute-bound at 40% of the copy rate, slower than a BF16 cache).
-    v_scale = 1.0
-    if FP8_KV:
-        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
-        v_scale = tl.load(v_scale_ptr + kv_head)
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + offs_n  # [BLOCK_N] token positions
-        n_mask = pos < end
-        page = tl.load(bt_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-        in_page = pos % PAGE_SIZE
-        k_off = page * stride_kb + in_page * stride_kt  # [BLOCK_N]
-        v_off = page * stride_vb + in_page * stride_vt
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        # K as [BLOCK_D, BLOCK_N] so that q @ k is [BLOCK_G, BLOCK_N]; each token's row is
-        # HEAD_DIM contiguous elements, so the gather still loads full 16-byte vectors.
-        k = tl.load(
-            k_base + k_off[None, :] + offs_d[:, None],
-            mask=n_mask[None, :] & d_mask[:, None],
-            other=0.0,
-        )
-        if FP8_KV:
-            k = k.to(q.dtype)
-        qk = mma(q, k, DOT_PREC, UPCAST) * qk_scale  # [BLOCK_G, BLOCK_N]
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        # Online softmax: the first tile always holds a valid token, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if FP8_KV:
-            v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PREC, UPCAST)
-        m_i = m_new
-
-    # An empty split (or a zero-length padding sequence) has l_i == 0: lse = -inf and, split,
-    # no partial output (the reduce kernel skips it: graphs captured with many splits run short
-    # contexts with most splits empty), unsplit a zero output.
-    has = l_i > 0
-    o = acc * (v_scale / tl.where(has, l_i, 1.0))[:, None]
     out_mask = g_mask[:, None] & d_mask[None, :]
-    if SPLIT:
-        row = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split  # [BLOCK_G]
-        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o,
-                 mask=out_mask & has[:, None])
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + row, lse, mask=g_mask)
-    else:
-        o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    if split < used:
+        bt_row = block_tables_ptr + seq * stride_bt
+        k_base = k_cache_ptr + kv_head * stride_kh
+        v_base = v_cache_ptr + kv_head * stride_vh
+        k0, v0 = _load_tile(k_base, v_base, bt_row, start, end, last, offs_n, offs_d, d_mask,
+                            stride_kb, stride_kt, stride_vb, stride_vt, PAGE_SIZE)  # fmt: skip
+        # FP8 cache: a per-head scale factors out of the dots (q·(s·k) = s·(q·k), p·(s·v) =
+        # s·(p·v)): tiles are only converted, the scales fold into qk_scale and the output
+        # (converting and scaling every element made the kernel compute-bound at 40% of the
+        # copy rate, slower than a BF16 cache).
+        v_scale = 1.0
+        if FP8_KV:
+            qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
+            v_scale = tl.load(v_scale_ptr + kv_head)
+        if ROPE:
+            half: tl.constexpr = HEAD_DIM // 2
+            d_low = offs_d < half
+            partner = tl.where(d_low, offs_d + half, offs_d - half)
+            pos = tl.load(pos_ptr + seq).to(tl.int64)
+            cs_row = cs_ptr + pos * stride_cs + tl.where(d_low, offs_d, offs_d - half)
+            cos = tl.load(cs_row, mask=d_mask, other=0.0).to(tl.float32)
+            sin = tl.load(cs_row + half, mask=d_mask, other=0.0).to(tl.float32)
+            slot = tl.load(slot_ptr + seq).to(tl.int64)
+        pdl_wait(PDL)
+        pdl_release(PDL)
+
+        q_ptrs = q_ptr + seq * stride_qb + heads[:, None] * stride_qh
+        q = tl.load(q_ptrs + offs_d[None, :], mask=out_mask, other=0.0)  # [BLOCK_G, BLOCK_D]
+        k_last = 0.0
+        v_last = 0.0
+        if ROPE:
+            # Rotary on q and on the new token's K (rotary_and_cache's math); the split that
+            # holds the last token writes the new K/V into the cache (no program of this
+            # launch reads that slot) and attends to them from registers.
+            q_p = tl.load(q_ptrs + partner[None, :], mask=out_mask, other=0.0)
+            q = _rotate(q, q_p, cos[None, :], sin[None, :], d_low[None, :]).to(q.dtype)
+            k_row = new_k_ptr + seq * stride_nkb + kv_head * stride_nkh
+            k_new = tl.load(k_row + offs_d, mask=d_mask, other=0.0)
+            k_new_p = tl.load(k_row + partner, mask=d_mask, other=0.0)
+            k_new = _rotate(k_new, k_new_p, cos, sin, d_low).to(new_k_ptr.dtype.element_ty)
+            v_new = tl.load(new_v_ptr + seq * stride_nvb + kv_head * stride_nvh + offs_d,
+                            mask=d_mask, other=0.0)
+            if FP8_KV:  # the cache holds e4m3 codes of x / scale[head]
+                kq = quantize_e4m3(k_new.to(tl.float32), tl.load(k_scale_ptr + kv_head),
+                                   HW_CAST).to(tl.float8e4nv, bitcast=True)
+                vq = quantize_e4m3(v_new.to(tl.float32), tl.load(v_scale_ptr + kv_head),
+                                   HW_CAST).to(tl.float8e4nv, bitcast=True)
+            else:
+                kq = k_new.to(k_cache_ptr.dtype.element_ty)
+                vq = v_new.to(v_cache_ptr.dtype.element_ty)
+            if (split == used - 1) & (slot >= 0):
+                page = slot // PAGE_SIZE
+                in_page = slot % PAGE_SIZE
+                tl.store(k_cache_ptr + page * stride_kb + in_page * stride_kt
+                         + kv_head * stride_kh + offs_d, kq, mask=d_mask)
+                tl.store(v_cache_ptr + page * stride_vb + in_page * stride_vt
+                         + kv_head * stride_vh + offs_d, vq, mask=d_mask)
+            k_last = kq.to(q.dtype)
+            v_last = vq.to(q.dtype)
+
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)  # running max (base 2)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp2
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        m_i, l_i, acc = _attend(q, k0, v0, k_last, v_last, start, end, last, offs_n, qk_scale,
+                                m_i, l_i, acc, ROPE, DOT_PREC, UPCAST)  # fmt: skip
+        for n0 in range(start + BLOCK_N, end, BLOCK_N):
+            k, v = _load_tile(k_base, v_base, bt_row, n0, end, last, offs_n, offs_d, d_mask,
+                              stride_kb, stride_kt, stride_vb, stride_vt, PAGE_SIZE)
+            m_i, l_i, acc = _attend(q, k, v, k_last, v_last, n0, end, last, offs_n, qk_scale,
+                                    m_i, l_i, acc, ROPE, DOT_PREC, UPCAST)  # fmt: skip
+
+        o = acc * (v_scale / l_i)[:, None]  # l_i > 0: the split holds a token
+        if SPLIT:
+            if used == 1:
+                tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+            else:
+                _merge_splits(o, m_i + tl.log2(l_i), part_out_ptr, part_lse_ptr, arrivals_ptr,
+                              out_ptr + seq * stride_ob + kv_head * GROUP * stride_oh,
+                              stride_oh, seq * num_kv + kv_head,
+                              (seq * num_kv + kv_head) * GROUP, split, used, num_splits,
+                              offs_g, offs_d, g_mask, out_mask, GROUP, MERGE_G, MERGE_S,
+                              HEAD_DIM)  # fmt: skip
+        else:
+            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    elif split == 0:  # an empty (padding) row: zeros, never NaN
+        pdl_wait(PDL)  # the output may have been read by an earlier kernel
+        pdl_release(PDL)
+        tl.store(o_ptrs, tl.zeros([BLOCK_G, BLOCK_D], dtype=out_ptr.dtype.element_ty),
+                 mask=out_mask)
 
 
 @triton.jit
-def _reduce_kernel(
-    part_out_ptr,  # [B, Hq, num_splits, D] fp32
-    part_lse_ptr,  # [B, Hq, num_splits] fp32, base 2
-    out_ptr,  # [B, Hq, D]
-    num_splits,
-    stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # num_splits padded to a power of two
-    PDL: tl.constexpr,
-):  # fmt: skip
-    pdl_enter(PDL)
-    # One program per (sequence, query head): out = Σ_s w_s·o_s / Σ_s w_s, w_s = 2^(lse_s - max).
-    seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    row = seq * tl.num_programs(1) + head
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
-    lse = tl.load(part_lse_ptr + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty: weights 0, output 0
-    w = tl.exp2(lse - m)  # [BLOCK_S]
-    denom = tl.sum(w, axis=0)
-    denom = tl.where(denom > 0, denom, 1.0)
-    p_ptrs = part_out_ptr + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :]
-    filled = s_mask & (lse > float("-inf"))  # empty splits wrote no partial output
-    o = tl.load(p_ptrs, mask=filled[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    out = tl.sum(o * w[:, None], axis=0) / denom  # [BLOCK_D]
-    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d,
-             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)  # fmt: skip
+def _merge_splits(o, lse, part_out_ptr, part_lse_ptr, arrivals_ptr, out_ptr, stride_oh,
+                  group_row, head_row0, split, used, num_splits, offs_g, offs_d, g_mask,
+                  out_mask, GROUP: tl.constexpr, MERGE_G: tl.constexpr, MERGE_S: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):  # fmt: skip
+    """Store this split's partial output and log-sum-exp; the last of the ``used`` splits of
+    the (sequence, KV head) to arrive merges them all: out = Σ_s w_s·o_s / Σ_s w_s with
+    w_s = 2^(lse_s − max). ``out_ptr``: the output row of the group's first query head."""
+    rows = (head_row0 + offs_g) * num_splits + split  # [BLOCK_G]
+    tl.store(part_out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
+    tl.store(part_lse_ptr + rows, lse, mask=g_mask)
+    # bar.sync, then one thread's acq_rel atomic: the program's stores are visible before it
+    # counts as arrived, and the last arriver's loads follow every arrival.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrivals_ptr + group_row, 1, sem="acq_rel")
+    if arrived == used - 1:
+        tl.store(arrivals_ptr + group_row, 0)  # ready for the next launch (graph replays too)
+        # MERGE_S splits of the group's heads per load ([MERGE_G, MERGE_S, D]: at batch 1
+        # every split's partial in one round trip), merged online as flash attention does.
+        mg = tl.arange(0, MERGE_G)
+        ms = tl.arange(0, MERGE_S)
+        d_mask = offs_d < HEAD_DIM
+        first = (head_row0 + mg) * num_splits  # [MERGE_G]
+        m = tl.full([MERGE_G], float("-inf"), dtype=tl.float32)
+        denom = tl.zeros([MERGE_G], dtype=tl.float32)
+        acc = tl.zeros([MERGE_G, offs_d.shape[0]], dtype=tl.float32)
+        for s0 in range(0, used, MERGE_S):
+            srow = first[:, None] + s0 + ms[None, :]  # [MERGE_G, MERGE_S]
+            s_mask = (s0 + ms < used)[None, :]
+            # padded heads read lse 0 (finite weights over zero partials, never stored)
+            lses = tl.load(part_lse_ptr + srow, mask=(mg < GROUP)[:, None] & s_mask,
+                           other=float("-inf"), cache_modifier=".cg")
+            lses = tl.where((mg < GROUP)[:, None], lses, 0.0)
+            parts = tl.load(part_out_ptr + srow[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                            mask=(mg < GROUP)[:, None, None] & s_mask[:, :, None]
+                            & d_mask[None, None, :], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m, tl.max(lses, axis=1))
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(lses - m_new[:, None])  # [MERGE_G, MERGE_S]
+            denom = denom * alpha + tl.sum(w, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(parts * w[:, :, None], axis=1)
+            m = m_new
+        out = acc / denom[:, None]
+        tl.store(out_ptr + mg[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty),
+                 mask=(mg < GROUP)[:, None] & d_mask[None, :])
 
 
 def check_kv_scales(name: str, k_cache: torch.Tensor, hkv: int, k_scale, v_scale) -> bool:
@@ -257,6 +375,34 @@ def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return block_n, 4, 2
 
 
+class NewTokens(NamedTuple):
+    """The step's new token per sequence, for ``paged_attention_decode`` to apply rotary to it
+    (and to q) and write its K/V into the cache in the attention launch itself
+    (``rotary_and_cache`` fused in)."""
+
+    k: torch.Tensor  # [B, Hkv, D], not yet rotated (may be a strided view)
+    v: torch.Tensor  # [B, Hkv, D]
+    positions: torch.Tensor  # [B]
+    cos_sin: torch.Tensor  # [max_pos, D]: cos | sin halves
+    slot_mapping: torch.Tensor  # [B] int64, < 0: not written
+
+
+_ARRIVALS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _arrivals(device: torch.device, n: int) -> torch.Tensor:
+    """Per-device int32 counters, zero between launches (each launch's merging programs reset
+    theirs). Grown outside graph capture only; older buffers stay alive, as captured graphs
+    hold their addresses. Launches on one device must not overlap (one stream, as the engine)."""
+    bufs = _ARRIVALS.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("paged_attention_decode: run the batch size once before "
+                               "capturing it in a CUDA graph")
+        bufs.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
 def paged_attention_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -270,13 +416,17 @@ def paged_attention_decode(
     max_seq_len: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    new: NewTokens | None = None,
 ) -> torch.Tensor:
     """Decode attention: q [B, Hq, D] (one token per sequence, the last of its context).
 
     k_cache, v_cache: [num_blocks, block_size, Hkv, D] (q's dtype, or FP8 with float32
     ``k_scale``/``v_scale`` [Hkv]); block_tables: [B, max_blocks] int32 (padded); seq_lens: [B]
-    int32, context length including the new token (whose K/V must already be in the cache).
-    Returns out [B, Hq, D] in q's dtype.
+    int32, context length including the new token. Returns out [B, Hq, D] in q's dtype.
+
+    ``new``: q and ``new.k`` are not yet rotated; the kernel rotates them as
+    ``fused.rotary_and_cache`` does (q is left as it is) and writes the new K/V into the
+    cache. Without it the new token's K/V must already be in the cache.
 
     ``num_splits``: split-K factor; None picks one with ``choose_num_splits`` from
     ``max_seq_len`` (a host int; default: the block table's capacity, which never syncs).
@@ -291,6 +441,16 @@ def paged_attention_decode(
     if page_size & (page_size - 1):
         raise ValueError(f"decode: block_size must be a power of two, got {page_size}")
     fp8 = check_kv_scales("decode", k_cache, hkv, k_scale, v_scale)
+    if new is not None:
+        if new.k.shape != (b, hkv, d) or new.v.shape != new.k.shape or d % 2 or \
+                new.cos_sin.shape[-1] != d or new.positions.shape != (b,) or \
+                new.slot_mapping.shape != (b,):
+            raise ValueError(f"decode: new tokens k {tuple(new.k.shape)}, v "
+                             f"{tuple(new.v.shape)}, cos_sin {tuple(new.cos_sin.shape)} for "
+                             f"q {tuple(q.shape)}")  # fmt: skip
+        if any(x.stride(-1) != 1 for x in (new.k, new.v, new.cos_sin)):
+            raise ValueError("decode: the last dimension of new k, v, cos_sin must be "
+                             "contiguous")  # fmt: skip
     if out is None:
         out = torch.empty_like(q)
     if b == 0:
@@ -305,28 +465,34 @@ def paged_attention_decode(
     if split:
         part_out = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
+        arrivals = _arrivals(q.device, b * hkv)
     else:
-        part_out = part_lse = out  # unused placeholders
+        part_out = part_lse = arrivals = out  # unused placeholders
     if not fp8:
         k_scale = v_scale = seq_lens  # unread placeholders
+    if new is None:
+        nk = nv = q
+        pos = cos_sin = slots = seq_lens  # unread placeholders
+    else:
+        nk, nv, pos, cos_sin, slots = new
     _decode_kernel[(b, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale, out, part_out, part_lse,
+        arrivals, nk, nv, pos, cos_sin, slots,
         scale * LOG2E, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
+        nk.stride(0), nk.stride(1), nv.stride(0), nv.stride(1), cos_sin.stride(0),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        PAGE_SIZE=page_size, BLOCK_N=block_n, SPLIT=split, FP8_KV=fp8,
+        PAGE_SIZE=page_size, BLOCK_N=block_n, MERGE_G=triton.next_power_of_2(group),
+        MERGE_S=min(8, triton.next_power_of_2(num_splits)),
+        SPLIT=split, FP8_KV=fp8, ROPE=new is not None,
+        HW_CAST=fp8 and new is not None and hw_fp8_cast(q.device),
         **dot_flags(q.dtype, q.device),
-        num_warps=num_warps, num_stages=num_stages, **pdl_args(q.device),
+        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=new is None,
+        **pdl_args(q.device),
     )  # fmt: skip
-    if split:
-        _reduce_kernel[(b, hq)](
-            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4, **pdl_args(q.device),
-        )  # fmt: skip
     return out

@@ -13,6 +13,9 @@ The protocol, in every kernel launched with ``pdl_args``:
   the skinny GEMV: ``launch_dependents``, then loads its first weight tile, then waits, then
       reads x. Weights are never written during a step, so loading them early cannot race; x
       and every store come after the wait.
+  decode attention: loads its first K/V tile (with the lengths and block tables, written
+      before the step's graph starts; the cache of past tokens, written by earlier steps),
+      then waits, then releases, then reads q.
 A kernel past its wait knows its predecessor completed, which had passed its own wait, so all
 earlier kernels are complete too: effects happen in launch order, as without PDL. At most the
 one GEMV after a running small kernel is prefetching: small kernels release their dependents

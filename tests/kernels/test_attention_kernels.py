@@ -16,8 +16,10 @@ import torch
 from kestrel.attention.base import AttentionMetadata, quantize_kv
 from kestrel.attention.torch_ref import TorchAttention, paged_attention_ref
 from kestrel.attention.triton_backend import TritonAttention
+from kestrel.kernels.fused import rotary_and_cache
 from kestrel.kernels.paged_attention import (
     NO_SPLIT_MAX_LEN,
+    NewTokens,
     choose_num_splits,
     paged_attention_decode,
 )
@@ -134,6 +136,12 @@ def test_decode_fp8_cache(dtype: torch.dtype, num_splits: int) -> None:
     check_decode([1, 37, 150], 8, 2, 64, 16, dtype, num_splits, DEV, fp8=True)
 
 
+def test_decode_many_splits_merged_in_chunks() -> None:
+    """More non-empty splits than the merge loads at once (MERGE_S = 8): 21 tiles over 12
+    splits, and 12 single-tile splits."""
+    check_decode([1300, 700, 3], 8, 2, 64, 16, torch.float32, 12, DEV)
+
+
 def test_decode_heuristic_splits() -> None:
     check_decode([300, 5], 8, 2, 64, 16, torch.float32, None, DEV)
 
@@ -182,6 +190,52 @@ def test_decode_empty_splits_leave_partials_unread(monkeypatch) -> None:
 
     monkeypatch.setattr(torch, "empty", empty)
     check_decode([1, 37, 70], 8, 2, 64, 16, torch.float32, 16, DEV)
+
+
+def check_decode_new_tokens(prefix_lens: list[int], dtype: torch.dtype, num_splits: int,
+                            fp8: bool, dev: str, hq: int = 8, hkv: int = 2, d: int = 64) -> None:
+    """``new=``: rotary, the cache write and attention in one launch, against rotary_and_cache
+    then the kernel without it. A row with seq_len 0 and slot -1 (CUDA-graph padding) gets
+    zeros and writes nothing."""
+    b = make_batch([1] * len(prefix_lens), prefix_lens, hq, hkv, d, 16, dtype, dev, fp8=fp8)
+    k = torch.randn(len(prefix_lens), hkv, d, dtype=dtype, device=dev) * 3
+    v = torch.randn_like(k)
+    rope = RotaryEmbedding(d, 4096, 10000.0, None).cos_sin.to(dev)
+    positions = b.meta.seq_lens.long() - 1
+    seq_lens, slots = b.meta.seq_lens.clone(), b.meta.slot_mapping.clone()
+    seq_lens[-1], slots[-1] = 0, -1
+    kc, vc = b.k_cache.clone(), b.v_cache.clone()
+    out = torch.full_like(b.q, NAN)
+    paged_attention_decode(b.q, kc, vc, b.meta.block_tables, seq_lens, d**-0.5, out=out,
+                           num_splits=num_splits, **b.scales,
+                           new=NewTokens(k, v, positions, rope, slots))  # fmt: skip
+    ref_kc, ref_vc = b.k_cache.clone(), b.v_cache.clone()
+    q, k_rot = rotary_and_cache(b.q.clone(), k.clone(), v, positions, rope, ref_kc, ref_vc,
+                                slots, b.k_scale, b.v_scale)  # fmt: skip
+    ref = torch.full_like(b.q, NAN)
+    paged_attention_decode(q, ref_kc, ref_vc, b.meta.block_tables, seq_lens, d**-0.5, out=ref,
+                           num_splits=num_splits, **b.scales)  # fmt: skip
+    assert torch.equal(kc.view(torch.uint8), ref_kc.view(torch.uint8))
+    assert torch.equal(vc.view(torch.uint8), ref_vc.view(torch.uint8))
+    assert (out[-1] == 0).all()
+    assert_close(out, ref.float(), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_decode_new_tokens(dtype: torch.dtype, num_splits: int, fp8: bool) -> None:
+    check_decode_new_tokens([0, 40, 77, 5], dtype, num_splits, fp8, DEV)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 7, 64])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_decode_new_tokens_gpu(dtype: torch.dtype, num_splits: int, fp8: bool) -> None:
+    check_decode_new_tokens([0, 1000, 3, 200, 4000, 63, 9], dtype, num_splits, fp8, "cuda",
+                            32, 8, 128)
 
 
 @pytest.mark.gpu

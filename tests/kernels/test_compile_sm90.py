@@ -124,8 +124,12 @@ def _attention_calls(dt: torch.dtype, fp8: bool, g: torch.Generator) -> None:
                            scales.get("k_scale"), scales.get("v_scale"))
     tables = torch.arange(nb, dtype=torch.int32).view(2, 4)
     lens = torch.tensor([20, 37], dtype=torch.int32)
+    new = paged_attention.NewTokens(k[:2], v[:2], torch.tensor([19, 36]), rope.float(),
+                                    torch.tensor([5, -1]))
     for splits in (1, 3):
         paged_attention.paged_attention_decode(q[:2].contiguous(), kc, vc, tables, lens, 0.1,
+                                               num_splits=splits, max_seq_len=64, **scales)
+        paged_attention.paged_attention_decode(q[:2], kc, vc, tables, lens, 0.1, new=new,
                                                num_splits=splits, max_seq_len=64, **scales)
     qsl = torch.tensor([0, 1, 3], dtype=torch.int32)
     prefill_attention(q.contiguous(), kc, vc, qsl, torch.tensor([5, 9], dtype=torch.int32),
@@ -144,7 +148,7 @@ def test_every_kernel_compiles_for_sm90(monkeypatch) -> None:
             seen.add(key)
             specs.append((fn, sig, consts, opts))
     names = {fn.__name__ for fn, *_ in specs}
-    assert {"_rotary_cache_kernel", "_decode_kernel", "_reduce_kernel", "_prefill_kernel",
+    assert {"_rotary_cache_kernel", "_decode_kernel", "_prefill_kernel",
             "_per_token_quant_kernel", "_skinny_kernel", "_rms_norm_quant_kernel"} <= names
     jobs = [{"module": fn.__module__, "name": fn.__name__, "sig": sig,
              "consts": [[list(k), v] for k, v in consts.items()], "opts": opts}
