@@ -15,7 +15,8 @@ The protocol, in every kernel launched with ``pdl_args``:
       and every store come after the wait.
   decode attention: loads its first K/V tile (with the lengths and block tables, written
       before the step's graph starts; the cache of past tokens, written by earlier steps),
-      then waits, then releases, then reads q.
+      then waits, then releases, then reads q. The TP all-reduce + RMSNorm likewise reads
+      its own call count before it waits.
 A kernel past its wait knows its predecessor completed, which had passed its own wait, so all
 earlier kernels are complete too: effects happen in launch order, as without PDL. At most the
 one GEMV after a running small kernel is prefetching: small kernels release their dependents

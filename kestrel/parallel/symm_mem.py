@@ -29,7 +29,8 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 MAX_BYTES = 1 << 20  # one-shot reads every peer's whole input: best for small tensors
-NORM_PROGRAMS = 16  # programs of the fused all-reduce + RMSNorm, each 2 signal slots per rank
+NORM_BYTES = 4 << 20  # the fused all-reduce + RMSNorm's region, after torch's MAX_BYTES
+NORM_PROGRAMS = 16  # programs of the fused all-reduce + RMSNorm, each W + 1 signal slots
 
 
 class SymmMemAllReduce:
@@ -40,15 +41,17 @@ class SymmMemAllReduce:
 
         self.group_name = group.group_name
         self.dtype = dtype
-        self.buffer = symm_mem.empty(MAX_BYTES // dtype.itemsize, dtype=dtype, device=device)
+        self.buffer = symm_mem.empty((MAX_BYTES + NORM_BYTES) // dtype.itemsize, dtype=dtype,
+                                     device=device)
         handle = symm_mem.rendezvous(self.buffer, self.group_name)
         self._copy_in = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy")
-        # For the fused all-reduce + RMSNorm kernel: every rank's buffer and signal pad, and
-        # signal slots at the top of the pad (torch's kernels use the bottom: block · W + rank).
+        # For the fused all-reduce + RMSNorm kernel: every rank's buffer (its region starts
+        # past torch's) and signal pad, and signal slots at the top of the pad (torch's
+        # kernels use the bottom: block · W + rank).
         self.rank, self.world = handle.rank, handle.world_size
         self.buf_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         self.sig_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
-        self.slot_base = handle.signal_pad_size // 4 // self.world - 2 * NORM_PROGRAMS
+        self.slot_base = handle.signal_pad_size // 4 - NORM_PROGRAMS * (self.world + 1)
         self.fused_norm = False  # set by try_symm_mem_all_reduce once its self-check passed
 
     def fits(self, x: torch.Tensor) -> bool:
@@ -64,7 +67,8 @@ class SymmMemAllReduce:
                 and x.shape[0] <= self._max_rows(x.shape[1]))
 
     def _max_rows(self, hidden: int) -> int:
-        return self.buffer.numel() // (self.world * hidden)
+        """Rows of the fused kernel: its region holds two halves of W slots of rows."""
+        return NORM_BYTES // self.dtype.itemsize // (2 * self.world * hidden)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +76,8 @@ class SymmMemAllReduce:
         from kestrel.kernels.allreduce_norm import allreduce_rms_norm
 
         return allreduce_rms_norm(x, residual, weight, eps, self.buf_ptrs, self.sig_ptrs,
-                                  self.rank, self.world, self._max_rows(x.shape[1]),
-                                  self.slot_base, NORM_PROGRAMS)
+                                  self.rank, self.world, MAX_BYTES // self.dtype.itemsize,
+                                  self._max_rows(x.shape[1]), self.slot_base, NORM_PROGRAMS)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """sum over ranks of ``x`` (a new tensor; ``x`` is left as it was)."""

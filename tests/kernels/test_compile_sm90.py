@@ -187,11 +187,12 @@ for job in json.loads(sys.stdin.read()):
 
 def test_allreduce_norm_kernel_compiles_with_system_scope_signals():
     """The fused TP all-reduce + RMSNorm runs only on several GPUs; here it at least compiles for
-    sm_90, its peer signals system-scope release stores and acquire loads, and its inline-asm
-    labels unique when inlined twice (kernels/allreduce_norm.py)."""
+    sm_90 and its peer signals are system-scope release stores and acquire loads
+    (kernels/allreduce_norm.py)."""
     sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
            "res_out_ptr": "*bf16", "buf_ptrs": "*i64", "sig_ptrs": "*i64", "M": "i32",
-           "H": "i32", "max_rows": "i32", "rank": "i32", "slot_base": "i32", "eps": "fp32",
+           "H": "i32", "max_rows": "i32", "rank": "i32", "buf_offset": "i32", "slot_base": "i32",
+           "eps": "fp32",
            "W": "constexpr", "BLOCK": "constexpr", "PDL": "constexpr"}
     script = f"""
 import triton
@@ -210,6 +211,6 @@ print(c.asm["ptx"])
                           text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ptx = proc.stdout
-    # two barriers, each a release store to the peer and an acquire spin on the own slot
-    assert ptx.count("st.release.sys.global.u32") >= 2
-    assert ptx.count("ld.acquire.sys.global.u32") >= 2
+    # the barrier: a release store to the peer and an acquire spin on the own slot
+    assert ptx.count("st.release.sys.global.u32") >= 1
+    assert ptx.count("ld.acquire.sys.global.u32") >= 1
