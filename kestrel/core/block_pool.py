@@ -17,10 +17,11 @@ import numpy as np
 from kestrel.request import Request
 
 
-def hash_block(parent: bytes | None, tokens: list[int]) -> bytes:
-    """Collision-resistant chain hash: a crafted prompt cannot alias another user's blocks."""
+def hash_block(parent: bytes | None, tokens: bytes) -> bytes:
+    """Collision-resistant chain hash of a block's token ids (int64 bytes): a crafted prompt
+    cannot alias another user's blocks."""
     h = hashlib.blake2b(parent or b"", digest_size=16)
-    h.update(np.asarray(tokens, dtype=np.int64).tobytes())
+    h.update(tokens)
     return h.digest()
 
 
@@ -139,10 +140,12 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(req.request_id, [])
         bs = self.block_size
         first, last = len(hashes), req.num_tokens // bs
-        if last > first:  # one slice, not a call per token: a 4k prompt costs ~1 ms, not 3
-            ids = req.token_ids_slice(first * bs, last * bs)
-            for i in range(0, len(ids), bs):
-                hashes.append(hash_block(hashes[-1] if hashes else None, ids[i: i + bs]))
+        if last > first:  # one conversion to bytes, then a hash per block: a 4k prompt costs
+            # ~0.6 ms (a list slice per block: 1.0; a call per token: 3)
+            ids = np.asarray(req.token_ids_slice(first * bs, last * bs), dtype=np.int64)
+            raw, step = ids.tobytes(), bs * ids.itemsize
+            for i in range(0, len(raw), step):
+                hashes.append(hash_block(hashes[-1] if hashes else None, raw[i: i + step]))
         return hashes
 
     def get_computed_blocks(self, req: Request) -> list[int]:
