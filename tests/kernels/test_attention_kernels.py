@@ -210,8 +210,8 @@ def check_decode_new_tokens(prefix_lens: list[int], dtype: torch.dtype, num_spli
                            num_splits=num_splits, **b.scales,
                            new=NewTokens(k, v, positions, rope, slots))  # fmt: skip
     ref_kc, ref_vc = b.k_cache.clone(), b.v_cache.clone()
-    q, k_rot = rotary_and_cache(b.q.clone(), k.clone(), v, positions, rope, ref_kc, ref_vc,
-                                slots, b.k_scale, b.v_scale)  # fmt: skip
+    q, _ = rotary_and_cache(b.q.clone(), k.clone(), v, positions, rope, ref_kc, ref_vc,
+                            slots, b.k_scale, b.v_scale)  # fmt: skip
     ref = torch.full_like(b.q, NAN)
     paged_attention_decode(q, ref_kc, ref_vc, b.meta.block_tables, seq_lens, d**-0.5, out=ref,
                            num_splits=num_splits, **b.scales)  # fmt: skip
