@@ -116,7 +116,8 @@ def run(variant: str, dry: bool, rep: int) -> None:
             y = fp8_gemm._launch(xq, xs, w, wsc, torch.empty_like(out), cfg, True)
             ref = (xq.float() @ w.float().T) * wsc  # exact products, float32 sums: close only
             err = float((y - ref).abs().max() / ref.abs().max())
-            line = f"{variant:8} {name:8} {cfg!s:90.90}"
+            tag = "tuned" if cfg is cfgs[0] else "grid"
+            line = f"{variant:8} {name:8} {tag:5} {cfg!s:90.90}"
             if dry:
                 torch.save(y, f"/tmp/wcvt_{variant}_{name}_{cfgs.index(cfg)}.pt")
                 print(f"{line} rel.err {err:.2e}", flush=True)
