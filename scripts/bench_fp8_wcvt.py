@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -32,10 +33,20 @@ VARIANTS = ["base", "f16bits", "f32bits"]
 
 
 sys.path.insert(0, str(ROOT))
+import torch
 import triton  # after sys.path, in the variant's own process
 import triton.language as tl
 
+from kestrel.kernels import fp8_gemm
 from kestrel.kernels.fp8_gemm import _load_w, _load_x
+from kestrel.kernels.skinny_config import (
+    SkinnyConfig,
+    default_config,
+    gpu_model,
+    sm_count,
+    split_to_fill,
+)
+from kestrel.quant.fp8_ops import FP8_DTYPE
 
 # set by run() before the first compile: 1 = f16bits, 2 = f32bits
 KIND = tl.constexpr(1)
@@ -72,19 +83,42 @@ def _fma_loop_bits(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N: tl.c
     return tl.sum(acc, axis=1)[:, None] * OUT_MUL
 
 
+def grid(n: int, k: int, dry: bool) -> list[SkinnyConfig]:
+    """The tuned config of (1, n, k) on this GPU first, then FMA tiles with and without
+    broadcast x."""
+    dev = "cpu" if dry else "cuda"
+    sms = sm_count(dev, 0)
+    tiles = [(16, 256, 4), (4, 1024, 2), (8, 512, 4)] if dry else \
+        [(2, 4096, 8), (4, 2048, 4), (8, 1024, 2), (4, 1024, 2), (8, 512, 4), (16, 256, 4),
+         (16, 512, 4), (32, 256, 4)]
+    cfgs = [default_config(1, n, k, sms, gpu=gpu_model(dev, 0))]
+    for bn, bk, nw in tiles:
+        c = SkinnyConfig(bn, bk, split_to_fill(n, k, bn, bk, 4 * sms), False, nw)
+        cfgs += [c, dataclasses.replace(c, broadcast_x=True)]
+    return cfgs
+
+
+def time_us(launch, copies: int, rep: int) -> float:
+    """µs per GEMM: every weight copy once per CUDA-graph replay (as 32 layers stream them)."""
+    import triton.testing
+
+    def all_copies() -> None:
+        for i in range(copies):
+            launch(i)
+
+    all_copies()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(all_copies, rep=rep,
+                                             return_mode="median") * 1e3 / copies
+
+
+def _launch_copy(i: int, ws_all, xq, xs, wsc, out, cfg) -> torch.Tensor:
+    return fp8_gemm._launch(xq, xs, ws_all[i], wsc, out, cfg, True)
+
+
 def run(variant: str, dry: bool, rep: int) -> None:
-    import torch
-
-    from kestrel.kernels import fp8_gemm
-    from kestrel.kernels.skinny_config import (
-        SkinnyConfig,
-        default_config,
-        gpu_model,
-        sm_count,
-        split_to_fill,
-    )
-    from kestrel.quant.fp8_ops import FP8_DTYPE
-
+    """Each shape and config with this variant: its output saved for main's bit check, its
+    time printed (not with --dry-run)."""
     if variant != "base":
         kind = VARIANTS.index(variant)
         globals().update(KIND=tl.constexpr(kind), X_MUL=tl.constexpr(2.0**64 if kind == 2 else 1.0),
@@ -93,10 +127,6 @@ def run(variant: str, dry: bool, rep: int) -> None:
     dev = "cpu" if dry else "cuda"
     shapes = {"gate_up": (64, 512), "down": (32, 1024)} if dry else \
         {"gate_up": (28672, 4096), "down": (4096, 14336)}
-    sms, gpu = sm_count(dev, 0), gpu_model(dev, 0)
-    tiles = [(16, 256, 4), (4, 1024, 2), (8, 512, 4)] if dry else \
-        [(2, 4096, 8), (4, 2048, 4), (8, 1024, 2), (4, 1024, 2), (8, 512, 4), (16, 256, 4),
-         (16, 512, 4), (32, 256, 4)]
     gen = torch.Generator(device=dev).manual_seed(0)
     for name, (n, k) in shapes.items():
         # weights over the whole e4m3 range, subnormals and zeros included
@@ -108,33 +138,17 @@ def run(variant: str, dry: bool, rep: int) -> None:
         xq = (torch.randn(1, k, generator=gen, device=dev) * 64).to(FP8_DTYPE)
         xs = torch.ones(1, device=dev)
         out = torch.empty(1, n, dtype=torch.float32, device=dev)
-        cfgs = [default_config(1, n, k, sms, gpu=gpu)]
-        for bn, bk, nw in tiles:
-            c = SkinnyConfig(bn, bk, split_to_fill(n, k, bn, bk, 4 * sms), False, nw)
-            cfgs += [c, dataclasses.replace(c, broadcast_x=True)]
-        for cfg in cfgs:
+        ref = (xq.float() @ w.float().T) * wsc  # exact products, float32 sums: close only
+        for j, cfg in enumerate(grid(n, k, dry)):
             y = fp8_gemm._launch(xq, xs, w, wsc, torch.empty_like(out), cfg, True)
-            ref = (xq.float() @ w.float().T) * wsc  # exact products, float32 sums: close only
+            torch.save(y.cpu(), f"/tmp/wcvt_{variant}_{name}_{j}.pt")
             err = float((y - ref).abs().max() / ref.abs().max())
-            tag = "tuned" if cfg is cfgs[0] else "grid"
-            line = f"{variant:8} {name:8} {tag:5} {cfg!s:90.90}"
-            if dry:
-                torch.save(y, f"/tmp/wcvt_{variant}_{name}_{cfgs.index(cfg)}.pt")
-                print(f"{line} rel.err {err:.2e}", flush=True)
-                continue
-            import triton.testing
-
-            def all_copies(ws_all=ws_all, xq=xq, xs=xs, wsc=wsc, out=out, cfg=cfg) -> None:
-                for wi in ws_all:
-                    fp8_gemm._launch(xq, xs, wi, wsc, out, cfg, True)
-
-            all_copies()
-            torch.cuda.synchronize()
-            us = triton.testing.do_bench_cudagraph(all_copies, rep=rep,
-                                                   return_mode="median") * 1e3 / copies
-            torch.save(y.cpu(), f"/tmp/wcvt_{variant}_{name}_{cfgs.index(cfg)}.pt")
-            print(f"{line} {us:7.2f} us {n * k / us / 1e3:7.0f} GB/s rel.err {err:.2e}",
-                  flush=True)
+            line = f"{variant:8} {name:8} {'tuned' if j == 0 else 'grid':5} {cfg!s:90.90}"
+            if not dry:
+                us = time_us(functools.partial(_launch_copy, ws_all=ws_all, xq=xq, xs=xs,
+                                               wsc=wsc, out=out, cfg=cfg), copies, rep)
+                line += f" {us:7.2f} us {n * k / us / 1e3:7.0f} GB/s"
+            print(f"{line} rel.err {err:.2e}", flush=True)
 
 
 def main() -> None:
@@ -151,8 +165,6 @@ def main() -> None:
     for v in VARIANTS:  # one process each: a fresh compile of the swapped loop
         subprocess.run([sys.executable, __file__, "--variant", v, "--rep", str(args.rep)]
                        + (["--dry-run"] if args.dry_run else []), env=env, check=False)
-    import torch
-
     for v in VARIANTS[1:]:  # every variant must give the base kernel's bits
         pairs = [(Path("/tmp") / f"wcvt_base_{p.name[len(f'wcvt_{v}_'):]}", p)
                  for p in sorted(Path("/tmp").glob(f"wcvt_{v}_*.pt"))]

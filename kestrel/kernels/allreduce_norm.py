@@ -75,6 +75,21 @@ def _wait(pad, value):
 
 
 @triton.jit
+def _barrier(sig_ptrs, mine_sig, slots, rank, call, W: tl.constexpr):
+    """Write ``call`` into this rank's flag in every peer's pad, then wait until every peer's
+    flag in this rank's pad has reached it."""
+    tl.debug_barrier()  # the whole program's stores precede the signal
+    for r in tl.static_range(W):
+        if r != rank:
+            peer_sig = tl.load(sig_ptrs + r).to(tl.pointer_type(tl.int32))
+            _signal(peer_sig + slots + rank, call)
+    for r in tl.static_range(W):
+        if r != rank:
+            _wait(mine_sig + slots + r, call)
+    tl.debug_barrier()  # the whole program's loads follow the signal
+
+
+@triton.jit
 def _allreduce_rms_norm_kernel(
     x_ptr,  # [M, H] this rank's partial sums
     res_ptr,  # [M, H] residual in
@@ -112,15 +127,7 @@ def _allreduce_rms_norm_kernel(
             if r != rank:
                 peer = tl.load(buf_ptrs + r).to(tl.pointer_type(dt))
                 tl.store(peer + half + (rank * max_rows + row) * H + offs, v, mask=mask)
-    tl.debug_barrier()  # 2. the whole program's stores precede the signal
-    for r in tl.static_range(W):
-        if r != rank:
-            peer_sig = tl.load(sig_ptrs + r).to(tl.pointer_type(tl.int32))
-            _signal(peer_sig + slots + rank, call)
-    for r in tl.static_range(W):
-        if r != rank:
-            _wait(mine_sig + slots + r, call)
-    tl.debug_barrier()  # the whole program's loads follow the signal
+    _barrier(sig_ptrs, mine_sig, slots, rank, call, W)  # 2.
     mine = tl.load(buf_ptrs + rank).to(tl.pointer_type(dt))
     for row in range(pid, M, progs):  # 3.
         acc = tl.zeros([BLOCK], dtype=tl.float32)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kestrel.kernels.fp8_quant import hw_fp8_cast, quantize_e4m3
-from kestrel.kernels.paged_attention import check_kv_scales
+from kestrel.kernels.paged_attention import check_kv_scales, rotate_halves
 from kestrel.kernels.pdl import pdl_args, pdl_enter
 
 
@@ -171,12 +171,10 @@ def _rotate_heads(
     offs_d = tl.arange(0, BLOCK_HALF)
     mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HALF)
     p1 = x_ptr + offs_h[:, None] * stride_h + offs_d[None, :]  # [BLOCK_H, BLOCK_HALF]
-    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    o1 = x1 * cos[None, :] - x2 * sin[None, :]
-    o2 = x2 * cos[None, :] + x1 * sin[None, :]
-    o1 = o1.to(x_ptr.dtype.element_ty)
-    o2 = o2.to(x_ptr.dtype.element_ty)
+    x1 = tl.load(p1, mask=mask, other=0.0)
+    x2 = tl.load(p1 + HALF, mask=mask, other=0.0)
+    o1 = rotate_halves(x1, x2, cos[None, :], sin[None, :], True).to(x_ptr.dtype.element_ty)
+    o2 = rotate_halves(x2, x1, cos[None, :], sin[None, :], False).to(x_ptr.dtype.element_ty)
     tl.store(p1, o1, mask=mask)
     tl.store(p1 + HALF, o2, mask=mask)
     return o1, o2

@@ -13,8 +13,8 @@ programs to keep every SM's loads in flight:
 * Flash-decoding (split-K). With few sequences (batch 1..16 × 8 KV heads: too few programs
   to keep 132 SMs loading) the context of each (sequence, KV head) is cut into ``num_splits``
   chunks handled by separate programs that write a partial output and its log-sum-exp; the
-  last of them to finish (an atomic arrival count per sequence and KV head) merges them, so
-  no second kernel is launched (short contexts, up to ``NO_SPLIT_MAX_LEN``, are not split).
+  last of them to finish merges them (``split_merge``: an atomic arrival count per sequence
+  and KV head), so no second kernel is launched (short contexts, up to ``NO_SPLIT_MAX_LEN``, are not split).
   The chunk length is computed in the kernel from the sequence's own length, so a launch
   with a fixed ``num_splits`` (as captured in a CUDA graph) is right for any context length.
 * The step's new token (``NewTokens``): the kernel applies rotary to q and to the new K and
@@ -37,6 +37,7 @@ import triton.language as tl
 
 from kestrel.kernels.fp8_quant import hw_fp8_cast, quantize_e4m3
 from kestrel.kernels.pdl import pdl_args, pdl_release, pdl_wait
+from kestrel.kernels.split_merge import arrival_counters, merge_splits
 from kestrel.quant.fp8_ops import FP8_DTYPE
 
 LOG2E = 1.4426950408889634
@@ -66,10 +67,12 @@ def dot_flags(dtype: torch.dtype, device: torch.device) -> dict[str, object]:
 
 
 @triton.jit
-def _rotate(x, x_partner, cos, sin, d_low):
-    """Neox half-split rotary on a [..., BLOCK_D] tile given each element's partner (the other
-    half's element of the same index): x1·cos − x2·sin | x2·cos + x1·sin, in float32 and with
-    the reference's rounding points (the kernel is compiled without FMA contraction)."""
+def rotate_halves(x, x_partner, cos, sin, d_low):
+    """Neox half-split rotary, given each element's partner (the other half's element of the
+    same index; ``d_low``: the element is in the first half): x1·cos − x2·sin | x2·cos +
+    x1·sin, in float32 with the reference's rounding points (kernels using it are compiled
+    without FMA contraction). Shared by ``fused.rotary_and_cache`` (on halves) and decode
+    attention (on whole heads)."""
     xf = x.to(tl.float32)
     pf = x_partner.to(tl.float32)
     return tl.where(d_low, xf * cos - pf * sin, xf * cos + pf * sin)
@@ -112,6 +115,34 @@ def _attend(q, k, v, k_last, v_last, n0, end, last, offs_n, qk_scale, m_i, l_i, 
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PREC, UPCAST)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _new_token(q, q_ptrs, q_mask, partner, cos, sin, d_low, k_row, v_row, offs_d, d_mask,
+               k_dst, v_dst, write, k_scale_ptr, v_scale_ptr, FP8_KV: tl.constexpr,
+               HW_CAST: tl.constexpr):
+    """Rotary on q and on the new token's K (rotary_and_cache's math); its K/V stored at
+    ``k_dst``/``v_dst`` when ``write`` (the split that holds the last token: no program of the
+    launch reads that slot). Returns q rotated and the new K/V as the cache holds them, in q's
+    dtype, for that split to attend to from registers."""
+    q_p = tl.load(q_ptrs + partner[None, :], mask=q_mask, other=0.0)
+    q = rotate_halves(q, q_p, cos[None, :], sin[None, :], d_low[None, :]).to(q.dtype)
+    k = tl.load(k_row + offs_d, mask=d_mask, other=0.0)
+    k_p = tl.load(k_row + partner, mask=d_mask, other=0.0)
+    k = rotate_halves(k, k_p, cos, sin, d_low).to(k_row.dtype.element_ty)
+    v = tl.load(v_row + offs_d, mask=d_mask, other=0.0)
+    if FP8_KV:  # the cache holds e4m3 codes of x / scale[head]
+        kq = quantize_e4m3(k.to(tl.float32), tl.load(k_scale_ptr), HW_CAST).to(
+            tl.float8e4nv, bitcast=True)
+        vq = quantize_e4m3(v.to(tl.float32), tl.load(v_scale_ptr), HW_CAST).to(
+            tl.float8e4nv, bitcast=True)
+    else:
+        kq = k.to(k_dst.dtype.element_ty)
+        vq = v.to(v_dst.dtype.element_ty)
+    if write:
+        tl.store(k_dst + offs_d, kq, mask=d_mask)
+        tl.store(v_dst + offs_d, vq, mask=d_mask)
+    return q, kq.to(q.dtype), vq.to(q.dtype)
 
 
 @triton.jit
@@ -215,34 +246,16 @@ def _decode_kernel(
         k_last = 0.0
         v_last = 0.0
         if ROPE:
-            # Rotary on q and on the new token's K (rotary_and_cache's math); the split that
-            # holds the last token writes the new K/V into the cache (no program of this
-            # launch reads that slot) and attends to them from registers.
-            q_p = tl.load(q_ptrs + partner[None, :], mask=out_mask, other=0.0)
-            q = _rotate(q, q_p, cos[None, :], sin[None, :], d_low[None, :]).to(q.dtype)
-            k_row = new_k_ptr + seq * stride_nkb + kv_head * stride_nkh
-            k_new = tl.load(k_row + offs_d, mask=d_mask, other=0.0)
-            k_new_p = tl.load(k_row + partner, mask=d_mask, other=0.0)
-            k_new = _rotate(k_new, k_new_p, cos, sin, d_low).to(new_k_ptr.dtype.element_ty)
-            v_new = tl.load(new_v_ptr + seq * stride_nvb + kv_head * stride_nvh + offs_d,
-                            mask=d_mask, other=0.0)
-            if FP8_KV:  # the cache holds e4m3 codes of x / scale[head]
-                kq = quantize_e4m3(k_new.to(tl.float32), tl.load(k_scale_ptr + kv_head),
-                                   HW_CAST).to(tl.float8e4nv, bitcast=True)
-                vq = quantize_e4m3(v_new.to(tl.float32), tl.load(v_scale_ptr + kv_head),
-                                   HW_CAST).to(tl.float8e4nv, bitcast=True)
-            else:
-                kq = k_new.to(k_cache_ptr.dtype.element_ty)
-                vq = v_new.to(v_cache_ptr.dtype.element_ty)
-            if (split == used - 1) & (slot >= 0):
-                page = slot // PAGE_SIZE
-                in_page = slot % PAGE_SIZE
-                tl.store(k_cache_ptr + page * stride_kb + in_page * stride_kt
-                         + kv_head * stride_kh + offs_d, kq, mask=d_mask)
-                tl.store(v_cache_ptr + page * stride_vb + in_page * stride_vt
-                         + kv_head * stride_vh + offs_d, vq, mask=d_mask)
-            k_last = kq.to(q.dtype)
-            v_last = vq.to(q.dtype)
+            page = slot // PAGE_SIZE
+            in_page = slot % PAGE_SIZE
+            q, k_last, v_last = _new_token(
+                q, q_ptrs, out_mask, partner, cos, sin, d_low,
+                new_k_ptr + seq * stride_nkb + kv_head * stride_nkh,
+                new_v_ptr + seq * stride_nvb + kv_head * stride_nvh, offs_d, d_mask,
+                k_cache_ptr + page * stride_kb + in_page * stride_kt + kv_head * stride_kh,
+                v_cache_ptr + page * stride_vb + in_page * stride_vt + kv_head * stride_vh,
+                (split == used - 1) & (slot >= 0), k_scale_ptr + kv_head, v_scale_ptr + kv_head,
+                FP8_KV, HW_CAST)  # fmt: skip
 
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)  # running max (base 2)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp2
@@ -260,7 +273,7 @@ def _decode_kernel(
             if used == 1:
                 tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=out_mask)
             else:
-                _merge_splits(o, m_i + tl.log2(l_i), part_out_ptr, part_lse_ptr, arrivals_ptr,
+                merge_splits(o, m_i + tl.log2(l_i), part_out_ptr, part_lse_ptr, arrivals_ptr,
                               out_ptr + seq * stride_ob + kv_head * GROUP * stride_oh,
                               stride_oh, seq * num_kv + kv_head,
                               (seq * num_kv + kv_head) * GROUP, split, used, num_splits,
@@ -273,54 +286,6 @@ def _decode_kernel(
         pdl_release(PDL)
         tl.store(o_ptrs, tl.zeros([BLOCK_G, BLOCK_D], dtype=out_ptr.dtype.element_ty),
                  mask=out_mask)
-
-
-@triton.jit
-def _merge_splits(o, lse, part_out_ptr, part_lse_ptr, arrivals_ptr, out_ptr, stride_oh,
-                  group_row, head_row0, split, used, num_splits, offs_g, offs_d, g_mask,
-                  out_mask, GROUP: tl.constexpr, MERGE_G: tl.constexpr, MERGE_S: tl.constexpr,
-                  HEAD_DIM: tl.constexpr):  # fmt: skip
-    """Store this split's partial output and log-sum-exp; the last of the ``used`` splits of
-    the (sequence, KV head) to arrive merges them all: out = Σ_s w_s·o_s / Σ_s w_s with
-    w_s = 2^(lse_s − max). ``out_ptr``: the output row of the group's first query head."""
-    rows = (head_row0 + offs_g) * num_splits + split  # [BLOCK_G]
-    tl.store(part_out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
-    tl.store(part_lse_ptr + rows, lse, mask=g_mask)
-    # bar.sync, then one thread's acq_rel atomic: the program's stores are visible before it
-    # counts as arrived, and the last arriver's loads follow every arrival.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(arrivals_ptr + group_row, 1, sem="acq_rel")
-    if arrived == used - 1:
-        tl.store(arrivals_ptr + group_row, 0)  # ready for the next launch (graph replays too)
-        # MERGE_S splits of the group's heads per load ([MERGE_G, MERGE_S, D]: at batch 1
-        # every split's partial in one round trip), merged online as flash attention does.
-        mg = tl.arange(0, MERGE_G)
-        ms = tl.arange(0, MERGE_S)
-        d_mask = offs_d < HEAD_DIM
-        first = (head_row0 + mg) * num_splits  # [MERGE_G]
-        m = tl.full([MERGE_G], float("-inf"), dtype=tl.float32)
-        denom = tl.zeros([MERGE_G], dtype=tl.float32)
-        acc = tl.zeros([MERGE_G, offs_d.shape[0]], dtype=tl.float32)
-        for s0 in range(0, used, MERGE_S):
-            srow = first[:, None] + s0 + ms[None, :]  # [MERGE_G, MERGE_S]
-            s_mask = (s0 + ms < used)[None, :]
-            # padded heads read lse 0 (finite weights over zero partials, never stored)
-            lses = tl.load(part_lse_ptr + srow, mask=(mg < GROUP)[:, None] & s_mask,
-                           other=float("-inf"), cache_modifier=".cg")
-            lses = tl.where((mg < GROUP)[:, None], lses, 0.0)
-            parts = tl.load(part_out_ptr + srow[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-                            mask=(mg < GROUP)[:, None, None] & s_mask[:, :, None]
-                            & d_mask[None, None, :], other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m, tl.max(lses, axis=1))
-            alpha = tl.exp2(m - m_new)
-            w = tl.exp2(lses - m_new[:, None])  # [MERGE_G, MERGE_S]
-            denom = denom * alpha + tl.sum(w, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(parts * w[:, :, None], axis=1)
-            m = m_new
-        out = acc / denom[:, None]
-        tl.store(out_ptr + mg[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty),
-                 mask=(mg < GROUP)[:, None] & d_mask[None, :])
 
 
 def check_kv_scales(name: str, k_cache: torch.Tensor, hkv: int, k_scale, v_scale) -> bool:
@@ -387,20 +352,17 @@ class NewTokens(NamedTuple):
     slot_mapping: torch.Tensor  # [B] int64, < 0: not written
 
 
-_ARRIVALS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _arrivals(device: torch.device, n: int) -> torch.Tensor:
-    """Per-device int32 counters, zero between launches (each launch's merging programs reset
-    theirs). Grown outside graph capture only; older buffers stay alive, as captured graphs
-    hold their addresses. Launches on one device must not overlap (one stream, as the engine)."""
-    bufs = _ARRIVALS.setdefault(device, [])
-    if not bufs or bufs[-1].numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("paged_attention_decode: run the batch size once before "
-                               "capturing it in a CUDA graph")
-        bufs.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
-    return bufs[-1]
+def _check_new_tokens(new: NewTokens, q: torch.Tensor, hkv: int) -> None:
+    b, _, d = q.shape
+    if new.k.shape != (b, hkv, d) or new.v.shape != new.k.shape or d % 2 or \
+            new.cos_sin.shape[-1] != d or new.positions.shape != (b,) or \
+            new.slot_mapping.shape != (b,):
+        raise ValueError(f"decode: new tokens k {tuple(new.k.shape)}, v {tuple(new.v.shape)}, "
+                         f"positions {tuple(new.positions.shape)}, slots "
+                         f"{tuple(new.slot_mapping.shape)}, cos_sin {tuple(new.cos_sin.shape)} "
+                         f"for q {tuple(q.shape)}")  # fmt: skip
+    if any(x.stride(-1) != 1 for x in (new.k, new.v, new.cos_sin)):
+        raise ValueError("decode: the last dimension of new k, v, cos_sin must be contiguous")
 
 
 def paged_attention_decode(
@@ -442,15 +404,7 @@ def paged_attention_decode(
         raise ValueError(f"decode: block_size must be a power of two, got {page_size}")
     fp8 = check_kv_scales("decode", k_cache, hkv, k_scale, v_scale)
     if new is not None:
-        if new.k.shape != (b, hkv, d) or new.v.shape != new.k.shape or d % 2 or \
-                new.cos_sin.shape[-1] != d or new.positions.shape != (b,) or \
-                new.slot_mapping.shape != (b,):
-            raise ValueError(f"decode: new tokens k {tuple(new.k.shape)}, v "
-                             f"{tuple(new.v.shape)}, cos_sin {tuple(new.cos_sin.shape)} for "
-                             f"q {tuple(q.shape)}")  # fmt: skip
-        if any(x.stride(-1) != 1 for x in (new.k, new.v, new.cos_sin)):
-            raise ValueError("decode: the last dimension of new k, v, cos_sin must be "
-                             "contiguous")  # fmt: skip
+        _check_new_tokens(new, q, hkv)
     if out is None:
         out = torch.empty_like(q)
     if b == 0:
@@ -465,7 +419,7 @@ def paged_attention_decode(
     if split:
         part_out = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
-        arrivals = _arrivals(q.device, b * hkv)
+        arrivals = arrival_counters(q.device, b * hkv)
     else:
         part_out = part_lse = arrivals = out  # unused placeholders
     if not fp8:

@@ -1,21 +1,15 @@
-"""Parity of the Triton attention kernels and backend with ``paged_attention_ref``.
+"""Parity of the Triton attention kernels (decode, prefill) with ``paged_attention_ref``.
 
-Every case draws a fresh random paged cache (blocks assigned in shuffled order, block tables
-padded with extra columns), poisons the output with NaN, and compares with the reference run
-in float32 on the same (rounded) inputs, so the tolerance measures the kernel's own error.
-Small shapes run everywhere (CPU: Triton interpreter); the ``gpu`` cases use model shapes.
+Each case poisons the output with NaN and compares with the float32 reference on the same
+random paged batch (tests/kernels/attention_cases.py). Small shapes run everywhere (CPU:
+Triton interpreter); the ``gpu`` cases use model shapes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
-from kestrel.attention.base import AttentionMetadata, quantize_kv
-from kestrel.attention.torch_ref import TorchAttention, paged_attention_ref
-from kestrel.attention.triton_backend import TritonAttention
 from kestrel.kernels.fused import rotary_and_cache
 from kestrel.kernels.paged_attention import (
     NO_SPLIT_MAX_LEN,
@@ -25,79 +19,15 @@ from kestrel.kernels.paged_attention import (
 )
 from kestrel.kernels.prefill_attention import prefill_attention
 from kestrel.layers.rotary import RotaryEmbedding
-
-HAS_CUDA = torch.cuda.is_available()
-DEV = "cuda" if HAS_CUDA else "cpu"
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (rtol, atol) on outputs of magnitude ~0.1..1: fp32 near exact; 16-bit from rounding P and V.
-TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (2e-2, 2e-2)}
-NAN = float("nan")
-
-
-@dataclass
-class Batch:
-    q: torch.Tensor  # [T, Hq, D]
-    k_cache: torch.Tensor  # [num_blocks, bs, Hkv, D], every block random
-    v_cache: torch.Tensor
-    meta: AttentionMetadata
-    k_scale: torch.Tensor | None = None  # [Hkv] float32: the caches are FP8
-    v_scale: torch.Tensor | None = None
-
-    @property
-    def scales(self) -> dict[str, torch.Tensor | None]:
-        return {"k_scale": self.k_scale, "v_scale": self.v_scale}
-
-
-def make_batch(
-    q_lens: list[int], prefix_lens: list[int], hq: int, hkv: int, d: int, bs: int,
-    dtype: torch.dtype, dev: str, pad_cols: int = 2, fp8: bool = False,
-) -> Batch:  # fmt: skip
-    """Random queries and paged cache for sequences of q_lens new tokens after prefix_lens
-    (``fp8``: the cache quantized with random per-KV-head scales)."""
-    seq_lens = [p + q for p, q in zip(prefix_lens, q_lens)]
-    nblk = [-(-s // bs) for s in seq_lens]
-    num_blocks = sum(nblk) + 3  # spare blocks hold random garbage that must not be read
-    perm = torch.randperm(num_blocks).tolist()
-    tables = torch.zeros(len(q_lens), max(nblk) + pad_cols, dtype=torch.int32)
-    slots, used = [], 0
-    for i, (n, s, ql) in enumerate(zip(nblk, seq_lens, q_lens)):
-        tables[i, :n] = torch.tensor(perm[used : used + n], dtype=torch.int32)
-        used += n
-        slots += [int(tables[i, p // bs]) * bs + p % bs for p in range(s - ql, s)]
-    t = sum(q_lens)
-    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-        query_start_loc=qsl.to(dev),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-        block_tables=tables.to(dev),
-        max_query_len=max(q_lens),
-        max_seq_len=max(seq_lens),
-        seq_lens_cpu=seq_lens,
-        query_lens_cpu=list(q_lens),
-    )
-    q = torch.randn(t, hq, d, dtype=dtype, device=dev)
-    k_cache = torch.randn(num_blocks, bs, hkv, d, dtype=dtype, device=dev)
-    v_cache = torch.randn(num_blocks, bs, hkv, d, dtype=dtype, device=dev)
-    if not fp8:
-        return Batch(q, k_cache, v_cache, meta)
-    ks, vs = (0.004 + 0.01 * torch.rand(hkv, device=dev) for _ in range(2))
-    return Batch(q, quantize_kv(k_cache, ks), quantize_kv(v_cache, vs), meta, ks, vs)
-
-
-def reference(b: Batch, scale: float) -> torch.Tensor:
-    if b.k_scale is not None:  # dequantized in float32 by the reference
-        return paged_attention_ref(b.q.float(), b.k_cache, b.v_cache, b.meta, scale, **b.scales)
-    return paged_attention_ref(b.q.float(), b.k_cache.float(), b.v_cache.float(), b.meta, scale)
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    assert out.dtype == dtype
-    assert not out.isnan().any(), "unwritten (NaN-poisoned) or NaN elements in the output"
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=atol)
-
+from tests.kernels.attention_cases import (
+    DEV,
+    DTYPES,
+    NAN,
+    assert_close,
+    gpu,
+    make_batch,
+    reference,
+)
 
 # ----------------------------------------------------------------------------- decode
 
@@ -228,6 +158,23 @@ def test_decode_new_tokens(dtype: torch.dtype, num_splits: int, fp8: bool) -> No
     check_decode_new_tokens([0, 40, 77, 5], dtype, num_splits, fp8, DEV)
 
 
+def test_decode_new_tokens_refuse_bad_shapes() -> None:
+    b = make_batch([1, 1], [3, 9], 8, 2, 64, 16, torch.float32, DEV)
+    k = torch.randn(2, 2, 64, device=DEV)
+    rope = RotaryEmbedding(64, 64, 10000.0, None).cos_sin.to(DEV)
+    pos, slots = b.meta.seq_lens.long() - 1, b.meta.slot_mapping
+    bad = [NewTokens(k[:1], k[:1], pos, rope, slots),  # one sequence short
+           NewTokens(k, k, pos[:1], rope, slots),  # positions short
+           NewTokens(k, k, pos, rope[:, :32], slots),  # table of another head size
+           NewTokens(k.transpose(1, 2).contiguous().transpose(1, 2), k, pos, rope, slots)]
+    kc = b.k_cache.clone()
+    for new in bad:
+        with pytest.raises(ValueError, match="decode: "):
+            paged_attention_decode(b.q, kc, b.v_cache, b.meta.block_tables, b.meta.seq_lens,
+                                   0.125, new=new)
+    assert torch.equal(kc, b.k_cache)  # refused before anything was written
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -336,89 +283,3 @@ def test_fp8_cache_gpu(num_splits) -> None:
     check_decode(lens, 32, 8, 128, 16, torch.bfloat16, num_splits, "cuda", fp8=True)
     check_prefill([1000, 333, 1, 129], [0, 700, 2000, 63], 32, 8, 128, 16, torch.bfloat16,
                   "cuda", fp8=True)
-
-
-# ----------------------------------------------------------------------------- backend
-
-
-def check_backend(q_lens: list[int], prefix_lens: list[int], dtype: torch.dtype, dev: str) -> None:
-    """Triton backend (rotary + cache write + attention) against the torch one: attention in
-    float32 on the same inputs; the cache written by the reference at the same dtype."""
-    hq, hkv, d, bs = 8, 2, 64, 16
-    b = make_batch(q_lens, prefix_lens, hq, hkv, d, bs, dtype, dev)
-    t = b.q.shape[0]
-    k = torch.randn(t, hkv, d, dtype=dtype, device=dev)
-    v = torch.randn_like(k)
-    positions = [torch.arange(s - n, s) for n, s in zip(q_lens, b.meta.seq_lens_cpu)]
-    rope = {"positions": torch.cat(positions).to(dev),
-            "cos_sin": RotaryEmbedding(d, 4096, 10000.0, None).cos_sin.to(dev)}  # fmt: skip
-    ref_backend = TorchAttention(hq, hkv, d, d**-0.5)
-    backend = TritonAttention(hq, hkv, d, d**-0.5)
-    kc, vc = b.k_cache.clone(), b.v_cache.clone()
-    out = backend.forward(b.q.clone(), k.clone(), v, kc, vc, b.meta, **rope)  # rotates in place
-    ref = ref_backend.forward(b.q.float(), k.float(), v.float(), b.k_cache.float(),
-                              b.v_cache.float(), b.meta, **rope)  # fmt: skip
-    ref_kc, ref_vc = b.k_cache.clone(), b.v_cache.clone()
-    ref_backend.forward(b.q, k, v, ref_kc, ref_vc, b.meta, **rope)
-    # Rotated K is bit-exact, except bf16 under the interpreter (it truncates, torch rounds).
-    exact = dev == "cuda" or dtype != torch.bfloat16
-    torch.testing.assert_close(kc, ref_kc, rtol=0 if exact else 2**-7, atol=0 if exact else 1e-6)
-    torch.testing.assert_close(vc, ref_vc, rtol=0, atol=0)  # a copy
-    assert_close(out, ref, dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backend_mixed(dtype: torch.dtype) -> None:
-    check_backend([20, 1, 6], [0, 30, 17], dtype, DEV)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backend_fresh_prompts_through_sdpa(dtype: torch.dtype, monkeypatch) -> None:
-    """Whole fresh prompts take torch SDPA (threshold lowered so small shapes reach it)."""
-    used = []
-    real = TritonAttention._sdpa
-    monkeypatch.setattr(TritonAttention, "_sdpa",
-                        lambda self, *a: used.append(a[-1]) or real(self, *a))
-    monkeypatch.setattr("kestrel.attention.triton_backend.SDPA_MIN_TOKENS", 8)
-    check_backend([40, 9, 23], [0, 0, 0], dtype, DEV)
-    assert used == [[40, 9, 23]]
-    check_backend([40, 9], [0, 5], dtype, DEV)  # a cached prefix: the paged kernel
-    assert len(used) == 1
-
-
-@pytest.mark.parametrize("q_lens,prefix_lens", [([20, 1, 6], [0, 30, 17]), ([1, 1], [0, 40])])
-def test_backend_fp8_cache(q_lens, prefix_lens) -> None:
-    """FP8 cache: the Triton backend writes the torch backend's codes and attends as it does."""
-    hq, hkv, d = 8, 2, 64
-    b = make_batch(q_lens, prefix_lens, hq, hkv, d, 16, torch.float32, DEV, fp8=True)
-    k = torch.randn(b.q.shape[0], hkv, d, device=DEV) * 3
-    v = torch.randn_like(k)
-    positions = [torch.arange(s - n, s) for n, s in zip(q_lens, b.meta.seq_lens_cpu)]
-    rope = {"positions": torch.cat(positions).to(DEV),
-            "cos_sin": RotaryEmbedding(d, 4096, 10000.0, None).cos_sin.to(DEV)}  # fmt: skip
-    outs, caches = [], []
-    for cls in (TorchAttention, TritonAttention):
-        backend = cls(hq, hkv, d, d**-0.5)
-        backend.k_scale, backend.v_scale = b.k_scale, b.v_scale
-        kc, vc = b.k_cache.clone(), b.v_cache.clone()
-        outs.append(backend.forward(b.q.clone(), k.clone(), v, kc, vc, b.meta, **rope))
-        caches.append((kc, vc))
-    for got, want in zip(caches[1], caches[0]):
-        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
-    assert_close(outs[1], outs[0].float(), torch.float32)
-    with pytest.raises(RuntimeError, match="calibrated scales"):
-        TorchAttention(hq, hkv, d, 0.125).forward(b.q, k, v, b.k_cache, b.v_cache, b.meta,
-                                                  **rope)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backend_decode(dtype: torch.dtype) -> None:
-    check_backend([1, 1, 1], [0, 40, 77], dtype, DEV)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_backend_gpu(dtype: torch.dtype) -> None:
-    check_backend([500, 1, 1, 77], [0, 1000, 3, 200], dtype, "cuda")
-    check_backend([1] * 33, list(range(0, 3300, 100)), dtype, "cuda")

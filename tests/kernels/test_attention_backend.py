@@ -1,0 +1,99 @@
+"""The Triton attention backend (rotary + cache write + attention) against the torch one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kestrel.attention.torch_ref import TorchAttention
+from kestrel.attention.triton_backend import TritonAttention
+from kestrel.layers.rotary import RotaryEmbedding
+from tests.kernels.attention_cases import (
+    DEV,
+    assert_close,
+    gpu,
+    make_batch,
+)
+
+
+def check_backend(q_lens: list[int], prefix_lens: list[int], dtype: torch.dtype, dev: str) -> None:
+    """Triton backend (rotary + cache write + attention) against the torch one: attention in
+    float32 on the same inputs; the cache written by the reference at the same dtype."""
+    hq, hkv, d, bs = 8, 2, 64, 16
+    b = make_batch(q_lens, prefix_lens, hq, hkv, d, bs, dtype, dev)
+    t = b.q.shape[0]
+    k = torch.randn(t, hkv, d, dtype=dtype, device=dev)
+    v = torch.randn_like(k)
+    positions = [torch.arange(s - n, s) for n, s in zip(q_lens, b.meta.seq_lens_cpu)]
+    rope = {"positions": torch.cat(positions).to(dev),
+            "cos_sin": RotaryEmbedding(d, 4096, 10000.0, None).cos_sin.to(dev)}  # fmt: skip
+    ref_backend = TorchAttention(hq, hkv, d, d**-0.5)
+    backend = TritonAttention(hq, hkv, d, d**-0.5)
+    kc, vc = b.k_cache.clone(), b.v_cache.clone()
+    out = backend.forward(b.q.clone(), k.clone(), v, kc, vc, b.meta, **rope)  # rotates in place
+    ref = ref_backend.forward(b.q.float(), k.float(), v.float(), b.k_cache.float(),
+                              b.v_cache.float(), b.meta, **rope)  # fmt: skip
+    ref_kc, ref_vc = b.k_cache.clone(), b.v_cache.clone()
+    ref_backend.forward(b.q, k, v, ref_kc, ref_vc, b.meta, **rope)
+    # Rotated K is bit-exact, except bf16 under the interpreter (it truncates, torch rounds).
+    exact = dev == "cuda" or dtype != torch.bfloat16
+    torch.testing.assert_close(kc, ref_kc, rtol=0 if exact else 2**-7, atol=0 if exact else 1e-6)
+    torch.testing.assert_close(vc, ref_vc, rtol=0, atol=0)  # a copy
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_mixed(dtype: torch.dtype) -> None:
+    check_backend([20, 1, 6], [0, 30, 17], dtype, DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_fresh_prompts_through_sdpa(dtype: torch.dtype, monkeypatch) -> None:
+    """Whole fresh prompts take torch SDPA (threshold lowered so small shapes reach it)."""
+    used = []
+    real = TritonAttention._sdpa
+    monkeypatch.setattr(TritonAttention, "_sdpa",
+                        lambda self, *a: used.append(a[-1]) or real(self, *a))
+    monkeypatch.setattr("kestrel.attention.triton_backend.SDPA_MIN_TOKENS", 8)
+    check_backend([40, 9, 23], [0, 0, 0], dtype, DEV)
+    assert used == [[40, 9, 23]]
+    check_backend([40, 9], [0, 5], dtype, DEV)  # a cached prefix: the paged kernel
+    assert len(used) == 1
+
+
+@pytest.mark.parametrize("q_lens,prefix_lens", [([20, 1, 6], [0, 30, 17]), ([1, 1], [0, 40])])
+def test_backend_fp8_cache(q_lens, prefix_lens) -> None:
+    """FP8 cache: the Triton backend writes the torch backend's codes and attends as it does."""
+    hq, hkv, d = 8, 2, 64
+    b = make_batch(q_lens, prefix_lens, hq, hkv, d, 16, torch.float32, DEV, fp8=True)
+    k = torch.randn(b.q.shape[0], hkv, d, device=DEV) * 3
+    v = torch.randn_like(k)
+    positions = [torch.arange(s - n, s) for n, s in zip(q_lens, b.meta.seq_lens_cpu)]
+    rope = {"positions": torch.cat(positions).to(DEV),
+            "cos_sin": RotaryEmbedding(d, 4096, 10000.0, None).cos_sin.to(DEV)}  # fmt: skip
+    outs, caches = [], []
+    for cls in (TorchAttention, TritonAttention):
+        backend = cls(hq, hkv, d, d**-0.5)
+        backend.k_scale, backend.v_scale = b.k_scale, b.v_scale
+        kc, vc = b.k_cache.clone(), b.v_cache.clone()
+        outs.append(backend.forward(b.q.clone(), k.clone(), v, kc, vc, b.meta, **rope))
+        caches.append((kc, vc))
+    for got, want in zip(caches[1], caches[0]):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert_close(outs[1], outs[0].float(), torch.float32)
+    with pytest.raises(RuntimeError, match="calibrated scales"):
+        TorchAttention(hq, hkv, d, 0.125).forward(b.q, k, v, b.k_cache, b.v_cache, b.meta,
+                                                  **rope)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_decode(dtype: torch.dtype) -> None:
+    check_backend([1, 1, 1], [0, 40, 77], dtype, DEV)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backend_gpu(dtype: torch.dtype) -> None:
+    check_backend([500, 1, 1, 77], [0, 1000, 3, 200], dtype, "cuda")
+    check_backend([1] * 33, list(range(0, 3300, 100)), dtype, "cuda")
