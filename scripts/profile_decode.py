@@ -42,6 +42,9 @@ def main() -> None:
     p.add_argument("--cprofile", action="store_true",
                    help="also time the same steps under cProfile: where the host's time goes")
     p.add_argument("--trace", default=None, help="write a chrome trace into this folder")
+    p.add_argument("--phases", type=int, default=0, metavar="N",
+                   help="with --prefill: also time N fresh prefill steps without the profiler, "
+                        "split into host phases and the forward's GPU time (CUDA events)")
     p.add_argument("--sequence", default=None,
                    help="write one step's kernels in launch order (mean duration and the GPU's "
                         "idle time before each, over the profiled steps) to this file")
@@ -97,12 +100,74 @@ def main() -> None:
         write_sequence(Path(ns.sequence), sorted(spans), ns.steps)
     if ns.cprofile:
         host_profile(eng, add_batch if ns.prefill else None, ns.steps, sync)
+    if ns.phases and ns.prefill:
+        prefill_phases(eng, ns.batch, ns.input, ns.phases, sync)
     if ns.trace:
         Path(ns.trace).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(Path(ns.trace) / f"{'prefill' if ns.prefill else 'decode'}"
                                                         "_trace.json"))
     while eng.has_unfinished_requests():
         eng.step()
+
+
+def prefill_phases(eng, batch: int, input_len: int, n: int, sync) -> None:
+    """Where a prefill step's wall time goes, as ``bench latency`` counts it (from the first
+    step() call to the landed token), over ``n`` fresh batches, median ms: the scheduler, input
+    preparation, the forward's launch on the host, the GPU's idle time before the forward's
+    first kernel and its own time (events), and the rest (sampling, the wait, landing)."""
+    import statistics
+
+    runner = eng.executor.runner
+    t: dict[str, float] = defaultdict(float)
+    ev: dict[str, torch.cuda.Event] = {}
+
+    def wrap(obj, name: str, key: str, events: bool = False) -> None:
+        fn = getattr(obj, name)
+
+        def timed(*a, **kw):
+            if events:
+                ev[key + "0"] = torch.cuda.Event(enable_timing=True)
+                ev[key + "0"].record()
+            t0 = time.perf_counter()
+            r = fn(*a, **kw)
+            t[key] += time.perf_counter() - t0
+            if events:
+                ev[key + "1"] = torch.cuda.Event(enable_timing=True)
+                ev[key + "1"].record()
+            return r
+        setattr(obj, name, timed)
+
+    wrap(eng.scheduler, "schedule", "schedule")
+    wrap(runner, "prepare", "prepare")
+    wrap(runner.model, "forward", "forward", events=True)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    rows: dict[str, list[float]] = defaultdict(list)
+    vocab = eng.cfg.model_config.vocab_size
+    for i in range(n):
+        while eng.has_unfinished_requests():
+            eng.step()
+        for j in range(batch):
+            ids = torch.randint(1, vocab, (input_len,), generator=torch.Generator().manual_seed(
+                zlib.crc32(f"phase{i}.{j}".encode())))
+            eng.add_request(f"phase{i}.{j}", ids.tolist(), params)
+        sync()
+        t.clear()
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        while eng.has_unfinished_requests():
+            eng.step()
+        wall = time.perf_counter() - t0
+        sync()
+        gpu = ev["forward0"].elapsed_time(ev["forward1"]) / 1e3
+        lead = start.elapsed_time(ev["forward0"]) / 1e3  # GPU idle (or busy) before the forward
+        for k, v in [("wall", wall), ("schedule", t["schedule"]), ("prepare", t["prepare"]),
+                     ("forward launch (host)", t["forward"]), ("GPU before forward", lead),
+                     ("forward (GPU)", gpu), ("rest", wall - lead - gpu)]:
+            rows[k].append(v * 1e3)
+    print(f"prefill step phases, {n} fresh batches of {batch} x {input_len}, median ms:")
+    for k, v in rows.items():
+        print(f"  {k:24} {statistics.median(v):9.3f}   (min {min(v):.3f}, max {max(v):.3f})")
 
 
 def host_profile(eng, add_batch, steps: int, sync) -> None:

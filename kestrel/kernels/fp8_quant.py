@@ -42,9 +42,13 @@ _INV_MAX = tl.constexpr(INV_FP8_MAX)
 
 
 @triton.jit
-def round_dtype(v, DT: tl.constexpr):
-    """Round float32 v to the storage dtype and back (DT 0: float32, 1: bfloat16, 2: float16)."""
-    if DT == 1:  # bf16 keeps 7 of 23 mantissa bits: round half to even through an integer add
+def round_dtype(v, DT: tl.constexpr, HW: tl.constexpr = False):
+    """Round float32 v to the storage dtype and back (DT 0: float32, 1: bfloat16, 2: float16).
+    ``HW``: compiled for a GPU, whose conversion (cvt.rn) rounds half to even itself, in one
+    instruction for two values; the interpreter's truncates, hence the integer path."""
+    if DT == 1 and HW:
+        v = v.to(tl.bfloat16).to(tl.float32)
+    elif DT == 1:  # bf16 keeps 7 of 23 mantissa bits: round half to even through an integer add
         bits = v.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
         v = bits.to(tl.float32, bitcast=True)
@@ -77,22 +81,45 @@ def _scale_of(amax, scale_ub):
 @triton.jit
 def quantize_e4m3(v, scale, HW_CAST: tl.constexpr):
     """v / scale → e4m3 bits (uint8), as the reference's cast_fp8(v / scale)."""
-    y = tl.math.div_rn(v, scale)  # IEEE division, as in the torch reference
-    y = tl.minimum(tl.maximum(y, -_MAX), _MAX)
-    if HW_CAST:  # cvt.rn.satfinite on sm 8.9+: nearest even, as torch; y is already in range
-        return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    return _e4m3_bits(y)
+    return _e4m3(tl.math.div_rn(v, scale), HW_CAST)  # IEEE division, as in the torch reference
 
 
 @triton.jit
-def _load_act(x_row, n_cols, offs, mask, SILU: tl.constexpr, DT: tl.constexpr):
+def quantize_e4m3_rcp(v, scale, rcp, HW_CAST: tl.constexpr):
+    """``quantize_e4m3`` for many values of one scale, given ``rcp = div_rn(1, scale)``: v / scale
+    by Markstein's correction (q = v·rcp, then q + (v − q·scale)·rcp with exact FMA remainders
+    is the correctly rounded quotient when rcp is the correctly rounded reciprocal), a multiply
+    and two FMAs instead of a division with its slow-path check per value, which made the
+    prefill SwiGLU + quant kernel compute-bound. q is clamped to ±512 first: larger quotients
+    saturate at 448 either way, and the clamp keeps the remainder finite. v = −0 would come
+    out +0 (−0 + (+0)), and how a compiler folds the negations decides it, so v's sign bit is
+    put back into the quotient, whose sign it is (scale > 0)."""
+    q = tl.minimum(tl.maximum(v * rcp, -512.0), 512.0)
+    y = tl.fma(tl.fma(-q, scale, v), rcp, q).to(tl.uint32, bitcast=True)
+    sign = v.to(tl.uint32, bitcast=True) & 0x80000000
+    return _e4m3((y | sign).to(tl.float32, bitcast=True), HW_CAST)
+
+
+@triton.jit
+def _e4m3(y, HW_CAST: tl.constexpr):
+    """float32 y → e4m3 bits (uint8), saturated to ±448, rounded to nearest even: the
+    reference's clamp, then cast (NaN stays NaN)."""
+    if HW_CAST:  # cvt.rn.satfinite on sm 8.9+: nearest even, as torch, saturating by itself
+        return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    return _e4m3_bits(tl.minimum(tl.maximum(y, -_MAX), _MAX))
+
+
+@triton.jit
+def _load_act(x_row, n_cols, offs, mask, SILU: tl.constexpr, DT: tl.constexpr,
+              HW: tl.constexpr):
     """Row x_row's columns offs as float32: x itself, or silu(gate) * up of [gate | up] with the
-    reference's rounding points (silu rounded to the dtype, then the product)."""
+    reference's rounding points (silu rounded to the dtype, then the product); ``HW`` as in
+    ``round_dtype``."""
     if SILU:
         gate = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_row + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
-        act = round_dtype(gate / (1.0 + tl.exp(-gate)), DT)
-        v = round_dtype(act * up, DT)
+        act = round_dtype(gate / (1.0 + tl.exp(-gate)), DT, HW)
+        v = round_dtype(act * up, DT, HW)
     else:
         v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
     return v
@@ -121,21 +148,23 @@ def _per_token_quant_kernel(
     if ONE_PASS:
         offs = tl.arange(0, BLOCK)
         mask = offs < n_cols
-        v = _load_act(x_row, n_cols, offs, mask, SILU, DT)
+        v = _load_act(x_row, n_cols, offs, mask, SILU, DT, HW_CAST)
         scale = _scale_of(tl.max(tl.abs(v), axis=0), scale_ub)
-        tl.store(q_row + offs, quantize_e4m3(v, scale, HW_CAST), mask=mask)
+        rcp = tl.math.div_rn(1.0, scale)
+        tl.store(q_row + offs, quantize_e4m3_rcp(v, scale, rcp, HW_CAST), mask=mask)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            v = _load_act(x_row, n_cols, offs, offs < n_cols, SILU, DT)
+            v = _load_act(x_row, n_cols, offs, offs < n_cols, SILU, DT, HW_CAST)
             amax = tl.maximum(amax, tl.abs(v))
         scale = _scale_of(tl.max(amax, axis=0), scale_ub)
+        rcp = tl.math.div_rn(1.0, scale)
         for start in range(0, n_cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < n_cols
-            v = _load_act(x_row, n_cols, offs, mask, SILU, DT)
-            tl.store(q_row + offs, quantize_e4m3(v, scale, HW_CAST), mask=mask)
+            v = _load_act(x_row, n_cols, offs, mask, SILU, DT, HW_CAST)
+            tl.store(q_row + offs, quantize_e4m3_rcp(v, scale, rcp, HW_CAST), mask=mask)
     tl.store(s_ptr + row, scale)
 
 
@@ -148,6 +177,7 @@ def _chunk_amax_kernel(
     stride_x,
     SILU: tl.constexpr,
     DT: tl.constexpr,
+    HW_CAST: tl.constexpr,  # compiled for sm 8.9+: hardware roundings (round_dtype's HW)
     CHUNK: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -157,7 +187,7 @@ def _chunk_amax_kernel(
     row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs = c * CHUNK + tl.arange(0, CHUNK)
     mask = offs < n_cols
-    v = _load_act(x_ptr + row * stride_x, n_cols, offs, mask, SILU, DT)
+    v = _load_act(x_ptr + row * stride_x, n_cols, offs, mask, SILU, DT, HW_CAST)
     if SILU:
         tl.store(act_ptr + row * n_cols + offs, v.to(act_ptr.dtype.element_ty), mask=mask)
     tl.store(amax_ptr + row * tl.num_programs(1) + c, tl.max(tl.abs(v), axis=0))
@@ -186,10 +216,12 @@ def _chunk_quant_kernel(
     chunks = tl.arange(0, BLOCK_C)
     parts = tl.load(amax_ptr + row * n_chunks + chunks, mask=chunks < n_chunks, other=0.0)
     scale = _scale_of(tl.max(parts, axis=0), scale_ub)
+    rcp = tl.math.div_rn(1.0, scale)
     offs = c * CHUNK + tl.arange(0, CHUNK)
     mask = offs < n_cols
     v = tl.load(a_ptr + row * stride_a + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(q_ptr + row * stride_q + offs, quantize_e4m3(v, scale, HW_CAST), mask=mask)
+    tl.store(q_ptr + row * stride_q + offs, quantize_e4m3_rcp(v, scale, rcp, HW_CAST),
+             mask=mask)
     tl.store(s_ptr + row, scale, mask=c == 0)
 
 
@@ -221,15 +253,17 @@ def _rms_norm_quant_kernel(
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
-        x = round_dtype(x + r, DT)  # the reference rounds the sum to the dtype first
+        x = round_dtype(x + r, DT, HW_CAST)  # the reference rounds the sum to the dtype first
         tl.store(res_out_ptr + row * stride_ro + offs,
                  x.to(res_out_ptr.dtype.element_ty), mask=mask)
     var = tl.sum(x * x, axis=0) / n_cols
     rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = round_dtype(w * round_dtype(x * rstd, DT), DT)  # cast back, then scale (HF order)
+    v = round_dtype(w * round_dtype(x * rstd, DT, HW_CAST), DT, HW_CAST)  # cast back, then scale (HF order)
     scale = _scale_of(tl.max(tl.abs(v), axis=0), scale_ub)
-    tl.store(q_ptr + row * stride_q + offs, quantize_e4m3(v, scale, HW_CAST), mask=mask)
+    rcp = tl.math.div_rn(1.0, scale)
+    tl.store(q_ptr + row * stride_q + offs, quantize_e4m3_rcp(v, scale, rcp, HW_CAST),
+             mask=mask)
     tl.store(s_ptr + row, scale)
 
 
@@ -271,8 +305,8 @@ def _launch_split(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, n_cols: int
     act = torch.empty(t, n_cols, dtype=x.dtype, device=x.device) if silu else x
     grid = (t, n_chunks)
     _chunk_amax_kernel[grid](x, act, amax, n_cols, x.stride(0), SILU=silu,
-                             DT=DTYPE_CODES[x.dtype], CHUNK=chunk, num_warps=_warps(chunk),
-                             **pdl_args(x.device))
+                             DT=DTYPE_CODES[x.dtype], HW_CAST=hw_fp8_cast(x.device), CHUNK=chunk,
+                             num_warps=_warps(chunk), **pdl_args(x.device))
     _chunk_quant_kernel[grid](
         act, amax, q, s, n_cols, act.stride(0), q.stride(0), _ub(scale_ub),
         HW_CAST=hw_fp8_cast(x.device), CHUNK=chunk, BLOCK_C=triton.next_power_of_2(n_chunks),

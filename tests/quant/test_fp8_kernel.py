@@ -68,6 +68,37 @@ def test_per_token_quant_matches_reference(t, n, dtype, ub, one_pass, magnitude,
     _check(q, s, qr, sr)
 
 
+def _near_midpoints(amax: float, gen: torch.Generator) -> torch.Tensor:
+    """A float32 row with that amax whose quotients by its scale (amax / 448) fall a few ulps
+    around e4m3 rounding midpoints, of both signs, plus ±0: where a division that is not
+    correctly rounded would pick the other code."""
+    codes = torch.arange(0, 0x7F, dtype=torch.uint8).view(FP8_DTYPE).float()  # 0 .. 448
+    mids = (codes[:-1] + codes[1:]) / 2
+    mids = mids[torch.randperm(len(mids), generator=gen)[:24]]
+    scale = torch.tensor(amax, dtype=torch.float32) / 448.0
+    near = mids[:, None] * scale  # the midpoint times the scale, then ±3 float32 ulps
+    for _ in range(3):
+        near = torch.cat([near, torch.nextafter(near[:, -1:], torch.tensor(0.0)),
+                          torch.nextafter(near[:, :1], torch.tensor(1e30))], dim=1)
+    row = torch.cat([near.flatten(), -near.flatten(), torch.tensor([0.0, -0.0, amax])])
+    return row
+
+
+@pytest.mark.parametrize("amax", [1.0, 3.0, 0.37, 1200.0, 1e-20])
+def test_quantized_division_is_correctly_rounded(amax):
+    """The kernels divide by the row's scale with its reciprocal and an FMA correction
+    (quantize_e4m3_rcp); the codes must be the IEEE division's, at the midpoints and zeros too."""
+    gen = torch.Generator().manual_seed(int(amax * 1e3) % 2**31)
+    rows = torch.stack([_near_midpoints(amax, gen) for _ in range(3)]).to(DEV)
+    _check(*per_token_quant_fp8(rows, 1200.0), *quantize_rowwise_ref(rows, 1200.0))
+    _check(*per_token_quant_fp8(rows, 1200.0, chunk=32), *quantize_rowwise_ref(rows, 1200.0))
+
+
+def test_infinite_values_saturate_as_the_reference():
+    x = torch.tensor([[float("inf"), -1.0, 2.0], [-float("inf"), 0.5, -0.0]], device=DEV)
+    _check(*per_token_quant_fp8(x, 1200.0), *quantize_rowwise_ref(x, 1200.0))
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # fp16 silu → inf
 @FEW
 @given(t=st.integers(1, 7), inter=st.integers(1, 200), dtype=st.sampled_from(DTYPES),
