@@ -3,7 +3,7 @@
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 | fig27 |
-#         fp8-70b | serve | pdl | ab | wcvt
+#         fp8-70b | serve | pdl | ab
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
 # summary table is printed last.
@@ -98,10 +98,6 @@ if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default) or the 4k prefi
       done
     done
   done
-fi
-if has wcvt; then  # experiment: the FP8 GEMV's weight conversion by bit arithmetic
-  python3 scripts/bench_fp8_wcvt.py 2>&1 | tee "$OUT/wcvt.log" | grep -E "tuned|identical" \
-    | tail -n 20
 fi
 if has fp8gemm; then
   python3 tests/quant/bench_fp8_gemm.py --quick 2>&1 | tee "$OUT/fp8_gemm.log" | tail -n 25

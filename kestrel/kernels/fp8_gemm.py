@@ -60,19 +60,47 @@ def _load_x(x_ptrs, offs_k, K, EVEN_K: tl.constexpr):
 @triton.jit
 def _fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, W_EVICT: tl.constexpr,
-              BROADCAST_X: tl.constexpr):
+              BROADCAST_X: tl.constexpr, PREFETCH: tl.constexpr):
     """x_ptrs [1, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → x·wᵀ as [BLOCK_N, 1] float32; the first
-    K step's weights are ``w_first``, loaded by the caller."""
+    K step's weights are ``w_first``, loaded by the caller. ``PREFETCH``: each step's tiles
+    are loaded one step ahead, before the math on the current ones (SkinnyConfig.prefetch)."""
     if BROADCAST_X:  # x in the weight tile's layout (SkinnyConfig.broadcast_x)
         x_ptrs = x_ptrs + tl.zeros([BLOCK_N, 1], dtype=tl.int32)
-    acc = w_first.to(tl.float32) * _load_x(x_ptrs, offs_k, K, EVEN_K).to(tl.float32)
-    for _ in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        offs_k += BLOCK_K
-        w = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
-        acc += w.to(tl.float32) * _load_x(x_ptrs, offs_k, K, EVEN_K).to(tl.float32)
+    if PREFETCH:
+        acc = _fma_prefetched(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_K, EVEN_K,
+                              W_EVICT)
+    else:
+        acc = w_first.to(tl.float32) * _load_x(x_ptrs, offs_k, K, EVEN_K).to(tl.float32)
+        for _ in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+            offs_k += BLOCK_K
+            w = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
+            acc += w.to(tl.float32) * _load_x(x_ptrs, offs_k, K, EVEN_K).to(tl.float32)
     return tl.sum(acc, axis=1)[:, None]
+
+
+@triton.jit
+def _fma_prefetched(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr, W_EVICT: tl.constexpr):
+    """_fma_loop's products, each step's tiles loaded during the step before (the compiler
+    pipelines only loads that feed a dot). The last step re-reads its own tiles (L1 hits)
+    instead of reading past its K range. Same products, same order, as the plain loop."""
+    x = _load_x(x_ptrs, offs_k, K, EVEN_K)
+    step = tl.where(k_lo + BLOCK_K < k_hi, BLOCK_K, 0)
+    w_next = _load_w(w_ptrs + step, offs_k + step, K, EVEN_K, W_EVICT)
+    x_next = _load_x(x_ptrs + step, offs_k + step, K, EVEN_K)
+    acc = w_first.to(tl.float32) * x.to(tl.float32)
+    for k in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+        w, x = w_next, x_next
+        w_ptrs += step
+        x_ptrs += step
+        offs_k += step
+        step = tl.where(k + BLOCK_K < k_hi, BLOCK_K, 0)
+        w_next = _load_w(w_ptrs + step, offs_k + step, K, EVEN_K, W_EVICT)
+        x_next = _load_x(x_ptrs + step, offs_k + step, K, EVEN_K)
+        acc += w.to(tl.float32) * x.to(tl.float32)
+    return acc
 
 
 @triton.jit
@@ -121,6 +149,7 @@ def _skinny_kernel(
     DT: tl.constexpr,
     W_EVICT: tl.constexpr,  # eviction policy of weight loads: "" or "evict_first"
     BROADCAST_X: tl.constexpr,
+    PREFETCH: tl.constexpr,  # FMA: tiles loaded a step ahead (SkinnyConfig.prefetch)
     SCALED: tl.constexpr,  # fp8 operands with row scales; False: plain x·wᵀ
     DOT_F32: tl.constexpr,  # unscaled dot in float32, IEEE (float32 operands; see _launch)
     PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels.pdl)
@@ -146,7 +175,7 @@ def _skinny_kernel(
                         BLOCK_K, EVEN_K, W_EVICT, SCALED, DOT_F32)
     else:
         acc = _fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N, BLOCK_K,
-                        EVEN_K, W_EVICT, BROADCAST_X)
+                        EVEN_K, W_EVICT, BROADCAST_X, PREFETCH)
     if SCALED:
         ws = tl.load(ws_ptr + rows_n)
         xs = tl.load(xs_ptr + rows_m)
@@ -226,7 +255,8 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
         EVEN_K=k % cfg.block_k == 0, SPLIT=split > 1, DT=dt,
         W_EVICT="evict_first" if cfg.evict_first else "", BROADCAST_X=cfg.broadcast_x,
-        SCALED=scaled, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PREFETCH=cfg.prefetch, SCALED=scaled, DOT_F32=dot_f32, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
         **pdl_args(x.device),
     )
     if split > 1:

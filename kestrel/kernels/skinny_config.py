@@ -35,6 +35,10 @@ class SkinnyConfig:
     # step moves the weight tile through shared memory (8 barriers per step at 16 × 512 fp8,
     # 4 warps; Triton 3.9 sm_90 PTX).
     broadcast_x: bool = False
+    # FMA: load each K step's tiles during the step before. On an H200 it took the bf16 qkv
+    # GEMV (6144 x 4096) from 15.8 to 13.7 µs, but gate_up and down (FP8 and bf16) 10-60%
+    # slower (more registers, fewer programs per SM): a tuned choice per shape.
+    prefetch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -43,8 +47,9 @@ class SkinnyConfig:
                 raise ValueError(f"SkinnyConfig.{name} must be a power of two, got {v}")
         if self.use_dot and (self.block_n < 16 or self.block_k < 32):
             raise ValueError("SkinnyConfig: tl.dot on fp8 needs block_n >= 16, block_k >= 32")
-        if self.use_dot and self.broadcast_x:
-            raise ValueError("SkinnyConfig: broadcast_x is for the FMA path (use_dot=False)")
+        if self.use_dot and (self.broadcast_x or self.prefetch):
+            raise ValueError("SkinnyConfig: broadcast_x and prefetch are for the FMA path "
+                             "(use_dot=False)")
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError("SkinnyConfig: split_k and num_stages must be >= 1")
 
@@ -122,8 +127,10 @@ TUNED_16BIT: dict[tuple[int, int, int, int], SkinnyConfig] = {
     # H200 only, `--sweep-bf16 --m 1`, 2026-11-26 19:27 UTC: llama-3-8b at TP=1, µs of the
     # H100 entries above → H200 winners (o_proj keeps its entry). One decode step's linears
     # 3,943 → 3,755 µs (F.linear 4,147).
-    ("H200", 1, 6144, 4096): SkinnyConfig(4, 512, 1, num_warps=2,
-                                          evict_first=True),  # qkv 15.1 → 14.0
+    ("H200", 1, 6144, 4096): SkinnyConfig(4, 512, 1, num_warps=2, evict_first=True,
+                                          prefetch=True),  # qkv 15.1 → 14.0; prefetch 13.7
+    # TP=2's qkv with prefetch (tenth session, `scripts/time_skinny.py`): 7.9 → 7.0
+    ("H200", 1, 3072, 4096): SkinnyConfig(4, 1024, 1, evict_first=True, prefetch=True),
     ("H200", 1, 28672, 4096): SkinnyConfig(16, 256, 1, evict_first=True,
                                            broadcast_x=True),  # gate_up 58.4 → 55.0
     ("H200", 1, 4096, 14336): SkinnyConfig(16, 256, 3, evict_first=True,

@@ -22,6 +22,7 @@ CONFIGS = {
     "fma_split": SkinnyConfig(block_n=16, block_k=32, split_k=3),
     "fma_bx_ef": SkinnyConfig(block_n=16, block_k=32, split_k=2, evict_first=True,
                               broadcast_x=True),
+    "fma_prefetch_split": SkinnyConfig(block_n=8, block_k=16, split_k=3, prefetch=True),
     "dot": SkinnyConfig(block_n=32, block_k=64, use_dot=True),
     "dot_split": SkinnyConfig(block_n=16, block_k=32, split_k=4, use_dot=True),
 }

@@ -53,13 +53,15 @@ BUDGET_S = {"sweep": 180.0, "sweep_bf16": 60.0}  # --budget-s defaults
 
 
 def variants(c: SkinnyConfig, n: int, k: int) -> list[SkinnyConfig]:
-    """Around one config: other pipeline depths, half / double / no split-K, evict-first."""
+    """Around one config: other pipeline depths, half / double / no split-K, evict-first,
+    FMA tiles loaded a step ahead."""
     out = [dataclasses.replace(c, num_stages=s) for s in (1, 2, 4) if s != c.num_stages]
     k_steps = triton.cdiv(k, c.block_k)
     for split in {1, max(1, c.split_k // 2), min(k_steps // 2, 2 * c.split_k)} - {c.split_k}:
         if split >= 1:
             out.append(dataclasses.replace(c, split_k=split))
-    return out + [dataclasses.replace(c, evict_first=True)]
+    out.append(dataclasses.replace(c, evict_first=True))
+    return out + ([] if c.use_dot else [dataclasses.replace(c, prefetch=True)])
 
 
 def _fastest(timed: dict[SkinnyConfig, float], count: int) -> list[SkinnyConfig]:

@@ -6,6 +6,8 @@ split-K partials are poisoned with NaN so an element the kernel forgets to write
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -80,6 +82,8 @@ CONFIGS = [
     SkinnyConfig(block_n=32, block_k=64, split_k=1, use_dot=True),
     SkinnyConfig(block_n=16, block_k=32, split_k=2, evict_first=True, broadcast_x=True),
     SkinnyConfig(block_n=16, block_k=64, split_k=1, use_dot=True, evict_first=True),
+    SkinnyConfig(block_n=8, block_k=16, split_k=2, prefetch=True),  # FMA, tiles a step ahead
+    SkinnyConfig(block_n=16, block_k=32, split_k=1, broadcast_x=True, prefetch=True),
 ]
 
 
@@ -330,3 +334,16 @@ def test_gpu_fp8_layers_pick_the_skinny_gemm_and_agree_with_cpu(h):
         # quantization points (norm output, SwiGLU output): a few percent in norm is expected
         # (3.8% seen on an H200 at 40 tokens); a wrong scale or layout gives tens of percent.
         assert rel < 5e-2, (t, rel)
+
+
+@pytest.mark.parametrize("cfg", [SkinnyConfig(8, 16), SkinnyConfig(8, 16, split_k=3),
+                                 SkinnyConfig(16, 32, split_k=2, broadcast_x=True)])
+def test_prefetched_tiles_give_the_same_bits(cfg):
+    """SkinnyConfig.prefetch changes when tiles are loaded, not the products or their order:
+    one K step, a partial last step, several steps per split."""
+    for k in (16, 40, 130):
+        xq, xs, wq, ws = _operands(1, k, 24, k)
+        plain = fp8_gemm_small_m(xq, xs, wq, ws, torch.float32, config=cfg)
+        ahead = fp8_gemm_small_m(xq, xs, wq, ws, torch.float32,
+                                 config=dataclasses.replace(cfg, prefetch=True))
+        assert torch.equal(plain, ahead)

@@ -1,0 +1,51 @@
+"""The skinny GEMM at batch 1 with its default (tuned) configs on llama-3-8b's decode shapes:
+FP8 FFN at TP=1, BF16 linears at TP=1 and one rank's at TP=2; µs and share of the copy rate.
+For A/B runs of the kernel (the same script in another tree, same call).
+
+    python scripts/time_skinny.py [--rep 50]   # one GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.quant.skinny_timing import (
+    copy_bandwidth,
+    time_config,
+    weights,
+    with_activation,
+    with_activation_bf16,
+)
+
+H, Q, KV, FFN = 4096, 4096, 1024, 14336  # llama-3-8b
+CASES = [("fp8 gate_up", 2 * FFN, H, 1), ("fp8 down", H, FFN, 1)] + [
+    (f"bf16 tp{tp} {name}", n, k, 2) for tp in (1, 2) for name, n, k in (
+        ("qkv", (Q + 2 * KV) // tp, H), ("o_proj", H, Q // tp), ("gate_up", 2 * FFN // tp, H),
+        ("down", H, FFN // tp))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rep", type=int, default=50)
+    args = ap.parse_args()
+    copy = copy_bandwidth()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    print(f"{torch.cuda.get_device_name()}  copy {copy:.0f} GB/s")
+    for label, n, k, elem in CASES:
+        op = weights(n, k, l2, with_bf16=elem == 2, with_fp8=elem == 1)
+        op = with_activation(op, 1) if elem == 1 else with_activation_bf16(op, 1)
+        us = time_config(op, None, args.rep)
+        if us is not None:
+            gbs = n * k * elem / us / 1e3
+            print(f"  {label:18} {us:7.2f} us {gbs:6.0f} GB/s {100 * gbs / copy:5.1f}% of copy")
+        del op
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
