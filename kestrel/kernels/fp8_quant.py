@@ -14,12 +14,15 @@ phase 2 reduces the row's amaxes to its scale and quantizes its piece. Both give
 a max does not depend on the order it is taken in.
 
 Rounding to e4m3: on CUDA with native fp8 (sm 8.9+) the hardware conversion (``HW_CAST``,
-cvt.rn.satfinite: round to nearest even) after the clamp to ±448, which is torch's cast of the
-clamped value (also round to nearest even; the clamp means saturation never acts). Elsewhere the
-kernels round to the e4m3 grid themselves (round half to even, in float32 arithmetic) and write
-the bit pattern as a byte: the Triton 3.x CPU interpreter's cast drops the carry of a mantissa
-round-up (1.96 → 1.0), and pre-Ada GPUs have no fp8 cast. The same holds for bf16 rounding
-points (the interpreter truncates fp32→bf16), which ``round_dtype`` rounds explicitly.
+cvt.rn.satfinite: round to nearest even, saturating at ±448), which is torch's cast of the
+clamped value. Elsewhere the kernels clamp, round to the e4m3 grid themselves (round half to
+even, in float32 arithmetic) and write the bit pattern as a byte: the Triton 3.x CPU
+interpreter's cast drops the carry of a mantissa round-up (1.96 → 1.0), and pre-Ada GPUs have
+no fp8 cast. The same holds for bf16 rounding points (the interpreter truncates fp32→bf16),
+which ``round_dtype`` rounds with integer arithmetic there and with the GPU's cvt.rn under
+``HW_CAST``. Row kernels divide by the scale through its reciprocal with an FMA correction
+(``quantize_e4m3_rcp``): the IEEE quotient's bits without a division per value, which left the
+prefill SwiGLU + quant kernel compute-bound.
 """
 
 from __future__ import annotations
@@ -259,7 +262,8 @@ def _rms_norm_quant_kernel(
     var = tl.sum(x * x, axis=0) / n_cols
     rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = round_dtype(w * round_dtype(x * rstd, DT, HW_CAST), DT, HW_CAST)  # cast back, then scale (HF order)
+    # cast back, then scale (HF order)
+    v = round_dtype(w * round_dtype(x * rstd, DT, HW_CAST), DT, HW_CAST)
     scale = _scale_of(tl.max(tl.abs(v), axis=0), scale_ub)
     rcp = tl.math.div_rn(1.0, scale)
     tl.store(q_ptr + row * stride_q + offs, quantize_e4m3_rcp(v, scale, rcp, HW_CAST),
