@@ -1,8 +1,15 @@
 """Launch sweep of the prefill FP8 activation-quant kernels (one program per token row): the
 SwiGLU + quant kernel took 150 µs per llama-3-8b layer at 4,096 tokens on an H200 (2 TB/s),
-the BF16 SwiGLU alone 82 µs. Times each (row block, warps) against the BF16 SwiGLU and a copy.
+the BF16 SwiGLU alone 82 µs (tenth session: 92.5 µs). Times each (row block, warps) against the
+BF16 SwiGLU; codes are compared with the torch reference (largest difference in e4m3 steps: the
+GPU's exp is approximate, so 1 is expected).
 
-    python scripts/sweep_quant_config.py [--blocks 16384 8192] [--warps 8 16]   # one GPU
+``--fast-silu`` (experiment): silu's exp and division as ``ex2.approx.ftz`` and
+``rcp.approx.ftz`` through inline PTX, without the denormal and overflow handling Triton's exp and
+division compile to (~6 of the kernel's 29 SASS instructions per value); the library is
+untouched (the helper is swapped before the first compile).
+
+    python scripts/sweep_quant_config.py [--blocks 16384 8192] [--warps 8 16] [--fast-silu]
 """
 
 from __future__ import annotations
@@ -12,13 +19,41 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kestrel.kernels import fp8_quant
 from kestrel.kernels.fused import silu_and_mul
+from kestrel.quant.fp8_ops import silu_and_mul_quant_ref
 
 T, I, H = 4096, 14336, 4096  # llama-3-8b prefill of 4k tokens
+
+
+@triton.jit
+def _load_act_fast(x_row, n_cols, offs, mask, SILU: tl.constexpr, DT: tl.constexpr,
+                   HW: tl.constexpr):
+    """fp8_quant._load_act (compiled) with silu's exp and division as approximate PTX."""
+    if not SILU:
+        return tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_row + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+    e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r",
+                                  [gate * -1.4426950408889634], dtype=tl.float32,
+                                  is_pure=True, pack=1)
+    r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e],
+                                  dtype=tl.float32, is_pure=True, pack=1)
+    act = fp8_quant.round_dtype(gate * r, DT, HW)
+    return fp8_quant.round_dtype(act * up, DT, HW)
+
+
+def code_steps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest difference of two e4m3 tensors in steps of the e4m3 grid."""
+    def ordinal(q: torch.Tensor) -> torch.Tensor:
+        u = q.view(torch.uint8).to(torch.int32)
+        return torch.where(u >= 128, -(u & 0x7F), u & 0x7F)
+    return int((ordinal(a) - ordinal(b)).abs().max())
 
 
 def tbps(nbytes: float, ms: float) -> str:
@@ -29,21 +64,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", type=int, nargs="+", default=[16384, 8192, 4096, 2048, 1024])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--fast-silu", action="store_true")
     args = ap.parse_args()
+    if args.fast_silu:
+        fp8_quant._load_act = _load_act_fast
     x = torch.randn(T, 2 * I, dtype=torch.bfloat16, device="cuda")
     bytes_silu_q = x.numel() * 2 + T * I  # read gate | up, write fp8
     ms = triton.testing.do_bench(lambda: silu_and_mul(x))
     print(f"{torch.cuda.get_device_name()}  bf16 silu_and_mul {ms * 1e3:7.1f} µs "
           f"{tbps(x.numel() * 2 + T * I * 2, ms)}")
-    ref = fp8_quant.silu_and_mul_quant_fp8(x, 1200.0)
+    ref = silu_and_mul_quant_ref(x, 1200.0)
     real_warps = fp8_quant._warps
     for block in args.blocks:
         for warps in args.warps:
             fp8_quant._warps = lambda _b, w=warps: w
             try:
                 got = fp8_quant.silu_and_mul_quant_fp8(x, 1200.0, max_one_pass=block)
-                same = torch.equal(got[0].view(torch.uint8), ref[0].view(torch.uint8)) \
-                    and torch.equal(got[1], ref[1])
+                steps = code_steps(got[0], ref[0])
                 ms = triton.testing.do_bench(
                     lambda b=block: fp8_quant.silu_and_mul_quant_fp8(x, 1200.0, max_one_pass=b))
             except Exception as e:  # noqa: BLE001 - a config that does not compile or fit
@@ -52,7 +89,7 @@ def main() -> None:
             finally:
                 fp8_quant._warps = real_warps
             print(f"  silu+quant block {block:5} warps {warps:2}: {ms * 1e3:7.1f} µs "
-                  f"{tbps(bytes_silu_q, ms)} {'same bits' if same else 'DIFFERENT'}")
+                  f"{tbps(bytes_silu_q, ms)}, codes within {steps} step(s) of the reference")
     # the rms-norm + quant kernel (attention input under --fp8-attention, FFN input)
     h = torch.randn(T, H, dtype=torch.bfloat16, device="cuda")
     r = torch.randn_like(h)
