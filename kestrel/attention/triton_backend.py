@@ -44,11 +44,12 @@ class TritonAttention(AttentionBackend):
     ) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         try:
-            from kestrel.kernels import fused, paged_attention, prefill_attention
+            from kestrel.kernels import fused, paged_attention, prefill_attention, rotary
         except ImportError as e:  # pragma: no cover - depends on the install
             raise RuntimeError(f"attention backend 'triton' needs the triton package: {e}") from e
         self._fused = fused
         self._decode = paged_attention
+        self._rotary = rotary
         self._prefill = prefill_attention
         # Fixed split-K factor for decode (e.g. when capturing CUDA graphs); None: heuristic.
         self.num_splits = num_splits
@@ -70,7 +71,7 @@ class TritonAttention(AttentionBackend):
         if meta.is_decode_only and q.shape[0] == meta.num_seqs:
             # One token per sequence: token i belongs to sequence i (query_start_loc = arange).
             # Rotary and the cache write happen inside the attention launch.
-            new = self._decode.NewTokens(k, v, positions, cos_sin, meta.slot_mapping)
+            new = self._rotary.NewTokens(k, v, positions, cos_sin, meta.slot_mapping)
             return self._decode.paged_attention_decode(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
                 num_splits=self.num_splits, max_seq_len=meta.max_seq_len, k_scale=ks,

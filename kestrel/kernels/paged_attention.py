@@ -17,9 +17,9 @@ programs to keep every SM's loads in flight:
   and KV head), so no second kernel is launched (short contexts, up to ``NO_SPLIT_MAX_LEN``, are not split).
   The chunk length is computed in the kernel from the sequence's own length, so a launch
   with a fixed ``num_splits`` (as captured in a CUDA graph) is right for any context length.
-* The step's new token (``NewTokens``): the kernel applies rotary to q and to the new K and
-  writes the new K/V into the cache itself; the split holding the last position attends to
-  them from registers. At batch 1 each launch costs ~2 µs, a layer's attention was three
+* The step's new token (``rotary.NewTokens``): the kernel applies rotary to q and to the new
+  K and writes the new K/V into the cache itself (``rotary.new_token``); the split holding the
+  last position attends to them from registers. At batch 1 each launch costs ~2 µs, a layer's attention was three
   (rotary + cache write, attention, split merge) and is now one.
 
 Softmax runs in base 2 (``exp2``) on float32 scores; the P·V product takes P in the cache
@@ -29,14 +29,14 @@ dtype, as flash attention does.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.fp8_quant import hw_fp8_cast, quantize_e4m3
+from kestrel.kernels.fp8_quant import hw_fp8_cast
 from kestrel.kernels.pdl import pdl_args, pdl_release, pdl_wait
+from kestrel.kernels.rotary import NewTokens, check_new_tokens, new_token
 from kestrel.kernels.split_merge import arrival_counters, merge_splits
 from kestrel.quant.fp8_ops import FP8_DTYPE
 
@@ -64,18 +64,6 @@ def dot_flags(dtype: torch.dtype, device: torch.device) -> dict[str, object]:
     upcast = device.type != "cuda"
     prec = "ieee" if dtype == torch.float32 or upcast else "tf32"
     return {"DOT_PREC": prec, "UPCAST": upcast}
-
-
-@triton.jit
-def rotate_halves(x, x_partner, cos, sin, d_low):
-    """Neox half-split rotary, given each element's partner (the other half's element of the
-    same index; ``d_low``: the element is in the first half): x1·cos − x2·sin | x2·cos +
-    x1·sin, in float32 with the reference's rounding points (kernels using it are compiled
-    without FMA contraction). Shared by ``fused.rotary_and_cache`` (on halves) and decode
-    attention (on whole heads)."""
-    xf = x.to(tl.float32)
-    pf = x_partner.to(tl.float32)
-    return tl.where(d_low, xf * cos - pf * sin, xf * cos + pf * sin)
 
 
 @triton.jit
@@ -115,34 +103,6 @@ def _attend(q, k, v, k_last, v_last, n0, end, last, offs_n, qk_scale, m_i, l_i, 
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PREC, UPCAST)
     return m_new, l_i, acc
-
-
-@triton.jit
-def _new_token(q, q_ptrs, q_mask, partner, cos, sin, d_low, k_row, v_row, offs_d, d_mask,
-               k_dst, v_dst, write, k_scale_ptr, v_scale_ptr, FP8_KV: tl.constexpr,
-               HW_CAST: tl.constexpr):
-    """Rotary on q and on the new token's K (rotary_and_cache's math); its K/V stored at
-    ``k_dst``/``v_dst`` when ``write`` (the split that holds the last token: no program of the
-    launch reads that slot). Returns q rotated and the new K/V as the cache holds them, in q's
-    dtype, for that split to attend to from registers."""
-    q_p = tl.load(q_ptrs + partner[None, :], mask=q_mask, other=0.0)
-    q = rotate_halves(q, q_p, cos[None, :], sin[None, :], d_low[None, :]).to(q.dtype)
-    k = tl.load(k_row + offs_d, mask=d_mask, other=0.0)
-    k_p = tl.load(k_row + partner, mask=d_mask, other=0.0)
-    k = rotate_halves(k, k_p, cos, sin, d_low).to(k_row.dtype.element_ty)
-    v = tl.load(v_row + offs_d, mask=d_mask, other=0.0)
-    if FP8_KV:  # the cache holds e4m3 codes of x / scale[head]
-        kq = quantize_e4m3(k.to(tl.float32), tl.load(k_scale_ptr), HW_CAST).to(
-            tl.float8e4nv, bitcast=True)
-        vq = quantize_e4m3(v.to(tl.float32), tl.load(v_scale_ptr), HW_CAST).to(
-            tl.float8e4nv, bitcast=True)
-    else:
-        kq = k.to(k_dst.dtype.element_ty)
-        vq = v.to(v_dst.dtype.element_ty)
-    if write:
-        tl.store(k_dst + offs_d, kq, mask=d_mask)
-        tl.store(v_dst + offs_d, vq, mask=d_mask)
-    return q, kq.to(q.dtype), vq.to(q.dtype)
 
 
 @triton.jit
@@ -248,7 +208,7 @@ def _decode_kernel(
         if ROPE:
             page = slot // PAGE_SIZE
             in_page = slot % PAGE_SIZE
-            q, k_last, v_last = _new_token(
+            q, k_last, v_last = new_token(
                 q, q_ptrs, out_mask, partner, cos, sin, d_low,
                 new_k_ptr + seq * stride_nkb + kv_head * stride_nkh,
                 new_v_ptr + seq * stride_nvb + kv_head * stride_nvh, offs_d, d_mask,
@@ -340,31 +300,6 @@ def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return block_n, 4, 2
 
 
-class NewTokens(NamedTuple):
-    """The step's new token per sequence, for ``paged_attention_decode`` to apply rotary to it
-    (and to q) and write its K/V into the cache in the attention launch itself
-    (``rotary_and_cache`` fused in)."""
-
-    k: torch.Tensor  # [B, Hkv, D], not yet rotated (may be a strided view)
-    v: torch.Tensor  # [B, Hkv, D]
-    positions: torch.Tensor  # [B]
-    cos_sin: torch.Tensor  # [max_pos, D]: cos | sin halves
-    slot_mapping: torch.Tensor  # [B] int64, < 0: not written
-
-
-def _check_new_tokens(new: NewTokens, q: torch.Tensor, hkv: int) -> None:
-    b, _, d = q.shape
-    if new.k.shape != (b, hkv, d) or new.v.shape != new.k.shape or d % 2 or \
-            new.cos_sin.shape[-1] != d or new.positions.shape != (b,) or \
-            new.slot_mapping.shape != (b,):
-        raise ValueError(f"decode: new tokens k {tuple(new.k.shape)}, v {tuple(new.v.shape)}, "
-                         f"positions {tuple(new.positions.shape)}, slots "
-                         f"{tuple(new.slot_mapping.shape)}, cos_sin {tuple(new.cos_sin.shape)} "
-                         f"for q {tuple(q.shape)}")  # fmt: skip
-    if any(x.stride(-1) != 1 for x in (new.k, new.v, new.cos_sin)):
-        raise ValueError("decode: the last dimension of new k, v, cos_sin must be contiguous")
-
-
 def paged_attention_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -404,7 +339,7 @@ def paged_attention_decode(
         raise ValueError(f"decode: block_size must be a power of two, got {page_size}")
     fp8 = check_kv_scales("decode", k_cache, hkv, k_scale, v_scale)
     if new is not None:
-        _check_new_tokens(new, q, hkv)
+        check_new_tokens(new, q, hkv)
     if out is None:
         out = torch.empty_like(q)
     if b == 0:

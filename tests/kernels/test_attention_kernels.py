@@ -13,11 +13,11 @@ import torch
 from kestrel.kernels.fused import rotary_and_cache
 from kestrel.kernels.paged_attention import (
     NO_SPLIT_MAX_LEN,
-    NewTokens,
     choose_num_splits,
     paged_attention_decode,
 )
 from kestrel.kernels.prefill_attention import prefill_attention
+from kestrel.kernels.rotary import NewTokens
 from kestrel.layers.rotary import RotaryEmbedding
 from tests.kernels.attention_cases import (
     DEV,

@@ -25,7 +25,7 @@ if torch.cuda.is_available():
 from triton.runtime.interpreter import InterpretedFunction
 
 from kestrel.attention.base import FP8_DTYPE
-from kestrel.kernels import fp8_gemm, fp8_quant, fused, paged_attention, skinny_config
+from kestrel.kernels import fp8_gemm, fp8_quant, fused, paged_attention, rotary, skinny_config
 from kestrel.kernels.prefill_attention import prefill_attention
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
@@ -125,7 +125,7 @@ def _attention_calls(dt: torch.dtype, fp8: bool, g: torch.Generator) -> None:
                            scales.get("k_scale"), scales.get("v_scale"))
     tables = torch.arange(nb, dtype=torch.int32).view(2, 4)
     lens = torch.tensor([20, 37], dtype=torch.int32)
-    new = paged_attention.NewTokens(k[:2], v[:2], torch.tensor([19, 36]), rope.float(),
+    new = rotary.NewTokens(k[:2], v[:2], torch.tensor([19, 36]), rope.float(),
                                     torch.tensor([5, -1]))
     for splits in (1, 3):
         paged_attention.paged_attention_decode(q[:2].contiguous(), kc, vc, tables, lens, 0.1,
