@@ -4,12 +4,7 @@ the BF16 SwiGLU alone 82 µs (tenth session: 92.5 µs). Times each (row block, w
 BF16 SwiGLU; codes are compared with the torch reference (largest difference in e4m3 steps: the
 GPU's exp is approximate, so 1 is expected).
 
-``--fast-silu`` (experiment): silu's exp and division as ``ex2.approx.ftz`` and
-``rcp.approx.ftz`` through inline PTX, without the denormal and overflow handling Triton's exp and
-division compile to (~6 of the kernel's 29 SASS instructions per value); the library is
-untouched (the helper is swapped before the first compile).
-
-    python scripts/sweep_quant_config.py [--blocks 16384 8192] [--warps 8 16] [--fast-silu]
+    python scripts/sweep_quant_config.py [--blocks 16384 8192] [--warps 8 16]
 """
 
 from __future__ import annotations
@@ -20,7 +15,6 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,23 +23,6 @@ from kestrel.kernels.fused import silu_and_mul
 from kestrel.quant.fp8_ops import silu_and_mul_quant_ref
 
 T, I, H = 4096, 14336, 4096  # llama-3-8b prefill of 4k tokens
-
-
-@triton.jit
-def _load_act_fast(x_row, n_cols, offs, mask, SILU: tl.constexpr, DT: tl.constexpr,
-                   HW: tl.constexpr):
-    """fp8_quant._load_act (compiled) with silu's exp and division as approximate PTX."""
-    if not SILU:
-        return tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_row + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
-    e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r",
-                                  [gate * -1.4426950408889634], dtype=tl.float32,
-                                  is_pure=True, pack=1)
-    r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e],
-                                  dtype=tl.float32, is_pure=True, pack=1)
-    act = fp8_quant.round_dtype(gate * r, DT, HW)
-    return fp8_quant.round_dtype(act * up, DT, HW)
 
 
 def code_steps(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -64,10 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", type=int, nargs="+", default=[16384, 8192, 4096, 2048, 1024])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
-    ap.add_argument("--fast-silu", action="store_true")
     args = ap.parse_args()
-    if args.fast_silu:
-        fp8_quant._load_act = _load_act_fast
     x = torch.randn(T, 2 * I, dtype=torch.bfloat16, device="cuda")
     bytes_silu_q = x.numel() * 2 + T * I  # read gate | up, write fp8
     ms = triton.testing.do_bench(lambda: silu_and_mul(x))

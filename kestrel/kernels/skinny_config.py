@@ -95,6 +95,10 @@ TUNED: dict[tuple[int, int, int, int], SkinnyConfig] = {
     (132, 4, 57344, 8192): SkinnyConfig(128, 256, 1, use_dot=True),  # 119.8 → 111.4
     (132, 8, 57344, 8192): SkinnyConfig(128, 256, 1, use_dot=True, num_warps=8),  # 113.4 → 108.9
     (132, 16, 57344, 8192): SkinnyConfig(128, 256, 1, use_dot=True),  # 111.6 → 108.8
+    # H200, `scripts/sweep_skinny_shapes.py --fp8`, eleventh session: down 16.06 → 15.65 µs
+    # alone; FP8-recipe decode 3.0221 → 2.9818 ms (`scripts/ab_skinny_configs.py`)
+    ("H200", 1, 4096, 14336): SkinnyConfig(4, 1024, 1, num_stages=1, evict_first=True,
+                                           broadcast_x=True),
 }
 
 # The same for 16-bit weights (``bf16_gemm_small_m``), lines that ``bench_fp8_gemm.py
@@ -133,9 +137,24 @@ TUNED_16BIT: dict[tuple[int, int, int, int], SkinnyConfig] = {
     ("H200", 1, 3072, 4096): SkinnyConfig(4, 1024, 1, evict_first=True, prefetch=True),
     ("H200", 1, 28672, 4096): SkinnyConfig(16, 256, 1, evict_first=True,
                                            broadcast_x=True),  # gate_up 58.4 → 55.0
-    ("H200", 1, 4096, 14336): SkinnyConfig(16, 256, 3, evict_first=True,
-                                           broadcast_x=True),  # down 31.1 → 30.1
     ("H200", 1, 128256, 4096): SkinnyConfig(4, 1024, 1),  # lm_head 247.4 → 235.7
+    # Eleventh session, H200. TP=1's o_proj and down, chosen in the engine by
+    # `scripts/ab_skinny_configs.py` (batch-1 decode TPOT, same call, base → this): o_proj
+    # 3.9818 → 3.9699 ms, down 3.9818 → 3.9756 (was n16 k256 split 3 bx). Timed alone a GEMV
+    # follows another GEMV, in a step a small kernel: the TP=1 qkv winner of
+    # `scripts/sweep_skinny_shapes.py` (n8 k256 w8 bx, 13.78 → 12.88 µs alone) made the step
+    # slower (3.9818 → 3.9906 ms), so it is not here.
+    ("H200", 1, 4096, 4096): SkinnyConfig(4, 1024, 1, num_stages=1, evict_first=True),
+    ("H200", 1, 4096, 14336): SkinnyConfig(4, 2048, 1, num_warps=8, num_stages=1,
+                                           evict_first=True),
+    # One rank's down, o_proj and LM head at TP=2, `scripts/sweep_skinny_shapes.py`: µs alone
+    # of the 132-SM entries → these (copy 4,244 GB/s); TP=2 decode 2.605 → 2.503 ms.
+    ("H200", 1, 4096, 7168): SkinnyConfig(4, 2048, 1, num_warps=8, num_stages=1,
+                                          evict_first=True),  # down 18.10 → 14.96 (92.5%)
+    ("H200", 1, 4096, 2048): SkinnyConfig(4, 1024, 1, num_stages=1,
+                                          evict_first=True),  # o_proj 5.69 → 4.77 (82.8%)
+    ("H200", 1, 64128, 4096): SkinnyConfig(2, 1024, 1, num_stages=1,
+                                           evict_first=True),  # 123.3 → 119.6
 }
 
 

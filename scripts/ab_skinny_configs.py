@@ -1,0 +1,75 @@
+"""Skinny-GEMV configs compared inside the engine: batch-1 decode TPOT with the tuned tables
+as they are ("base") and with each candidate entry swapped in, alternating, in fresh processes.
+
+A sweep times a GEMV after another GEMV; in a decode step each follows a small kernel under
+PDL, and the eleventh session's TP=1 qkv winner (12.88 vs 13.78 µs alone) made the step
+slower. So a candidate enters skinny_config's tables only if this says so.
+
+    python scripts/ab_skinny_configs.py --candidate 'qkv=16:6144x4096:8,256,1,8,1,ef,bx' \
+        [--candidate ...] [--rounds 2] [--quantization fp8]   # one GPU, TP=1
+
+A candidate is NAME=TABLE:NxK:block_n,block_k,split_k,num_warps,num_stages[,ef][,bx][,pf]
+with TABLE 16 (TUNED_16BIT) or 8 (TUNED, fp8 weights), keyed for this GPU's model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = """
+import sys
+from kestrel.kernels import skinny_config as s
+for table, n, k, v, flags in {entries!r}:
+    key = (s.gpu_model("cuda", 0), 1, n, k)
+    getattr(s, table)[key] = s.SkinnyConfig(
+        *v[:3], num_warps=v[3], num_stages=v[4], evict_first="ef" in flags,
+        broadcast_x="bx" in flags, prefetch="pf" in flags)
+from kestrel.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+def parse(spec: str) -> tuple[str, tuple]:
+    name, rest = spec.split("=", 1)
+    table, shape, cfg = rest.split(":")
+    n, k = map(int, shape.split("x"))
+    parts = cfg.split(",")
+    return name, ({"16": "TUNED_16BIT", "8": "TUNED"}[table], n, k,
+                  tuple(int(p) for p in parts[:5]), tuple(parts[5:]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--candidate", action="append", default=[], type=parse)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--quantization", default=None)
+    args = ap.parse_args()
+    runs = [("base", [])] + [(name, [entry]) for name, entry in args.candidate]
+    tpot: dict[str, list[float]] = {name: [] for name, _ in runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for name, entries in runs:
+                out = f"{tmp}/{name}_{r}.json"
+                argv = ["--log-level", "WARNING", "bench", "latency", "--preset", "llama-3-8b",
+                        "--batch", "1", "--input", "128", "--output", "256", "--max-num-seqs",
+                        "1", "--no-roofline", "--json", out]
+                if args.quantization:
+                    argv += ["--quantization", args.quantization]
+                subprocess.run([sys.executable, "-c", RUN.format(entries=entries, argv=argv)],
+                               cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+                tpot[name].append(json.loads(Path(out).read_text())["tpot_s"] * 1e3)
+                print(f"round {r} {name:>12}: {tpot[name][-1]:.4f} ms", flush=True)
+    base = min(tpot["base"])
+    for name, ms in tpot.items():
+        print(f"{name:>12}: best {min(ms):.4f} ms ({100 * (min(ms) / base - 1):+.2f}%), "
+              f"all {', '.join(f'{m:.4f}' for m in ms)}")
+
+
+if __name__ == "__main__":
+    main()
