@@ -38,6 +38,6 @@ def use_triton_kernels(model: nn.Module) -> None:
         if isinstance(m, RMSNorm):
             m.impl = fused.rms_norm
         elif isinstance(m, LlamaMLP):
-            m.act = fused.silu_and_mul
+            m.act, m.fold_act = fused.silu_and_mul, True
         elif isinstance(m, LlamaDecoderLayer) and uses_fp8_producers(m.mlp):
             m.norm_mlp = fp8_norm_mlp  # FP8 activations quantized by the norm / SwiGLU kernels

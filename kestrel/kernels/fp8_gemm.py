@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.fp8_quant import DTYPE_CODES, round_dtype
+from kestrel.kernels.fp8_quant import DTYPE_CODES, round_dtype, silu_rounded
 from kestrel.kernels.pdl import pdl_args, pdl_enter, pdl_release, pdl_wait
 from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_model, sm_count
 from kestrel.quant.fp8_ops import FP8_DTYPE
@@ -51,16 +51,38 @@ def _load_w(w_ptrs, offs_k, K, EVEN_K: tl.constexpr, W_EVICT: tl.constexpr):
 
 
 @triton.jit
-def _load_x(x_ptrs, offs_k, K, EVEN_K: tl.constexpr):
+def _load_x(x_ptrs, offs_k, K, EVEN_K: tl.constexpr, GLU: tl.constexpr, DT: tl.constexpr,
+            HW: tl.constexpr):
+    """One K step of x. ``GLU``: x is [silu(gate) | up] (gate_up's output with ``silu_cols``,
+    rows of 2K) and the step's x is their product, rounded to the dtype as silu_and_mul's."""
     if EVEN_K:
-        return tl.load(x_ptrs)
-    return tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
+        x = tl.load(x_ptrs)
+    else:
+        x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
+    if GLU:
+        if EVEN_K:
+            up = tl.load(x_ptrs + K)
+        else:
+            up = tl.load(x_ptrs + K, mask=offs_k[None, :] < K, other=0.0)
+        x = round_dtype(x.to(tl.float32) * up.to(tl.float32), DT, HW).to(up.dtype)
+    return x
+
+
+@triton.jit
+def _rounded_out(y, cols, silu_cols, DT: tl.constexpr, SILU: tl.constexpr, HW: tl.constexpr):
+    """Float32 outputs rounded to the output dtype; ``SILU``: columns below ``silu_cols`` (the
+    gate half of gate_up) then through silu, rounded again, as F.silu on the rounded gate."""
+    y = round_dtype(y, DT)
+    if SILU:
+        y = tl.where(cols < silu_cols, silu_rounded(y, DT, HW), y)
+    return y
 
 
 @triton.jit
 def _fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, W_EVICT: tl.constexpr,
-              BROADCAST_X: tl.constexpr, PREFETCH: tl.constexpr):
+              BROADCAST_X: tl.constexpr, PREFETCH: tl.constexpr, GLU: tl.constexpr,
+              DT: tl.constexpr, HW: tl.constexpr):
     """x_ptrs [1, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → x·wᵀ as [BLOCK_N, 1] float32; the first
     K step's weights are ``w_first``, loaded by the caller. ``PREFETCH``: each step's tiles
     are loaded one step ahead, before the math on the current ones (SkinnyConfig.prefetch)."""
@@ -68,28 +90,31 @@ def _fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N: tl.conste
         x_ptrs = x_ptrs + tl.zeros([BLOCK_N, 1], dtype=tl.int32)
     if PREFETCH:
         acc = _fma_prefetched(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_K, EVEN_K,
-                              W_EVICT)
+                              W_EVICT, GLU, DT, HW)
     else:
-        acc = w_first.to(tl.float32) * _load_x(x_ptrs, offs_k, K, EVEN_K).to(tl.float32)
+        x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
+        acc = w_first.to(tl.float32) * x.to(tl.float32)
         for _ in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             offs_k += BLOCK_K
             w = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
-            acc += w.to(tl.float32) * _load_x(x_ptrs, offs_k, K, EVEN_K).to(tl.float32)
+            x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
+            acc += w.to(tl.float32) * x.to(tl.float32)
     return tl.sum(acc, axis=1)[:, None]
 
 
 @triton.jit
 def _fma_prefetched(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_K: tl.constexpr,
-                    EVEN_K: tl.constexpr, W_EVICT: tl.constexpr):
+                    EVEN_K: tl.constexpr, W_EVICT: tl.constexpr, GLU: tl.constexpr,
+                    DT: tl.constexpr, HW: tl.constexpr):
     """_fma_loop's products, each step's tiles loaded during the step before (the compiler
     pipelines only loads that feed a dot). The last step re-reads its own tiles (L1 hits)
     instead of reading past its K range. Same products, same order, as the plain loop."""
-    x = _load_x(x_ptrs, offs_k, K, EVEN_K)
+    x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
     step = tl.where(k_lo + BLOCK_K < k_hi, BLOCK_K, 0)
     w_next = _load_w(w_ptrs + step, offs_k + step, K, EVEN_K, W_EVICT)
-    x_next = _load_x(x_ptrs + step, offs_k + step, K, EVEN_K)
+    x_next = _load_x(x_ptrs + step, offs_k + step, K, EVEN_K, GLU, DT, HW)
     acc = w_first.to(tl.float32) * x.to(tl.float32)
     for k in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         w, x = w_next, x_next
@@ -98,7 +123,7 @@ def _fma_prefetched(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_K: tl.
         offs_k += step
         step = tl.where(k + BLOCK_K < k_hi, BLOCK_K, 0)
         w_next = _load_w(w_ptrs + step, offs_k + step, K, EVEN_K, W_EVICT)
-        x_next = _load_x(x_ptrs + step, offs_k + step, K, EVEN_K)
+        x_next = _load_x(x_ptrs + step, offs_k + step, K, EVEN_K, GLU, DT, HW)
         acc += w.to(tl.float32) * x.to(tl.float32)
     return acc
 
@@ -115,23 +140,26 @@ def _dot_step(acc, x, w, BLOCK_K: tl.constexpr, SCALED: tl.constexpr, DOT_F32: t
 @triton.jit
 def _dot_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-              W_EVICT: tl.constexpr, SCALED: tl.constexpr, DOT_F32: tl.constexpr):
+              W_EVICT: tl.constexpr, SCALED: tl.constexpr, DOT_F32: tl.constexpr,
+              GLU: tl.constexpr, DT: tl.constexpr, HW: tl.constexpr):
     """x_ptrs [BLOCK_M, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → w·xᵀ as [BLOCK_N, BLOCK_M]; the
     first K step's weights are ``w_first``."""
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    acc = _dot_step(acc, _load_x(x_ptrs, offs_k, K, EVEN_K), w_first, BLOCK_K, SCALED, DOT_F32)
+    x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
+    acc = _dot_step(acc, x, w_first, BLOCK_K, SCALED, DOT_F32)
     for _ in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         offs_k += BLOCK_K
         w = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
-        acc = _dot_step(acc, _load_x(x_ptrs, offs_k, K, EVEN_K), w, BLOCK_K, SCALED, DOT_F32)
+        x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
+        acc = _dot_step(acc, x, w, BLOCK_K, SCALED, DOT_F32)
     return acc
 
 
 @triton.jit
 def _skinny_kernel(
-    x_ptr,  # [M, K] fp8 (SCALED) or w's dtype, K contiguous
+    x_ptr,  # [M, K] fp8 (SCALED) or w's dtype, K contiguous; GLU: [M, 2K]
     xs_ptr,  # [M] float32; not read unless SCALED
     w_ptr,  # [N, K] fp8 (SCALED) or bf16 / fp16 / float32, K contiguous
     ws_ptr,  # [N] float32; not read unless SCALED
@@ -140,6 +168,7 @@ def _skinny_kernel(
     stride_xm,
     stride_wn,
     k_per_split,  # a multiple of BLOCK_K
+    silu_cols,  # SILU: output columns below it go through silu (see _rounded_out)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -152,9 +181,14 @@ def _skinny_kernel(
     PREFETCH: tl.constexpr,  # FMA: tiles loaded a step ahead (SkinnyConfig.prefetch)
     SCALED: tl.constexpr,  # fp8 operands with row scales; False: plain x·wᵀ
     DOT_F32: tl.constexpr,  # unscaled dot in float32, IEEE (float32 operands; see _launch)
+    GLU: tl.constexpr,  # x is [silu(gate) | up]: multiplied as it is loaded (see _load_x)
+    SILU: tl.constexpr,
+    HW: tl.constexpr,  # compiled for a GPU: round_dtype's hardware rounding
+    RELEASE_LATE: tl.constexpr,  # PDL: the next kernel is a GEMV (see kernels.pdl)
     PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels.pdl)
 ):
-    pdl_release(PDL)
+    if not RELEASE_LATE:
+        pdl_release(PDL)
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -172,10 +206,12 @@ def _skinny_kernel(
     pdl_wait(PDL)
     if USE_DOT:
         acc = _dot_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_M, BLOCK_N,
-                        BLOCK_K, EVEN_K, W_EVICT, SCALED, DOT_F32)
+                        BLOCK_K, EVEN_K, W_EVICT, SCALED, DOT_F32, GLU, DT, HW)
     else:
         acc = _fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N, BLOCK_K,
-                        EVEN_K, W_EVICT, BROADCAST_X, PREFETCH)
+                        EVEN_K, W_EVICT, BROADCAST_X, PREFETCH, GLU, DT, HW)
+    if RELEASE_LATE:
+        pdl_release(PDL)
     if SCALED:
         ws = tl.load(ws_ptr + rows_n)
         xs = tl.load(xs_ptr + rows_m)
@@ -187,20 +223,24 @@ def _skinny_kernel(
     if SPLIT:
         tl.store(out_ptr + pid_k * M * N + offs, y, mask=mask)
     else:
-        tl.store(out_ptr + offs, round_dtype(y, DT).to(out_ptr.dtype.element_ty), mask=mask)
+        y = _rounded_out(y, offs_n[:, None], silu_cols, DT, SILU, HW)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _sum_splits_kernel(p_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, DT: tl.constexpr,
+def _sum_splits_kernel(p_ptr, out_ptr, numel, n_cols, silu_cols, SPLIT_K: tl.constexpr,
+                       DT: tl.constexpr, SILU: tl.constexpr, HW: tl.constexpr,
                        BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """p [SPLIT_K, numel] float32 → out [numel]: the partials summed in split order, rounded."""
+    """p [SPLIT_K, numel] float32 → out [numel]: the partials summed in split order, rounded
+    (rows of ``n_cols``; ``SILU`` as in the skinny kernel)."""
     pdl_enter(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.load(p_ptr + offs, mask=mask, other=0.0)
     for s in tl.static_range(1, SPLIT_K):
         acc += tl.load(p_ptr + s * numel + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, round_dtype(acc, DT).to(out_ptr.dtype.element_ty), mask=mask)
+    y = _rounded_out(acc, offs % n_cols, silu_cols, DT, SILU, HW)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _operands(xq, x_scale, wq, w_scale, out_dtype):
@@ -235,9 +275,11 @@ def _out_tensor(name: str, out: torch.Tensor | None, m: int, n: int, dtype: torc
 
 
 def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
-            out: torch.Tensor, cfg: SkinnyConfig, scaled: bool) -> torch.Tensor:
-    """The skinny kernel (and the split-K sum) on validated, K-contiguous operands, M, N, K > 0."""
-    (m, k), n = x.shape, w.shape[0]
+            out: torch.Tensor, cfg: SkinnyConfig, scaled: bool, silu_cols: int = 0,
+            glu: bool = False) -> torch.Tensor:
+    """The skinny kernel (and the split-K sum) on validated, K-contiguous operands, M, N, K > 0
+    (``silu_cols``, ``glu``: see bf16_gemm_small_m)."""
+    m, (n, k) = x.shape[0], w.shape
     dt = DTYPE_CODES[out.dtype]
     block_m = min(64, max(16, triton.next_power_of_2(m))) if cfg.use_dot else 1
     k_steps = triton.cdiv(k, cfg.block_k)
@@ -252,16 +294,19 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
                               or (w.dtype == torch.bfloat16 and not _compiled()))
     _skinny_kernel[grid](
         x, xs, w, ws, dst, m, n, k, x.stride(0), w.stride(0), steps_per_split * cfg.block_k,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
+        silu_cols, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        USE_DOT=cfg.use_dot,
         EVEN_K=k % cfg.block_k == 0, SPLIT=split > 1, DT=dt,
         W_EVICT="evict_first" if cfg.evict_first else "", BROADCAST_X=cfg.broadcast_x,
-        PREFETCH=cfg.prefetch, SCALED=scaled, DOT_F32=dot_f32, num_warps=cfg.num_warps,
+        PREFETCH=cfg.prefetch, SCALED=scaled, DOT_F32=dot_f32, GLU=glu, SILU=silu_cols > 0,
+        HW=_compiled(), RELEASE_LATE=silu_cols > 0 and split == 1, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_args(x.device),
     )
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, _SUM_BLOCK),)](
-            dst, out, m * n, SPLIT_K=split, DT=dt, BLOCK=_SUM_BLOCK, num_warps=4,
+            dst, out, m * n, n, silu_cols, SPLIT_K=split, DT=dt, SILU=silu_cols > 0,
+            HW=_compiled(), BLOCK=_SUM_BLOCK, num_warps=4,
             **pdl_args(x.device))
     return out
 
@@ -294,27 +339,36 @@ def fp8_gemm_small_m(
 
 
 def bf16_gemm_small_m(x: torch.Tensor, w: torch.Tensor, config: SkinnyConfig | None = None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, *, silu_cols: int = 0,
+                      glu: bool = False) -> torch.Tensor:
     """x [M, K], w [N, K] of one dtype (bf16, fp16 or float32) → x·wᵀ [M, N] in that dtype.
 
     ``fp8_gemm_small_m``'s kernel without scales: float32 accumulation, the output rounded
     once (half to even). ``config`` overrides ``default_config(..., elem_bytes)``, whose
     ``TUNED_16BIT`` is this function's table; ``out``: a contiguous [M, N] tensor of x's dtype.
     CUDA-graph safe: no host synchronisation.
+
+    SwiGLU folded into two GEMVs, so no kernel runs between them: ``silu_cols`` = I applies
+    F.silu to output columns [0, I) (gate_up's gate half), and ``glu=True`` takes such an
+    output, x = [silu(gate) | up] of shape [M, 2K], as the input silu(gate)·up; together,
+    bit for bit, ``silu_and_mul_ref`` between the two products.
     """
     if x.dtype not in DTYPE_CODES or w.dtype != x.dtype:
         raise ValueError(f"bf16_gemm_small_m: x and w must have one dtype of "
                          f"{list(DTYPE_CODES)}, got {x.dtype} and {w.dtype}")
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] * (2 if glu else 1):
         raise ValueError(f"bf16_gemm_small_m: shapes {tuple(x.shape)} × {tuple(w.shape)}ᵀ "
-                         "do not multiply ([M, K] and [N, K] expected)")
+                         f"do not multiply ([M, {'2K' if glu else 'K'}] and [N, K] expected)")
+    if not 0 <= silu_cols <= w.shape[0]:
+        raise ValueError(f"bf16_gemm_small_m: silu_cols {silu_cols} outside [0, {w.shape[0]}]")
     x = x if x.stride(-1) == 1 else x.contiguous()
     w = w if w.stride(-1) == 1 else w.contiguous()
-    (m, k), n = x.shape, w.shape[0]
+    m, (n, k) = x.shape[0], w.shape
     out = _out_tensor("bf16_gemm_small_m", out, m, n, x.dtype, x.device)
     if m == 0 or n == 0 or k == 0:
         return out.zero_()
     dev = x.device
     cfg = config or default_config(m, n, k, sm_count(dev.type, dev.index),
                                    elem_bytes=w.element_size(), gpu=gpu_model(dev.type, dev.index))
-    return _launch(x, x, w, w, out, cfg, scaled=False)  # x, w in place of the unread scales
+    # x, w in place of the unread scales
+    return _launch(x, x, w, w, out, cfg, scaled=False, silu_cols=silu_cols, glu=glu)

@@ -113,6 +113,13 @@ def _e4m3(y, HW_CAST: tl.constexpr):
 
 
 @triton.jit
+def silu_rounded(gate, DT: tl.constexpr, HW: tl.constexpr = False):
+    """silu of float32 ``gate`` (values of the dtype), rounded to the dtype: F.silu of a 16-bit
+    tensor; ``HW`` as in ``round_dtype``."""
+    return round_dtype(gate / (1.0 + tl.exp(-gate)), DT, HW)
+
+
+@triton.jit
 def _load_act(x_row, n_cols, offs, mask, SILU: tl.constexpr, DT: tl.constexpr,
               HW: tl.constexpr):
     """Row x_row's columns offs as float32: x itself, or silu(gate) * up of [gate | up] with the
@@ -121,8 +128,7 @@ def _load_act(x_row, n_cols, offs, mask, SILU: tl.constexpr, DT: tl.constexpr,
     if SILU:
         gate = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_row + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
-        act = round_dtype(gate / (1.0 + tl.exp(-gate)), DT, HW)
-        v = round_dtype(act * up, DT, HW)
+        v = round_dtype(silu_rounded(gate, DT, HW) * up, DT, HW)
     else:
         v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
     return v

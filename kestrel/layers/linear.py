@@ -206,3 +206,24 @@ class RowParallelLinear(LinearBase):
         if self.reduce_results:
             y = self.tp.all_reduce(y)
         return y + self.bias if self.bias is not None else y
+
+
+def swiglu_skinny(gate_up: MergedColumnParallelLinear, down: RowParallelLinear,
+                  x: torch.Tensor) -> torch.Tensor | None:
+    """down(silu(gate) · up) with the activation folded into the two skinny GEMVs (gate_up's
+    output columns of the gate go through silu as they are stored, down multiplies by up as it
+    loads: ``bf16_gemm_small_m``'s ``silu_cols`` and ``glu``), so no kernel runs between them;
+    the same bits as the three steps. None where either layer would not run the skinny kernel
+    (quantized or biased layers, shapes not in ``TUNED_16BIT``, CPU)."""
+    if not (x.is_cuda and gate_up.bias is None and down.bias is None
+            and type(gate_up.quant_method) is UnquantizedLinearMethod
+            and type(down.quant_method) is UnquantizedLinearMethod):
+        return None
+    from kestrel.kernels.fp8_gemm import bf16_gemm_small_m
+    from kestrel.kernels.skinny_config import beats_cublas
+
+    if not (beats_cublas(x, gate_up.weight) and beats_cublas(x, down.weight)):
+        return None
+    h = bf16_gemm_small_m(x, gate_up.weight, silu_cols=gate_up.output_sizes[0])
+    y = bf16_gemm_small_m(h, down.weight, glu=True)
+    return down.tp.all_reduce(y) if down.reduce_results else y

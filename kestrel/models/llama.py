@@ -16,7 +16,12 @@ from kestrel.attention.base import AttentionBackend, AttentionMetadata
 from kestrel.config import ModelConfig, QuantConfig
 from kestrel.layers.activation import silu_and_mul_ref
 from kestrel.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from kestrel.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from kestrel.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    swiglu_skinny,
+)
 from kestrel.layers.norm import RMSNorm
 from kestrel.layers.rotary import RotaryEmbedding
 from kestrel.parallel.state import SINGLE, TPGroup
@@ -71,8 +76,14 @@ class LlamaMLP(nn.Module):
             cfg.intermediate_size, cfg.hidden_size, False, dtype,
             get_quant_method(quant, LayerPlace(f"{prefix}.down_proj", idx, n)), tp)
         self.act = silu_and_mul_ref
+        # Set by the kernel registry: try swiglu_skinny (the activation inside the two GEMVs).
+        self.fold_act = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fold_act:
+            y = swiglu_skinny(self.gate_up_proj, self.down_proj, x)
+            if y is not None:
+                return y
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 

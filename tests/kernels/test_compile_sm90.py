@@ -48,6 +48,8 @@ def _record(monkeypatch) -> list[tuple]:
 def _on_cuda(values: dict) -> dict:
     """The constexprs the wrappers pass on CUDA instead of their interpreter settings."""
     cuda = {"HW_CAST": True}  # sm_90 has the e4m3 conversion (fp8_quant.hw_fp8_cast)
+    if "HW" in values:  # and cvt.rn for round_dtype (the skinny GEMM's SwiGLU fold)
+        cuda["HW"] = True
     if "PDL" in values:  # and programmatic dependent launch (kernels.pdl)
         cuda["PDL"] = True
     if "UPCAST" in values:  # attention dots: paged_attention.dot_flags for q's dtype
@@ -97,6 +99,12 @@ def _representative_calls() -> None:
                     skinny_config.SkinnyConfig(16, 32, 2, use_dot=True)):
             fp8_gemm.bf16_gemm_small_m(torch.randn(2, 128, generator=g).to(dt),
                                        torch.randn(32, 128, generator=g).to(dt), config=cfg)
+        for cfg in (skinny_config.SkinnyConfig(4, 64), skinny_config.SkinnyConfig(4, 64, 2)):
+            h = fp8_gemm.bf16_gemm_small_m(torch.randn(1, 64, generator=g).to(dt),
+                                           torch.randn(64, 64, generator=g).to(dt),
+                                           config=cfg, silu_cols=32)  # SwiGLU folded in
+            fp8_gemm.bf16_gemm_small_m(h, torch.randn(16, 32, generator=g).to(dt), config=cfg,
+                                       glu=True)
     a = torch.randn(4, 256, generator=g)
     fp8_quant.per_token_quant_fp8(a, 1200.0)
     fp8_quant.per_token_quant_fp8(a, 1200.0, max_one_pass=64)

@@ -161,3 +161,56 @@ def test_dense_linear_runs_the_kernel_for_listed_shapes(monkeypatch):
     y = linear_mod.dense_linear(x, w, bias)
     assert calls == [(1, 1024)]  # two rows and a bias: cuBLAS
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w, bias))
+
+
+@pytest.mark.parametrize("name", ["fma", "fma_split", "fma_bx_ef", "fma_prefetch_split",
+                                  "dot_split"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_swiglu_folded_into_the_two_products(name, m):
+    """gate_up with ``silu_cols`` then down with ``glu`` is silu_and_mul_ref between the two
+    plain products: the up half and down's output bit for bit, the silu'd gate half up to one
+    bf16 rounding of exp's last float32 bit (the interpreter's exp is not torch's)."""
+    cfg = CONFIGS[name]
+    inter = 72  # K of down not a multiple of block_k; 2·inter not one of block_n
+    x, w_gu = _operands(m, 2 * inter, 150, torch.bfloat16, seed=10 + m)
+    _, w_down = _operands(m, 40, inter, torch.bfloat16, seed=20 + m)
+    plain = bf16_gemm_small_m(x, w_gu, config=cfg)
+    folded = bf16_gemm_small_m(x, w_gu, config=cfg, silu_cols=inter)
+    assert torch.equal(folded[:, inter:], plain[:, inter:])
+    gate = torch.nn.functional.silu(plain[:, :inter])
+    torch.testing.assert_close(folded[:, :inter], gate, rtol=2.0 ** -7, atol=0.0)
+    assert float((folded[:, :inter] != gate).float().mean()) < 0.05
+    act = (folded[:, :inter].float() * folded[:, inter:].float()).to(torch.bfloat16)
+    out = torch.full((m, 40), float("nan"), dtype=torch.bfloat16, device=DEV)
+    y = bf16_gemm_small_m(folded, w_down, config=cfg, out=out, glu=True)
+    assert torch.equal(y, bf16_gemm_small_m(act, w_down, config=cfg))
+    with pytest.raises(ValueError, match="do not multiply"):
+        bf16_gemm_small_m(act, w_down, glu=True)
+    with pytest.raises(ValueError, match="silu_cols"):
+        bf16_gemm_small_m(x, w_gu, silu_cols=2 * inter + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("split", [1, 3])
+def test_swiglu_skinny_gives_the_three_steps_bits(monkeypatch, split):
+    """The MLP's folded path (linear.swiglu_skinny) against gate_up, the fused silu_and_mul
+    kernel, down: the same bits; None (the caller's three steps) for shapes not listed."""
+    from kestrel.kernels.fused import silu_and_mul
+    from kestrel.layers.linear import MergedColumnParallelLinear, RowParallelLinear, swiglu_skinny
+
+    hidden, inter = 1024, 2816
+    gate_up = MergedColumnParallelLinear(hidden, [inter] * 2, dtype=torch.bfloat16).to(DEV)
+    down = RowParallelLinear(inter, hidden, dtype=torch.bfloat16).to(DEV)
+    gate_up.weight.data.normal_(0, 0.05)
+    down.weight.data.normal_(0, 0.05)
+    x, _ = _operands(1, 8, hidden, torch.bfloat16, seed=11)
+    monkeypatch.setattr(skinny_config, "TUNED_16BIT", {})
+    assert swiglu_skinny(gate_up, down, x) is None
+    sms = skinny_config.sm_count("cuda", x.device.index)
+    monkeypatch.setitem(skinny_config.TUNED_16BIT, (sms, 1, 2 * inter, hidden),
+                        SkinnyConfig(16, 256, split, evict_first=True, broadcast_x=True))
+    monkeypatch.setitem(skinny_config.TUNED_16BIT, (sms, 1, hidden, inter),
+                        SkinnyConfig(16, 256, 3, broadcast_x=True))
+    want = down(silu_and_mul(gate_up(x)))
+    assert torch.equal(swiglu_skinny(gate_up, down, x), want)
