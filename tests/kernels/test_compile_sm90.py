@@ -159,6 +159,9 @@ def test_every_kernel_compiles_for_sm90(monkeypatch) -> None:
     names = {fn.__name__ for fn, *_ in specs}
     assert {"_rotary_cache_kernel", "_decode_kernel", "_prefill_kernel",
             "_per_token_quant_kernel", "_skinny_kernel", "_rms_norm_quant_kernel"} <= names
+    late = {consts[(triton.JITFunction(fn).arg_names.index("RELEASE_LATE"),)]
+            for fn, _, consts, _ in specs if fn.__name__ == "_skinny_kernel"}
+    assert late == {True, False}  # both PDL release points are compiled and checked
     jobs = [{"module": fn.__module__, "name": fn.__name__, "sig": sig,
              "consts": [[list(k), v] for k, v in consts.items()], "opts": opts}
             for fn, sig, consts, opts in specs]
@@ -187,6 +190,10 @@ for job in json.loads(sys.stdin.read()):
         elif (job["name"] == "_skinny_kernel" and "griddepcontrol.wait" in ptx
               and not 0 <= ptx.find("ld.global") < ptx.find("griddepcontrol.wait")):
             print("weights-not-loaded-before-the-PDL-wait")  # kestrel.kernels.pdl's protocol
+        elif (job["name"] == "_skinny_kernel" and "griddepcontrol.wait" in ptx
+              and (ptx.find("griddepcontrol.launch_dependents") > ptx.find("griddepcontrol.wait"))
+              != consts[(kernel.arg_names.index("RELEASE_LATE"),)]):
+            print("dependents-released-at-the-wrong-point")  # at the start, or after the loop
         else:
             print("ok")
     except Exception as e:
