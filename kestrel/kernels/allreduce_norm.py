@@ -9,21 +9,24 @@ RMS-normalised. At batch 1 on 2×H200 that pair costs ~7 µs (one-shot all-reduc
 does both, on symmetric memory (kestrel.parallel.symm_mem: every rank's buffer and signal pad
 mapped into its peers' address space):
 
-1. push: each rank stores its partial rows into its own slot of every peer's buffer
-   (NVLink stores, no round trip);
-2. barrier: after a bar.sync, thread 0 writes this call's number into its flag in each peer's
-   signal pad with a system-scope release store (the program's pushed rows become visible
-   first), then spins on its own pad (acquire) until each peer's flag has reached it;
-3. sums the W slots in rank order in float32 (every rank adds the same numbers in the same
-   order: identical bits on all ranks, and the sum NCCL gives for W = 2), rounds it to the
-   dtype, then adds the residual and normalises exactly as ``fused._rms_norm_kernel``.
+1. push: each rank stores its partial rows into its own slot of every peer's buffer (NVLink
+   stores, no round trip) as "LL" words (NCCL's low-latency protocol): 8 bytes each, a 32-bit
+   payload (two 16-bit elements, or one float32) under a 32-bit flag, this call's number;
+2. each rank reads its own buffer, spinning on each peer's words until all carry this call's
+   flag: a word is stored in one 8-byte transaction, so its payload arrives with its flag and
+   no fence or separate signal is needed (the tenth session's version pushed plain rows, then
+   signalled with a system-scope release store and spun on an acquire load: ~4.5 µs a call);
+3. sums the W contributions in rank order in float32 (every rank adds the same numbers in the
+   same order: identical bits on all ranks, and the sum NCCL gives for W = 2), rounds it to
+   the dtype, then adds the residual and normalises exactly as ``fused._rms_norm_kernel``.
 
 Calls alternate between two halves of the buffer (by the parity of the call number), so no
 barrier is needed at the end: a peer can push into the half this rank still reads only two
-calls later, and it gets there only after this rank's flag for the next call, which this rank
-writes after its reads (a release orders them). Each program keeps its call number in its own
-pad and flags only grow (compared modulo 2^32), so nothing is ever cleared: the kernel replays
-in CUDA graphs with no host-side state. The fused region of the buffer lies past the part
+calls later, and it gets there only after it has read this rank's words of the next call,
+which this rank pushes after its reads. Each program keeps its call number in its own slot of
+the signal pad; flags are compared for equality, so stale words (from two calls before, or
+the buffer's zeros at start) never pass, and nothing is ever cleared: the kernel replays in
+CUDA graphs with no host-side state. The fused region of the buffer lies past the part
 torch's one-shot all-reduce uses, so the two never touch each other's rows.
 """
 
@@ -37,56 +40,30 @@ from kestrel.kernels.pdl import pdl_args, pdl_release, pdl_wait
 
 
 @triton.jit
-def _signal(pad, value):
-    """Thread 0 stores ``value`` at ``pad`` (a peer's slot), releasing at system scope: the
-    program's earlier stores, ordered before it by the preceding bar.sync, are visible first."""
-    tl.inline_asm_elementwise(
-        """{
-        .reg .u32 %t0;
-        .reg .pred %first;
-        mov.u32 %t0, %tid.x;
-        setp.eq.u32 %first, %t0, 0;
-        @%first st.release.sys.global.u32 [$1], $2;
-        mov.u32 $0, 0;
-        }""", "=r,l,r", [pad, value], dtype=tl.int32, is_pure=False, pack=1)
+def _ll_words(x_ptr, row, offs_w, mask_w, flag, WORDS: tl.constexpr):
+    """Row ``row`` of x as LL words: its 32-bit payloads (two 16-bit elements or one float32)
+    each under this call's ``flag`` in the high half."""
+    d = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + row * WORDS + offs_w, mask=mask_w,
+                other=0)
+    return flag | d.to(tl.uint32, bitcast=True).to(tl.int64)
 
 
 @triton.jit
-def _wait(pad, value):
-    """Thread 0 spins until its own slot ``pad`` has reached ``value`` (acquiring at system
-    scope; modulo 2^32); the caller's bar.sync holds the other threads until then."""
-    tl.inline_asm_elementwise(
-        """{
-        .reg .u32 %t0;
-        .reg .u32 %v;
-        .reg .pred %first;
-        .reg .pred %unset;
-        mov.u32 %t0, %tid.x;
-        setp.ne.u32 %first, %t0, 0;
-        @%first bra L_done_${:uid};
-        L_spin_${:uid}:
-        ld.acquire.sys.global.u32 %v, [$1];
-        sub.u32 %v, %v, $2;
-        setp.lt.s32 %unset, %v, 0;
-        @%unset bra L_spin_${:uid};
-        L_done_${:uid}:
-        mov.u32 $0, 0;
-        }""", "=r,l,r", [pad, value], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _barrier(sig_ptrs, mine_sig, slots, rank, call, W: tl.constexpr):
-    """Write ``call`` into this rank's flag in every peer's pad, then wait until every peer's
-    flag in this rank's pad has reached it."""
-    tl.debug_barrier()  # the whole program's stores precede the signal
-    for r in tl.static_range(W):
-        if r != rank:
-            peer_sig = tl.load(sig_ptrs + r).to(tl.pointer_type(tl.int32))
-            _signal(peer_sig + slots + rank, call)
-    for r in tl.static_range(W):
-        if r != rank:
-            _wait(mine_sig + slots + r, call)
-    tl.debug_barrier()  # the whole program's loads follow the signal
+def _ll_receive(ptrs, mask_w, call, flag, dt, PACK: tl.constexpr):
+    """Spin until every word at ``ptrs`` carries this call's flag (the peer's store of a word
+    is one 8-byte transaction: its payload arrives with its flag); the payloads as float32,
+    in element order."""
+    w = tl.load(ptrs, mask=mask_w, other=flag, volatile=True)
+    while tl.sum(((w >> 32).to(tl.int32) != call).to(tl.int32), axis=0) > 0:
+        w = tl.load(ptrs, mask=mask_w, other=flag, volatile=True)
+    d = w.to(tl.int32)  # the low half: the payload
+    if PACK == 2:
+        lo = (d & 0xFFFF).to(tl.int16).to(dt, bitcast=True)
+        hi = (d >> 16).to(tl.int16).to(dt, bitcast=True)
+        v = tl.interleave(lo, hi).to(tl.float32)
+    else:
+        v = d.to(tl.float32, bitcast=True)
+    return v
 
 
 @triton.jit
@@ -96,48 +73,55 @@ def _allreduce_rms_norm_kernel(
     w_ptr,  # [H] norm weight
     out_ptr,  # [M, H] normalised
     res_out_ptr,  # [M, H] new residual: all_reduce(x) + residual
-    buf_ptrs,  # [W] int64: every rank's buffer; from buf_offset on, [2, W, max_rows, H]
+    buf_ptrs,  # [W] int64: every rank's buffer; from word ll_offset on, [2, W, max_rows, WORDS]
     sig_ptrs,  # [W] int64: every rank's signal pad (int32 slots)
-    M, H, max_rows, rank, buf_offset,
-    slot_base,  # first int32 of the pads' slots: W flags + a call number per program
+    M, H, max_rows, rank, ll_offset,
+    slot_base,  # first int32 of the pads' slots: a call number per program
     eps,
     W: tl.constexpr,
     BLOCK: tl.constexpr,
+    PACK: tl.constexpr,  # elements per 32-bit payload: 2 (16-bit dtypes) or 1 (float32)
     PDL: tl.constexpr,
 ):
-    # Under PDL: before the wait only this kernel's own state is read (the call count, the
-    # pads' and buffers' addresses); x comes from the GEMV before. The next GEMV is released
+    # Under PDL: before the wait only the pads' and buffers' addresses are read; x comes from
+    # the GEMV before, the call count from this kernel's previous call. The next GEMV is released
     # only after the wait, as by every small kernel (kernels/pdl.py): released at the start,
     # it launched while the GEMV before was still streaming, two GEMVs prefetched at once,
     # and a TP=2 step took 2.79 ms instead of 2.64 (2×H200, same call).
+    WORDS: tl.constexpr = BLOCK // PACK
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
+    offs_w = tl.arange(0, WORDS)
+    mask_w = offs_w < H // PACK
     dt = x_ptr.dtype.element_ty
-    mine_sig = tl.load(sig_ptrs + rank).to(tl.pointer_type(tl.int32))
-    slots = slot_base + pid * (W + 1)  # this program's flags (one per rank), then its count
-    call = tl.load(mine_sig + slots + W, volatile=True) + 1  # stored back at the end
-    half = buf_offset + (call & 1) * W * max_rows * H
+    count = tl.load(sig_ptrs + rank).to(tl.pointer_type(tl.int32)) + slot_base + pid
     pdl_wait(PDL)
     pdl_release(PDL)
+    # After the wait: the previous call of this kernel stores the count at its end, and under
+    # PDL this call's programs may start while that one still runs.
+    call = tl.load(count, volatile=True) + 1  # stored back at the end
+    call = tl.where(call == 0, 2, call)  # wrapped: 0 is the zeroed buffer's flag; parity kept
+    flag = call.to(tl.int64) << 32
+    half = ll_offset + (call & 1).to(tl.int64) * W * max_rows * WORDS
     for row in range(pid, M, progs):  # 1. push this rank's rows into every peer's slot `rank`
-        v = tl.load(x_ptr + row * H + offs, mask=mask)
+        words = _ll_words(x_ptr, row, offs_w, mask_w, flag, WORDS)
         for r in tl.static_range(W):
             if r != rank:
-                peer = tl.load(buf_ptrs + r).to(tl.pointer_type(dt))
-                tl.store(peer + half + (rank * max_rows + row) * H + offs, v, mask=mask)
-    _barrier(sig_ptrs, mine_sig, slots, rank, call, W)  # 2.
-    mine = tl.load(buf_ptrs + rank).to(tl.pointer_type(dt))
-    for row in range(pid, M, progs):  # 3.
+                peer = tl.load(buf_ptrs + r).to(tl.pointer_type(tl.int64))
+                tl.store(peer + half + (rank * max_rows + row) * WORDS + offs_w, words,
+                         mask=mask_w)
+    mine = tl.load(buf_ptrs + rank).to(tl.pointer_type(tl.int64))
+    for row in range(pid, M, progs):  # 2. sum in rank order as the peers' words arrive
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(W):
             if r == rank:
-                v = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0)
-            else:  # written by a peer during this kernel: past the caches
-                v = tl.load(mine + half + (r * max_rows + row) * H + offs, mask=mask,
-                            other=0.0, cache_modifier=".cv")
-            acc += v.to(tl.float32)
+                v = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                v = _ll_receive(mine + half + (r * max_rows + row) * WORDS + offs_w, mask_w,
+                                call, flag, dt, PACK)
+            acc += v
         s = acc.to(dt).to(tl.float32)  # the all-reduce's output, in the dtype
         res = tl.load(res_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
         x = (s + res).to(dt)
@@ -148,20 +132,21 @@ def _allreduce_rms_norm_kernel(
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * H + offs, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
     tl.debug_barrier()  # every thread has read the count before it changes
-    tl.store(mine_sig + slots + W, call)
+    tl.store(count, call)
 
 
 def allreduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                        buf_ptrs: torch.Tensor, sig_ptrs: torch.Tensor, rank: int, world: int,
-                       buf_offset: int, max_rows: int, slot_base: int, programs: int
+                       ll_offset: int, max_rows: int, slot_base: int, programs: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, residual [M, H] contiguous, M <= max_rows → (normed [M, H], new residual [M, H]).
+    """x, residual [M, H] contiguous, M <= max_rows, H · itemsize a multiple of 4 →
+    (normed [M, H], new residual [M, H]).
 
     ``buf_ptrs`` / ``sig_ptrs``: int64 device tensors of every rank's symmetric buffer (from
-    element ``buf_offset`` on, 2 · world · max_rows · H elements of x's dtype) and signal pad;
-    ``programs``: at most this many programs, each with world + 1 int32 signal slots from
-    ``slot_base`` on. Every rank of the group must call it with the same M and settings, as
-    for any collective.
+    8-byte word ``ll_offset`` on, 2 · world · max_rows · H · itemsize / 4 words, zero or
+    written only by this kernel) and signal pad; ``programs``: at most this many programs, each
+    with one int32 signal slot from ``slot_base`` on. Every rank of the group must call it with
+    the same M and settings, as for any collective.
     """
     m, h = x.shape
     out = torch.empty_like(x)
@@ -171,6 +156,6 @@ def allreduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     block = triton.next_power_of_2(h)
     _allreduce_rms_norm_kernel[(min(m, programs),)](
         x, residual, weight, out, res_out, buf_ptrs, sig_ptrs, m, h, max_rows, rank,
-        buf_offset, slot_base, eps, W=world, BLOCK=block,
+        ll_offset, slot_base, eps, W=world, BLOCK=block, PACK=4 // x.element_size(),
         num_warps=max(1, min(16, block // 256)), **pdl_args(x.device))
     return out, res_out

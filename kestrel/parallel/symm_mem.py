@@ -29,8 +29,8 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 MAX_BYTES = 1 << 20  # one-shot reads every peer's whole input: best for small tensors
-NORM_BYTES = 4 << 20  # the fused all-reduce + RMSNorm's region, after torch's MAX_BYTES
-NORM_PROGRAMS = 16  # programs of the fused all-reduce + RMSNorm, each W + 1 signal slots
+NORM_BYTES = 8 << 20  # the fused all-reduce + RMSNorm's region, after torch's MAX_BYTES
+NORM_PROGRAMS = 16  # programs of the fused all-reduce + RMSNorm, each one signal slot
 
 
 class SymmMemAllReduce:
@@ -43,6 +43,8 @@ class SymmMemAllReduce:
         self.dtype = dtype
         self.buffer = symm_mem.empty((MAX_BYTES + NORM_BYTES) // dtype.itemsize, dtype=dtype,
                                      device=device)
+        # the fused kernel's region starts zeroed: no word carries a call's flag before it
+        self.buffer[MAX_BYTES // dtype.itemsize:].zero_()
         handle = symm_mem.rendezvous(self.buffer, self.group_name)
         self._copy_in = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy")
         # For the fused all-reduce + RMSNorm kernel: every rank's buffer (its region starts
@@ -51,7 +53,7 @@ class SymmMemAllReduce:
         self.rank, self.world = handle.rank, handle.world_size
         self.buf_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         self.sig_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
-        self.slot_base = handle.signal_pad_size // 4 - NORM_PROGRAMS * (self.world + 1)
+        self.slot_base = handle.signal_pad_size // 4 - NORM_PROGRAMS
         self.fused_norm = False  # set by try_symm_mem_all_reduce once its self-check passed
 
     def fits(self, x: torch.Tensor) -> bool:
@@ -63,12 +65,14 @@ class SymmMemAllReduce:
         """Can ``rms_norm`` take this (rows, each rank's copy in every buffer, fit)?"""
         return (self.fused_norm and residual is not None and x.dim() == 2
                 and x.dtype == self.dtype and residual.dtype == self.dtype
+                and x.shape[1] * x.element_size() % 4 == 0
                 and x.is_contiguous() and residual.is_contiguous() and x.shape == residual.shape
                 and x.shape[0] <= self._max_rows(x.shape[1]))
 
     def _max_rows(self, hidden: int) -> int:
-        """Rows of the fused kernel: its region holds two halves of W slots of rows."""
-        return NORM_BYTES // self.dtype.itemsize // (2 * self.world * hidden)
+        """Rows of the fused kernel: its region holds two halves of W slots of rows, 8-byte
+        words of 4 bytes of payload each."""
+        return NORM_BYTES // (2 * self.world * hidden * self.dtype.itemsize * 2)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +80,7 @@ class SymmMemAllReduce:
         from kestrel.kernels.allreduce_norm import allreduce_rms_norm
 
         return allreduce_rms_norm(x, residual, weight, eps, self.buf_ptrs, self.sig_ptrs,
-                                  self.rank, self.world, MAX_BYTES // self.dtype.itemsize,
+                                  self.rank, self.world, MAX_BYTES // 8,
                                   self._max_rows(x.shape[1]), self.slot_base, NORM_PROGRAMS)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

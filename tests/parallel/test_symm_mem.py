@@ -106,7 +106,7 @@ def test_one_shot_all_reduce_equals_nccl(dtype):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=300)
+        p.join(timeout=150)
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.kill()
