@@ -40,9 +40,10 @@ class DecodeGraphs:
         self.max_blocks = -(-max_model_len // block_size)
         self.max_model_len = max_model_len
         i32 = dict(dtype=torch.int32, device=device)
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        # input ids, positions and slot mapping as rows of one buffer: one copy stages them
+        self.id_pos_slot = torch.zeros(3, n, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.id_pos_slot
+        self.slot_mapping.fill_(-1)
         self.seq_lens = torch.ones(n, **i32)
         self.block_tables = torch.zeros(n, self.max_blocks, **i32)
         self.query_start_loc = torch.arange(n + 1, **i32)
@@ -86,18 +87,24 @@ class DecodeGraphs:
         return bool(self.graphs) and num_seqs <= self.sizes[-1]
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-            hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> Any:
+            hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+            id_pos_slot: torch.Tensor | None = None) -> Any:
         """Decode batch of ``n`` sequences through the smallest fitting graph → logits [n, V]
         (last stage) or (hidden, residual) [n, H] each; ``hidden``/``residual``: the previous
-        stage's output (every stage but the first)."""
+        stage's output (every stage but the first); ``id_pos_slot``: [3, n], the input ids,
+        positions and slot mapping as rows of one tensor (ForwardBatch's), staged in one copy.
+        Each small copy before a replay cost ~2.6 µs of a batch-1 step (H200)."""
         n = input_ids.shape[0]
         bs = next(s for s in self.sizes if s >= n)
         if not self.first:
             self.hidden[:n].copy_(hidden)
             self.residual[:n].copy_(residual)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        if id_pos_slot is not None:
+            self.id_pos_slot[:, :n].copy_(id_pos_slot)
+        else:
+            self.input_ids[:n].copy_(input_ids)
+            self.positions[:n].copy_(positions)
+            self.slot_mapping[:n].copy_(meta.slot_mapping)
         self.slot_mapping[n:bs].fill_(-1)  # padded rows write nothing
         self.seq_lens[:n].copy_(meta.seq_lens)
         self.seq_lens[n:bs].fill_(1)

@@ -1,0 +1,47 @@
+"""ModelRunner.prepare: one upload holds every array in the dtype its reader wants, the ids,
+positions and slots as rows of one tensor (a graph replay stages them in one copy), and the
+placeholders of overlapped steps filled from the previous step's tokens on the device."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from kestrel.core.scheduler import ScheduledRequest, SchedulerOutput
+from kestrel.executor.model_runner import ModelRunner, PrevTokens
+
+
+def _prepare(out: SchedulerOutput, prev: PrevTokens | None = None):
+    runner = SimpleNamespace(block_size=4, device=torch.device("cpu"))
+    runner._upload = lambda arrays: ModelRunner._upload(runner, arrays)
+    return ModelRunner.prepare(runner, out, prev)
+
+
+def test_decode_of_placeholders_gathers_the_previous_tokens():
+    prev = PrevTokens({"a": 1, "b": 0}, torch.tensor([70, 71]))
+    out = SchedulerOutput([ScheduledRequest("a", [-1], 5, [3, 8], True),
+                           ScheduledRequest("b", [-1], 2, [6], True)])
+    batch = _prepare(out, prev)
+    assert batch.input_ids.tolist() == [71, 70]
+    assert batch.positions.tolist() == [5, 2]
+    assert batch.meta.slot_mapping.tolist() == [8 * 4 + 1, 6 * 4 + 2]
+    for row, t in zip(batch.id_pos_slot, (batch.input_ids, batch.positions,
+                                         batch.meta.slot_mapping)):
+        assert row.data_ptr() == t.data_ptr() and row.dtype == torch.int64
+    meta = batch.meta
+    assert (meta.query_start_loc.dtype, meta.seq_lens.dtype, meta.block_tables.dtype) == (
+        torch.int32,) * 3
+    assert meta.query_start_loc.tolist() == [0, 1, 2] and meta.seq_lens.tolist() == [6, 3]
+    assert meta.block_tables.tolist() == [[3, 8], [6, 0]]
+
+
+def test_a_prompt_chunk_beside_a_placeholder_keeps_its_tokens():
+    prev = PrevTokens({"a": 0}, torch.tensor([55]))
+    out = SchedulerOutput([ScheduledRequest("p", [9, 8, 7], 0, [2], True),
+                           ScheduledRequest("a", [-1], 4, [1, 5], True)])
+    batch = _prepare(out, prev)
+    assert batch.input_ids.tolist() == [9, 8, 7, 55]
+    assert batch.positions.tolist() == [0, 1, 2, 4]
+    assert batch.id_pos_slot.shape == (3, 4)
+    assert batch.logits_indices.tolist() == [2, 3]
