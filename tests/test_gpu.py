@@ -110,3 +110,16 @@ def test_programmatic_dependent_launch_on_and_off_identical(checkpoint, monkeypa
                                   enforce_eager=True))
     pdl._enabled.cache_clear()
     assert runs["1"] == runs["0"]
+
+
+def test_llm_int8_on_gpu_equals_cpu_and_decodes_eagerly(checkpoint):
+    """-q int8 (LLM.int8()): torch._int_mm's exact int32 sums give the tokens of the CPU's
+    float64 ones; its outlier search reads back to the host, so the runner skips CUDA graphs."""
+    prompts = _prompts(3)
+    kw = {"dtype": "float32", "quantization": "int8"}
+    cpu = _tokens(checkpoint, prompts, device="cpu", **kw)
+
+    def eager(llm):
+        assert llm.engine.executor.runner.graphs is None
+
+    assert _tokens(checkpoint, prompts, eager, device="cuda", **kw) == cpu

@@ -31,6 +31,7 @@ class EngineArgs:
     fp8_activation_scale_ub: float = 1200.0
     fp8_attention: bool = False
     fp8_skip_layers: bool = True
+    int8_threshold: float = 6.0  # LLM.int8(): input features this large stay in float
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     disable_custom_all_reduce: bool = False
@@ -109,7 +110,8 @@ def _quant_config(args: EngineArgs, folder: str | None) -> QuantConfig:
                 return found
             raise ValueError(f"{folder}: unsupported quantization_config {qc.get('quant_method')!r}")
     return QuantConfig(method=method, fp8_activation_scale_ub=args.fp8_activation_scale_ub,
-                       fp8_attention=args.fp8_attention, fp8_skip_layers=args.fp8_skip_layers)
+                       fp8_attention=args.fp8_attention, fp8_skip_layers=args.fp8_skip_layers,
+                       extra={"int8_threshold": args.int8_threshold})
 
 
 def kestrel_home() -> Path:
@@ -183,6 +185,9 @@ def add_engine_cli_args(p: Any) -> None:
     g.add_argument("--fp8-activation-scale-ub", type=float, default=1200.0)
     g.add_argument("--fp8-attention", action="store_true")
     g.add_argument("--no-fp8-skip-layers", dest="fp8_skip_layers", action="store_false")
+    g.add_argument("--int8-threshold", type=float, default=6.0,
+                   help="-q int8 (LLM.int8()): input features with a value this large in any "
+                        "token are multiplied in float, not int8 (inf: none)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     g.add_argument("--disable-custom-all-reduce", action="store_true",

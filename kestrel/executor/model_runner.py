@@ -201,6 +201,12 @@ class ModelRunner:
         """Decode CUDA graphs, on CUDA unless enforce_eager; call after allocate_kv_cache."""
         if self.device.type != "cuda" or self.cfg.enforce_eager:
             return
+        eager = {type(m.quant_method).__name__ for m in self.model.modules()
+                 if getattr(getattr(m, "quant_method", None), "cuda_graphs", True) is False}
+        if eager:
+            log.info("decode runs eagerly: %s cannot be captured in CUDA graphs",
+                     ", ".join(sorted(eager)))
+            return
         sc = self.cfg.scheduler
         self.graphs = DecodeGraphs(self.model, self.kv_caches, sc.max_num_seqs, sc.max_model_len,
                                    self.block_size, self.device,

@@ -250,6 +250,49 @@ def test_fp8_under_tp2(tiny4, tiny_ref):
         _close(llm)
 
 
+def test_int8_under_tp2(tiny4, tiny_ref):
+    """LLM.int8() layers shard exactly: each rank's int8 codes and row scales are the slices of
+    one process's (scales from whole checkpoint rows). The TP=2 model is as close to float32 as
+    one process's int8 model (row-parallel layers scale activations and find outliers per
+    shard, so the two int8 runs differ slightly from each other)."""
+    import kestrel.attention.torch_ref  # noqa: F401 - registers "torch"
+    from kestrel.attention.base import get_backend_cls
+    from kestrel.config import QuantConfig
+    from kestrel.loader.hf import iterate_weights, load_model_config
+    from kestrel.models.llama import LlamaForCausalLM
+    from kestrel.parallel.state import TPGroup
+
+    cfg, q = load_model_config(tiny4), QuantConfig(method="int8")
+    models = [LlamaForCausalLM(cfg, torch.float32, get_backend_cls("torch"), q, tp)
+              for tp in (TPGroup(), TPGroup(0, 2, None), TPGroup(1, 2, None))]
+    for m in models:
+        m.load_weights(iterate_weights(tiny4))
+    whole = models[0].layers["1"]
+    for rank, m in enumerate(models[1:]):
+        lay = m.layers["1"]
+        for name, dim in (("self_attn.o_proj", 1), ("mlp.down_proj", 1),
+                          ("mlp.gate_up_proj", 0)):
+            part, full = lay.get_submodule(name), whole.get_submodule(name)
+            n = part.weight.shape[dim]
+            if dim == 1:  # row-parallel: input columns, every row's scale
+                assert torch.equal(part.weight, full.weight[:, rank * n:(rank + 1) * n])
+                assert torch.equal(part.weight_scale, full.weight_scale)
+            else:  # column-parallel gate | up: this rank's rows of each
+                half, inter = n // 2, full.weight.shape[0] // 2
+                rows = [*range(rank * half, (rank + 1) * half),
+                        *range(inter + rank * half, inter + (rank + 1) * half)]
+                assert torch.equal(part.weight, full.weight[rows])
+                assert torch.equal(part.weight_scale, full.weight_scale[rows])
+    one = LLM(str(tiny4), quantization="int8")
+    err1 = max_rel_err(prompt_logits(one, LONG), tiny_ref[2])
+    llm = LLM(str(tiny4), quantization="int8", tensor_parallel_size=2)
+    try:
+        err2 = max_rel_err(prompt_logits(llm, LONG), tiny_ref[2])
+        assert 0 < err2 < 1.5 * err1 + 1e-3
+    finally:
+        _close(llm)
+
+
 class _CountingSlice:
     """Stands in for a safetensors slice and records which regions were read."""
 
@@ -290,7 +333,7 @@ def test_loaders_read_only_their_shard():
     assert torch.equal(emb.weight[:7], e.t[8:]) and not emb.weight[7].any()
 
 
-@pytest.mark.parametrize("quant", [None, "fp8", "fp8-checkpoint"])
+@pytest.mark.parametrize("quant", [None, "fp8", "fp8-checkpoint", "int8"])
 def test_lazy_shards_equal_eager_shards(tiny4, tmp_path, quant):
     """Each TP rank's parameters are the same whether it read the whole checkpoint or only
     its slices: plain, FP8 quantized on load (scales from whole rows either way), and a
@@ -310,6 +353,8 @@ def test_lazy_shards_equal_eager_shards(tiny4, tmp_path, quant):
     folder, q = tiny4, None
     if quant == "fp8":
         q = QuantConfig(method="fp8", fp8_skip_layers=False)
+    elif quant == "int8":
+        q = QuantConfig(method="int8")
     elif quant == "fp8-checkpoint":
         folder = quantize_folder(tiny4, tmp_path / "fp8", fp8_skip_layers=False)
         q = quant_config_from_hf(read_config(folder))
