@@ -28,3 +28,28 @@ def test_bad_argument_is_a_clear_error():
     r = _kestrel("generate", "hi", "--model", "/no/such/model")
     assert r.returncode == 2
     assert "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_quantize_writes_folders_the_engine_loads(tmp_path):
+    """`kestrel quantize --method fp8|rtn MODEL OUT` on a float folder: the fbgemm_fp8 and GPTQ
+    layouts in config.json, and each folder generates; a group size that does not divide the
+    features is a clear error."""
+    import json
+
+    from kestrel import LLM, SamplingParams
+    from tests.parallel.test_tp_pp import make_tiny_checkpoint
+
+    src = make_tiny_checkpoint(tmp_path / "float", layers=2, seed=1)
+    for method, extra, want in (("fp8", (), "fbgemm_fp8"),
+                                ("rtn", ("--bits", "3", "--group-size", "32"), "gptq")):
+        out = tmp_path / method
+        r = _kestrel("quantize", "--method", method, str(src), str(out), *extra)
+        assert r.returncode == 0, r.stderr
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert qc["quant_method"] == want
+        outs = LLM(str(out)).generate([{"prompt_token_ids": [1, 2, 3]}],
+                                      SamplingParams(max_tokens=4, ignore_eos=True))
+        assert len(outs[0].outputs[0].token_ids) == 4
+    r = _kestrel("quantize", "--method", "rtn", "--group-size", "48", str(src),
+                 str(tmp_path / "bad"))
+    assert r.returncode != 0 and "does not divide" in r.stderr

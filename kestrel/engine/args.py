@@ -100,8 +100,15 @@ class EngineArgs:
 def _quant_config(args: EngineArgs, folder: str | None) -> QuantConfig:
     """From --quantization, or from the checkpoint's own quantization_config."""
     method = args.quantization
+    qc = read_config(folder).get("quantization_config") if folder is not None else None
+    if method == "gptq" and folder is not None and (qc or {}).get("quant_method") != "gptq":
+        raise ValueError("--quantization gptq loads GPTQ-format checkpoints (quantization_config "
+                         "with quant_method 'gptq'); this model has none")
+    if (method in (None, "gptq")) and qc and qc.get("quant_method") == "gptq":
+        from kestrel.quant.gptq import quant_config_from_gptq
+
+        return quant_config_from_gptq(qc)
     if method is None and folder is not None:
-        qc = read_config(folder).get("quantization_config")
         if qc:
             from kestrel.quant.fp8_checkpoint import quant_config_from_hf
 

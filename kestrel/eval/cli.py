@@ -33,6 +33,9 @@ def register(sub: Any) -> None:
                     help="the baseline's quantization: none (default) or a method name")
     pc.add_argument("--baseline-dtype", default=None,
                     help="the baseline's dtype (default: the candidate's), e.g. float32")
+    pc.add_argument("--baseline-model", default=None,
+                    help="the baseline's model folder (default: the candidate's), e.g. the "
+                         "float folder a `kestrel quantize` output came from")
     pc.add_argument("--plot", default="eval-compare-hist.png")
     add_engine_cli_args(pc)
     pc.set_defaults(func=run_compare)
@@ -122,7 +125,8 @@ def run_compare(ns: Any) -> int:
     cand_args = _eval_args(ns)
     base_args = dataclasses.replace(
         cand_args, quantization=None if ns.baseline == "none" else ns.baseline,
-        dtype=ns.baseline_dtype or cand_args.dtype, kv_cache_dtype="auto")
+        dtype=ns.baseline_dtype or cand_args.dtype, kv_cache_dtype="auto",
+        model=ns.baseline_model or cand_args.model)
     base = LLM(**vars(base_args))
     cand = LLM(**vars(cand_args))
     windows = _windows(cand, ns)

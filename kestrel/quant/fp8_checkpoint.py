@@ -35,7 +35,7 @@ from kestrel.quant.fp8 import layer_selected, quantize_weight
 FBGEMM = "fbgemm_fp8"
 COMPRESSED = "compressed-tensors"
 # A decoder linear weight in Hugging Face naming: (module, layer index).
-_LINEAR = re.compile(r"^(model\.layers\.(\d+)\.(?:self_attn|mlp)\.(?:q|k|v|o|gate|up|down)_proj)"
+LINEAR_WEIGHT = re.compile(r"^(model\.layers\.(\d+)\.(?:self_attn|mlp)\.(?:q|k|v|o|gate|up|down)_proj)"
                      r"\.weight$")
 # Tensors some FP8 checkpoints carry that the engine derives from config.json instead.
 _DERIVED = (".input_scale_ub",)
@@ -110,7 +110,7 @@ def checkpoint_weights(weights: Iterable[tuple[str, torch.Tensor]],
 # ----------------------------------------------------------------------------- writing
 
 
-class _ShardWriter:
+class ShardWriter:
     """Accumulates tensors and writes safetensors shards of at most ``max_bytes`` each."""
 
     def __init__(self, folder: Path, max_bytes: int) -> None:
@@ -169,10 +169,10 @@ def quantize_folder(
     recipe = QuantConfig(method="fp8", fp8_activation_scale_ub=activation_scale_ub,
                          fp8_attention=fp8_attention, fp8_skip_layers=fp8_skip_layers)
     out.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(out, max_shard_bytes)
+    writer = ShardWriter(out, max_shard_bytes)
     not_converted = {"lm_head"}
     for name, tensor in iterate_weights(src):
-        m = _LINEAR.match(name)
+        m = LINEAR_WEIGHT.match(name)
         if m is None or not tensor.dtype.is_floating_point:
             writer.add(name, tensor)
             continue
@@ -189,7 +189,7 @@ def quantize_folder(
         "quant_method": FBGEMM, "activation_scale_ub": float(activation_scale_ub),
         "modules_to_not_convert": sorted(not_converted, key=_natural_key)}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    _copy_side_files(src, out)
+    copy_side_files(src, out)
     return out
 
 
@@ -197,7 +197,7 @@ def _natural_key(name: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def _copy_side_files(src: Path, out: Path) -> None:
+def copy_side_files(src: Path, out: Path) -> None:
     """Tokenizer, generation config, README...: everything but weights, index and config."""
     skip = {p.name for p in weight_files(src)} | {"config.json", "model.safetensors.index.json"}
     for path in src.iterdir():

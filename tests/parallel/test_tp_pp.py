@@ -293,6 +293,21 @@ def test_int8_under_tp2(tiny4, tiny_ref):
         _close(llm)
 
 
+@pytest.mark.parametrize("bits", [4, 3])
+def test_gptq_under_tp2(tiny4, tmp_path, bits):
+    """A GPTQ-format checkpoint (round-to-nearest codes, groups of 32) under TP=2 gives one
+    process's logits: each rank dequantizes exactly its slice of the same codes."""
+    from kestrel.quant.gptq import write_rtn_folder
+
+    folder = write_rtn_folder(tiny4, tmp_path / "gptq", bits=bits, group_size=32)
+    want = prompt_logits(LLM(str(folder)), LONG)
+    llm = LLM(str(folder), tensor_parallel_size=2)
+    try:
+        assert max_rel_err(prompt_logits(llm, LONG), want) < 1e-4
+    finally:
+        _close(llm)
+
+
 class _CountingSlice:
     """Stands in for a safetensors slice and records which regions were read."""
 
@@ -333,7 +348,7 @@ def test_loaders_read_only_their_shard():
     assert torch.equal(emb.weight[:7], e.t[8:]) and not emb.weight[7].any()
 
 
-@pytest.mark.parametrize("quant", [None, "fp8", "fp8-checkpoint", "int8"])
+@pytest.mark.parametrize("quant", [None, "fp8", "fp8-checkpoint", "int8", "gptq"])
 def test_lazy_shards_equal_eager_shards(tiny4, tmp_path, quant):
     """Each TP rank's parameters are the same whether it read the whole checkpoint or only
     its slices: plain, FP8 quantized on load (scales from whole rows either way), and a
@@ -355,6 +370,11 @@ def test_lazy_shards_equal_eager_shards(tiny4, tmp_path, quant):
         q = QuantConfig(method="fp8", fp8_skip_layers=False)
     elif quant == "int8":
         q = QuantConfig(method="int8")
+    elif quant == "gptq":  # packed 4-bit codes, groups of 32: rows cut whole words and groups
+        from kestrel.quant.gptq import quant_config_from_gptq, write_rtn_folder
+
+        folder = write_rtn_folder(tiny4, tmp_path / "gptq", bits=4, group_size=32)
+        q = quant_config_from_gptq(read_config(folder)["quantization_config"])
     elif quant == "fp8-checkpoint":
         folder = quantize_folder(tiny4, tmp_path / "fp8", fp8_skip_layers=False)
         q = quant_config_from_hf(read_config(folder))

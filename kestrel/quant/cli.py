@@ -1,0 +1,54 @@
+"""`kestrel quantize --method fp8|rtn [MODEL] OUT`: write a quantized Hugging Face folder that
+the engine (and other engines reading the same formats) loads directly.
+
+    fp8  Meta's fbgemm_fp8 layout with the Llama 3 recipe's choices (quant/fp8_checkpoint.py)
+    rtn  GPTQ-format codes by round-to-nearest, 2/3/4/8 bits in groups (quant/gptq.py): the
+         baseline of the GPTQ paper's tables, in the format GPTQ checkpoints ship in
+
+MODEL: a Hugging Face folder or .gguf file; none: the default model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("quantize", help="write a quantized copy of a model folder (fp8, rtn)")
+    p.add_argument("paths", nargs="+", metavar="[MODEL] OUT",
+                   help="the model (a Hugging Face folder or .gguf; none: the default model) "
+                        "and the output folder")
+    p.add_argument("--method", required=True, choices=["fp8", "rtn"])
+    p.add_argument("--fp8-activation-scale-ub", type=float, default=1200.0)
+    p.add_argument("--fp8-attention", action="store_true",
+                   help="fp8: quantize the attention projections too")
+    p.add_argument("--no-fp8-skip-layers", dest="fp8_skip_layers", action="store_false",
+                   help="fp8: quantize the first and last decoder layers too")
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="rtn")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="rtn: input features per scale (-1: one group per row)")
+    p.add_argument("--sym", action="store_true", help="rtn: symmetric grid (zero at 2^(b-1))")
+    p.add_argument("--device", default="cpu", help="fp8: where weights are quantized")
+    p.set_defaults(func=run)
+
+
+def run(args: Any) -> int:
+    from kestrel.engine.args import resolve_model
+
+    if len(args.paths) > 2:
+        raise SystemExit("kestrel quantize: give [MODEL] OUT")
+    model, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+    src, _ = resolve_model(model, "auto")
+    if args.method == "fp8":
+        from kestrel.quant.fp8_checkpoint import quantize_folder
+
+        folder = quantize_folder(src, out, activation_scale_ub=args.fp8_activation_scale_ub,
+                                 fp8_attention=args.fp8_attention,
+                                 fp8_skip_layers=args.fp8_skip_layers, device=args.device)
+    else:
+        from kestrel.quant.gptq import write_rtn_folder
+
+        folder = write_rtn_folder(src, out, bits=args.bits, group_size=args.group_size,
+                                  sym=args.sym)
+    print(f"wrote {folder} ({args.method}); serve it with: kestrel serve --model {folder}")
+    return 0
