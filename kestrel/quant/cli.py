@@ -1,9 +1,10 @@
-"""`kestrel quantize --method fp8|rtn [MODEL] OUT`: write a quantized Hugging Face folder that
-the engine (and other engines reading the same formats) loads directly.
+"""`kestrel quantize --method fp8|gptq|rtn [MODEL] OUT`: write a quantized Hugging Face folder
+that the engine (and other engines reading the same formats) loads directly.
 
-    fp8  Meta's fbgemm_fp8 layout with the Llama 3 recipe's choices (quant/fp8_checkpoint.py)
-    rtn  GPTQ-format codes by round-to-nearest, 2/3/4/8 bits in groups (quant/gptq.py): the
-         baseline of the GPTQ paper's tables, in the format GPTQ checkpoints ship in
+    fp8   Meta's fbgemm_fp8 layout with the Llama 3 recipe's choices (quant/fp8_checkpoint.py)
+    gptq  GPTQ, calibrated on the pydoc text (quant/gptq_solver.py), 2/3/4/8 bits in groups,
+          written in the format GPTQ checkpoints ship in (quant/gptq.py)
+    rtn   the same format by round-to-nearest: the baseline of the GPTQ paper's tables
 
 MODEL: a Hugging Face folder or .gguf file; none: the default model.
 """
@@ -14,20 +15,25 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("quantize", help="write a quantized copy of a model folder (fp8, rtn)")
+    p = sub.add_parser("quantize",
+                       help="write a quantized copy of a model folder (fp8, gptq, rtn)")
     p.add_argument("paths", nargs="+", metavar="[MODEL] OUT",
                    help="the model (a Hugging Face folder or .gguf; none: the default model) "
                         "and the output folder")
-    p.add_argument("--method", required=True, choices=["fp8", "rtn"])
+    p.add_argument("--method", required=True, choices=["fp8", "gptq", "rtn"])
     p.add_argument("--fp8-activation-scale-ub", type=float, default=1200.0)
     p.add_argument("--fp8-attention", action="store_true",
                    help="fp8: quantize the attention projections too")
     p.add_argument("--no-fp8-skip-layers", dest="fp8_skip_layers", action="store_false",
                    help="fp8: quantize the first and last decoder layers too")
-    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="rtn")
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="gptq, rtn")
     p.add_argument("--group-size", type=int, default=128,
-                   help="rtn: input features per scale (-1: one group per row)")
-    p.add_argument("--sym", action="store_true", help="rtn: symmetric grid (zero at 2^(b-1))")
+                   help="gptq, rtn: input features per scale (-1: one group per row)")
+    p.add_argument("--sym", action="store_true",
+                   help="gptq, rtn: symmetric grid (zero at 2^(b-1))")
+    p.add_argument("--calib-windows", type=int, default=128,
+                   help="gptq: calibration windows (from the end of the pydoc text)")
+    p.add_argument("--calib-window", type=int, default=512, help="gptq: tokens per window")
     p.add_argument("--device", default="cpu", help="fp8: where weights are quantized")
     p.set_defaults(func=run)
 
@@ -45,6 +51,12 @@ def run(args: Any) -> int:
         folder = quantize_folder(src, out, activation_scale_ub=args.fp8_activation_scale_ub,
                                  fp8_attention=args.fp8_attention,
                                  fp8_skip_layers=args.fp8_skip_layers, device=args.device)
+    elif args.method == "gptq":
+        from kestrel.quant.gptq_solver import write_gptq_folder
+
+        folder = write_gptq_folder(src, out, bits=args.bits, group_size=args.group_size,
+                                   sym=args.sym, windows=args.calib_windows,
+                                   window=args.calib_window)
     else:
         from kestrel.quant.gptq import write_rtn_folder
 

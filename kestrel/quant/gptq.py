@@ -180,33 +180,59 @@ def quant_config_from_gptq(q: dict[str, Any]) -> QuantConfig:
 # ----------------------------------------------------------------------------- writing
 
 
+def group_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantization grid of one group, w [N, g] → (scale [N] float32, rounded to fp16 as
+    the checkpoint stores it; zero point [N]): min/max (asymmetric, zero ≥ 1: the format stores
+    zero − 1 in ``bits`` bits, 0 would wrap) or absmax with the zero at 2^(b−1) (symmetric),
+    as GPTQ's quantizer."""
+    top = (1 << bits) - 1
+    if sym:
+        scale = (w.abs().amax(dim=1) * 2 / top).clamp_min(1e-10)
+        zero = torch.full_like(scale, (top + 1) // 2)
+    else:
+        lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
+        scale = ((hi - lo) / top).clamp_min(1e-10)
+        zero = torch.round(-lo / scale).clamp(1, top)
+    return scale.half().float(), zero
+
+
+def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+             ) -> torch.Tensor:
+    """w [N, c] on the grid (scale, zero [N]) → codes [N, c] in [0, 2^bits)."""
+    return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, (1 << bits) - 1)
+
+
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest of W [N, K] per group of input features → (codes [K, N], zero points
-    [G, N], scales [G, N]): min/max per group (asymmetric) or absmax with the zero at 2^(b−1)
-    (symmetric), as GPTQ's quantizer grid."""
-    n, k = w.shape
+    [G, N], scales [G, N]) on ``group_grid``."""
+    k = w.shape[1]
     g = k if group_size == -1 else group_size
     if k % g:
         raise ValueError(f"group size {g} does not divide the {k} input features")
-    wg = w.float().t().reshape(k // g, g, n)  # [G, g, N]
-    top = (1 << bits) - 1
-    if sym:
-        scale = (wg.abs().amax(dim=1) * 2 / top).clamp_min(1e-10)
-        zero = torch.full_like(scale, (top + 1) // 2)
-    else:  # zero ≥ 1: the format stores zero − 1 in `bits` bits (0 would wrap to 2^bits − 1)
-        lo, hi = wg.amin(dim=1).clamp(max=0), wg.amax(dim=1).clamp(min=0)
-        scale = ((hi - lo) / top).clamp_min(1e-10)
-        zero = torch.round(-lo / scale).clamp(1, top)
-    scale = scale.half().float()  # the checkpoint stores fp16 scales: round with them
-    codes = torch.clamp(torch.round(wg / scale[:, None]) + zero[:, None], 0, top)
-    return codes.reshape(k, n).to(torch.int32), zero.to(torch.int32), scale
+    wf = w.float()
+    codes, zeros, scales = [], [], []
+    for c in range(0, k, g):
+        scale, zero = group_grid(wf[:, c:c + g], bits, sym)
+        codes.append(to_codes(wf[:, c:c + g], scale, zero, bits))
+        zeros.append(zero)
+        scales.append(scale)
+    return (torch.cat(codes, 1).t().to(torch.int32).contiguous(),
+            torch.stack(zeros).to(torch.int32), torch.stack(scales))
 
 
 def write_rtn_folder(src_hf_folder: str | Path, out_folder: str | Path, *, bits: int = 4,
                      group_size: int = 128, sym: bool = False) -> Path:
     """A GPTQ-format copy of a float Hugging Face folder, every decoder linear quantized by
     round-to-nearest (``quantize_rtn``); the rest is copied."""
+    return write_gptq_format(src_hf_folder, out_folder, bits, group_size, sym,
+                             lambda module, w: quantize_rtn(w, bits, group_size, sym))
+
+
+def write_gptq_format(src_hf_folder: str | Path, out_folder: str | Path, bits: int,
+                      group_size: int, sym: bool, quantize) -> Path:
+    """Copy a float folder, every decoder linear weight replaced by
+    ``quantize(module_name, weight)`` → (codes [K, N], zero points [G, N], scales [G, N])."""
     from kestrel.quant.fp8_checkpoint import LINEAR_WEIGHT, ShardWriter, copy_side_files
 
     src, out = Path(src_hf_folder), Path(out_folder)
@@ -220,8 +246,8 @@ def write_rtn_folder(src_hf_folder: str | Path, out_folder: str | Path, *, bits:
         if m is None:
             writer.add(name, tensor)
             continue
-        codes, zero, scale = quantize_rtn(tensor, bits, group_size, sym)
         module, k = m.group(1), tensor.shape[1]
+        codes, zero, scale = quantize(module, tensor)
         writer.add(f"{module}.qweight", pack_rows(codes, bits))
         writer.add(f"{module}.qzeros", pack_rows((zero - 1).t().contiguous() & ((1 << bits) - 1),
                                                  bits).t().contiguous())

@@ -1,0 +1,166 @@
+"""GPTQ (Frantar et al., 2022; Algorithm 1 in the seeds' talk, 003): quantize a weight column
+by column and push each column's rounding error onto the columns not yet quantized, weighted by
+the inverse Hessian of the layer's squared output error, H = XᵀX over calibration inputs X.
+
+    gptq_quantize(W, H) → codes, zero points, scales (GPTQ format, quant/gptq.py)
+    write_gptq_folder(src, out) → a GPTQ-format folder, calibrated on text
+
+As the paper's reference code: dampening (1% of H's mean diagonal), the Cholesky factor of
+H⁻¹, lazy batches of 128 columns (in-block updates, one matrix product for the rest), each
+group's grid found when its first column comes up, from the weights as updated by then. Blocks
+are quantized one after another on inputs that went through the blocks already quantized; inside
+a block every linear sees the float block's inputs (not the paper's "true sequential" order).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from kestrel.quant.gptq import group_grid, to_codes, write_gptq_format
+
+log = logging.getLogger(__name__)
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int,
+                  sym: bool = False, damp: float = 0.01, block: int = 128
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W [N, K], H [K, K] (XᵀX of the layer's inputs) → (codes [K, N] int32, zero points
+    [G, N] int32, scales [G, N] float32), the layout ``quantize_rtn`` returns."""
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    if k % g:
+        raise ValueError(f"group size {g} does not divide the {k} input features")
+    w = w.double().clone()
+    h = h.double().clone()
+    dead = torch.diag(h) == 0  # inputs never active: any value is as good, zero them
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros(n, k, dtype=torch.float64)
+    zeros, scales = [], []
+    scale = zero = None
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        wb = w[:, b0:b1].clone()
+        err = torch.zeros_like(wb)
+        for i in range(b1 - b0):
+            col = b0 + i
+            if col % g == 0:  # a new group: its grid from the weights as they are now
+                scale, zero = group_grid(w[:, col:col + g].float(), bits, sym)
+                scale, zero = scale.double(), zero.double()
+                zeros.append(zero)
+                scales.append(scale)
+            c = to_codes(wb[:, i:i + 1], scale, zero, bits)[:, 0]
+            codes[:, col] = c
+            q = (c - zero) * scale
+            e = (wb[:, i] - q) / hinv[col, col]
+            wb[:, i:] -= e[:, None] * hinv[col, col:b1][None, :]
+            err[:, i] = e
+        w[:, b1:] -= err @ hinv[b0:b1, b1:]
+        w[:, b0:b1] = wb  # for the next groups' grids (columns of this block are final)
+    return (codes.t().to(torch.int32).contiguous(), torch.stack(zeros).to(torch.int32),
+            torch.stack(scales).float())
+
+
+@torch.no_grad()
+def calibrated_quantize(model, windows: list[list[int]], bits: int, group_size: int,
+                        sym: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """GPTQ over every decoder linear of ``model`` (a float LlamaForCausalLM on the CPU), block
+    by block on the calibration ``windows`` (token ids). Returns checkpoint module name →
+    (codes, zero points, scales); the model's weights end up dequantized."""
+    from kestrel.attention.base import AttentionMetadata
+    from kestrel.quant.gptq import dequantize, pack_rows
+
+    cfg = model.cfg
+    states = [(model.embed_tokens(torch.tensor(ids)), None) for ids in windows]
+
+    def run(layer, x, residual):
+        t = x.shape[0]
+        nb = -(-t // 16)
+        kv = tuple(torch.zeros(nb, 16, cfg.num_key_value_heads, cfg.head_dim) for _ in range(2))
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(t), query_start_loc=torch.tensor([0, t], dtype=torch.int32),
+            seq_lens=torch.tensor([t], dtype=torch.int32),
+            block_tables=torch.arange(nb, dtype=torch.int32)[None], max_query_len=t,
+            max_seq_len=t, seq_lens_cpu=[t], query_lens_cpu=[t])
+        return layer(torch.arange(t), x, residual, kv, meta)
+
+    out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for idx, layer in model.layers.items():
+        linears = {"self_attn.qkv_proj": layer.self_attn.qkv_proj,
+                   "self_attn.o_proj": layer.self_attn.o_proj,
+                   "mlp.gate_up_proj": layer.mlp.gate_up_proj, "mlp.down_proj": layer.mlp.down_proj}
+        hess = {name: torch.zeros(lin.weight.shape[1], lin.weight.shape[1], dtype=torch.float64)
+                for name, lin in linears.items()}
+
+        handles = [lin.register_forward_pre_hook(functools.partial(_add_xtx, hess[name]))
+                   for name, lin in linears.items()]
+        for x, residual in states:
+            run(layer, x, residual)
+        for hd in handles:
+            hd.remove()
+        for name, lin in linears.items():
+            codes, zero, scale = gptq_quantize(lin.weight.float(), hess[name], bits, group_size,
+                                               sym)
+            lin.weight.data.copy_(dequantize(pack_rows(codes, bits), zero, scale, bits,
+                                             group_size))
+            for part, rows in _hf_parts(name, lin):
+                out[f"model.layers.{idx}.{part}"] = (codes[:, rows], zero[:, rows],
+                                                     scale[:, rows])
+        states = [run(layer, x, residual) for x, residual in states]
+        log.info("GPTQ: layer %s of %d", idx, cfg.num_hidden_layers)
+    return out
+
+
+def _add_xtx(h: torch.Tensor, _module, args) -> None:
+    """A linear layer's forward pre-hook: H += XᵀX of its input."""
+    x = args[0].reshape(-1, args[0].shape[-1]).double()
+    h.add_(x.t() @ x)
+
+
+def _hf_parts(name: str, lin) -> list[tuple[str, slice]]:
+    """Our fused module → the checkpoint modules it holds, with their output rows."""
+    head, _, last = name.rpartition(".")
+    parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    if last not in parts:
+        return [(name, slice(None))]
+    sizes, start, res = lin.output_sizes, 0, []
+    for part, size in zip(parts[last], sizes):
+        res.append((f"{head}.{part}", slice(start, start + size)))
+        start += size
+    return res
+
+
+def write_gptq_folder(src_hf_folder: str | Path, out_folder: str | Path, *, bits: int = 4,
+                      group_size: int = 128, sym: bool = False, windows: int = 128,
+                      window: int = 512, calibration: list[list[int]] | None = None) -> Path:
+    """A GPTQ-format copy of a float folder, calibrated on ``windows`` windows of ``window``
+    tokens from the end of the pydoc text (evaluations read it from the start), or on the
+    token windows ``calibration``."""
+    import kestrel.attention.torch_ref  # noqa: F401 - registers the "torch" backend
+    from kestrel.attention.base import get_backend_cls
+    from kestrel.eval.perplexity import corpus_ids
+    from kestrel.loader.hf import iterate_weights, load_model_config
+    from kestrel.loader.tokenizer import load_tokenizer
+    from kestrel.models.llama import LlamaForCausalLM
+
+    src = Path(src_hf_folder)
+    cfg = load_model_config(src)
+    calib = calibration
+    if calib is None:
+        ids = corpus_ids(load_tokenizer(src))
+        if len(ids) < windows * window:
+            raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than "
+                             f"{windows} × {window}")
+        calib = [ids[len(ids) - (i + 1) * window: len(ids) - i * window]
+                 for i in range(windows)]
+    model = LlamaForCausalLM(cfg, torch.float32, get_backend_cls("torch"))
+    model.load_weights(iterate_weights(src))
+    found = calibrated_quantize(model, calib, bits, group_size, sym)
+    return write_gptq_format(src, out_folder, bits, group_size, sym,
+                             lambda module, w: found[module])
