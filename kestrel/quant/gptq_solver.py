@@ -144,15 +144,16 @@ def write_gptq_folder(src_hf_folder: str | Path, out_folder: str | Path, *, bits
     token windows ``calibration``."""
     import kestrel.attention.torch_ref  # noqa: F401 - registers the "torch" backend
     from kestrel.attention.base import get_backend_cls
-    from kestrel.eval.perplexity import corpus_ids
     from kestrel.loader.hf import iterate_weights, load_model_config
-    from kestrel.loader.tokenizer import load_tokenizer
     from kestrel.models.llama import LlamaForCausalLM
 
     src = Path(src_hf_folder)
     cfg = load_model_config(src)
     calib = calibration
     if calib is None:
+        from kestrel.eval.perplexity import corpus_ids
+        from kestrel.loader.tokenizer import load_tokenizer  # needs gguf: only for text
+
         ids = corpus_ids(load_tokenizer(src))
         if len(ids) < windows * window:
             raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than "

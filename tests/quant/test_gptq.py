@@ -64,11 +64,11 @@ def test_rtn_folder_loads_to_the_dequantized_weights(tiny_pair):
     the model computes what the float model does with those weights."""
     from safetensors.torch import load_file
 
-    dense, folder = tiny_pair
+    dense, folder = tiny_pair  # on the CPU in float32: the format's bits, not a kernel's
     cfg = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert cfg == {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False,
                    "sym": False, "checkpoint_format": "gptq"}
-    llm = LLM(str(folder))
+    llm = LLM(str(folder), device="cpu")
     layer = llm.engine.executor.runner.model.layers["1"].mlp.down_proj
     assert isinstance(layer.quant_method, GptqLinearMethod)
     w = load_file(str(dense / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"]
@@ -77,7 +77,7 @@ def test_rtn_folder_loads_to_the_dequantized_weights(tiny_pair):
         dequantize(layer.qweight, layer.qzeros, layer.scales, 4, 32),
         dequantize(pack_rows(codes, 4), zero, scale, 4, 32), rtol=0, atol=0)
     # the float model with every linear weight replaced by its dequantized codes: same logits
-    ref = LLM(str(dense))
+    ref = LLM(str(dense), device="cpu")
     ref_model = ref.engine.executor.runner.model
     for name, module in llm.engine.executor.runner.model.named_modules():
         if isinstance(getattr(module, "quant_method", None), GptqLinearMethod):
