@@ -86,25 +86,19 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int) -> bool:
         return bool(self.graphs) and num_seqs <= self.sizes[-1]
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-            hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-            id_pos_slot: torch.Tensor | None = None) -> Any:
+    def run(self, id_pos_slot: torch.Tensor, meta: AttentionMetadata,
+            hidden: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> Any:
         """Decode batch of ``n`` sequences through the smallest fitting graph → logits [n, V]
-        (last stage) or (hidden, residual) [n, H] each; ``hidden``/``residual``: the previous
-        stage's output (every stage but the first); ``id_pos_slot``: [3, n], the input ids,
-        positions and slot mapping as rows of one tensor (ForwardBatch's), staged in one copy.
-        Each small copy before a replay cost ~2.6 µs of a batch-1 step (H200)."""
-        n = input_ids.shape[0]
+        (last stage) or (hidden, residual) [n, H] each. ``id_pos_slot`` [3, n]: the input
+        ids, positions and slot mapping as rows of one tensor (ForwardBatch's), staged in one
+        copy (each small copy before a replay cost ~2.6 µs of a batch-1 step on an H200);
+        ``hidden``/``residual``: the previous stage's output (every stage but the first)."""
+        n = id_pos_slot.shape[1]
         bs = next(s for s in self.sizes if s >= n)
         if not self.first:
             self.hidden[:n].copy_(hidden)
             self.residual[:n].copy_(residual)
-        if id_pos_slot is not None:
-            self.id_pos_slot[:, :n].copy_(id_pos_slot)
-        else:
-            self.input_ids[:n].copy_(input_ids)
-            self.positions[:n].copy_(positions)
-            self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.id_pos_slot[:, :n].copy_(id_pos_slot)
         self.slot_mapping[n:bs].fill_(-1)  # padded rows write nothing
         self.seq_lens[:n].copy_(meta.seq_lens)
         self.seq_lens[n:bs].fill_(1)

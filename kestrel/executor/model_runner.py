@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 # FP8 KV cache calibration (calibrate_kv_scales): tokens of the calibration prefill, and the
 # factor above their K/V amax that later inputs may reach before saturating at ±448.
 KV_CALIBRATION_TOKENS = 512
-_TORCH_DTYPES = {np.int64: torch.int64, np.int32: torch.int32}  # what _upload carries
 KV_SCALE_HEADROOM = 2.0
+_TORCH_DTYPES = {np.int64: torch.int64, np.int32: torch.int32}  # what _upload carries
 
 
 @dataclass
@@ -40,7 +40,7 @@ class ForwardBatch:
     prompt_rows: dict[str, tuple[int, int]]  # request id → (first, end) logits rows of its chunk
     # [3, T]: input_ids, positions and meta.slot_mapping as rows of one tensor (the upload
     # lays them out so), for graph replays to stage with one copy
-    id_pos_slot: torch.Tensor | None = None
+    id_pos_slot: torch.Tensor
 
 
 @dataclass
@@ -303,8 +303,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, prev: PrevTokens | None = None) -> RunnerOutput:
         batch = self.prepare(out, prev)
         if self.use_graph(batch):
-            return RunnerOutput(self.graphs.run(batch.input_ids, batch.positions, batch.meta,
-                                                id_pos_slot=batch.id_pos_slot), {})
+            return RunnerOutput(self.graphs.run(batch.id_pos_slot, batch.meta), {})
         hidden, _ = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         prompt = {rid: logits[a:b] for rid, (a, b) in batch.prompt_rows.items()}

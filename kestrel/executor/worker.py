@@ -133,8 +133,7 @@ class StageRunner:
         if not self.layout.is_first_stage:
             hidden, residual = self._recv_hidden(seq, int(batch.input_ids.numel()), health)
         if r.use_graph(batch):  # decode: this stage's layers (and head) as one graph replay
-            result = r.graphs.run(batch.input_ids, batch.positions, batch.meta, hidden, residual,
-                                  batch.id_pos_slot)
+            result = r.graphs.run(batch.id_pos_slot, batch.meta, hidden, residual)
             if self.layout.is_last_stage:  # decode samples every row, in order; a copy, as
                 return batch, result.clone()  # the send may still read it at the next replay
             hidden, residual = result

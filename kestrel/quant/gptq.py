@@ -50,13 +50,14 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     r, c = codes.shape
     if (r * bits) % 32:
         raise ValueError(f"{r} rows of {bits}-bit codes do not fill 32-bit words")
-    out = torch.zeros(r * bits // 32, c, dtype=torch.int64)
     v = codes.to(torch.int64)
-    for i in range(r):
-        word, off = divmod(i * bits, 32)
-        out[word] |= (v[i] << off) & 0xFFFFFFFF
-        if off + bits > 32:  # the code's high bits start the next word
-            out[word + 1] |= v[i] >> (32 - off)
+    i = torch.arange(r, device=codes.device)
+    word, off = (i * bits) // 32, (i * bits) % 32
+    out = torch.zeros(r * bits // 32, c, dtype=torch.int64, device=codes.device)
+    # codes of one word do not overlap, so adding them is or-ing them
+    out.index_add_(0, word, (v << off[:, None]) & 0xFFFFFFFF)
+    spill = off + bits > 32  # the code's high bits start the next word
+    out.index_add_(0, word[spill] + 1, v[spill] >> (32 - off[spill])[:, None])
     return (out - ((out >> 31) << 32)).to(torch.int32)  # as signed 32-bit words
 
 
@@ -117,12 +118,9 @@ class GptqLinearMethod(QuantMethod):
         layer.weight_loader = functools.partial(self._weight_loader, layer, layer.weight_loader)
 
     def _weight_loader(self, layer, default, param, loaded: torch.Tensor, shard_id=None) -> None:
-        if param is layer.qzeros:  # arrives packed along N, stored minus one
-            groups = loaded.shape[0]
-            n = loaded.shape[1] * 32 // self.bits
+        if param is layer.qzeros:  # arrives packed along N, stored minus one; the default
+            n = loaded.shape[1] * 32 // self.bits  # loader checks the unpacked shape
             loaded = unpack_rows(materialize(loaded).t().contiguous(), self.bits, n).t() + 1
-            if loaded.shape[0] != groups:
-                raise ValueError(f"{self.prefix}.qzeros: shape does not fit {self.bits} bits")
         default(param, loaded, shard_id)
         layer.gptq_loaded.add(next(n for n, p in layer.named_parameters(recurse=False)
                                    if p is param))
