@@ -66,6 +66,18 @@ def test_decode_fp8_cache(dtype: torch.dtype, num_splits: int) -> None:
     check_decode([1, 37, 150], 8, 2, 64, 16, dtype, num_splits, DEV, fp8=True)
 
 
+@pytest.mark.parametrize("power", [20, -20])
+def test_decode_fp8_cache_with_q_outside_float16(power: int) -> None:
+    """bf16 q beyond float16's range (×2^20; the kernel's float16 dots scale it by a power of
+    two) or deep in its subnormals (×2^-20), K's scales compensating: the reference's output."""
+    b = make_batch([1, 1, 1], [0, 36, 149], 8, 2, 64, 16, torch.bfloat16, DEV, fp8=True)
+    b.q.mul_(2.0**power)
+    b.k_scale.mul_(2.0**-power)
+    out = paged_attention_decode(b.q, b.k_cache, b.v_cache, b.meta.block_tables,
+                                 b.meta.seq_lens, 64**-0.5, num_splits=3, **b.scales)
+    assert_close(out, reference(b, 64**-0.5), torch.bfloat16)
+
+
 def test_decode_many_splits_merged_in_chunks() -> None:
     """More non-empty splits than the merge loads at once (MERGE_S = 8): 21 tiles over 12
     splits, and 12 single-tile splits."""
