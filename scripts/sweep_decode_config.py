@@ -3,11 +3,12 @@
 and checks ``choose_num_splits`` against 2x and 4x its choice. Timed as CUDA-graph replays
 (as decode runs): plain launches of a 5-40 µs kernel measure the host, not the kernel.
 
-    python scripts/sweep_decode_config.py   # one GPU; prints µs and % of a copy's bandwidth
+    python scripts/sweep_decode_config.py [--cache bf16|fp8]   # one GPU; µs and % of copy
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -34,6 +35,9 @@ def copy_bandwidth() -> float:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache", choices=["bf16", "fp8"], default=None, help="one cache type only")
+    args = ap.parse_args()
     bw = copy_bandwidth()
     print(torch.cuda.get_device_name(), f"copy {bw:.0f} GB/s")
     real = pa._decode_config
@@ -44,6 +48,8 @@ def main() -> None:
         tables = torch.randperm(pages, device="cuda", dtype=torch.int32).view(batch, -1)
         lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         for fp8 in (False, True) if batch >= 8 else (False,):  # FP8 cache: the batched cases
+            if args.cache and fp8 != (args.cache == "fp8"):
+                continue
             cache_dt = FP8_DTYPE if fp8 else torch.bfloat16
             kc = torch.randn(pages, PAGE, HKV, D, device="cuda").to(cache_dt)
             vc = torch.randn(pages, PAGE, HKV, D, device="cuda").to(cache_dt)
