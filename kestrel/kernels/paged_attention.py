@@ -51,6 +51,10 @@ PROGRAMS_PER_SM = 4  # measured (H200, bf16, D=128): ~4 resident programs satura
 # H100, llama-3-8b heads, 2026-11-26): at 128 tokens unsplit 5.1 µs vs 5.5 split 4 ways; at 256
 # unsplit 8.0 vs 5.5 (batch 1) and 8.4 vs 7.2 (batch 8).
 NO_SPLIT_MAX_LEN = 128
+# Partials the merging program loads at once (its loop's round trips: 64 splits in 4). H200,
+# batch 1 at 4k context (64 splits), engine TPOT over three alternating runs: 8 → 16 took
+# 4.236 → 4.228 ms; 32 made the kernel alone slower (more registers).
+MERGE_SPLITS = 16
 
 
 @triton.jit
@@ -401,7 +405,7 @@ def paged_attention_decode(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
         PAGE_SIZE=page_size, BLOCK_N=block_n, MERGE_G=triton.next_power_of_2(group),
-        MERGE_S=min(8, triton.next_power_of_2(num_splits)),
+        MERGE_S=min(MERGE_SPLITS, triton.next_power_of_2(num_splits)),
         SPLIT=split, FP8_KV=fp8, F16_DOT=fp8 and q.dtype == torch.bfloat16,
         ROPE=new is not None,
         HW_CAST=fp8 and new is not None and hw_fp8_cast(q.device),

@@ -12,6 +12,7 @@ import torch
 
 from kestrel.kernels.fused import rotary_and_cache
 from kestrel.kernels.paged_attention import (
+    MERGE_SPLITS,
     NO_SPLIT_MAX_LEN,
     choose_num_splits,
     paged_attention_decode,
@@ -79,9 +80,10 @@ def test_decode_fp8_cache_with_q_outside_float16(power: int) -> None:
 
 
 def test_decode_many_splits_merged_in_chunks() -> None:
-    """More non-empty splits than the merge loads at once (MERGE_S = 8): 21 tiles over 12
-    splits, and 12 single-tile splits."""
-    check_decode([1300, 700, 3], 8, 2, 64, 16, torch.float32, 12, DEV)
+    """More non-empty splits than the merge loads at once (MERGE_SPLITS = 16): 21 single-tile
+    splits of 24, 11 of them, 1."""
+    assert MERGE_SPLITS < 21
+    check_decode([1300, 700, 3], 8, 2, 64, 16, torch.float32, 24, DEV)
 
 
 def test_decode_heuristic_splits() -> None:
