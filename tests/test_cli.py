@@ -37,7 +37,7 @@ def test_quantize_writes_folders_the_engine_loads(tmp_path):
     import json
 
     from kestrel import LLM, SamplingParams
-    from tests.parallel.test_tp_pp import make_tiny_checkpoint
+    from tests.parallel.common import make_tiny_checkpoint
 
     src = make_tiny_checkpoint(tmp_path / "float", layers=2, seed=1)
     for method, extra, want in (("fp8", (), "fbgemm_fp8"),

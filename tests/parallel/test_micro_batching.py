@@ -7,7 +7,6 @@ real ones).
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import pytest
 
@@ -17,12 +16,7 @@ from kestrel.core.scheduler import SchedulerOutput
 from kestrel.engine.args import EngineArgs
 from kestrel.engine.engine import Engine
 from kestrel.executor.factory import UniProcExecutor
-from tests.parallel.test_tp_pp import GREEDY, _run_stream, _tokens, make_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny4(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny4") / "tiny4")
+from tests.parallel.common import GREEDY, greedy_tokens, run_stream
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +60,8 @@ def test_engine_micro_batching_depth3_in_one_process(tiny4, ref_llm):
     fake = _FakePipeline(cfg)
     engine = Engine(cfg, None, executor=fake)
     prompts = [[3 + (11 * i + j) % 470 for j in range(5 + (23 * i) % 50)] for i in range(16)]
-    want = _tokens(ref_llm, prompts)
-    got, aborted = _run_stream(engine, prompts)
+    want = greedy_tokens(ref_llm, prompts)
+    got, aborted = run_stream(engine, prompts)
     assert fake.max_depth == 3 and engine.scheduler.num_preemptions > 0
     assert all(got[str(i)] == want[i] for i in range(16) if str(i) != aborted)
     assert len(got) == 15
@@ -79,7 +73,7 @@ def test_pp_keeps_one_micro_batch_more_than_stages_by_default(tiny4, ref_llm):
     tail (the running requests split three ways), so the driver's stage always has one queued;
     ``pipeline_micro_batches=2`` keeps two."""
     prompts = [[3 + (7 * i + j) % 470 for j in range(20 + (13 * i) % 30)] for i in range(12)]
-    want = _tokens(ref_llm, prompts)
+    want = greedy_tokens(ref_llm, prompts)
     for micro_batches, depth in ((None, 3), (2, 2)):
         cfg = EngineArgs(model=str(tiny4), pipeline_parallel_size=2, max_model_len=160,
                          max_num_batched_tokens=40, num_kv_blocks=40, debug_checks=True,

@@ -7,8 +7,15 @@ import itertools
 import pytest
 
 from kestrel.loader.dummy import preset_config
-from kestrel.parallel.pipeline import (ParallelLayout, bubble_fraction, check_layout, end_costs,
-                                       micro_batch_seq_cap, partition_layers, stage_ranges)
+from kestrel.parallel.pipeline import (
+    ParallelLayout,
+    bubble_fraction,
+    check_layout,
+    end_costs,
+    micro_batch_seq_cap,
+    partition_layers,
+    stage_ranges,
+)
 
 
 def _cost(bounds, first, last):

@@ -11,7 +11,7 @@ from kestrel.engine.args import EngineArgs
 from kestrel.eval.perplexity import corpus_ids, token_windows
 from kestrel.quant.fp8_ops import FP8_DTYPE
 from tests.helpers import prompt_logits
-from tests.parallel.test_tp_pp import make_tiny_checkpoint
+from tests.parallel.common import make_tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 

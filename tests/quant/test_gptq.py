@@ -1,5 +1,5 @@
 """GPTQ-format checkpoints (kestrel/quant/gptq.py): packing, reading, refusing what is not
-supported. Sharding under TP: tests/parallel/test_tp_pp.py."""
+supported. Sharding under TP: tests/parallel/test_tp_quant.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from kestrel.quant.gptq import (
     write_rtn_folder,
 )
 from tests.helpers import max_rel_err, prompt_logits
-from tests.parallel.test_tp_pp import LONG, make_tiny_checkpoint
+from tests.parallel.common import LONG, make_tiny_checkpoint
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
