@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.fp8_quant import DTYPE_CODES, round_dtype, silu_rounded
 from kestrel.kernels.pdl import pdl_args, pdl_enter, pdl_release, pdl_wait
+from kestrel.kernels.rounding import DTYPE_CODES, round_dtype, silu_rounded
 from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_model, sm_count
 from kestrel.quant.fp8_ops import FP8_DTYPE
 

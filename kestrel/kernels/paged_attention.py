@@ -37,9 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.fp8_quant import hw_fp8_cast
 from kestrel.kernels.pdl import pdl_args, pdl_release, pdl_wait
 from kestrel.kernels.rotary import NewTokens, check_new_tokens, new_token
+from kestrel.kernels.rounding import hw_fp8_cast
 from kestrel.kernels.split_merge import arrival_counters, merge_splits
 from kestrel.quant.fp8_ops import FP8_DTYPE
 

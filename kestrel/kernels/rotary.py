@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.fp8_quant import quantize_e4m3
+from kestrel.kernels.rounding import quantize_e4m3
 
 
 @triton.jit
