@@ -55,7 +55,7 @@ def _rank(rank: int, port: int, dtype: torch.dtype, errors) -> None:
         _check_fused_norm(ar, group, gen, dev, dtype)
         dist.barrier(group=group)
         dist.destroy_process_group()
-    except BaseException as e:
+    except BaseException as e:  # reported to the parent
         errors.put(f"rank {rank}: {type(e).__name__}: {e}")
         raise
 
