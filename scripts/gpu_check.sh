@@ -2,8 +2,8 @@
 # GPU tests, the roofline, and the benchmarks of issues 4, 5 and 6; each part fits one device
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
-#         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 | fig27 |
-#         fp8-70b | serve | pdl | ab
+#         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 |
+#         throughput-kvfp8 | fig27 | fp8-70b | serve | pdl | ab
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
 # summary table is printed last.
@@ -159,6 +159,9 @@ if has throughput; then
 fi
 if has throughput-fp8; then  # the same in FP8 (the recipe)
   throughputs _fp8 --quantization fp8
+fi
+if has throughput-kvfp8; then  # BF16 weights with the FP8 KV cache (half the KV bytes a step)
+  throughputs _kvfp8 --kv-cache-dtype fp8
 fi
 if has serve; then  # the OpenAI server under mixed-100-1024 (streamed), then the offline engine
   # on the same workload. Needs fastapi/uvicorn/uvloop/httptools: carry .whl and install it to
