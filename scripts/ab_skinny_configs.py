@@ -8,8 +8,10 @@ slower. So a candidate enters skinny_config's tables only if this says so.
     python scripts/ab_skinny_configs.py --candidate 'qkv=16:6144x4096:8,256,1,8,1,ef,bx' \
         [--candidate ...] [--rounds 2] [--quantization fp8]   # one GPU, TP=1
 
-A candidate is NAME=TABLE:NxK:block_n,block_k,split_k,num_warps,num_stages[,ef][,bx][,pf]
-with TABLE 16 (TUNED_16BIT) or 8 (TUNED, fp8 weights), keyed for this GPU's model.
+A candidate is NAME=TABLE:NxK:block_n,block_k,split_k,num_warps,num_stages[,FLAG...] with
+TABLE 16 (TUNED_16BIT) or 8 (TUNED, fp8 weights), keyed for this GPU's model, and FLAGs of
+SkinnyConfig: ef (evict_first), bx (broadcast_x), pf (prefetch), dot (use_dot), tma. The
+thirteenth session's TMA candidate for FP8 gate_up: 'gu=8:28672x4096:64,256,1,4,4,dot,tma'.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ for table, n, k, v, flags in {entries!r}:
     key = (s.gpu_model("cuda", 0), 1, n, k)
     getattr(s, table)[key] = s.SkinnyConfig(
         *v[:3], num_warps=v[3], num_stages=v[4], evict_first="ef" in flags,
-        broadcast_x="bx" in flags, prefetch="pf" in flags)
+        broadcast_x="bx" in flags, prefetch="pf" in flags, use_dot="dot" in flags,
+        tma="tma" in flags)
 from kestrel.cli import main
 sys.exit(main({argv!r}))
 """
