@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.paged_attention import check_kv_scales
+from kestrel.kernels.attention_common import check_kv_scales
 from kestrel.kernels.pdl import pdl_args, pdl_enter
 from kestrel.kernels.rotary import rotate_halves
 from kestrel.kernels.rounding import hw_fp8_cast, quantize_e4m3

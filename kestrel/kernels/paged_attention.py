@@ -37,13 +37,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kestrel.kernels.attention_common import LOG2E, check_kv_scales, dot_flags, mma
 from kestrel.kernels.pdl import pdl_args, pdl_release, pdl_wait
 from kestrel.kernels.rotary import NewTokens, check_new_tokens, new_token
 from kestrel.kernels.rounding import hw_fp8_cast
 from kestrel.kernels.split_merge import arrival_counters, merge_splits
-from kestrel.quant.fp8_ops import FP8_DTYPE
 
-LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 PROGRAMS_PER_SM = 4  # measured (H200, bf16, D=128): ~4 resident programs saturate HBM
 # Contexts up to this many tokens decode unsplit: one launch, no reduce kernel, whose launch
@@ -55,22 +54,6 @@ NO_SPLIT_MAX_LEN = 128
 # batch 1 at 4k context (64 splits), engine TPOT over three alternating runs: 8 → 16 took
 # 4.236 → 4.228 ms; 32 made the kernel alone slower (more registers).
 MERGE_SPLITS = 16
-
-
-@triton.jit
-def mma(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """tl.dot; UPCAST=True multiplies in float32 (Triton's CPU interpreter gets bf16 dots wrong)."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=DOT_PREC)
-
-
-def dot_flags(dtype: torch.dtype, device: torch.device) -> dict[str, object]:
-    """Constexpr arguments of ``mma``: exact fp32 dots for fp32; upcast off CUDA."""
-    upcast = device.type != "cuda"
-    prec = "ieee" if dtype == torch.float32 or upcast else "tf32"
-    return {"DOT_PREC": prec, "UPCAST": upcast}
 
 
 @triton.jit
@@ -272,17 +255,6 @@ def _decode_kernel(
         pdl_release(PDL)
         tl.store(o_ptrs, tl.zeros([BLOCK_G, BLOCK_D], dtype=out_ptr.dtype.element_ty),
                  mask=out_mask)
-
-
-def check_kv_scales(name: str, k_cache: torch.Tensor, hkv: int, k_scale, v_scale) -> bool:
-    """Is the cache FP8 (then with one float32 scale per KV head for K and for V)?"""
-    if k_cache.dtype != FP8_DTYPE:
-        return False
-    for s in (k_scale, v_scale):
-        if s is None or s.dtype != torch.float32 or s.numel() != hkv or not s.is_contiguous():
-            raise ValueError(f"{name}: an FP8 cache needs contiguous float32 k_scale and "
-                             f"v_scale of {hkv} values (one per KV head)")
-    return True
 
 
 @functools.cache

@@ -24,9 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.paged_attention import check_kv_scales, dot_flags, mma
-
-LOG2E = 1.4426950408889634
+from kestrel.kernels.attention_common import LOG2E, check_kv_scales, dot_flags, mma
 
 
 @triton.jit

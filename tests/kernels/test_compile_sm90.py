@@ -25,7 +25,15 @@ if torch.cuda.is_available():
 from triton.runtime.interpreter import InterpretedFunction
 
 from kestrel.attention.base import FP8_DTYPE
-from kestrel.kernels import fp8_gemm, fp8_quant, fused, paged_attention, rotary, skinny_config
+from kestrel.kernels import (
+    attention_common,
+    fp8_gemm,
+    fp8_quant,
+    fused,
+    paged_attention,
+    rotary,
+    skinny_config,
+)
 from kestrel.kernels.prefill_attention import prefill_attention
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
@@ -52,8 +60,8 @@ def _on_cuda(values: dict) -> dict:
         cuda["HW"] = True
     if "PDL" in values:  # and programmatic dependent launch (kernels.pdl)
         cuda["PDL"] = True
-    if "UPCAST" in values:  # attention dots: paged_attention.dot_flags for q's dtype
-        cuda |= paged_attention.dot_flags(next(iter(values.values())).dtype,
+    if "UPCAST" in values:  # attention dots: attention_common.dot_flags for q's dtype
+        cuda |= attention_common.dot_flags(next(iter(values.values())).dtype,
                                           torch.device("cuda"))
     if "DOT_F32" in values:  # the skinny GEMM: fp32 dots only for fp32 weights there
         cuda["DOT_F32"] = values["DOT_F32"] and values["w_ptr"].dtype == torch.float32

@@ -1,0 +1,38 @@
+"""What the attention kernels share: the dot helper and its flags, the FP8 cache's scale check."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kestrel.quant.fp8_ops import FP8_DTYPE
+
+LOG2E = 1.4426950408889634  # softmax runs in base 2: scores are scaled by scale · log2(e)
+
+
+@triton.jit
+def mma(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot; UPCAST=True multiplies in float32 (Triton's CPU interpreter gets bf16 dots wrong)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+def dot_flags(dtype: torch.dtype, device: torch.device) -> dict[str, object]:
+    """Constexpr arguments of ``mma``: exact fp32 dots for fp32; upcast off CUDA."""
+    upcast = device.type != "cuda"
+    prec = "ieee" if dtype == torch.float32 or upcast else "tf32"
+    return {"DOT_PREC": prec, "UPCAST": upcast}
+
+
+def check_kv_scales(name: str, k_cache: torch.Tensor, hkv: int, k_scale, v_scale) -> bool:
+    """Is the cache FP8 (then with one float32 scale per KV head for K and for V)?"""
+    if k_cache.dtype != FP8_DTYPE:
+        return False
+    for s in (k_scale, v_scale):
+        if s is None or s.dtype != torch.float32 or s.numel() != hkv or not s.is_contiguous():
+            raise ValueError(f"{name}: an FP8 cache needs contiguous float32 k_scale and "
+                             f"v_scale of {hkv} values (one per KV head)")
+    return True
