@@ -1,4 +1,5 @@
-"""What the attention kernels share: the dot helper and its flags, the FP8 cache's scale check."""
+"""What the attention kernels share: the dot helper and its flags, the FP8 cache's scale check,
+float16 queries for the dots with an FP8 cache."""
 
 from __future__ import annotations
 
@@ -18,6 +19,21 @@ def mma(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def f16_query(q, qk_scale):
+    """bf16 q as float16 for dots with an FP8 cache's tiles, which convert to float16 in one
+    instruction per two codes (to bfloat16 in several). e4m3 codes are exact in float16, and so
+    are bf16 values of q in its normal range: q is scaled by an exact power of two 2^-e that
+    brings max|q| into [2^14, 2^15) (down from beyond float16's range, or up from its
+    subnormals, where bits would be lost), and qk_scale by 2^e, so q·k is unchanged. P then
+    enters P·V in float16 (finer than bf16 for probabilities in [0, 1])."""
+    amax = tl.max(tl.max(tl.abs(q.to(tl.float32)), axis=1), axis=0)
+    exp = (amax.to(tl.int32, bitcast=True) >> 23) - 127  # amax < 2^(exp + 1)
+    e = tl.maximum(exp - 14, -100)  # an all-zero q (exp -127) keeps finite factors
+    q = (q.to(tl.float32) * ((127 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
+    return q, qk_scale * ((127 + e) << 23).to(tl.float32, bitcast=True)
 
 
 def dot_flags(dtype: torch.dtype, device: torch.device) -> dict[str, object]:

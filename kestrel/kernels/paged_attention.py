@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.attention_common import LOG2E, check_kv_scales, dot_flags, mma
+from kestrel.kernels.attention_common import LOG2E, check_kv_scales, dot_flags, f16_query, mma
 from kestrel.kernels.pdl import pdl_args, pdl_release, pdl_wait
 from kestrel.kernels.rotary import NewTokens, check_new_tokens, new_token
 from kestrel.kernels.rounding import hw_fp8_cast
@@ -97,18 +97,12 @@ def _attend(q, k, v, k_last, v_last, n0, end, last, offs_n, qk_scale, m_i, l_i, 
 
 @triton.jit
 def _f16_operands(q, k_last, v_last, qk_scale, ROPE: tl.constexpr):
-    """An FP8 cache's tiles convert to float16 in one instruction per two codes (to bfloat16 in
-    several), and e4m3 codes are exact in float16, as are bf16 values of q in its range. q is
-    scaled by 2^-e (e ≥ 0, exact) so that |q| < 2^15, and qk_scale by 2^e: q·k is unchanged.
-    P then enters P·V in float16 (finer than bf16: probabilities are in [0, 1])."""
-    amax = tl.max(tl.max(tl.abs(q.to(tl.float32)), axis=1), axis=0)
-    exp = (amax.to(tl.int32, bitcast=True) >> 23) - 127  # amax < 2^(exp + 1)
-    e = tl.maximum(exp - 14, 0)
-    q = (q.to(tl.float32) * ((127 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
+    """q (and the new token's K/V, attended from registers) in float16 (f16_query)."""
+    q, qk_scale = f16_query(q, qk_scale)
     if ROPE:
         k_last = k_last.to(tl.float16)
         v_last = v_last.to(tl.float16)
-    return q, k_last, v_last, qk_scale * ((127 + e) << 23).to(tl.float32, bitcast=True)
+    return q, k_last, v_last, qk_scale
 
 
 @triton.jit

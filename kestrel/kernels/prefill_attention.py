@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.attention_common import LOG2E, check_kv_scales, dot_flags, mma
+from kestrel.kernels.attention_common import LOG2E, check_kv_scales, dot_flags, f16_query, mma
 
 
 @triton.jit
@@ -94,6 +94,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     FP8_KV: tl.constexpr,  # FP8 cache with per-KV-head scales
+    F16_DOT: tl.constexpr,  # FP8 cache, bf16 q: dots in float16 (attention_common.f16_query)
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -125,6 +126,8 @@ def _prefill_kernel(
     if FP8_KV:  # per-head scales factor out of the dots, as in the decode kernel
         qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
         v_scale = tl.load(v_scale_ptr + kv_head)
+    if F16_DOT:  # the tiles convert to q's dtype: float16 is one instruction per two codes
+        q, qk_scale = f16_query(q, qk_scale)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -218,7 +221,8 @@ def prefill_attention(
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), PAGE_SIZE=page_size,
-        BLOCK_M=bm, BLOCK_N=bn, FP8_KV=fp8, **dot_flags(q.dtype, q.device),
+        BLOCK_M=bm, BLOCK_N=bn, FP8_KV=fp8, F16_DOT=fp8 and q.dtype == torch.bfloat16,
+        **dot_flags(q.dtype, q.device),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

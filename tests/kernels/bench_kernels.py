@@ -147,6 +147,10 @@ def _prefill_case(q_len: int, prefix: int) -> None:
         prefill_attention(q, k_cache, v_cache, qsl, seq_lens, tables, q_len, D**-0.5, out=out)
 
     ms = triton.testing.do_bench(fn, rep=200, return_mode="median")
+    (_, k8, v8, *_), scales = _fp8_cache((q, k_cache, v_cache))
+    ms8 = triton.testing.do_bench(
+        lambda: prefill_attention(q, k8, v8, qsl, seq_lens, tables, q_len, D**-0.5, out=out,
+                                  **scales), rep=200, return_mode="median")
     # Causal FLOPs: 2 matmuls × 2 FLOP × (visible query-key pairs) × D × Hq.
     flops = 4 * (q_len * prefix + q_len * (q_len + 1) / 2) * D * HQ
     sdpa_ms, err = float("nan"), float("nan")
@@ -174,15 +178,17 @@ def _prefill_case(q_len: int, prefix: int) -> None:
         v = v_cache[tables[0].long()].reshape(-1, HKV, D)[:seq]
         backend_ms = triton.testing.do_bench(lambda: be._sdpa(q, k, v, [q_len]), rep=200,
                                              return_mode="median")
-    print(f"{q_len:>6} {prefix:>6} {ms:>9.3f} {flops / ms / 1e9:>8.0f} "
-          f"{sdpa_ms:>8.3f} {flops / sdpa_ms / 1e9:>8.0f} {backend_ms:>8.3f} "
-          f"{flops / backend_ms / 1e9:>8.0f} {err:>9.1e}")  # fmt: skip
+    print(f"{q_len:>6} {prefix:>6} {ms:>9.3f} {flops / ms / 1e9:>8.0f} {ms8:>7.3f} "
+          f"{flops / ms8 / 1e9:>8.0f} {sdpa_ms:>8.3f} {flops / sdpa_ms / 1e9:>8.0f} "
+          f"{backend_ms:>8.3f} {flops / backend_ms / 1e9:>8.0f} {err:>9.1e}")  # fmt: skip
 
 
 def bench_prefill(quick: bool) -> None:
-    print(f"\nprefill causal Hq={HQ} Hkv={HKV} D={D} {DTYPE} block={BS}")
-    print(f"{'tokens':>6} {'prefix':>6} {'triton ms':>9} {'TFLOP/s':>8} {'flash ms':>8} "
-          f"{'TFLOP/s':>8} {'sdpa-be ms':>8} {'TFLOP/s':>8} {'rel err':>9}")  # fmt: skip
+    print(f"\nprefill causal Hq={HQ} Hkv={HKV} D={D} {DTYPE} block={BS}  (fp8: the Triton "
+          "kernel over an FP8 cache)")
+    print(f"{'tokens':>6} {'prefix':>6} {'triton ms':>9} {'TFLOP/s':>8} {'fp8 ms':>7} "
+          f"{'TFLOP/s':>8} {'flash ms':>8} {'TFLOP/s':>8} {'sdpa-be ms':>8} {'TFLOP/s':>8} "
+          f"{'rel err':>9}")  # fmt: skip
     cases = [(512, 0), (1024, 0), (2048, 0), (4096, 0), (8192, 0), (1024, 3072)]
     for q_len, prefix in [(1024, 0), (4096, 0)] if quick else cases:
         _prefill_case(q_len, prefix)

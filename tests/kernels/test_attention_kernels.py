@@ -267,6 +267,24 @@ def test_prefill_fp8_cache(dtype: torch.dtype) -> None:
                   block_m=16, block_n=16)  # fmt: skip
 
 
+@pytest.mark.parametrize("power", [20, -20, None])
+def test_prefill_fp8_cache_with_q_outside_float16(power: int | None) -> None:
+    """As test_decode_fp8_cache_with_q_outside_float16, for the prefill kernel's float16 dots:
+    one power of two for a whole query tile, here tiles of 16 rows over several sequences;
+    None: q all zero (uniform attention, finite factors)."""
+    b = make_batch([37, 20, 1, 3], [0, 45, 13, 0], 8, 2, 64, 16, torch.bfloat16, DEV, fp8=True)
+    if power is None:
+        b.q.zero_()
+    else:
+        b.q.mul_(2.0**power)
+        b.k_scale.mul_(2.0**-power)
+    m = b.meta
+    out = prefill_attention(b.q, b.k_cache, b.v_cache, m.query_start_loc, m.seq_lens,
+                            m.block_tables, m.max_query_len, 64**-0.5, block_m=16, block_n=16,
+                            **b.scales)
+    assert_close(out, reference(b, 64**-0.5), torch.bfloat16)
+
+
 def test_kernels_refuse_an_fp8_cache_without_scales() -> None:
     b = make_batch([1, 1], [4, 9], 4, 2, 64, 16, torch.float32, DEV, fp8=True)
     m = b.meta
