@@ -10,8 +10,7 @@ slower. So a candidate enters skinny_config's tables only if this says so.
 
 A candidate is NAME=TABLE:NxK:block_n,block_k,split_k,num_warps,num_stages[,FLAG...] with
 TABLE 16 (TUNED_16BIT) or 8 (TUNED, fp8 weights), keyed for this GPU's model, and FLAGs of
-SkinnyConfig: ef (evict_first), bx (broadcast_x), pf (prefetch), dot (use_dot), tma. The
-thirteenth session's TMA candidate for FP8 gate_up: 'gu=8:28672x4096:64,256,1,4,4,dot,tma'.
+SkinnyConfig: ef (evict_first), bx (broadcast_x), pf (prefetch), dot (use_dot).
 """
 
 from __future__ import annotations
@@ -31,8 +30,7 @@ for table, n, k, v, flags in {entries!r}:
     key = (s.gpu_model("cuda", 0), 1, n, k)
     getattr(s, table)[key] = s.SkinnyConfig(
         *v[:3], num_warps=v[3], num_stages=v[4], evict_first="ef" in flags,
-        broadcast_x="bx" in flags, prefetch="pf" in flags, use_dot="dot" in flags,
-        tma="tma" in flags)
+        broadcast_x="bx" in flags, prefetch="pf" in flags, use_dot="dot" in flags)
 from kestrel.cli import main
 sys.exit(main({argv!r}))
 """

@@ -33,7 +33,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kestrel.kernels.pdl import pdl_args, pdl_enter, pdl_release, pdl_wait
 from kestrel.kernels.rounding import DTYPE_CODES, round_dtype, silu_rounded
@@ -139,24 +138,20 @@ def _dot_step(acc, x, w, BLOCK_K: tl.constexpr, SCALED: tl.constexpr, DOT_F32: t
 
 
 @triton.jit
-def _dot_loop(x_ptrs, w_ptrs, w_desc, n0, w_first, offs_k, k_lo, k_hi, K, BLOCK_M: tl.constexpr,
+def _dot_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
               W_EVICT: tl.constexpr, SCALED: tl.constexpr, DOT_F32: tl.constexpr,
-              GLU: tl.constexpr, DT: tl.constexpr, HW: tl.constexpr, TMA: tl.constexpr):
+              GLU: tl.constexpr, DT: tl.constexpr, HW: tl.constexpr):
     """x_ptrs [BLOCK_M, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → w·xᵀ as [BLOCK_N, BLOCK_M]; the
-    first K step's weights are ``w_first``. ``TMA``: weight tiles from the tensor descriptor
-    ``w_desc`` at rows n0.. (zero past N and K), pipelined by Triton's loop pipeliner."""
+    first K step's weights are ``w_first``."""
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
     acc = _dot_step(acc, x, w_first, BLOCK_K, SCALED, DOT_F32)
-    for k in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+    for _ in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         offs_k += BLOCK_K
-        if TMA:
-            w = w_desc.load([n0, k])
-        else:
-            w = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
+        w = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
         x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
         acc = _dot_step(acc, x, w, BLOCK_K, SCALED, DOT_F32)
     return acc
@@ -167,7 +162,6 @@ def _skinny_kernel(
     x_ptr,  # [M, K] fp8 (SCALED) or w's dtype, K contiguous; GLU: [M, 2K]
     xs_ptr,  # [M] float32; not read unless SCALED
     w_ptr,  # [N, K] fp8 (SCALED) or bf16 / fp16 / float32, K contiguous
-    w_desc,  # (TMA) a tensor descriptor of w with [BLOCK_N, BLOCK_K] blocks
     ws_ptr,  # [N] float32; not read unless SCALED
     out_ptr,  # [M, N] output dtype; [S, M, N] float32 partials when SPLIT
     M, N, K,
@@ -189,7 +183,6 @@ def _skinny_kernel(
     DOT_F32: tl.constexpr,  # unscaled dot in float32, IEEE (float32 operands; see _launch)
     GLU: tl.constexpr,  # x is [silu(gate) | up]: multiplied as it is loaded (see _load_x)
     SILU: tl.constexpr,
-    TMA: tl.constexpr,  # USE_DOT: weight tiles through w_desc (SkinnyConfig.tma)
     HW: tl.constexpr,  # compiled for a GPU: round_dtype's hardware rounding
     RELEASE_LATE: tl.constexpr,  # PDL: the next kernel is a GEMV (see kernels.pdl)
     PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels.pdl)
@@ -209,15 +202,11 @@ def _skinny_kernel(
     x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     # Every split has at least one K step. Its weights are loaded before waiting for the kernel
     # that writes x: under PDL they stream while that kernel still runs.
-    if TMA:
-        w_first = w_desc.load([pid_n * BLOCK_N, k_lo])
-    else:
-        w_first = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
+    w_first = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
     pdl_wait(PDL)
     if USE_DOT:
-        acc = _dot_loop(x_ptrs, w_ptrs, w_desc, pid_n * BLOCK_N, w_first, offs_k, k_lo, k_hi,
-                        K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_EVICT, SCALED, DOT_F32, GLU, DT,
-                        HW, TMA)
+        acc = _dot_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_M, BLOCK_N,
+                        BLOCK_K, EVEN_K, W_EVICT, SCALED, DOT_F32, GLU, DT, HW)
     else:
         acc = _fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N, BLOCK_K,
                         EVEN_K, W_EVICT, BROADCAST_X, PREFETCH, GLU, DT, HW)
@@ -303,18 +292,14 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
     # in float32, so this is the same function as the GPU's bf16 MMA.
     dot_f32 = not scaled and (w.dtype == torch.float32
                               or (w.dtype == torch.bfloat16 and not _compiled()))
-    # TMA needs 16-byte aligned rows; others take the pointer loads (the same products)
-    tma = cfg.tma and w.data_ptr() % 16 == 0 and w.stride(0) * w.element_size() % 16 == 0
-    w_desc = TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k]) if tma else w
     _skinny_kernel[grid](
-        x, xs, w, w_desc, ws, dst, m, n, k, x.stride(0), w.stride(0),
-        steps_per_split * cfg.block_k,
+        x, xs, w, ws, dst, m, n, k, x.stride(0), w.stride(0), steps_per_split * cfg.block_k,
         silu_cols, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         USE_DOT=cfg.use_dot,
         EVEN_K=k % cfg.block_k == 0, SPLIT=split > 1, DT=dt,
         W_EVICT="evict_first" if cfg.evict_first else "", BROADCAST_X=cfg.broadcast_x,
         PREFETCH=cfg.prefetch, SCALED=scaled, DOT_F32=dot_f32, GLU=glu, SILU=silu_cols > 0,
-        TMA=tma, HW=_compiled(), RELEASE_LATE=silu_cols > 0 and split == 1, num_warps=cfg.num_warps,
+        HW=_compiled(), RELEASE_LATE=silu_cols > 0 and split == 1, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_args(x.device),
     )

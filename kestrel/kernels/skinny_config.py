@@ -39,11 +39,6 @@ class SkinnyConfig:
     # GEMV (6144 x 4096) from 15.8 to 13.7 µs, but gate_up and down (FP8 and bf16) 10-60%
     # slower (more registers, fewer programs per SM): a tuned choice per shape.
     prefetch: bool = False
-    # Tensor-core path: weight tiles through TMA (a host tensor descriptor; boxes of at most 256
-    # per side), pipelined by Triton, the first one still loaded before the PDL wait. Alone on
-    # an H200 (thirteenth session) FP8 gate_up at n64 k256, 4 stages: 29.5 µs against 30.8 for
-    # its tuned FMA entry; not yet in a table (ab_skinny_configs.py decides in the engine).
-    tma: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -55,9 +50,6 @@ class SkinnyConfig:
         if self.use_dot and (self.broadcast_x or self.prefetch):
             raise ValueError("SkinnyConfig: broadcast_x and prefetch are for the FMA path "
                              "(use_dot=False)")
-        if self.tma and not (self.use_dot and self.block_n <= 256 and self.block_k <= 256):
-            raise ValueError("SkinnyConfig: tma is for the dot path, with tiles of at most "
-                             "256 × 256")
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError("SkinnyConfig: split_k and num_stages must be >= 1")
 

@@ -95,16 +95,6 @@ def test_default_config_keeps_bytes_per_step_and_has_its_own_table(monkeypatch):
     _assert_close(bf16_gemm_small_m(x, w), x, w)
 
 
-@pytest.mark.parametrize("m", [1, 5])
-def test_tma_weight_tiles(m):
-    """SkinnyConfig.tma on 16-bit weights (rows of 96 bf16: 16-byte aligned), split or not:
-    the float32 product, as the pointer loads give it."""
-    for split in (1, 2):
-        cfg = SkinnyConfig(block_n=16, block_k=32, split_k=split, use_dot=True, tma=True)
-        x, w = _operands(m, 40, 96, torch.bfloat16, seed=30 + m)
-        _assert_close(bf16_gemm_small_m(x, w, config=cfg), x, w)
-
-
 def test_strided_x_empty_and_bad_operands():
     x, w = _operands(2, 16, 32, torch.bfloat16, seed=6)
     base = torch.zeros(2, 64, dtype=x.dtype, device=DEV)
