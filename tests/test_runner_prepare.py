@@ -45,3 +45,16 @@ def test_a_prompt_chunk_beside_a_placeholder_keeps_its_tokens():
     assert batch.positions.tolist() == [0, 1, 2, 4]
     assert batch.id_pos_slot.shape == (3, 4)
     assert batch.logits_indices.tolist() == [2, 3]
+
+
+def test_every_uploaded_array_starts_16_byte_aligned():
+    """Triton specializes kernels on 16-byte pointer alignment: arrays whose offsets moved
+    with the step's sizes (3 tokens, 2 sequences, 1 prompt row here) made new kernel variants."""
+    out = SchedulerOutput([ScheduledRequest("p", [9, 8], 0, [2], True),
+                           ScheduledRequest("q", [7], 3, [4], True)])
+    batch = _prepare(out)
+    meta = batch.meta
+    for t in (batch.input_ids, batch.positions, meta.slot_mapping, batch.logits_indices,
+              meta.query_start_loc, meta.seq_lens, meta.block_tables):
+        assert t.data_ptr() % 16 == 0
+    assert batch.positions.tolist() == [0, 1, 3] and batch.input_ids.tolist() == [9, 8, 7]

@@ -105,7 +105,8 @@ def _f16_operands(q, k_last, v_last, qk_scale, ROPE: tl.constexpr):
     return q, k_last, v_last, qk_scale
 
 
-@triton.jit
+# The block table's width and the split count change with the batch: one compiled kernel
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(
     q_ptr,  # [B, Hq, D] (ROPE: not yet rotated)
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]

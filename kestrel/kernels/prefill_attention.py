@@ -70,7 +70,8 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# The block table's width changes with every batch: one compiled kernel for all of them
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr,  # [T, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
