@@ -1,7 +1,8 @@
 """Triton attention backend: the GPU fast path behind the ``AttentionBackend`` seam.
 
-forward, when every sequence has exactly one new token: ``paged_attention_decode``, which also
-rotates q and the new K and writes the new K/V into the paged cache (one launch per layer).
+forward, when every sequence has exactly one new token: ``paged_attention_decode``, which for
+up to ``FUSED_NEW_TOKEN_MAX_SEQS`` sequences also rotates q and the new K and writes the new
+K/V into the paged cache (one launch per layer); larger batches run rotary_and_cache first.
 Otherwise rotary_and_cache (rotary on q and k, then new K/V into the paged cache, in one
 launch) + the varlen ``prefill_attention`` (which also serves mixed prefill + decode batches:
 a decode row is a prefill of length 1). Both read every key from the cache, so prefix-cached and chunked
@@ -25,6 +26,13 @@ from kestrel.attention.base import AttentionBackend, AttentionMetadata, register
 # 1.001 ms: it wins from 4k on.
 SDPA_MIN_TOKENS = 4096
 SDPA_MAX_SEQS = 8  # one SDPA call per sequence: only for a few long prompts
+# Decode batches up to this many sequences take the new token's rotary and cache write inside
+# the attention launch: one launch less a layer (batch-1 BF16 decode 4.10 -> 3.96 ms, H200,
+# eighth session). Larger batches lose: `bench_kernels.py --only new-token` (H200, µs, in the
+# launch / separate) 4.7 / 5.6 at 1 × 512 tokens, 11.9 / 10.7 at 8 × 512, 404.7 / 256.3 at
+# 64 × 4k, 224.8 / 139.8 at 256 × 512; mixed-100-1024 (256 sequences) ran 18.6 s fused and
+# 15.8 s separate (fourteenth session).
+FUSED_NEW_TOKEN_MAX_SEQS = 1
 
 
 @register_backend
@@ -68,18 +76,22 @@ class TritonAttention(AttentionBackend):
         cos_sin: torch.Tensor,  # [max_pos, D]
     ) -> torch.Tensor:
         ks, vs = self.kv_scales(k_cache)
-        if meta.is_decode_only and q.shape[0] == meta.num_seqs:
+        decode = meta.is_decode_only and q.shape[0] == meta.num_seqs
+        new = None
+        if decode and meta.num_seqs <= FUSED_NEW_TOKEN_MAX_SEQS:
             # One token per sequence: token i belongs to sequence i (query_start_loc = arange).
             # Rotary and the cache write happen inside the attention launch.
             new = self._rotary.NewTokens(k, v, positions, cos_sin, meta.slot_mapping)
+        else:
+            # q and k are rotated in place: SDPA below reads the new k directly, not the cache.
+            q, k = self._fused.rotary_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache,
+                                                meta.slot_mapping, ks, vs)
+        if decode:
             return self._decode.paged_attention_decode(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
                 num_splits=self.num_splits, max_seq_len=meta.max_seq_len, k_scale=ks,
                 v_scale=vs, new=new,
             )  # fmt: skip
-        # q and k are rotated in place: SDPA below reads the new k directly, not the cache.
-        q, k = self._fused.rotary_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache,
-                                            meta.slot_mapping, ks, vs)
         if ks is None and self._fresh_long_prompts(meta):  # an FP8 cache: attend as cached
             return self._sdpa(q, k, v, meta.query_lens_cpu)
         return self._prefill.prefill_attention(

@@ -1,6 +1,6 @@
 """Benchmark the Triton kernels on CUDA (a plain script; pytest does not collect bench_*.py).
 
-    python tests/kernels/bench_kernels.py [--quick] [--only decode|splits|prefill|fused]
+    python tests/kernels/bench_kernels.py [--quick] [--only decode|splits|prefill|fused|new-token]
 
 Decode: llama-3-8b attention shape (32 q heads, 8 KV heads, head_dim 128, bf16, 16-token
 pages, blocks shuffled) at batch 1/64 × context 1k/4k/16k, timed in a CUDA graph (as the
@@ -30,9 +30,10 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, uninstalled
 from kestrel.attention.base import quantize_kv
 from kestrel.attention.triton_backend import TritonAttention
-from kestrel.kernels.fused import rms_norm, silu_and_mul
+from kestrel.kernels.fused import rms_norm, rotary_and_cache, silu_and_mul
 from kestrel.kernels.paged_attention import MAX_SPLITS, choose_num_splits, paged_attention_decode
 from kestrel.kernels.prefill_attention import prefill_attention
+from kestrel.kernels.rotary import NewTokens
 from kestrel.layers.norm import rms_norm_ref
 
 HQ, HKV, D, BS, DTYPE = 32, 8, 128, 16, torch.bfloat16
@@ -106,6 +107,36 @@ def bench_decode(peak: float, quick: bool) -> None:
     for batch in (1, 64):
         for ctx in (1024, 4096) if quick else (1024, 4096, 16384):
             _decode_case(batch, ctx, peak)
+
+
+def bench_new_token() -> None:
+    """Decode attention with the new token's rotary and cache write in its launch (NewTokens)
+    against rotary_and_cache + attention, µs per layer: sets FUSED_NEW_TOKEN_MAX_SEQS."""
+    print("\ndecode new token  (µs, CUDA graph replay, llama-3-8b heads)")
+    print(f"{'batch':>5} {'ctx':>6} {'in launch':>10} {'separate':>9}")
+    for batch in (1, 8, 32, 64, 128, 256):
+        for ctx in (512, 4096):
+            q, k_cache, v_cache, tables, lens = _decode_inputs(batch, ctx)
+            k = torch.randn(batch, HKV, D, device="cuda", dtype=DTYPE)
+            v = torch.randn_like(k)
+            pos = (lens - 1).long()
+            cos_sin = torch.randn(ctx, D, device="cuda", dtype=torch.float32)
+            slots = tables[:, -1].long() * BS + (ctx - 1) % BS
+            splits = choose_num_splits(batch, HKV, ctx, torch.device("cuda"))
+            out = torch.empty_like(q)
+            new = NewTokens(k, v, pos, cos_sin, slots)
+
+            def fused() -> None:
+                paged_attention_decode(q, k_cache, v_cache, tables, lens, D**-0.5, out=out,
+                                       num_splits=splits, new=new)
+
+            def separate() -> None:
+                rotary_and_cache(q, k, v, pos, cos_sin, k_cache, v_cache, slots)
+                paged_attention_decode(q, k_cache, v_cache, tables, lens, D**-0.5, out=out,
+                                       num_splits=splits)
+
+            print(f"{batch:>5} {ctx:>6} {_graph_ms(fused) * 1e3:>10.1f} "
+                  f"{_graph_ms(separate) * 1e3:>9.1f}")
 
 
 def bench_splits(quick: bool) -> None:
@@ -214,7 +245,8 @@ def bench_fused(peak: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
-    parser.add_argument("--only", choices=["decode", "splits", "prefill", "fused"], default=None)
+    parser.add_argument("--only", choices=["decode", "splits", "prefill", "fused", "new-token"],
+                        default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA device")
@@ -231,6 +263,8 @@ def main() -> None:
         bench_decode(peak, args.quick)
     if args.only == "splits":
         bench_splits(args.quick)
+    if args.only == "new-token":
+        bench_new_token()
     if args.only in (None, "prefill"):
         bench_prefill(args.quick)
     if args.only in (None, "fused"):

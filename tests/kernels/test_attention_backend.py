@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kestrel.attention.torch_ref import TorchAttention
+from kestrel.attention import triton_backend
 from kestrel.attention.triton_backend import TritonAttention
 from kestrel.layers.rotary import RotaryEmbedding
 from tests.kernels.attention_cases import (
@@ -86,8 +87,12 @@ def test_backend_fp8_cache(q_lens, prefix_lens) -> None:
                                                   **rope)
 
 
+@pytest.mark.parametrize("fused_max", [3, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backend_decode(dtype: torch.dtype) -> None:
+def test_backend_decode(dtype: torch.dtype, fused_max: int, monkeypatch) -> None:
+    """Three sequences: the new token's rotary and cache write in the attention launch (up to
+    FUSED_NEW_TOKEN_MAX_SEQS sequences), or rotary_and_cache first (more)."""
+    monkeypatch.setattr(triton_backend, "FUSED_NEW_TOKEN_MAX_SEQS", fused_max)
     check_backend([1, 1, 1], [0, 40, 77], dtype, DEV)
 
 
