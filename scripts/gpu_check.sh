@@ -85,7 +85,7 @@ if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default) or the 4k prefi
   if [[ ${AB_SHAPE:-decode} == prefill ]]; then
     shape="--input 4096 --output 1 --max-num-batched-tokens 4096"; show="prefill time"
   else
-    shape="--input 128 --output 256"; show="TPOT"
+    shape="--input 128 --output 256"; show="time per output token"
   fi
   for round in $(seq 1 "${AB_ROUNDS:-1}"); do
     for q in "" "--quantization fp8"; do
@@ -200,7 +200,8 @@ for f in sorted(out.glob("*.json")):
     r = json.loads(f.read_text())
     if "tpot_s" not in r:
         continue
-    g = lambda k, s=1.0: f"{r[k] * s:.3g}" if r.get(k) is not None else "-"
+    # four decimals: A/B runs differ by tenths of a percent
+    g = lambda k, s=1.0: f"{r[k] * s:.4f}" if r.get(k) is not None else "-"
     print(f"{f.stem:34} {g('tpot_s', 1e3):>8} {g('decode_bandwidth_fraction'):>8} "
           f"{g('prefill_time_s', 1e3):>10} {g('prefill_flops_fraction'):>9} {g('speedup_vs_hf'):>6}")
 PY
