@@ -31,7 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywher
 from kestrel.attention.base import quantize_kv
 from kestrel.attention.triton_backend import TritonAttention
 from kestrel.kernels.fused import rms_norm, rotary_and_cache, silu_and_mul
-from kestrel.kernels.paged_attention import MAX_SPLITS, choose_num_splits, paged_attention_decode
+from kestrel.kernels.paged_attention import (
+    MAX_SPLITS,
+    _decode_kernel,
+    choose_num_splits,
+    paged_attention_decode,
+)
 from kestrel.kernels.prefill_attention import prefill_attention
 from kestrel.kernels.rotary import NewTokens
 from kestrel.layers.norm import rms_norm_ref
@@ -44,6 +49,17 @@ def _graph_ms(fn) -> float:
     fn()  # compile outside the capture
     torch.cuda.synchronize()
     return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+
+
+def print_resources(kernel) -> None:
+    """Registers and spills of each compiled variant of a Triton kernel (offline, Triton 3.9 put
+    the decode kernel at 255 registers with a stack: is it so on this device?)."""
+    try:
+        variants = [k for cache in kernel.device_caches.values() for k in cache[0].values()]
+        print(f"# {kernel.__name__}: " + "; ".join(
+            f"{k.n_regs} registers, {k.n_spills} spilled" for k in variants))
+    except (AttributeError, IndexError, TypeError) as e:  # the cache's layout is Triton's own
+        print(f"# {kernel.__name__}: registers unknown with this Triton ({e!r:.60})")
 
 
 def copy_bandwidth() -> float:
@@ -107,6 +123,7 @@ def bench_decode(peak: float, quick: bool) -> None:
     for batch in (1, 64):
         for ctx in (1024, 4096) if quick else (1024, 4096, 16384):
             _decode_case(batch, ctx, peak)
+    print_resources(_decode_kernel)
 
 
 def bench_new_token() -> None:
@@ -137,6 +154,7 @@ def bench_new_token() -> None:
 
             print(f"{batch:>5} {ctx:>6} {_graph_ms(fused) * 1e3:>10.1f} "
                   f"{_graph_ms(separate) * 1e3:>9.1f}")
+    print_resources(_decode_kernel)
 
 
 def bench_splits(quick: bool) -> None:
