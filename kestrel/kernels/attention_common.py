@@ -36,11 +36,14 @@ def f16_query(q, qk_scale):
     return q, qk_scale * ((127 + e) << 23).to(tl.float32, bitcast=True)
 
 
-def dot_flags(dtype: torch.dtype, device: torch.device) -> dict[str, object]:
-    """Constexpr arguments of ``mma``: exact fp32 dots for fp32; upcast off CUDA."""
+def dot_flags(dtype: torch.dtype, device: torch.device, fp8_cache: bool) -> dict[str, object]:
+    """Constexpr arguments of the attention kernels' dots for queries of ``dtype``: exact fp32
+    dots for fp32; upcast off CUDA (``mma``); float16 dots over an FP8 cache for bf16 queries
+    (``F16_DOT``, ``f16_query``)."""
     upcast = device.type != "cuda"
     prec = "ieee" if dtype == torch.float32 or upcast else "tf32"
-    return {"DOT_PREC": prec, "UPCAST": upcast}
+    return {"DOT_PREC": prec, "UPCAST": upcast,
+            "F16_DOT": fp8_cache and dtype == torch.bfloat16}
 
 
 def check_kv_scales(name: str, k_cache: torch.Tensor, hkv: int, k_scale, v_scale) -> bool:

@@ -19,8 +19,10 @@ programs to keep every SM's loads in flight:
   with a fixed ``num_splits`` (as captured in a CUDA graph) is right for any context length.
 * The step's new token (``rotary.NewTokens``): the kernel applies rotary to q and to the new
   K and writes the new K/V into the cache itself (``rotary.new_token``); the split holding the
-  last position attends to them from registers. At batch 1 each launch costs ~2 µs, a layer's attention was three
-  (rotary + cache write, attention, split merge) and is now one.
+  last position attends to them from registers. At batch 1 each launch costs ~2 µs, a layer's
+  attention was three (rotary + cache write, attention, split merge) and is now one; from 8
+  sequences on the fused kernel is slower than rotary_and_cache + attention, so the backend
+  passes the new token only at batch 1 (``triton_backend.FUSED_NEW_TOKEN_MAX_SEQS``).
 
 Softmax runs in base 2 (``exp2``) on float32 scores; the P·V product takes P in the cache
 dtype, as flash attention does. An FP8 cache with bf16 queries runs its dots in float16
@@ -373,10 +375,9 @@ def paged_attention_decode(
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
         PAGE_SIZE=page_size, BLOCK_N=block_n, MERGE_G=triton.next_power_of_2(group),
         MERGE_S=min(MERGE_SPLITS, triton.next_power_of_2(num_splits)),
-        SPLIT=split, FP8_KV=fp8, F16_DOT=fp8 and q.dtype == torch.bfloat16,
-        ROPE=new is not None,
+        SPLIT=split, FP8_KV=fp8, ROPE=new is not None,
         HW_CAST=fp8 and new is not None and hw_fp8_cast(q.device),
-        **dot_flags(q.dtype, q.device),
+        **dot_flags(q.dtype, q.device, fp8),
         num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=new is None,
         **pdl_args(q.device),
     )  # fmt: skip

@@ -222,8 +222,7 @@ def prefill_attention(
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), PAGE_SIZE=page_size,
-        BLOCK_M=bm, BLOCK_N=bn, FP8_KV=fp8, F16_DOT=fp8 and q.dtype == torch.bfloat16,
-        **dot_flags(q.dtype, q.device),
+        BLOCK_M=bm, BLOCK_N=bn, FP8_KV=fp8, **dot_flags(q.dtype, q.device, fp8),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

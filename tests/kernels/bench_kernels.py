@@ -11,8 +11,13 @@ Splits (not in the default run): the same decode at batch 1/8/64 × context 128.
 split-K factor forced to 1, 2, 4, .., 64 and chosen by ``choose_num_splits``, in µs; the last
 lines give, per batch, the longest context at which one split (no reduce kernel) is within 3%
 of the best: the value for ``paged_attention.NO_SPLIT_MAX_LEN``.
-Prefill: 4096 causal tokens, TFLOP/s (causal FLOPs = 2·T²·D·Hq) against torch SDPA (flash).
+Prefill: 4096 causal tokens, TFLOP/s (causal FLOPs = 2·T²·D·Hq) against torch SDPA (flash),
+and the Triton kernel again over an FP8 cache.
 Fused: RMSNorm+residual and silu_and_mul bandwidth against torch eager.
+New token (not in the default run): decode with the new token's rotary and cache write inside
+the attention launch against rotary_and_cache + attention, batch 1..256 × 512 / 4k tokens:
+the value for ``triton_backend.FUSED_NEW_TOKEN_MAX_SEQS``. Decode and new token end with the
+decode kernel's registers and spills per compiled variant.
 """
 
 from __future__ import annotations

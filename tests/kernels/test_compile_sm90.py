@@ -62,7 +62,8 @@ def _on_cuda(values: dict) -> dict:
         cuda["PDL"] = True
     if "UPCAST" in values:  # attention dots: attention_common.dot_flags for q's dtype
         cuda |= attention_common.dot_flags(next(iter(values.values())).dtype,
-                                          torch.device("cuda"))
+                                          torch.device("cuda"),
+                                          values["k_cache_ptr"].dtype == FP8_DTYPE)
     if "DOT_F32" in values:  # the skinny GEMM: fp32 dots only for fp32 weights there
         cuda["DOT_F32"] = values["DOT_F32"] and values["w_ptr"].dtype == torch.float32
     return cuda
