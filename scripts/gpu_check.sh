@@ -3,7 +3,7 @@
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 |
-#         throughput-kvfp8 | fig27 | fp8-70b | serve | pdl | ab
+#         throughput-kvfp8 | budget | fig27 | fp8-70b | serve | pdl | ab
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
 # summary table is printed last.
@@ -160,6 +160,11 @@ fi
 if has throughput-fp8; then  # the same in FP8 (the recipe)
   throughputs _fp8 --quantization fp8
 fi
+if has budget; then  # the same workloads at several step token budgets (BUDGETS)
+  for b in ${BUDGETS:-2048 4096 8192 16384}; do
+    throughputs _budget$b --max-num-batched-tokens $b
+  done
+fi
 if has throughput-kvfp8; then  # BF16 weights with the FP8 KV cache (half the KV bytes a step)
   throughputs _kvfp8 --kv-cache-dtype fp8
 fi
@@ -204,6 +209,16 @@ for f in sorted(out.glob("*.json")):
     g = lambda k, s=1.0: f"{r[k] * s:.4f}" if r.get(k) is not None else "-"
     print(f"{f.stem:34} {g('tpot_s', 1e3):>8} {g('decode_bandwidth_fraction'):>8} "
           f"{g('prefill_time_s', 1e3):>10} {g('prefill_flops_fraction'):>9} {g('speedup_vs_hf'):>6}")
+runs = [(f.stem, r) for f in sorted(out.glob("tput*.json"))
+        for r in [json.loads(f.read_text())] if "output_throughput" in r]
+if runs:
+    print(f"{'throughput run':34} {'out tok/s':>9} {'time s':>7} {'TTFT med':>8} "
+          f"{'TPOT med':>8} {'roofline':>8} {'start s':>7}")
+for name, r in runs:
+    frac = r.get("roofline_fraction")
+    print(f"{name:34} {r['output_throughput']:9.0f} {r['duration_s']:7.2f} "
+          f"{r['ttft_ms']['median']:8.0f} {r['tpot_ms']['median']:8.1f} "
+          f"{frac if frac is None else round(frac, 3)!s:>8} {r.get('startup_s', 0):7.1f}")
 PY
 # The device tool returns only a few files from $OUT: pack this call's results into one archive
 # (roofline.json stays for the next invocation in the same call). PACK=0 keeps them loose.

@@ -275,12 +275,14 @@ def run_throughput(ns: Any) -> int:
 
     set_threads(ns)
     wl = _workload(ns)
+    t0 = time.perf_counter()
     llm = LLM(**vars(engine_args_from_cli(ns)))
+    startup = time.perf_counter() - t0
     device = llm.engine.cfg.device
     reqs = build_requests(llm, wl, ns.workload_seed, ns.prompt_source, ns.text)
     with heap_frozen():
         res = bench_throughput(llm, reqs)
-    res.update({"workload": wl.name, "num_prompts": wl.num_prompts,
+    res.update({"startup_s": startup, "workload": wl.name, "num_prompts": wl.num_prompts,
                 "model": llm.engine.cfg.model, "dtype": str(llm.engine.cfg.dtype),
                 "quantization": llm.engine.cfg.quant.method,
                 "kv_cache_dtype": llm.engine.cfg.cache.kv_cache_dtype})

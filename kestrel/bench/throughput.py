@@ -106,6 +106,8 @@ def throughput_rows(res: dict) -> list[tuple[str, object]]:
         ("TTFT median (ms)", res["ttft_ms"]["median"]),
         ("TPOT median (ms)", res["tpot_ms"]["median"]),
     ]
+    if "startup_s" in res:
+        rows.append(("engine start-up (s)", res["startup_s"]))
     if "roofline_output_throughput" in res:
         rows += [("roofline estimate output tokens/s", res["roofline_output_throughput"]),
                  ("output tokens/s / estimate", res["roofline_fraction"])]

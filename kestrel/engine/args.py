@@ -19,6 +19,29 @@ from kestrel.loader.hf import load_model_config, read_config
 
 log = logging.getLogger(__name__)
 
+# The step token budget (tokens a step computes: chunked-prefill size) when
+# --max-num-batched-tokens is not given. Bigger chunks run the GEMMs nearer their rate and
+# re-read the running requests' KV cache in fewer steps, but every running stream waits for
+# the whole step. H200, llama-3-8b, `gpu_check.sh budget` (fifteenth session), output tok/s at
+# 2,048 / 4,096 / 8,192 / 16,384: llama3-paper 32 requests 1,315 / 1,366 / 1,404 / 1,414,
+# 64 requests 1,334 / 1,453 / 1,529 / 1,568, mixed-100-1024 9,462 / 9,719 / 9,891 / 9,960. So
+# Hopper GPUs with room for the activations take vLLM's budgets there: 16,384 offline and
+# 8,192 for the server (a step of 8k prompt tokens holds the streams for ~0.2 s on an 8B).
+# Elsewhere (CPU, smaller GPUs; not measured) 2,048.
+TOKEN_BUDGET = 2048
+BIG_GPU_TOKEN_BUDGET = {"offline": 16384, "server": 8192}
+BIG_GPU_BYTES = 70 * 2**30
+
+
+def default_token_budget(device: str, usage: str = "offline") -> int:
+    """The step token budget when none is given, for ``usage`` "offline" (LLM, bench) or
+    "server"; see BIG_GPU_TOKEN_BUDGET."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9 \
+            and torch.cuda.get_device_properties(dev).total_memory >= BIG_GPU_BYTES:
+        return BIG_GPU_TOKEN_BUDGET[usage]
+    return TOKEN_BUDGET
+
 
 @dataclass
 class EngineArgs:
@@ -54,8 +77,11 @@ class EngineArgs:
     debug_checks: bool = False
     async_scheduling: bool | None = None
 
+    def resolved_device(self) -> str:
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
     def create_config(self) -> EngineConfig:
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = self.resolved_device()
         model_path, load_format = resolve_model(self.model, self.load_format)
         if load_format == "dummy":
             mcfg = (preset_config(model_path) if model_path in PRESETS
@@ -81,7 +107,7 @@ class EngineArgs:
                               enable_prefix_caching=self.enable_prefix_caching,
                               kv_cache_dtype=self.kv_cache_dtype, **cache_kw),
             scheduler=SchedulerConfig(
-                max_num_batched_tokens=self._token_budget(max_len),
+                max_num_batched_tokens=self._token_budget(max_len, device),
                 max_num_seqs=self.max_num_seqs, max_model_len=max_len,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 policy=self.scheduling_policy, max_waiting=self.max_waiting),
@@ -91,9 +117,9 @@ class EngineArgs:
             quant=quant,
         )
 
-    def _token_budget(self, max_len: int) -> int:
+    def _token_budget(self, max_len: int, device: str) -> int:
         if self.enable_chunked_prefill:
-            return self.max_num_batched_tokens or 2048
+            return self.max_num_batched_tokens or default_token_budget(device)
         return max(max_len, self.max_num_batched_tokens or 0)  # a whole prompt in one step
 
 
@@ -207,7 +233,10 @@ def add_engine_cli_args(p: Any) -> None:
                         "more per round of decoded tokens)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens one step computes, the chunked-prefill size (default: 16384 "
+                        "offline and 8192 for the server on Hopper GPUs of >= 70 GiB, else "
+                        "2048)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.90)

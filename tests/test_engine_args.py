@@ -1,0 +1,45 @@
+"""EngineArgs defaults that depend on the device: the step token budget."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from kestrel.engine import args as engine_args
+from kestrel.engine.args import EngineArgs, default_token_budget
+
+
+def _fake_gpu(monkeypatch, capability: tuple[int, int], gib: int) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev=None: types.SimpleNamespace(total_memory=gib * 2**30))
+
+
+def test_cpu_keeps_the_small_budget():
+    assert default_token_budget("cpu") == default_token_budget("cpu", "server") == 2048
+    cfg = EngineArgs(model="tiny-llama", load_format="dummy", device="cpu").create_config()
+    assert cfg.scheduler.max_num_batched_tokens == 2048
+
+
+@pytest.mark.parametrize("capability, gib, offline, server", [
+    ((9, 0), 141, 16384, 8192),  # H200
+    ((9, 0), 80, 16384, 8192),  # H100
+    ((9, 0), 64, 2048, 2048),  # too little memory for 16k tokens of activations
+    ((8, 0), 80, 2048, 2048),  # A100: not measured
+])
+def test_hopper_gpus_with_memory_take_big_budgets(monkeypatch, capability, gib, offline,
+                                                   server):
+    _fake_gpu(monkeypatch, capability, gib)
+    assert default_token_budget("cuda:0") == offline
+    assert default_token_budget("cuda", "server") == server
+
+
+def test_a_given_budget_wins(monkeypatch):
+    _fake_gpu(monkeypatch, (9, 0), 141)
+    args = EngineArgs(max_num_batched_tokens=4096)
+    assert args._token_budget(8192, "cuda") == 4096
+    assert EngineArgs()._token_budget(8192, "cuda") == engine_args.BIG_GPU_TOKEN_BUDGET["offline"]
+    # without chunked prefill a whole prompt must fit one step
+    assert EngineArgs(enable_chunked_prefill=False)._token_budget(32768, "cuda") == 32768
