@@ -8,7 +8,8 @@ launch) + the varlen ``prefill_attention`` (which also serves mixed prefill + de
 a decode row is a prefill of length 1). Both read every key from the cache, so prefix-cached and chunked
 prefills need nothing special. Long fresh prompts (no cached prefix: the new K/V are the whole
 context) go to torch's SDPA instead, whose cuDNN/flash kernels beat ours there (measured by
-tests/kernels/bench_kernels.py --only prefill; ``SDPA_MIN_TOKENS`` is the crossover).
+tests/kernels/bench_kernels.py --only prefill; ``SDPA_MIN_TOKENS`` is the crossover), also
+when the step mixes them with decode rows and chunks (the paged kernel skips them).
 
 Triton is imported lazily (on construction), so this module can be imported, and the name
 "triton" registered, on machines without Triton; selecting it there fails with a clear error.
@@ -25,7 +26,6 @@ from kestrel.attention.base import AttentionBackend, AttentionMetadata, register
 # 1k / 2k / 4k / 8k tokens, SDPA through _sdpa (cuDNN, grouped heads) 0.088 / 0.197 / 0.272 /
 # 1.001 ms: it wins from 4k on.
 SDPA_MIN_TOKENS = 4096
-SDPA_MAX_SEQS = 8  # one SDPA call per sequence: only for a few long prompts
 # Decode batches up to this many sequences take the new token's rotary and cache write inside
 # the attention launch: one launch less a layer (batch-1 BF16 decode 4.10 -> 3.96 ms, H200,
 # eighth session). Larger batches lose: `bench_kernels.py --only new-token` (H200, µs, in the
@@ -92,35 +92,55 @@ class TritonAttention(AttentionBackend):
                 num_splits=self.num_splits, max_seq_len=meta.max_seq_len, k_scale=ks,
                 v_scale=vs, new=new,
             )  # fmt: skip
-        if ks is None and self._fresh_long_prompts(meta):  # an FP8 cache: attend as cached
-            return self._sdpa(q, k, v, meta.query_lens_cpu)
-        return self._prefill.prefill_attention(
-            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            meta.max_query_len, self.scale, k_scale=ks, v_scale=vs,
-        )  # fmt: skip
+        # Whole fresh prompts (no cached prefix) of at least SDPA_MIN_TOKENS attend through
+        # SDPA, the rest of the batch through the paged kernel, which skips those prompts. An
+        # FP8 cache: every sequence attends to the cached (quantized) K/V.
+        fresh = self._fresh_long_prompts(meta) if ks is None else []
+        out = None
+        if len(fresh) < meta.num_seqs:
+            lens = meta.query_lens_cpu
+            max_len = (max(n for i, n in enumerate(lens) if i not in fresh) if fresh
+                       else meta.max_query_len)
+            out = self._prefill.prefill_attention(
+                q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                max_len, self.scale, k_scale=ks, v_scale=vs,
+                skip_fresh_min=self.sdpa_min_tokens if fresh else 0,
+            )  # fmt: skip
+        if fresh:
+            out = self._sdpa(q, k, v, meta.query_lens_cpu, fresh, out)
+        return out
 
-    def _fresh_long_prompts(self, meta: AttentionMetadata) -> bool:
-        ql = meta.query_lens_cpu
-        return (ql is not None and ql == meta.seq_lens_cpu and len(ql) <= SDPA_MAX_SEQS
-                and min(ql) >= self.sdpa_min_tokens)
+    def _fresh_long_prompts(self, meta: AttentionMetadata) -> list[int]:
+        """Sequences whose whole context is this step's queries, at least sdpa_min_tokens of
+        them (the paged kernel's ``skip_fresh_min`` rule)."""
+        ql, sl = meta.query_lens_cpu, meta.seq_lens_cpu
+        if ql is None or sl is None or meta.max_query_len < self.sdpa_min_tokens:
+            return []
+        return [i for i, (n, s) in enumerate(zip(ql, sl)) if n == s >= self.sdpa_min_tokens]
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int]
-              ) -> torch.Tensor:
-        """Causal attention of each whole prompt over its own new K/V. ``enable_gqa`` hands the
-        grouped KV heads to cuDNN as they are (H200, 4k tokens: 294 µs against 378 with the
-        heads repeated and the output copied back, scripts/bench_prefill_parts.py); cuDNN
-        writes [T, H, D] order, so one prompt's output needs no copy."""
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int],
+              seqs: list[int], out: torch.Tensor | None) -> torch.Tensor:
+        """Causal attention of each prompt in ``seqs`` over its own new K/V, into ``out``'s
+        rows (None: a new tensor; one prompt that is the whole batch needs no copy).
+        ``enable_gqa`` hands the grouped KV heads to cuDNN as they are (H200, 4k tokens: 294
+        µs against 378 with the heads repeated and the output copied back,
+        scripts/bench_prefill_parts.py); cuDNN writes [T, H, D] order."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        outs, start = [], 0
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                           SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
-            for n in lens:
-                sl = slice(start, start + n)
+            for i in seqs:
+                sl = slice(starts[i], starts[i + 1])
                 o = torch.nn.functional.scaled_dot_product_attention(
                     q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None],
                     v[sl].transpose(0, 1)[None], is_causal=True, scale=self.scale,
-                    enable_gqa=True)
-                outs.append(o[0].transpose(0, 1))  # [n, H, D]
-                start += n
-        return outs[0].contiguous() if len(outs) == 1 else torch.cat(outs)
+                    enable_gqa=True)[0].transpose(0, 1)  # [n, H, D]
+                if out is None and len(lens) == 1:
+                    return o.contiguous()
+                if out is None:
+                    out = torch.empty_like(q)
+                out[sl] = o
+        return out

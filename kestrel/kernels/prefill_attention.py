@@ -71,7 +71,7 @@ def _attend_tile(
 
 
 # The block table's width changes with every batch: one compiled kernel for all of them
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt", "skip_fresh_min"])
 def _prefill_kernel(
     q_ptr,  # [T, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -88,6 +88,7 @@ def _prefill_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ot, stride_oh,
     stride_bt,
+    skip_fresh_min,  # > 0: sequences with q_len == seq_len >= it are left to the caller
     GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two
@@ -107,6 +108,8 @@ def _prefill_kernel(
     if tile * BLOCK_M >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
+    if (skip_fresh_min > 0) & (q_len == seq_len) & (q_len >= skip_fresh_min):
+        return
     first_pos = seq_len - q_len  # position of this sequence's first query token
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the sequence
@@ -185,6 +188,7 @@ def prefill_attention(
     block_n: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    skip_fresh_min: int = 0,
 ) -> torch.Tensor:
     """Causal varlen attention of flat queries q [T, Hq, D] against the paged cache.
 
@@ -193,6 +197,8 @@ def prefill_attention(
     query_start_loc: [B+1] int32; seq_lens: [B] int32 (context after this step, >= q_len);
     block_tables: [B, max_blocks] int32; max_query_len: host int bounding the grid.
     Returns out [T, Hq, D] in q's dtype. block_m / block_n override the tile (tests).
+    ``skip_fresh_min`` > 0: the rows of fresh prompts (q_len == seq_len) at least that long
+    are not written (the caller attends them otherwise); max_query_len may leave them out.
     """
     t, hq, d = q.shape
     _, page_size, hkv, d_cache = k_cache.shape
@@ -220,7 +226,7 @@ def prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
-        block_tables.stride(0),
+        block_tables.stride(0), skip_fresh_min,
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), PAGE_SIZE=page_size,
         BLOCK_M=bm, BLOCK_N=bn, FP8_KV=fp8, **dot_flags(q.dtype, q.device, fp8),
         num_warps=num_warps, num_stages=num_stages,

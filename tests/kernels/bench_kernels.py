@@ -230,8 +230,8 @@ def _prefill_case(q_len: int, prefix: int) -> None:
         be = TritonAttention(HQ, HKV, D, D**-0.5)
         k = k_cache[tables[0].long()].reshape(-1, HKV, D)[:seq]
         v = v_cache[tables[0].long()].reshape(-1, HKV, D)[:seq]
-        backend_ms = triton.testing.do_bench(lambda: be._sdpa(q, k, v, [q_len]), rep=200,
-                                             return_mode="median")
+        backend_ms = triton.testing.do_bench(lambda: be._sdpa(q, k, v, [q_len], [0], None),
+                                             rep=200, return_mode="median")
     print(f"{q_len:>6} {prefix:>6} {ms:>9.3f} {flops / ms / 1e9:>8.0f} {ms8:>7.3f} "
           f"{flops / ms8 / 1e9:>8.0f} {sdpa_ms:>8.3f} {flops / sdpa_ms / 1e9:>8.0f} "
           f"{backend_ms:>8.3f} {flops / backend_ms / 1e9:>8.0f} {err:>9.1e}")  # fmt: skip

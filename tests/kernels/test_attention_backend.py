@@ -8,6 +8,7 @@ import torch
 from kestrel.attention.torch_ref import TorchAttention
 from kestrel.attention import triton_backend
 from kestrel.attention.triton_backend import TritonAttention
+from kestrel.kernels import prefill_attention
 from kestrel.layers.rotary import RotaryEmbedding
 from tests.kernels.attention_cases import (
     DEV,
@@ -50,16 +51,23 @@ def test_backend_mixed(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backend_fresh_prompts_through_sdpa(dtype: torch.dtype, monkeypatch) -> None:
-    """Whole fresh prompts take torch SDPA (threshold lowered so small shapes reach it)."""
-    used = []
-    real = TritonAttention._sdpa
+    """Whole fresh prompts take torch SDPA (threshold lowered so small shapes reach it), also
+    beside decode rows, chunks and short prompts, which the paged kernel attends."""
+    used, kernel = [], []
+    real, real_kernel = TritonAttention._sdpa, prefill_attention.prefill_attention
     monkeypatch.setattr(TritonAttention, "_sdpa",
-                        lambda self, *a: used.append(a[-1]) or real(self, *a))
+                        lambda self, q, k, v, lens, seqs, out: used.append(seqs)
+                        or real(self, q, k, v, lens, seqs, out))
+    monkeypatch.setattr(prefill_attention, "prefill_attention",
+                        lambda *a, **kw: kernel.append(a[6]) or real_kernel(*a, **kw))
     monkeypatch.setattr("kestrel.attention.triton_backend.SDPA_MIN_TOKENS", 8)
     check_backend([40, 9, 23], [0, 0, 0], dtype, DEV)
-    assert used == [[40, 9, 23]]
-    check_backend([40, 9], [0, 5], dtype, DEV)  # a cached prefix: the paged kernel
-    assert len(used) == 1
+    assert used == [[0, 1, 2]] and not kernel
+    check_backend([40, 9], [0, 5], dtype, DEV)  # a cached prefix: the paged kernel for it
+    assert used[1:] == [[0]] and len(kernel) == 1
+    # a decode row, a fresh short prompt, a chunk after a prefix, two long fresh prompts
+    check_backend([1, 30, 5, 12, 17], [20, 0, 0, 9, 0], dtype, DEV)
+    assert used[2:] == [[1, 4]] and kernel[1:] == [12]  # its grid spans the rest only
 
 
 @pytest.mark.parametrize("q_lens,prefix_lens", [([20, 1, 6], [0, 30, 17]), ([1, 1], [0, 40])])

@@ -295,6 +295,23 @@ def test_kernels_refuse_an_fp8_cache_without_scales() -> None:
                           m.block_tables, 1, 0.125, k_scale=b.k_scale, v_scale=b.v_scale[:1])
 
 
+def test_prefill_leaves_long_fresh_prompts_to_the_caller() -> None:
+    """skip_fresh_min: rows of fresh prompts (no cached prefix) at least that long stay as
+    they were; every other row is the reference, with the grid bounded by the rest."""
+    q_lens, prefix_lens = [37, 20, 1, 16, 15], [0, 45, 13, 0, 0]
+    b = make_batch(q_lens, prefix_lens, 8, 2, 64, 16, torch.float32, DEV)
+    out = torch.full_like(b.q, NAN)
+    m = b.meta
+    prefill_attention(b.q, b.k_cache, b.v_cache, m.query_start_loc, m.seq_lens, m.block_tables,
+                      20, 0.125, out=out, block_m=16, block_n=16, skip_fresh_min=16)
+    skipped = torch.zeros(b.q.shape[0], dtype=torch.bool)
+    starts = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
+    for i in (0, 3):  # fresh, 37 and 16 tokens; the 15-token fresh prompt is attended
+        skipped[starts[i]:starts[i + 1]] = True
+    assert out[skipped].isnan().all()
+    assert_close(out[~skipped], reference(b, 0.125)[~skipped], torch.float32)
+
+
 def test_prefill_default_tiles() -> None:
     check_prefill([70, 5], [0, 90], 4, 2, 64, 16, torch.bfloat16, DEV)
 
