@@ -20,6 +20,8 @@ sequence's q_len exit at once, so ragged batches cost only those launches.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -159,18 +161,32 @@ def _prefill_kernel(
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, ...]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the device and element size.
+@dataclass(frozen=True)
+class PrefillTiles:
+    """Tiling and launch of the prefill kernel."""
 
-    Swept on an H200 (bf16, D=128, 4096-8192 tokens, with and without a cached prefix):
-    64×64 tiles, 4 warps, 3 stages reached 289-335 TFLOP/s, level with 128×128/8 warps and
-    ahead of 128×64/8 warps (241-296); small tiles also give short prompts more programs.
+    block_m: int  # query tokens per program (one query head)
+    block_n: int  # keys per inner step
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_tiles(dtype: torch.dtype, device: torch.device, fp8_cache: bool) -> PrefillTiles:
+    """Swept on an H200 (``bench_kernels.py --only prefill-tiles``, D=128, 4k fresh, 1k after
+    3k, 4k after 12k cached tokens; fifteenth session): over a bf16 cache 64×64 tiles, 4 warps,
+    3 stages reach 295 / 287 / 352 TFLOP/s, ahead of 128×128 / 8 warps / 2 stages (267 / 255 /
+    320) and 128×64 (253 / 239 / 302); over an FP8 cache 128×128 / 8 / 2 leads (262 / 251 /
+    314 against 222 / 217 / 253 at 64×64: fewer, longer float16 dots per converted tile).
+    Several query heads of one KV head per program (sharing its K/V tiles) gained nothing
+    (``gpu-runs/2026-11-27h``). Small tiles also give short prompts more programs.
     """
     if device.type != "cuda":
-        return 32, 32, 4, 1  # interpreter: fewer, larger programs run faster
+        return PrefillTiles(32, 32, num_stages=1)  # interpreter: fewer, larger programs
     if dtype == torch.float32:
-        return 64, 32, 4, 2
-    return 64, 64, 4, 3
+        return PrefillTiles(64, 32, num_stages=2)
+    if fp8_cache:
+        return PrefillTiles(128, 128, num_warps=8, num_stages=2)
+    return PrefillTiles(64, 64)
 
 
 def prefill_attention(
@@ -184,8 +200,7 @@ def prefill_attention(
     scale: float,
     *,
     out: torch.Tensor | None = None,
-    block_m: int | None = None,
-    block_n: int | None = None,
+    tiles: PrefillTiles | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     skip_fresh_min: int = 0,
@@ -196,7 +211,7 @@ def prefill_attention(
     dtype, or FP8 with float32 ``k_scale``/``v_scale`` [Hkv]);
     query_start_loc: [B+1] int32; seq_lens: [B] int32 (context after this step, >= q_len);
     block_tables: [B, max_blocks] int32; max_query_len: host int bounding the grid.
-    Returns out [T, Hq, D] in q's dtype. block_m / block_n override the tile (tests).
+    Returns out [T, Hq, D] in q's dtype. ``tiles`` overrides ``default_tiles``.
     ``skip_fresh_min`` > 0: the rows of fresh prompts (q_len == seq_len) at least that long
     are not written (the caller attends them otherwise); max_query_len may leave them out.
     """
@@ -216,9 +231,8 @@ def prefill_attention(
     b = seq_lens.shape[0]
     if t == 0 or b == 0 or max_query_len == 0:
         return out
-    bm, bn, num_warps, num_stages = _prefill_config(d, q.dtype, q.device)
-    bm, bn = block_m or bm, block_n or bn
-    grid = (triton.cdiv(max_query_len, bm), b, hq)
+    cfg = tiles or default_tiles(q.dtype, q.device, fp8)
+    grid = (triton.cdiv(max_query_len, cfg.block_m), b, hq)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, k_scale, v_scale,
         scale * LOG2E,
@@ -228,7 +242,7 @@ def prefill_attention(
         out.stride(0), out.stride(1),
         block_tables.stride(0), skip_fresh_min,
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), PAGE_SIZE=page_size,
-        BLOCK_M=bm, BLOCK_N=bn, FP8_KV=fp8, **dot_flags(q.dtype, q.device, fp8),
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FP8_KV=fp8, **dot_flags(q.dtype, q.device, fp8),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

@@ -1,6 +1,7 @@
 """Benchmark the Triton kernels on CUDA (a plain script; pytest does not collect bench_*.py).
 
-    python tests/kernels/bench_kernels.py [--quick] [--only decode|splits|prefill|fused|new-token]
+    python tests/kernels/bench_kernels.py [--quick]
+        [--only decode|splits|prefill|prefill-tiles|fused|new-token]
 
 Decode: llama-3-8b attention shape (32 q heads, 8 KV heads, head_dim 128, bf16, 16-token
 pages, blocks shuffled) at batch 1/64 × context 1k/4k/16k, timed in a CUDA graph (as the
@@ -13,6 +14,9 @@ lines give, per batch, the longest context at which one split (no reduce kernel)
 of the best: the value for ``paged_attention.NO_SPLIT_MAX_LEN``.
 Prefill: 4096 causal tokens, TFLOP/s (causal FLOPs = 2·T²·D·Hq) against torch SDPA (flash),
 and the Triton kernel again over an FP8 cache.
+Prefill tiles (not in the default run): the prefill kernel's TFLOP/s per ``PrefillTiles``
+(query tokens × keys per step, warps, stages), BF16 and FP8 caches, fresh
+prompts and prompts after a cached prefix: the values for ``default_tiles``.
 Fused: RMSNorm+residual and silu_and_mul bandwidth against torch eager.
 New token (not in the default run): decode with the new token's rotary and cache write inside
 the attention launch against rotary_and_cache + attention, batch 1..256 × 512 / 4k tokens:
@@ -42,7 +46,7 @@ from kestrel.kernels.paged_attention import (
     choose_num_splits,
     paged_attention_decode,
 )
-from kestrel.kernels.prefill_attention import prefill_attention
+from kestrel.kernels.prefill_attention import PrefillTiles, prefill_attention
 from kestrel.kernels.rotary import NewTokens
 from kestrel.layers.norm import rms_norm_ref
 
@@ -248,6 +252,43 @@ def bench_prefill(quick: bool) -> None:
         _prefill_case(q_len, prefix)
 
 
+PREFILL_TILES = [  # (block_m, block_n, num_warps, num_stages)
+    (64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+    (64, 128, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2),
+]
+
+
+def bench_prefill_tiles() -> None:
+    cases = [(512, 0), (4096, 0), (1024, 3072), (4096, 12288)]
+    for fp8 in (False, True):
+        print(f"\nprefill tiles, TFLOP/s, Hq={HQ} Hkv={HKV} D={D} {'FP8' if fp8 else 'BF16'} "
+              f"cache, block={BS}")
+        print(f"{'m,n,warps,stages':>24} "
+              + " ".join(f"{f'{t}+{p}':>11}" for t, p in cases))
+        best: dict[tuple[int, int], tuple[float, tuple]] = {}
+        for t in PREFILL_TILES:
+            rates = []
+            for q_len, prefix in cases:
+                seq = q_len + prefix
+                k_cache, v_cache, tables, seq_lens = paged_cache(1, seq)
+                q = torch.randn(q_len, HQ, D, device="cuda", dtype=DTYPE)
+                qsl = torch.tensor([0, q_len], dtype=torch.int32, device="cuda")
+                kw = {}
+                if fp8:
+                    (_, k_cache, v_cache, *_), kw = _fp8_cache((q, k_cache, v_cache))
+                tiles = PrefillTiles(*t)
+                ms = triton.testing.do_bench(
+                    lambda: prefill_attention(q, k_cache, v_cache, qsl, seq_lens, tables, q_len,
+                                              D**-0.5, tiles=tiles, **kw),
+                    rep=100, return_mode="median")
+                rate = 4 * (q_len * prefix + q_len * (q_len + 1) / 2) * D * HQ / ms / 1e9
+                rates.append(rate)
+                if rate > best.get((q_len, prefix), (0.0,))[0]:
+                    best[(q_len, prefix)] = (rate, t)
+            print(f"{str(t)[1:-1]:>24} " + " ".join(f"{r:>11.0f}" for r in rates), flush=True)
+        print("# best: " + ", ".join(f"{c[0]}+{c[1]}: {b[1]} {b[0]:.0f}" for c, b in best.items()))
+
+
 def bench_fused(peak: float) -> None:
     print("\nfused (bf16)               triton GB/s   torch GB/s")
     t, h, inter = 4096, 4096, 14336
@@ -268,8 +309,8 @@ def bench_fused(peak: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
-    parser.add_argument("--only", choices=["decode", "splits", "prefill", "fused", "new-token"],
-                        default=None)
+    parser.add_argument("--only", choices=["decode", "splits", "prefill", "prefill-tiles",
+                                           "fused", "new-token"], default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA device")
@@ -290,6 +331,8 @@ def main() -> None:
         bench_new_token()
     if args.only in (None, "prefill"):
         bench_prefill(args.quick)
+    if args.only == "prefill-tiles":
+        bench_prefill_tiles()
     if args.only in (None, "fused"):
         bench_fused(peak)
 

@@ -17,7 +17,7 @@ from kestrel.kernels.paged_attention import (
     choose_num_splits,
     paged_attention_decode,
 )
-from kestrel.kernels.prefill_attention import prefill_attention
+from kestrel.kernels.prefill_attention import PrefillTiles, prefill_attention
 from kestrel.kernels.rotary import NewTokens
 from kestrel.layers.rotary import RotaryEmbedding
 from tests.kernels.attention_cases import (
@@ -240,7 +240,7 @@ def test_decode_cuda_graph_replay() -> None:
 
 def check_prefill(
     q_lens: list[int], prefix_lens: list[int], hq: int, hkv: int, d: int, bs: int,
-    dtype: torch.dtype, dev: str, fp8: bool = False, **tiles: int,
+    dtype: torch.dtype, dev: str, fp8: bool = False, tiles: PrefillTiles | None = None,
 ) -> None:  # fmt: skip
     b = make_batch(q_lens, prefix_lens, hq, hkv, d, bs, dtype, dev, fp8=fp8)
     scale = d**-0.5
@@ -248,7 +248,7 @@ def check_prefill(
     m = b.meta
     prefill_attention(
         b.q, b.k_cache, b.v_cache, m.query_start_loc, m.seq_lens, m.block_tables,
-        m.max_query_len, scale, out=out, **tiles, **b.scales,
+        m.max_query_len, scale, out=out, tiles=tiles, **b.scales,
     )  # fmt: skip
     assert_close(out, reference(b, scale), dtype)
 
@@ -258,13 +258,13 @@ def check_prefill(
 def test_prefill(dtype: torch.dtype, hq: int, hkv: int, d: int, bs: int) -> None:
     # Fresh prompt over several query tiles, cached prefix + extend, decode-like rows.
     check_prefill([37, 20, 1, 3], [0, 45, 13, 0], hq, hkv, d, bs, dtype, DEV,
-                  block_m=16, block_n=16)  # fmt: skip
+                  tiles=PrefillTiles(16, 16))  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_fp8_cache(dtype: torch.dtype) -> None:
     check_prefill([37, 20, 1, 3], [0, 45, 13, 0], 8, 2, 64, 16, dtype, DEV, fp8=True,
-                  block_m=16, block_n=16)  # fmt: skip
+                  tiles=PrefillTiles(16, 16))  # fmt: skip
 
 
 @pytest.mark.parametrize("power", [20, -20, None])
@@ -280,8 +280,8 @@ def test_prefill_fp8_cache_with_q_outside_float16(power: int | None) -> None:
         b.k_scale.mul_(2.0**-power)
     m = b.meta
     out = prefill_attention(b.q, b.k_cache, b.v_cache, m.query_start_loc, m.seq_lens,
-                            m.block_tables, m.max_query_len, 64**-0.5, block_m=16, block_n=16,
-                            **b.scales)
+                            m.block_tables, m.max_query_len, 64**-0.5,
+                            tiles=PrefillTiles(16, 16), **b.scales)
     assert_close(out, reference(b, 64**-0.5), torch.bfloat16)
 
 
@@ -303,7 +303,7 @@ def test_prefill_leaves_long_fresh_prompts_to_the_caller() -> None:
     out = torch.full_like(b.q, NAN)
     m = b.meta
     prefill_attention(b.q, b.k_cache, b.v_cache, m.query_start_loc, m.seq_lens, m.block_tables,
-                      20, 0.125, out=out, block_m=16, block_n=16, skip_fresh_min=16)
+                      20, 0.125, out=out, tiles=PrefillTiles(16, 16), skip_fresh_min=16)
     skipped = torch.zeros(b.q.shape[0], dtype=torch.bool)
     starts = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
     for i in (0, 3):  # fresh, 37 and 16 tokens; the 15-token fresh prompt is attended
