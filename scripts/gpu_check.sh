@@ -172,9 +172,13 @@ if has serve; then  # the OpenAI server under mixed-100-1024 (streamed), then th
   # on the same workload. Needs fastapi/uvicorn/uvloop/httptools: carry .whl and install it to
   # /tmp/site first (PYTHONPATH=/tmp/site:...). Each rate gets its own seed (prompts and
   # lengths drawn anew from the same distribution), so no run finds the previous one's prompts
-  # in the server's prefix cache. SERVE_PRESET / SERVE_VOCAB / SERVE_RATES override.
+  # in the server's prefix cache. SERVE_PRESET / SERVE_VOCAB / SERVE_RATES override;
+  # SERVE_ARGS: more `kestrel serve` arguments, SERVE_TAG names their files, SERVE_OFFLINE=0
+  # skips the offline run.
   port=8766 seed=0 preset=${SERVE_PRESET:-llama-3-8b} vocab=${SERVE_VOCAB:-128256}
-  python3 -m kestrel.cli serve --preset $preset --port $port > "$OUT/serve.log" 2>&1 &
+  tag=${SERVE_TAG:-}
+  python3 -m kestrel.cli serve --preset $preset --port $port ${SERVE_ARGS:-} \
+    > "$OUT/serve$tag.log" 2>&1 &
   pid=$!
   for _ in $(seq 1 150); do
     curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
@@ -186,11 +190,13 @@ if has serve; then  # the OpenAI server under mixed-100-1024 (streamed), then th
     k bench serve --base-url "http://127.0.0.1:$port" --workload mixed-100-1024 \
       --request-rate $rate --workload-seed $seed --goodput ttft:1000 tpot:50 \
       --gpu-hour-price 3.5 --vocab-size $vocab --no-progress \
-      --json "$OUT/serve_mixed_rate${rate}.json" | grep -E "output token|TTFT median|TPOT median"
+      --json "$OUT/serve${tag}_mixed_rate${rate}.json" | grep -E "output token|TTFT median|TPOT median"
   done
   kill -TERM $pid; wait $pid
-  k bench throughput --preset $preset --workload mixed-100-1024 \
-    --json "$OUT/tput_mixed_offline.json" | grep -E "output tokens/s"
+  if [[ ${SERVE_OFFLINE:-1} == 1 ]]; then
+    k bench throughput --preset $preset --workload mixed-100-1024 \
+      --json "$OUT/tput_mixed_offline.json" | grep -E "output tokens/s"
+  fi
 fi
 if has fig27; then  # the Llama 3 paper's Figure 27: BF16 vs FP8 throughput against latency
   k bench sweep --preset llama-3-8b --config bf16= --config "fp8=-q fp8" \
