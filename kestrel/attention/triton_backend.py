@@ -92,22 +92,38 @@ class TritonAttention(AttentionBackend):
                 num_splits=self.num_splits, max_seq_len=meta.max_seq_len, k_scale=ks,
                 v_scale=vs, new=new,
             )  # fmt: skip
-        # Whole fresh prompts (no cached prefix) of at least SDPA_MIN_TOKENS attend through
-        # SDPA, the rest of the batch through the paged kernel, which skips those prompts. An
-        # FP8 cache: every sequence attends to the cached (quantized) K/V.
+        # A mixed step: the scheduler puts running requests first, so its decode rows (one
+        # query each) usually lead the batch; they take the decode kernel (each KV head read
+        # once for its query group), the rest the prefill kernel through sliced metadata (its
+        # query offsets index the whole flat batch). Whole fresh prompts (no cached prefix) of
+        # at least SDPA_MIN_TOKENS attend through SDPA; the prefill kernel skips them. An FP8
+        # cache: every sequence attends to the cached (quantized) K/V.
+        lens = meta.query_lens_cpu
         fresh = self._fresh_long_prompts(meta) if ks is None else []
-        out = None
-        if len(fresh) < meta.num_seqs:
-            lens = meta.query_lens_cpu
-            max_len = (max(n for i, n in enumerate(lens) if i not in fresh) if fresh
-                       else meta.max_query_len)
-            out = self._prefill.prefill_attention(
-                q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                max_len, self.scale, k_scale=ks, v_scale=vs,
+        if fresh == [0] and meta.num_seqs == 1:  # one prompt: SDPA's output needs no copy
+            return self._causal_sdpa(q, k, v)
+        n_dec = 0
+        if lens is not None and meta.seq_lens_cpu is not None:
+            while n_dec < len(lens) and lens[n_dec] == 1:
+                n_dec += 1
+        out = torch.empty_like(q)
+        if n_dec:
+            self._decode.paged_attention_decode(
+                q[:n_dec], k_cache, v_cache, meta.block_tables[:n_dec], meta.seq_lens[:n_dec],
+                self.scale, out=out[:n_dec], max_seq_len=max(meta.seq_lens_cpu[:n_dec]),
+                k_scale=ks, v_scale=vs,
+            )  # fmt: skip
+        rest = [i for i in range(n_dec, meta.num_seqs) if i not in fresh]
+        if rest:
+            self._prefill.prefill_attention(
+                q, k_cache, v_cache, meta.query_start_loc[n_dec:], meta.seq_lens[n_dec:],
+                meta.block_tables[n_dec:],
+                max(lens[i] for i in rest) if lens is not None else meta.max_query_len,
+                self.scale, out=out, k_scale=ks, v_scale=vs,
                 skip_fresh_min=self.sdpa_min_tokens if fresh else 0,
             )  # fmt: skip
         if fresh:
-            out = self._sdpa(q, k, v, meta.query_lens_cpu, fresh, out)
+            self._sdpa(q, k, v, lens, fresh, out)
         return out
 
     def _fresh_long_prompts(self, meta: AttentionMetadata) -> list[int]:
@@ -119,28 +135,25 @@ class TritonAttention(AttentionBackend):
         return [i for i, (n, s) in enumerate(zip(ql, sl)) if n == s >= self.sdpa_min_tokens]
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int],
-              seqs: list[int], out: torch.Tensor | None) -> torch.Tensor:
-        """Causal attention of each prompt in ``seqs`` over its own new K/V, into ``out``'s
-        rows (None: a new tensor; one prompt that is the whole batch needs no copy).
-        ``enable_gqa`` hands the grouped KV heads to cuDNN as they are (H200, 4k tokens: 294
-        µs against 378 with the heads repeated and the output copied back,
-        scripts/bench_prefill_parts.py); cuDNN writes [T, H, D] order."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
+              seqs: list[int], out: torch.Tensor) -> None:
+        """``_causal_sdpa`` of each prompt in ``seqs`` into its rows of ``out``."""
         starts = [0]
         for n in lens:
             starts.append(starts[-1] + n)
+        for i in seqs:
+            sl = slice(starts[i], starts[i + 1])
+            out[sl] = self._causal_sdpa(q[sl], k[sl], v[sl])
+
+    def _causal_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of one prompt over its own new K/V, [n, H, D]. ``enable_gqa``
+        hands the grouped KV heads to cuDNN as they are (H200, 4k tokens: 294 µs against 378
+        with the heads repeated and the output copied back, scripts/bench_prefill_parts.py);
+        cuDNN writes [T, H, D] order, so the transposed result is contiguous."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                           SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
-            for i in seqs:
-                sl = slice(starts[i], starts[i + 1])
-                o = torch.nn.functional.scaled_dot_product_attention(
-                    q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None],
-                    v[sl].transpose(0, 1)[None], is_causal=True, scale=self.scale,
-                    enable_gqa=True)[0].transpose(0, 1)  # [n, H, D]
-                if out is None and len(lens) == 1:
-                    return o.contiguous()
-                if out is None:
-                    out = torch.empty_like(q)
-                out[sl] = o
-        return out
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                is_causal=True, scale=self.scale, enable_gqa=True)
+        return o[0].transpose(0, 1).contiguous()

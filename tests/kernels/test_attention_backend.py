@@ -8,7 +8,7 @@ import torch
 from kestrel.attention.torch_ref import TorchAttention
 from kestrel.attention import triton_backend
 from kestrel.attention.triton_backend import TritonAttention
-from kestrel.kernels import prefill_attention
+from kestrel.kernels import paged_attention, prefill_attention
 from kestrel.layers.rotary import RotaryEmbedding
 from tests.kernels.attention_cases import (
     DEV,
@@ -49,30 +49,57 @@ def test_backend_mixed(dtype: torch.dtype) -> None:
     check_backend([20, 1, 6], [0, 30, 17], dtype, DEV)
 
 
+def _spy(monkeypatch, obj, name: str, record) -> list:
+    """Calls of obj.name, each recorded as record(args, kwargs)."""
+    calls, real = [], getattr(obj, name)
+
+    def spy(*a, **kw):
+        calls.append(record(a, kw))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(obj, name, spy)
+    return calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backend_fresh_prompts_through_sdpa(dtype: torch.dtype, monkeypatch) -> None:
     """Whole fresh prompts take torch SDPA (threshold lowered so small shapes reach it), also
     beside decode rows, chunks and short prompts, which the paged kernel attends."""
-    used, kernel = [], []
-    real, real_kernel = TritonAttention._sdpa, prefill_attention.prefill_attention
-    monkeypatch.setattr(TritonAttention, "_sdpa",
-                        lambda self, q, k, v, lens, seqs, out: used.append(seqs)
-                        or real(self, q, k, v, lens, seqs, out))
-    monkeypatch.setattr(prefill_attention, "prefill_attention",
-                        lambda *a, **kw: kernel.append(a[6]) or real_kernel(*a, **kw))
+    sdpa = _spy(monkeypatch, TritonAttention, "_causal_sdpa", lambda a, kw: a[1].shape[0])
+    kernel = _spy(monkeypatch, prefill_attention, "prefill_attention", lambda a, kw: a[6])
     monkeypatch.setattr("kestrel.attention.triton_backend.SDPA_MIN_TOKENS", 8)
+    check_backend([40], [0], dtype, DEV)  # one prompt: SDPA's own output
     check_backend([40, 9, 23], [0, 0, 0], dtype, DEV)
-    assert used == [[0, 1, 2]] and not kernel
+    assert sdpa == [40, 40, 9, 23] and not kernel
     check_backend([40, 9], [0, 5], dtype, DEV)  # a cached prefix: the paged kernel for it
-    assert used[1:] == [[0]] and len(kernel) == 1
+    assert sdpa[4:] == [40] and kernel == [9]
     # a decode row, a fresh short prompt, a chunk after a prefix, two long fresh prompts
     check_backend([1, 30, 5, 12, 17], [20, 0, 0, 9, 0], dtype, DEV)
-    assert used[2:] == [[1, 4]] and kernel[1:] == [12]  # its grid spans the rest only
+    assert sdpa[5:] == [30, 17] and kernel[1:] == [12]  # its grid spans the rest only
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_backend_mixed_step_decode_rows_take_the_decode_kernel(fp8: bool, monkeypatch) -> None:
+    """The leading one-token rows of a mixed step (running requests come first) go to the
+    decode kernel; the rest, a later one-token row included, to the prefill kernel."""
+    decode = _spy(monkeypatch, paged_attention, "paged_attention_decode",
+                  lambda a, kw: a[0].shape[0])
+    kernel = _spy(monkeypatch, prefill_attention, "prefill_attention",
+                  lambda a, kw: a[4].shape[0])
+    if fp8:
+        check_backend_fp8([1, 1, 1, 20, 1, 6], [30, 4, 70, 0, 12, 17])
+    else:
+        check_backend([1, 1, 1, 20, 1, 6], [30, 4, 70, 0, 12, 17], torch.bfloat16, DEV)
+    assert decode == [3] and kernel == [3]
 
 
 @pytest.mark.parametrize("q_lens,prefix_lens", [([20, 1, 6], [0, 30, 17]), ([1, 1], [0, 40])])
 def test_backend_fp8_cache(q_lens, prefix_lens) -> None:
     """FP8 cache: the Triton backend writes the torch backend's codes and attends as it does."""
+    check_backend_fp8(q_lens, prefix_lens)
+
+
+def check_backend_fp8(q_lens: list[int], prefix_lens: list[int]) -> None:
     hq, hkv, d = 8, 2, 64
     b = make_batch(q_lens, prefix_lens, hq, hkv, d, 16, torch.float32, DEV, fp8=True)
     k = torch.randn(b.q.shape[0], hkv, d, device=DEV) * 3
@@ -109,4 +136,5 @@ def test_backend_decode(dtype: torch.dtype, fused_max: int, monkeypatch) -> None
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_backend_gpu(dtype: torch.dtype) -> None:
     check_backend([500, 1, 1, 77], [0, 1000, 3, 200], dtype, "cuda")
+    check_backend([1, 1, 500, 1, 77], [1000, 3, 0, 200, 0], dtype, "cuda")  # decode rows first
     check_backend([1] * 33, list(range(0, 3300, 100)), dtype, "cuda")
