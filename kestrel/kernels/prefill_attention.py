@@ -72,8 +72,11 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-# The block table's width changes with every batch: one compiled kernel for all of them
-@triton.jit(do_not_specialize=["stride_bt", "skip_fresh_min"])
+# The block table's width changes with every batch, and a mixed step passes its metadata from
+# the first non-decode sequence on (any 4-byte offset): one compiled kernel for all of them.
+@triton.jit(do_not_specialize=["stride_bt", "skip_fresh_min"],
+            do_not_specialize_on_alignment=["query_start_loc_ptr", "seq_lens_ptr",
+                                            "block_tables_ptr"])
 def _prefill_kernel(
     q_ptr,  # [T, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
