@@ -46,15 +46,19 @@ def record_from_output(out: Any) -> RequestRecord:
                          error="" if ok else "no metrics from the engine")
 
 
+def warm_up(llm: Any, requests: list[tuple[list[int], int]]) -> None:
+    """A short request first: first calls pay for allocator growth and lazy initialization."""
+    p, _ = requests[0]
+    llm.generate([{"prompt_token_ids": p[:16]}], SamplingParams(max_tokens=2, ignore_eos=True))
+
+
 def bench_throughput(llm: Any, requests: list[tuple[list[int], int]],
                      warmup: bool = True) -> dict:
     if not requests:
         raise ValueError("no requests to run")
     device = torch.device(llm.engine.cfg.device)
-    if warmup:  # first calls pay for allocator growth and lazy initialization
-        p, _ = requests[0]
-        llm.generate([{"prompt_token_ids": p[:16]}], SamplingParams(max_tokens=2,
-                                                                    ignore_eos=True))
+    if warmup:
+        warm_up(llm, requests)
     prompts = [{"prompt_token_ids": p} for p, _ in requests]
     params = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0)
               for _, o in requests]

@@ -73,10 +73,11 @@ def _attend_tile(
 
 
 # The block table's width changes with every batch, and a mixed step passes its metadata from
-# the first non-decode sequence on (any 4-byte offset): one compiled kernel for all of them.
+# the first non-decode sequence on (any 4-byte offset; a bf16 cache's unread scale pointers are
+# seq_lens too): one compiled kernel for all of them (scripts/compile_variants.py finds others).
 @triton.jit(do_not_specialize=["stride_bt", "skip_fresh_min"],
             do_not_specialize_on_alignment=["query_start_loc_ptr", "seq_lens_ptr",
-                                            "block_tables_ptr"])
+                                            "block_tables_ptr", "k_scale_ptr", "v_scale_ptr"])
 def _prefill_kernel(
     q_ptr,  # [T, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D]
