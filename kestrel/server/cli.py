@@ -71,9 +71,10 @@ def run_serve(ns: Any) -> int:
     engine = Engine(cfg, load_engine_tokenizer(cfg))
     names = served_names(cfg.model, ns.served_model_name)
     log.info("loaded %s (%.1fM parameters, %s on %s); max_model_len=%d, max_num_seqs=%d, "
-             "%d KV blocks; served as %s", cfg.model, cfg.model_config.num_params() / 1e6,
-             str(cfg.dtype).replace("torch.", ""), cfg.device, cfg.scheduler.max_model_len,
-             cfg.scheduler.max_num_seqs, engine.pool.num_blocks, names[0])
+             "max_num_batched_tokens=%d, %d KV blocks; served as %s", cfg.model,
+             cfg.model_config.num_params() / 1e6, str(cfg.dtype).replace("torch.", ""),
+             cfg.device, cfg.scheduler.max_model_len, cfg.scheduler.max_num_seqs,
+             cfg.scheduler.max_num_batched_tokens, engine.pool.num_blocks, names[0])
     metrics = ServerMetrics()
     async_engine = AsyncEngine(engine, listener=metrics)
     app = build_app(async_engine, names, api_key=ns.api_key,
