@@ -4,12 +4,13 @@ forward, when every sequence has exactly one new token: ``paged_attention_decode
 up to ``FUSED_NEW_TOKEN_MAX_SEQS`` sequences also rotates q and the new K and writes the new
 K/V into the paged cache (one launch per layer); larger batches run rotary_and_cache first.
 Otherwise rotary_and_cache (rotary on q and k, then new K/V into the paged cache, in one
-launch) + the varlen ``prefill_attention`` (which also serves mixed prefill + decode batches:
-a decode row is a prefill of length 1). Both read every key from the cache, so prefix-cached and chunked
-prefills need nothing special. Long fresh prompts (no cached prefix: the new K/V are the whole
-context) go to torch's SDPA instead, whose cuDNN/flash kernels beat ours there (measured by
-tests/kernels/bench_kernels.py --only prefill; ``SDPA_MIN_TOKENS`` is the crossover), also
-when the step mixes them with decode rows and chunks (the paged kernel skips them).
+launch), then the decode kernel for the one-token rows that lead a mixed step (the running
+requests) and the varlen ``prefill_attention`` for the rest (a later one-token row is a prefill
+of length 1). Both read every key from the cache, so prefix-cached and chunked prefills need
+nothing special. Long fresh prompts (no cached prefix: the new K/V are the whole context) go
+to torch's SDPA instead, whose cuDNN/flash kernels beat ours there (measured by
+tests/kernels/bench_kernels.py --only prefill; ``SDPA_MIN_TOKENS`` is the crossover), in any
+step (the paged kernel skips them).
 
 Triton is imported lazily (on construction), so this module can be imported, and the name
 "triton" registered, on machines without Triton; selecting it there fails with a clear error.
