@@ -285,7 +285,9 @@ def run_throughput(ns: Any) -> int:
     res.update({"startup_s": startup, "workload": wl.name, "num_prompts": wl.num_prompts,
                 "model": llm.engine.cfg.model, "dtype": str(llm.engine.cfg.dtype),
                 "quantization": llm.engine.cfg.quant.method,
-                "kv_cache_dtype": llm.engine.cfg.cache.kv_cache_dtype})
+                "kv_cache_dtype": llm.engine.cfg.cache.kv_cache_dtype,
+                "max_num_batched_tokens": llm.engine.cfg.scheduler.max_num_batched_tokens,
+                "max_num_seqs": llm.engine.cfg.scheduler.max_num_seqs})
     if ns.ceilings:
         from kestrel.bench.throughput import roofline_estimate
 

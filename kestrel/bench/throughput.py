@@ -110,6 +110,9 @@ def throughput_rows(res: dict) -> list[tuple[str, object]]:
         ("TTFT median (ms)", res["ttft_ms"]["median"]),
         ("TPOT median (ms)", res["tpot_ms"]["median"]),
     ]
+    if "max_num_batched_tokens" in res:
+        rows.append(("step token budget / max sequences",
+                     f"{res['max_num_batched_tokens']} / {res['max_num_seqs']}"))
     if "startup_s" in res:
         rows.append(("engine start-up (s)", res["startup_s"]))
     if "roofline_output_throughput" in res:

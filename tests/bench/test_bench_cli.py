@@ -139,6 +139,12 @@ def test_throughput_fields_consistent(tmp_path):
     assert res["hf"]["output_tokens"] == n * o
     assert res["speedup_vs_hf"] == pytest.approx(
         res["output_throughput"] / res["hf"]["output_throughput"])
+    # the engine's own settings travel with the figures: the CPU's default step budget
+    from kestrel.engine.args import TOKEN_BUDGET, EngineArgs
+
+    assert (res["max_num_batched_tokens"], res["max_num_seqs"]) == (TOKEN_BUDGET,
+                                                                    EngineArgs.max_num_seqs)
+    assert res["startup_s"] > 0
 
 
 def test_throughput_sampled_lengths(tmp_path):
