@@ -93,12 +93,19 @@ class TritonAttention(AttentionBackend):
                 num_splits=self.num_splits, max_seq_len=meta.max_seq_len, k_scale=ks,
                 v_scale=vs, new=new,
             )  # fmt: skip
-        # A mixed step: the scheduler puts running requests first, so its decode rows (one
-        # query each) usually lead the batch; they take the decode kernel (each KV head read
-        # once for its query group), the rest the prefill kernel through sliced metadata (its
-        # query offsets index the whole flat batch). Whole fresh prompts (no cached prefix) of
-        # at least SDPA_MIN_TOKENS attend through SDPA; the prefill kernel skips them. An FP8
-        # cache: every sequence attends to the cached (quantized) K/V.
+        return self._prefill_step(q, k, v, k_cache, v_cache, meta, ks, vs)
+
+    def _prefill_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                      ks: torch.Tensor | None, vs: torch.Tensor | None) -> torch.Tensor:
+        """Attention of a step with prompt tokens, q and k rotated, the new K/V cached.
+
+        The scheduler puts running requests first, so a mixed step's decode rows (one query
+        each) usually lead the batch: they take the decode kernel (each KV head read once for
+        its query group), the rest the prefill kernel through sliced metadata (its query
+        offsets index the whole flat batch). Whole fresh prompts (no cached prefix) of at least
+        SDPA_MIN_TOKENS attend through SDPA, and the prefill kernel skips them. An FP8 cache:
+        every sequence attends to the cached (quantized) K/V."""
         lens = meta.query_lens_cpu
         fresh = self._fresh_long_prompts(meta) if ks is None else []
         if fresh == [0] and meta.num_seqs == 1:  # one prompt: SDPA's output needs no copy
