@@ -38,8 +38,31 @@ def test_hopper_gpus_with_memory_take_big_budgets(monkeypatch, capability, gib, 
 
 def test_a_given_budget_wins(monkeypatch):
     _fake_gpu(monkeypatch, (9, 0), 141)
-    args = EngineArgs(max_num_batched_tokens=4096)
-    assert args._token_budget(8192, "cuda") == 4096
-    assert EngineArgs()._token_budget(8192, "cuda") == engine_args.BIG_GPU_TOKEN_BUDGET["offline"]
+    big = engine_args.BIG_GPU_TOKEN_BUDGET
+    assert EngineArgs(max_num_batched_tokens=4096)._token_budget(8192, "cuda", "server") == 4096
+    assert EngineArgs()._token_budget(8192, "cuda", "offline") == big["offline"]
+    assert EngineArgs()._token_budget(8192, "cuda", "server") == big["server"]
     # without chunked prefill a whole prompt must fit one step
-    assert EngineArgs(enable_chunked_prefill=False)._token_budget(32768, "cuda") == 32768
+    assert EngineArgs(enable_chunked_prefill=False)._token_budget(32768, "cuda",
+                                                                  "server") == 32768
+
+
+def test_the_server_asks_for_its_budget(monkeypatch):
+    """`kestrel serve` builds its config with usage "server" (CPU: the same 2,048)."""
+    from kestrel.cli import build_parser
+    from kestrel.engine import engine
+
+    seen = []
+    real = EngineArgs.create_config
+    monkeypatch.setattr(EngineArgs, "create_config",
+                        lambda self, usage="offline": seen.append(usage) or real(self, usage))
+
+    def stop(cfg, tokenizer):
+        seen.append(cfg.scheduler.max_num_batched_tokens)
+        raise RuntimeError("stop before loading")
+
+    monkeypatch.setattr(engine, "Engine", stop)
+    ns = build_parser().parse_args(["serve", "--preset", "tiny-llama", "--device", "cpu"])
+    with pytest.raises(RuntimeError, match="stop before loading"):
+        ns.func(ns)
+    assert seen == ["server", engine_args.TOKEN_BUDGET]

@@ -77,11 +77,10 @@ class EngineArgs:
     debug_checks: bool = False
     async_scheduling: bool | None = None
 
-    def resolved_device(self) -> str:
-        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-    def create_config(self) -> EngineConfig:
-        device = self.resolved_device()
+    def create_config(self, usage: str = "offline") -> EngineConfig:
+        """``usage``: "offline" or "server", which picks the default step token budget
+        (``default_token_budget``)."""
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model_path, load_format = resolve_model(self.model, self.load_format)
         if load_format == "dummy":
             mcfg = (preset_config(model_path) if model_path in PRESETS
@@ -107,7 +106,7 @@ class EngineArgs:
                               enable_prefix_caching=self.enable_prefix_caching,
                               kv_cache_dtype=self.kv_cache_dtype, **cache_kw),
             scheduler=SchedulerConfig(
-                max_num_batched_tokens=self._token_budget(max_len, device),
+                max_num_batched_tokens=self._token_budget(max_len, device, usage),
                 max_num_seqs=self.max_num_seqs, max_model_len=max_len,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 policy=self.scheduling_policy, max_waiting=self.max_waiting),
@@ -117,9 +116,9 @@ class EngineArgs:
             quant=quant,
         )
 
-    def _token_budget(self, max_len: int, device: str) -> int:
+    def _token_budget(self, max_len: int, device: str, usage: str) -> int:
         if self.enable_chunked_prefill:
-            return self.max_num_batched_tokens or default_token_budget(device)
+            return self.max_num_batched_tokens or default_token_budget(device, usage)
         return max(max_len, self.max_num_batched_tokens or 0)  # a whole prompt in one step
 
 

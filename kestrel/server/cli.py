@@ -17,8 +17,7 @@ from typing import Any
 
 import uvicorn
 
-from kestrel.engine.args import (add_engine_cli_args, default_token_budget, engine_args_from_cli,
-                                 load_engine_tokenizer)
+from kestrel.engine.args import add_engine_cli_args, engine_args_from_cli, load_engine_tokenizer
 from kestrel.engine.async_engine import AsyncEngine, EngineStoppedError
 from kestrel.server.api import DEFAULT_MAX_BODY_BYTES
 
@@ -64,10 +63,7 @@ def run_serve(ns: Any) -> int:
 
     if ns.max_request_body_bytes < 1:
         raise ValueError(f"--max-request-body-bytes must be >= 1, got {ns.max_request_body_bytes}")
-    args = engine_args_from_cli(ns)
-    if args.max_num_batched_tokens is None:  # streams wait for each step: the server's budget
-        args.max_num_batched_tokens = default_token_budget(args.resolved_device(), "server")
-    cfg = args.create_config()
+    cfg = engine_args_from_cli(ns).create_config(usage="server")  # streams wait for each step
     engine = Engine(cfg, load_engine_tokenizer(cfg))
     names = served_names(cfg.model, ns.served_model_name)
     log.info("loaded %s (%.1fM parameters, %s on %s); max_model_len=%d, max_num_seqs=%d, "
