@@ -63,6 +63,15 @@ def paged_attention_ref(
     return out.transpose(1, 2)[seq_idx, tok_idx]
 
 
+def merge_attention_ref(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
+                        lse_b: torch.Tensor) -> torch.Tensor:
+    """Attention over keys A ∪ B from its parts over A and B (o [H, T, D], lse [H, T] natural
+    log): the softmax-weighted mean of the two, in float32. Returns [T, H, D] in o_a's dtype."""
+    w = torch.softmax(torch.stack([lse_a, lse_b]).float(), dim=0)[..., None]  # [2, H, T, 1]
+    o = w[0] * o_a.float() + w[1] * o_b.float()
+    return o.transpose(0, 1).to(o_a.dtype)
+
+
 @register_backend
 class TorchAttention(AttentionBackend):
     """Reference backend: works on any device and dtype; slow but obviously right."""

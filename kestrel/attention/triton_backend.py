@@ -7,10 +7,11 @@ Otherwise rotary_and_cache (rotary on q and k, then new K/V into the paged cache
 launch), then the decode kernel for the one-token rows that lead a mixed step (the running
 requests) and the varlen ``prefill_attention`` for the rest (a later one-token row is a prefill
 of length 1). Both read every key from the cache, so prefix-cached and chunked prefills need
-nothing special. Long fresh prompts (no cached prefix: the new K/V are the whole context) go
-to torch's SDPA instead, whose cuDNN/flash kernels beat ours there (measured by
-tests/kernels/bench_kernels.py --only prefill; ``SDPA_MIN_TOKENS`` is the crossover), in any
-step (the paged kernel skips them).
+nothing special. Sequences with many queries (``SDPA_MIN_TOKENS``) go to cuDNN's SDPA instead,
+1.3-1.8x faster there on Hopper (tests/kernels/bench_kernels.py --only long-queries), in any
+step (the paged kernel skips them): a whole prompt in one causal call over its new K/V, a chunk
+after a cached prefix in two (over the prefix gathered out of the cache, unmasked, and over its
+own K/V, causal) merged by their log-sum-exps (``merge_attention``).
 
 Triton is imported lazily (on construction), so this module can be imported, and the name
 "triton" registered, on machines without Triton; selecting it there fails with a clear error.
@@ -18,15 +19,21 @@ Triton is imported lazily (on construction), so this module can be imported, and
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 from kestrel.attention.base import AttentionBackend, AttentionMetadata, register_backend
 
-# Fresh prompts at least this long (each) use torch SDPA. H200, 32/8 heads, d 128, bf16,
-# 2026-11-26 (`bench_kernels.py --only prefill`): ours 0.056 / 0.149 / 0.463 / 1.639 ms at
-# 1k / 2k / 4k / 8k tokens, SDPA through _sdpa (cuDNN, grouped heads) 0.088 / 0.197 / 0.272 /
-# 1.001 ms: it wins from 4k on.
-SDPA_MIN_TOKENS = 4096
+# Sequences with at least this many queries in a step (whole prompts, chunks after a cached
+# prefix) attend through cuDNN's SDPA. H200, 32/8 heads, d 128, bf16, `bench_kernels.py --only
+# long-queries` (sixteenth session), speedup over the paged kernel by queries (rows) and cached
+# prefix (columns 0 / 1k / 4k / 16k / 64k): 512: 1.16 / 0.34 / 0.90 / 1.62 / 1.60; 1k: 1.55 /
+# 0.72 / 1.58 / 1.71 / 1.66; 2k: 1.68 / 1.53 / 1.70 / 1.72 / 1.74; 4k-16k: 1.29 to 1.79.
+SDPA_MIN_TOKENS = 2048
+# The smallest step of the lengths SDPA sees (``sdpa_bucket``).
+SDPA_GRANULE = 256
 # Decode batches up to this many sequences take the new token's rotary and cache write inside
 # the attention launch: one launch less a layer (batch-1 BF16 decode 4.10 -> 3.96 ms, H200,
 # eighth session). Larger batches lose: `bench_kernels.py --only new-token` (H200, µs, in the
@@ -63,6 +70,7 @@ class TritonAttention(AttentionBackend):
         # Fixed split-K factor for decode (e.g. when capturing CUDA graphs); None: heuristic.
         self.num_splits = num_splits
         self.sdpa_min_tokens = SDPA_MIN_TOKENS
+        self.sdpa_granule = SDPA_GRANULE
 
     def forward(
         self,
@@ -103,13 +111,14 @@ class TritonAttention(AttentionBackend):
         The scheduler puts running requests first, so a mixed step's decode rows (one query
         each) usually lead the batch: they take the decode kernel (each KV head read once for
         its query group), the rest the prefill kernel through sliced metadata (its query
-        offsets index the whole flat batch). Whole fresh prompts (no cached prefix) of at least
-        SDPA_MIN_TOKENS attend through SDPA, and the prefill kernel skips them. An FP8 cache:
-        every sequence attends to the cached (quantized) K/V."""
+        offsets index the whole flat batch). Sequences with at least ``sdpa_min_tokens``
+        queries (whole prompts and chunks after a cached prefix alike) attend through cuDNN
+        (``_sdpa``), and the prefill kernel skips them. An FP8 cache: every sequence attends
+        to the cached (quantized) K/V through the kernels."""
         lens = meta.query_lens_cpu
-        fresh = self._fresh_long_prompts(meta) if ks is None else []
-        if fresh == [0] and meta.num_seqs == 1:  # one prompt: SDPA's output needs no copy
-            return self._causal_sdpa(q, k, v)
+        long = self._long_queries(meta, q.device) if ks is None else []
+        if long == [0] and meta.num_seqs == 1 and meta.seq_lens_cpu[0] == lens[0]:
+            return self._causal_sdpa(q, k, v)  # one whole prompt: SDPA's output needs no copy
         n_dec = 0
         if lens is not None and meta.seq_lens_cpu is not None:
             while n_dec < len(lens) and lens[n_dec] == 1:
@@ -121,47 +130,114 @@ class TritonAttention(AttentionBackend):
                 self.scale, out=out[:n_dec], max_seq_len=max(meta.seq_lens_cpu[:n_dec]),
                 k_scale=ks, v_scale=vs,
             )  # fmt: skip
-        rest = [i for i in range(n_dec, meta.num_seqs) if i not in fresh]
+        rest = [i for i in range(n_dec, meta.num_seqs) if i not in long]
         if rest:
             self._prefill.prefill_attention(
                 q, k_cache, v_cache, meta.query_start_loc[n_dec:], meta.seq_lens[n_dec:],
                 meta.block_tables[n_dec:],
                 max(lens[i] for i in rest) if lens is not None else meta.max_query_len,
                 self.scale, out=out, k_scale=ks, v_scale=vs,
-                skip_fresh_min=self.sdpa_min_tokens if fresh else 0,
+                skip_min_query=self.sdpa_min_tokens if long else 0,
             )  # fmt: skip
-        if fresh:
-            self._sdpa(q, k, v, lens, fresh, out)
+        if long:
+            self._sdpa(q, k, v, k_cache, v_cache, meta, long, out)
         return out
 
-    def _fresh_long_prompts(self, meta: AttentionMetadata) -> list[int]:
-        """Sequences whose whole context is this step's queries, at least sdpa_min_tokens of
-        them (the paged kernel's ``skip_fresh_min`` rule)."""
-        ql, sl = meta.query_lens_cpu, meta.seq_lens_cpu
-        if ql is None or sl is None or meta.max_query_len < self.sdpa_min_tokens:
+    def _long_queries(self, meta: AttentionMetadata, device: torch.device) -> list[int]:
+        """Sequences with at least sdpa_min_tokens queries (the paged kernel's
+        ``skip_min_query`` rule), where cuDNN's SDPA is known to be faster."""
+        ql = meta.query_lens_cpu
+        if (ql is None or meta.seq_lens_cpu is None or not self.sdpa_min_tokens
+                or meta.max_query_len < self.sdpa_min_tokens or not _sdpa_measured(device)):
             return []
-        return [i for i, (n, s) in enumerate(zip(ql, sl)) if n == s >= self.sdpa_min_tokens]
+        return [i for i, n in enumerate(ql) if n >= self.sdpa_min_tokens]
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int],
-              seqs: list[int], out: torch.Tensor) -> None:
-        """``_causal_sdpa`` of each prompt in ``seqs`` into its rows of ``out``."""
-        starts = [0]
-        for n in lens:
-            starts.append(starts[-1] + n)
-        for i in seqs:
-            sl = slice(starts[i], starts[i + 1])
-            out[sl] = self._causal_sdpa(q[sl], k[sl], v[sl])
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+              v_cache: torch.Tensor, meta: AttentionMetadata, seqs: list[int],
+              out: torch.Tensor) -> None:
+        """Attention of each sequence in ``seqs`` into its rows of ``out``. A whole prompt:
+        ``_causal_sdpa``. A chunk after a cached prefix of P tokens: its queries over the
+        prefix's first P0 = bucket_down(P) keys, gathered from the cache (unmasked), and over
+        the keys from P0 on with the r = P − P0 positions before it as leading zero queries,
+        so a top-left causal mask is the chunk's own (causal); the two merged by their
+        log-sum-exps. Every shape cuDNN sees is a bucket (``sdpa_bucket``); padded rows come
+        after the real ones and are dropped."""
+        ql = meta.query_lens_cpu
+        starts = [sum(ql[:i]) for i in seqs]
+        for i, start in zip(seqs, starts):
+            n = ql[i]
+            rows = slice(start, start + n)
+            prefix = meta.seq_lens_cpu[i] - n
+            if not prefix:
+                out[rows] = self._causal_sdpa(q[rows], k[rows], v[rows])
+                continue
+            p0 = sdpa_bucket(prefix, self.sdpa_granule, down=True)
+            r = prefix - p0
+            pad = sdpa_bucket(r + n, self.sdpa_granule) - r - n
+            table = meta.block_tables[i]
+            kc, vc = (_pad_rows(_cached(c, table, p0, prefix + n), 0, pad)
+                      for c in (k_cache, v_cache))
+            o_c, lse_c = self._attend(_pad_rows(q[rows], r, pad), kc, vc, causal=True)
+            o_c, lse_c = o_c[:, r:r + n], lse_c[:, r:r + n]
+            if not p0:
+                out[rows] = o_c.transpose(0, 1)
+                continue
+            qp = _pad_rows(q[rows], 0, sdpa_bucket(n, self.sdpa_granule) - n)
+            o_p, lse_p = self._attend(qp, _cached(k_cache, table, 0, p0),
+                                      _cached(v_cache, table, 0, p0), causal=False)
+            self._prefill.merge_attention(o_p[:, :n], lse_p[:, :n], o_c, lse_c, out[rows])
 
     def _causal_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention of one prompt over its own new K/V, [n, H, D]. ``enable_gqa``
-        hands the grouped KV heads to cuDNN as they are (H200, 4k tokens: 294 µs against 378
-        with the heads repeated and the output copied back, scripts/bench_prefill_parts.py);
-        cuDNN writes [T, H, D] order, so the transposed result is contiguous."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+        """Causal attention of one prompt over its own new K/V, [n, H, D], padded at the end
+        to its bucket; cuDNN writes [T, H, D] order, so the transposed rows are contiguous."""
+        n = q.shape[0]
+        pad = sdpa_bucket(n, self.sdpa_granule) - n
+        q, k, v = (_pad_rows(x, 0, pad) for x in (q, k, v))
+        return self._attend(q, k, v, causal=True)[0][:, :n].transpose(0, 1).contiguous()
 
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                          SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                is_causal=True, scale=self.scale, enable_gqa=True)
-        return o[0].transpose(0, 1).contiguous()
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDPA of q [n, Hq, D] over k, v [m, Hkv, D] (grouped heads as they are; causal:
+        m == n) → (out [Hq, n, D], natural-log log-sum-exp [Hq, n] float32). cuDNN on CUDA
+        (H200, 4k tokens: 294 µs with the grouped heads against 378 with them repeated,
+        scripts/bench_prefill_parts.py), torch's flash kernel on the CPU (tests)."""
+        q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))
+        if q.is_cuda:
+            o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q4, k4, v4, None, True, 0.0, causal, False, scale=self.scale)[:2]
+        else:
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q4, k4, v4, 0.0, causal, scale=self.scale)
+        return o[0], lse.reshape(q.shape[1], q.shape[0])
+
+
+def sdpa_bucket(n: int, granule: int, down: bool = False) -> int:
+    """n rounded up (down) to eight steps an octave, multiples of ``granule`` at least: cuDNN
+    builds an execution plan for every new shape (45-80 ms on an H200, sixteenth session), so
+    the lengths it sees come from a short list, at most 1/8 padding (or 1/8 left over)."""
+    step = max(granule, 1 << max(n.bit_length() - 4, 0))
+    return n // step * step if down else -(-n // step) * step
+
+
+def _pad_rows(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """x [n, H, D] with zero rows before and after it (x itself when there are none)."""
+    return F.pad(x, (0, 0, 0, 0, before, after)) if before or after else x
+
+
+def _cached(cache: torch.Tensor, table: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Positions start..end-1 of one sequence's K or V out of the paged cache, [end-start, H,
+    D] (one gather of the blocks that hold them)."""
+    page = cache.shape[1]
+    first = start // page
+    blocks = cache.index_select(0, table[first:-(-end // page)]).flatten(0, 1)
+    return blocks[start - first * page:end - first * page]
+
+
+@functools.cache
+def _sdpa_measured(device: torch.device) -> bool:
+    """cuDNN's SDPA was measured against the Triton kernels on Hopper (H100/H200); elsewhere
+    the kernels attend everything. The CPU (tests under the interpreter) takes torch's flash."""
+    if device.type != "cuda":
+        return True
+    return (torch.cuda.get_device_capability(device) >= (9, 0)
+            and (torch.backends.cudnn.version() or 0) >= 90000)

@@ -75,7 +75,7 @@ def _attend_tile(
 # The block table's width changes with every batch, and a mixed step passes its metadata from
 # the first non-decode sequence on (any 4-byte offset; a bf16 cache's unread scale pointers are
 # seq_lens too): one compiled kernel for all of them (scripts/compile_variants.py finds others).
-@triton.jit(do_not_specialize=["stride_bt", "skip_fresh_min"],
+@triton.jit(do_not_specialize=["stride_bt", "skip_min_query"],
             do_not_specialize_on_alignment=["query_start_loc_ptr", "seq_lens_ptr",
                                             "block_tables_ptr", "k_scale_ptr", "v_scale_ptr"])
 def _prefill_kernel(
@@ -94,7 +94,7 @@ def _prefill_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ot, stride_oh,
     stride_bt,
-    skip_fresh_min,  # > 0: sequences with q_len == seq_len >= it are left to the caller
+    skip_min_query,  # > 0: sequences with q_len >= it are left to the caller
     GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two
@@ -113,9 +113,9 @@ def _prefill_kernel(
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if tile * BLOCK_M >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    if (skip_fresh_min > 0) & (q_len == seq_len) & (q_len >= skip_fresh_min):
+    if (skip_min_query > 0) & (q_len >= skip_min_query):
         return
+    seq_len = tl.load(seq_lens_ptr + seq)
     first_pos = seq_len - q_len  # position of this sequence's first query token
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the sequence
@@ -207,7 +207,7 @@ def prefill_attention(
     tiles: PrefillTiles | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    skip_fresh_min: int = 0,
+    skip_min_query: int = 0,
 ) -> torch.Tensor:
     """Causal varlen attention of flat queries q [T, Hq, D] against the paged cache.
 
@@ -216,8 +216,8 @@ def prefill_attention(
     query_start_loc: [B+1] int32; seq_lens: [B] int32 (context after this step, >= q_len);
     block_tables: [B, max_blocks] int32; max_query_len: host int bounding the grid.
     Returns out [T, Hq, D] in q's dtype. ``tiles`` overrides ``default_tiles``.
-    ``skip_fresh_min`` > 0: the rows of fresh prompts (q_len == seq_len) at least that long
-    are not written (the caller attends them otherwise); max_query_len may leave them out.
+    ``skip_min_query`` > 0: the rows of sequences with at least that many queries are not
+    written (the caller attends them otherwise); max_query_len may leave them out.
     """
     t, hq, d = q.shape
     _, page_size, hkv, d_cache = k_cache.shape
@@ -244,9 +244,61 @@ def prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
-        block_tables.stride(0), skip_fresh_min,
+        block_tables.stride(0), skip_min_query,
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), PAGE_SIZE=page_size,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FP8_KV=fp8, **dot_flags(q.dtype, q.device, fp8),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _merge_kernel(
+    oa_ptr, la_ptr, ob_ptr, lb_ptr, out_ptr, n,
+    stride_oah, stride_oat, stride_lah, stride_lat,
+    stride_obh, stride_obt, stride_lbh, stride_lbt,
+    stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    t_mask = t < n
+    mask = t_mask[:, None] & (d < HEAD_DIM)[None, :]
+    la = tl.load(la_ptr + head * stride_lah + t * stride_lat, mask=t_mask, other=0.0)
+    lb = tl.load(lb_ptr + head * stride_lbh + t * stride_lbt, mask=t_mask, other=0.0)
+    m = tl.maximum(la, lb)
+    wa = tl.exp(la - m)
+    wb = tl.exp(lb - m)
+    oa = tl.load(oa_ptr + head * stride_oah + t[:, None] * stride_oat + d[None, :], mask=mask)
+    ob = tl.load(ob_ptr + head * stride_obh + t[:, None] * stride_obt + d[None, :], mask=mask)
+    o = (oa.to(tl.float32) * wa[:, None] + ob.to(tl.float32) * wb[:, None]) / (wa + wb)[:, None]
+    tl.store(out_ptr + t[:, None] * stride_ot + head * stride_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
+                    lse_b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Attention over keys A ∪ B from attention over A and over B: out[t, h] = (w_a·o_a +
+    w_b·o_b) / (w_a + w_b) with w = exp(lse − max), in float32, rounded once.
+
+    o_a, o_b: [H, T, D] (any strides, D contiguous); lse_a, lse_b: [H, T] float32, natural-log
+    sums of exp(scores); out: [T, H, D], written in place and returned."""
+    h, n, d = o_a.shape
+    if o_b.shape != o_a.shape or lse_a.shape != (h, n) or lse_b.shape != (h, n) \
+            or out.shape != (n, h, d):
+        raise ValueError(f"merge: o {tuple(o_a.shape)}/{tuple(o_b.shape)}, lse "
+                         f"{tuple(lse_a.shape)}/{tuple(lse_b.shape)}, out {tuple(out.shape)}")
+    if o_a.stride(-1) != 1 or o_b.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("merge: the head_dim axis of the outputs must be contiguous")
+    if n == 0:
+        return out
+    block_t = 16 if o_a.device.type == "cuda" else 32
+    _merge_kernel[(triton.cdiv(n, block_t), h)](
+        o_a, lse_a, o_b, lse_b, out, n,
+        o_a.stride(0), o_a.stride(1), lse_a.stride(0), lse_a.stride(1),
+        o_b.stride(0), o_b.stride(1), lse_b.stride(0), lse_b.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t,
     )  # fmt: skip
     return out

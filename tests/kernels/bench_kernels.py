@@ -1,7 +1,7 @@
 """Benchmark the Triton kernels on CUDA (a plain script; pytest does not collect bench_*.py).
 
     python tests/kernels/bench_kernels.py [--quick]
-        [--only decode|splits|prefill|prefill-tiles|fused|new-token]
+        [--only decode|splits|prefill|prefill-tiles|long-queries|fused|new-token]
 
 Decode: llama-3-8b attention shape (32 q heads, 8 KV heads, head_dim 128, bf16, 16-token
 pages, blocks shuffled) at batch 1/64 × context 1k/4k/16k, timed in a CUDA graph (as the
@@ -17,6 +17,9 @@ and the Triton kernel again over an FP8 cache.
 Prefill tiles (not in the default run): the prefill kernel's TFLOP/s per ``PrefillTiles``
 (query tokens × keys per step, warps, stages), BF16 and FP8 caches, fresh
 prompts and prompts after a cached prefix: the values for ``default_tiles``.
+Long queries (not in the default run): a whole prompt or a chunk after a cached prefix, 512 to
+16k queries after 0 to 64k cached tokens, through the paged kernel and through the backend's
+SDPA path: the value for ``triton_backend.SDPA_MIN_TOKENS``.
 Fused: RMSNorm+residual and silu_and_mul bandwidth against torch eager.
 New token (not in the default run): decode with the new token's rotary and cache write inside
 the attention launch against rotary_and_cache + attention, batch 1..256 × 512 / 4k tokens:
@@ -37,7 +40,7 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, uninstalled
-from kestrel.attention.base import quantize_kv
+from kestrel.attention.base import AttentionMetadata, quantize_kv
 from kestrel.attention.triton_backend import TritonAttention
 from kestrel.kernels.fused import rms_norm, rotary_and_cache, silu_and_mul
 from kestrel.kernels.paged_attention import (
@@ -252,6 +255,45 @@ def bench_prefill(quick: bool) -> None:
         _prefill_case(q_len, prefix)
 
 
+def bench_long_queries(quick: bool) -> None:
+    """The backend's two ways for a sequence with many queries: the paged kernel, or SDPA
+    (``TritonAttention._sdpa``: cuDNN over the gathered prefix and over the new keys, merged;
+    one causal call for a fresh prompt). Gives ``SDPA_MIN_TOKENS``."""
+    print(f"\nlong queries, Hq={HQ} Hkv={HKV} D={D} {DTYPE} block={BS}: paged kernel vs SDPA "
+          "(cuDNN, prefix gathered, merged)")
+    print(f"{'queries':>7} {'prefix':>7} {'kernel ms':>9} {'TFLOP/s':>7} {'sdpa ms':>8} "
+          f"{'TFLOP/s':>7} {'speedup':>7} {'rel err':>8}")
+    be = TritonAttention(HQ, HKV, D, D**-0.5)
+    q_lens = [1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384]
+    prefixes = [0, 8192] if quick else [0, 1024, 4096, 16384, 65536]
+    for q_len in q_lens:
+        for prefix in prefixes:
+            seq = q_len + prefix
+            k_cache, v_cache, tables, seq_lens = paged_cache(1, seq)
+            ctx_k = k_cache[tables[0].long()].flatten(0, 1)
+            k = ctx_k[prefix:seq].contiguous()  # the new tokens' K/V, as cached
+            v = v_cache[tables[0].long()].flatten(0, 1)[prefix:seq].contiguous()
+            del ctx_k
+            q = torch.randn(q_len, HQ, D, device="cuda", dtype=DTYPE)
+            qsl = torch.tensor([0, q_len], dtype=torch.int32, device="cuda")
+            meta = AttentionMetadata(slot_mapping=qsl, query_start_loc=qsl, seq_lens=seq_lens,
+                                     block_tables=tables, max_query_len=q_len, max_seq_len=seq,
+                                     seq_lens_cpu=[seq], query_lens_cpu=[q_len])
+            out, out_sdpa = torch.empty_like(q), torch.empty_like(q)
+            ms = triton.testing.do_bench(
+                lambda: prefill_attention(q, k_cache, v_cache, qsl, seq_lens, tables, q_len,
+                                          D**-0.5, out=out), rep=100, return_mode="median")
+            ms_sdpa = triton.testing.do_bench(
+                lambda: be._sdpa(q, k, v, k_cache, v_cache, meta, [0], out_sdpa), rep=100,
+                return_mode="median")
+            err = ((out_sdpa.float() - out.float()).norm() / out.float().norm()).item()
+            flops = 4 * (q_len * prefix + q_len * (q_len + 1) / 2) * D * HQ
+            print(f"{q_len:>7} {prefix:>7} {ms:>9.3f} {flops / ms / 1e9:>7.0f} {ms_sdpa:>8.3f} "
+                  f"{flops / ms_sdpa / 1e9:>7.0f} {ms / ms_sdpa:>7.2f} {err:>8.1e}", flush=True)
+            del k_cache, v_cache, k, v
+            torch.cuda.empty_cache()
+
+
 PREFILL_TILES = [  # (block_m, block_n, num_warps, num_stages)
     (64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
     (64, 128, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2),
@@ -310,7 +352,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
     parser.add_argument("--only", choices=["decode", "splits", "prefill", "prefill-tiles",
-                                           "fused", "new-token"], default=None)
+                                           "long-queries", "fused", "new-token"], default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA device")
@@ -333,6 +375,8 @@ def main() -> None:
         bench_prefill(args.quick)
     if args.only == "prefill-tiles":
         bench_prefill_tiles()
+    if args.only == "long-queries":
+        bench_long_queries(args.quick)
     if args.only in (None, "fused"):
         bench_fused(peak)
 

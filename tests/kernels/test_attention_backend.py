@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kestrel.attention.torch_ref import TorchAttention
 from kestrel.attention import triton_backend
-from kestrel.attention.triton_backend import TritonAttention
+from kestrel.attention.torch_ref import TorchAttention
+from kestrel.attention.triton_backend import TritonAttention, sdpa_bucket
 from kestrel.kernels import paged_attention, prefill_attention
 from kestrel.layers.rotary import RotaryEmbedding
 from tests.kernels.attention_cases import (
@@ -62,20 +62,44 @@ def _spy(monkeypatch, obj, name: str, record) -> list:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backend_fresh_prompts_through_sdpa(dtype: torch.dtype, monkeypatch) -> None:
-    """Whole fresh prompts take torch SDPA (threshold lowered so small shapes reach it), also
-    beside decode rows, chunks and short prompts, which the paged kernel attends."""
-    sdpa = _spy(monkeypatch, TritonAttention, "_causal_sdpa", lambda a, kw: a[1].shape[0])
+def test_backend_long_queries_through_sdpa(dtype: torch.dtype, monkeypatch) -> None:
+    """Sequences with many queries take SDPA (threshold and granule lowered so small shapes
+    reach it), every length a bucket: whole prompts one causal call; chunks after a cached
+    prefix P one causal call from bucket_down(P) on (the rest of the prefix as leading zero
+    queries) and one over the prefix before it, merged; decode rows and short chunks beside
+    them take the kernels. Outputs against the torch backend throughout."""
+    attend = _spy(monkeypatch, TritonAttention, "_attend",
+                  lambda a, kw: (a[1].shape[0], a[2].shape[0], kw["causal"]))
+    merge = _spy(monkeypatch, prefill_attention, "merge_attention", lambda a, kw: a[0].shape[1])
     kernel = _spy(monkeypatch, prefill_attention, "prefill_attention", lambda a, kw: a[6])
     monkeypatch.setattr("kestrel.attention.triton_backend.SDPA_MIN_TOKENS", 8)
+    monkeypatch.setattr("kestrel.attention.triton_backend.SDPA_GRANULE", 4)
     check_backend([40], [0], dtype, DEV)  # one prompt: SDPA's own output
-    check_backend([40, 9, 23], [0, 0, 0], dtype, DEV)
-    assert sdpa == [40, 40, 9, 23] and not kernel
-    check_backend([40, 9], [0, 5], dtype, DEV)  # a cached prefix: the paged kernel for it
-    assert sdpa[4:] == [40] and kernel == [9]
-    # a decode row, a fresh short prompt, a chunk after a prefix, two long fresh prompts
-    check_backend([1, 30, 5, 12, 17], [20, 0, 0, 9, 0], dtype, DEV)
-    assert sdpa[5:] == [30, 17] and kernel[1:] == [12]  # its grid spans the rest only
+    check_backend([40, 9, 23], [0, 0, 0], dtype, DEV)  # 9 and 23 padded to 12 and 24
+    assert attend == [(40, 40, True), (40, 40, True), (12, 12, True), (24, 24, True)]
+    assert not kernel and not merge
+    del attend[:]
+    # 9 after 37: keys 36.. causal (1 leading zero query, 2 padded rows), 12 queries over 36
+    check_backend([40, 9], [0, 37], dtype, DEV)
+    assert attend == [(40, 40, True), (12, 12, True), (12, 36, False)] and merge == [9]
+    del attend[:], merge[:]
+    check_backend([9], [3], dtype, DEV)  # a prefix shorter than a step: one causal call
+    assert attend == [(12, 12, True)] and not merge
+    del attend[:]
+    # a decode row, a long fresh prompt, a short chunk, a long chunk, a long fresh prompt
+    check_backend([1, 30, 5, 12, 17], [20, 0, 9, 50, 0], dtype, DEV)
+    assert attend == [(32, 32, True), (16, 16, True), (12, 48, False), (20, 20, True)]
+    assert merge == [12] and kernel == [5]  # the paged kernel's grid spans the rest only
+
+
+def test_sdpa_buckets() -> None:
+    """Lengths round to eight steps an octave (granule at least): never below (above, down)
+    n, at most 1/8 of n away beyond the granule, and few: 25 shapes for 2k-16k queries."""
+    for n in range(1, 20000, 7):
+        up, down = sdpa_bucket(n, 256), sdpa_bucket(n, 256, down=True)
+        assert n <= up <= max(n * 9 / 8, n + 255) and min(n * 7 / 8, n - 255) <= down <= n
+        assert up % 256 == 0 and down % 256 == 0
+    assert len({sdpa_bucket(n, 256) for n in range(2048, 16385)}) == 25
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -138,3 +162,13 @@ def test_backend_gpu(dtype: torch.dtype) -> None:
     check_backend([500, 1, 1, 77], [0, 1000, 3, 200], dtype, "cuda")
     check_backend([1, 1, 500, 1, 77], [1000, 3, 0, 200, 0], dtype, "cuda")  # decode rows first
     check_backend([1] * 33, list(range(0, 3300, 100)), dtype, "cuda")
+
+
+@pytest.mark.gpu
+@gpu
+def test_backend_long_queries_gpu(monkeypatch) -> None:
+    """cuDNN's SDPA for long whole prompts and long chunks after a prefix (merged by their
+    log-sum-exps) beside decode rows and short chunks, threshold lowered to 256 queries."""
+    monkeypatch.setattr("kestrel.attention.triton_backend.SDPA_MIN_TOKENS", 256)
+    check_backend([1, 700, 300, 100, 1000], [900, 0, 1500, 40, 2000], torch.bfloat16, "cuda")
+    check_backend([2500], [1500], torch.bfloat16, "cuda")  # positions < check_backend's 4096

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kestrel.attention.torch_ref import merge_attention_ref
 from kestrel.kernels.fused import rotary_and_cache
 from kestrel.kernels.paged_attention import (
     MERGE_SPLITS,
@@ -17,7 +18,7 @@ from kestrel.kernels.paged_attention import (
     choose_num_splits,
     paged_attention_decode,
 )
-from kestrel.kernels.prefill_attention import PrefillTiles, prefill_attention
+from kestrel.kernels.prefill_attention import PrefillTiles, merge_attention, prefill_attention
 from kestrel.kernels.rotary import NewTokens
 from kestrel.layers.rotary import RotaryEmbedding
 from tests.kernels.attention_cases import (
@@ -295,21 +296,46 @@ def test_kernels_refuse_an_fp8_cache_without_scales() -> None:
                           m.block_tables, 1, 0.125, k_scale=b.k_scale, v_scale=b.v_scale[:1])
 
 
-def test_prefill_leaves_long_fresh_prompts_to_the_caller() -> None:
-    """skip_fresh_min: rows of fresh prompts (no cached prefix) at least that long stay as
-    they were; every other row is the reference, with the grid bounded by the rest."""
-    q_lens, prefix_lens = [37, 20, 1, 16, 15], [0, 45, 13, 0, 0]
+def test_prefill_leaves_long_queries_to_the_caller() -> None:
+    """skip_min_query: rows of sequences with at least that many queries (whole prompts and
+    chunks after a prefix) stay as they were; every other row is the reference, with the grid
+    bounded by the rest."""
+    q_lens, prefix_lens = [37, 20, 1, 16, 15], [0, 45, 13, 0, 30]
     b = make_batch(q_lens, prefix_lens, 8, 2, 64, 16, torch.float32, DEV)
     out = torch.full_like(b.q, NAN)
     m = b.meta
     prefill_attention(b.q, b.k_cache, b.v_cache, m.query_start_loc, m.seq_lens, m.block_tables,
-                      20, 0.125, out=out, tiles=PrefillTiles(16, 16), skip_fresh_min=16)
+                      15, 0.125, out=out, tiles=PrefillTiles(16, 16), skip_min_query=16)
     skipped = torch.zeros(b.q.shape[0], dtype=torch.bool)
     starts = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
-    for i in (0, 3):  # fresh, 37 and 16 tokens; the 15-token fresh prompt is attended
+    for i in (0, 1, 3):  # 37 fresh, 20 after 45, 16 fresh; 1 and 15 (after 30) are attended
         skipped[starts[i]:starts[i + 1]] = True
     assert out[skipped].isnan().all()
     assert_close(out[~skipped], reference(b, 0.125)[~skipped], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_attention_is_attention_over_both_key_sets(dtype: torch.dtype) -> None:
+    """Attention over keys A and B separately (with log-sum-exps), merged by the kernel and by
+    merge_attention_ref, equals attention over A ∪ B; outputs [H, T, D] strided as SDPA's."""
+    h, n, d = 4, 37, 64
+    q = torch.randn(1, h, n, d)
+    k, v = torch.randn(1, h, 50, d), torch.randn(1, h, 50, d)
+    k[..., :20, :] *= 3  # set A's scores apart, so the two weights differ widely
+    parts = []
+    for sl in (slice(0, 20), slice(20, 50)):
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k[:, :, sl], v[:, :, sl], 0.0, False, scale=0.125)
+        o = o[0].transpose(0, 1).contiguous().transpose(0, 1)  # [H, T, D], T-major storage
+        parts += [o.to(dtype).to(DEV), lse[0].to(DEV)]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.125)[0]
+    want = want.transpose(0, 1).to(DEV)  # [T, H, D] float32
+    out = torch.full((n, h, d), NAN, dtype=dtype, device=DEV)
+    assert merge_attention(*parts, out) is out
+    assert_close(out, want, dtype)
+    assert_close(merge_attention_ref(*parts), want, dtype)
+    with pytest.raises(ValueError, match="merge"):
+        merge_attention(parts[0], parts[1][:, 1:], *parts[2:], out)
 
 
 def test_prefill_default_tiles() -> None:
