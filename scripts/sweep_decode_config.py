@@ -37,12 +37,20 @@ def copy_bandwidth() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache", choices=["bf16", "fp8"], default=None, help="one cache type only")
+    ap.add_argument("--cases", default=None,
+                    help="BATCHxCONTEXT,... instead of the default cases, e.g. 1x65536,8x16384")
+    ap.add_argument("--splits", default=None,
+                    help="split counts to try, e.g. 64,128,256 (default: the heuristic's "
+                         "choice, 2x and 4x it)")
+    ap.add_argument("--top", type=int, default=1, help="print the N fastest of each case")
     args = ap.parse_args()
+    cases = CASES if args.cases is None else [
+        tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     bw = copy_bandwidth()
     print(torch.cuda.get_device_name(), f"copy {bw:.0f} GB/s")
     real = pa._decode_config
     assert real(D, torch.bfloat16) in CONFIGS and real(D, FP8_DTYPE) in CONFIGS
-    for batch, ctx in CASES:
+    for batch, ctx in cases:
         pages = batch * ctx // PAGE
         q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
         tables = torch.randperm(pages, device="cuda", dtype=torch.int32).view(batch, -1)
@@ -60,7 +68,9 @@ def main() -> None:
             res = []
             for cfg in CONFIGS:
                 pa._decode_config = lambda *_, c=cfg: c
-                for splits in sorted({auto, 2 * auto, 4 * auto}):
+                tries = ({auto, 2 * auto, 4 * auto} if args.splits is None
+                         else {auto, *map(int, args.splits.split(","))})
+                for splits in sorted(tries):
                     def run(q=q, kc=kc, vc=vc, tables=tables, lens=lens, sc=sc, splits=splits):
                         return pa.paged_attention_decode(q, kc, vc, tables, lens, 0.1,
                                                          num_splits=splits, **sc)
@@ -72,11 +82,12 @@ def main() -> None:
                     res.append((ms, cfg, splits))
             pa._decode_config = real
             default = real(D, cache_dt)
-            best_ms, best, best_splits = min(res)
             def_ms = next(ms for ms, c, sp in res if c == default and sp == auto)
-            print(f"batch {batch:3} ctx {ctx:6} {'fp8 ' if fp8 else 'bf16'}: best {best} "
-                  f"x{best_splits} {best_ms * 1e3:7.1f} us ({kv_bytes / best_ms / 1e6 / bw:4.0%} "
-                  f"of copy) | default {default} x{auto} {def_ms * 1e3:7.1f} us")
+            for best_ms, best, best_splits in sorted(res)[:args.top]:
+                print(f"batch {batch:3} ctx {ctx:6} {'fp8 ' if fp8 else 'bf16'}: best {best} "
+                      f"x{best_splits} {best_ms * 1e3:7.1f} us "
+                      f"({kv_bytes / best_ms / 1e6 / bw:4.0%} of copy) | default {default} "
+                      f"x{auto} {def_ms * 1e3:7.1f} us ({kv_bytes / def_ms / 1e6 / bw:4.0%})")
 
 
 if __name__ == "__main__":
