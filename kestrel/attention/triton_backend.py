@@ -24,7 +24,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kestrel.attention.base import AttentionBackend, AttentionMetadata, register_backend
+from kestrel.attention.base import (AttentionBackend, AttentionMetadata, dequantize_kv,
+                                    register_backend)
 
 # Sequences with at least this many queries in a step (whole prompts, chunks after a cached
 # prefix) attend through cuDNN's SDPA. H200, 32/8 heads, d 128, bf16, `bench_kernels.py --only
@@ -114,10 +115,11 @@ class TritonAttention(AttentionBackend):
         offsets index the whole flat batch). Sequences with at least ``sdpa_min_tokens``
         queries (whole prompts and chunks after a cached prefix alike) attend through cuDNN
         (``_sdpa``), and the prefill kernel skips them. An FP8 cache: every sequence attends
-        to the cached (quantized) K/V through the kernels."""
+        to the cached (quantized) K/V, which SDPA gets dequantized as the reference does."""
         lens = meta.query_lens_cpu
-        long = self._long_queries(meta, q.device) if ks is None else []
-        if long == [0] and meta.num_seqs == 1 and meta.seq_lens_cpu[0] == lens[0]:
+        long = self._long_queries(meta, q)
+        if (long == [0] and meta.num_seqs == 1 and meta.seq_lens_cpu[0] == lens[0]
+                and ks is None):
             return self._causal_sdpa(q, k, v)  # one whole prompt: SDPA's output needs no copy
         n_dec = 0
         if lens is not None and meta.seq_lens_cpu is not None:
@@ -140,51 +142,58 @@ class TritonAttention(AttentionBackend):
                 skip_min_query=self.sdpa_min_tokens if long else 0,
             )  # fmt: skip
         if long:
-            self._sdpa(q, k, v, k_cache, v_cache, meta, long, out)
+            self._sdpa(q, k, v, k_cache, v_cache, meta, long, out, ks, vs)
         return out
 
-    def _long_queries(self, meta: AttentionMetadata, device: torch.device) -> list[int]:
+    def _long_queries(self, meta: AttentionMetadata, q: torch.Tensor) -> list[int]:
         """Sequences with at least sdpa_min_tokens queries (the paged kernel's
-        ``skip_min_query`` rule), where cuDNN's SDPA is known to be faster."""
+        ``skip_min_query`` rule), where cuDNN's SDPA is known to be faster (16-bit q)."""
         ql = meta.query_lens_cpu
         if (ql is None or meta.seq_lens_cpu is None or not self.sdpa_min_tokens
-                or meta.max_query_len < self.sdpa_min_tokens or not _sdpa_measured(device)):
+                or meta.max_query_len < self.sdpa_min_tokens or not _sdpa_measured(q.device)
+                or (q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16))):
             return []
         return [i for i, n in enumerate(ql) if n >= self.sdpa_min_tokens]
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor, meta: AttentionMetadata, seqs: list[int],
-              out: torch.Tensor) -> None:
+              out: torch.Tensor, ks: torch.Tensor | None = None,
+              vs: torch.Tensor | None = None) -> None:
         """Attention of each sequence in ``seqs`` into its rows of ``out``. A whole prompt:
         ``_causal_sdpa``. A chunk after a cached prefix of P tokens: its queries over the
         prefix's first P0 = bucket_down(P) keys, gathered from the cache (unmasked), and over
         the keys from P0 on with the r = P − P0 positions before it as leading zero queries,
         so a top-left causal mask is the chunk's own (causal); the two merged by their
         log-sum-exps. Every shape cuDNN sees is a bucket (``sdpa_bucket``); padded rows come
-        after the real ones and are dropped."""
+        after the real ones and are dropped. An FP8 cache (``ks``, ``vs``): every key and
+        value comes from the cache, dequantized to q's dtype."""
         ql = meta.query_lens_cpu
         starts = [sum(ql[:i]) for i in seqs]
         for i, start in zip(seqs, starts):
             n = ql[i]
             rows = slice(start, start + n)
             prefix = meta.seq_lens_cpu[i] - n
+            table = meta.block_tables[i]
+
+            def cached(begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+                return (_cached(k_cache, table, begin, end, ks, q.dtype),
+                        _cached(v_cache, table, begin, end, vs, q.dtype))
+
             if not prefix:
-                out[rows] = self._causal_sdpa(q[rows], k[rows], v[rows])
+                kv = (k[rows], v[rows]) if ks is None else cached(0, n)
+                out[rows] = self._causal_sdpa(q[rows], *kv)
                 continue
             p0 = sdpa_bucket(prefix, self.sdpa_granule, down=True)
             r = prefix - p0
             pad = sdpa_bucket(r + n, self.sdpa_granule) - r - n
-            table = meta.block_tables[i]
-            kc, vc = (_pad_rows(_cached(c, table, p0, prefix + n), 0, pad)
-                      for c in (k_cache, v_cache))
+            kc, vc = (_pad_rows(x, 0, pad) for x in cached(p0, prefix + n))
             o_c, lse_c = self._attend(_pad_rows(q[rows], r, pad), kc, vc, causal=True)
             o_c, lse_c = o_c[:, r:r + n], lse_c[:, r:r + n]
             if not p0:
                 out[rows] = o_c.transpose(0, 1)
                 continue
             qp = _pad_rows(q[rows], 0, sdpa_bucket(n, self.sdpa_granule) - n)
-            o_p, lse_p = self._attend(qp, _cached(k_cache, table, 0, p0),
-                                      _cached(v_cache, table, 0, p0), causal=False)
+            o_p, lse_p = self._attend(qp, *cached(0, p0), causal=False)
             self._prefill.merge_attention(o_p[:, :n], lse_p[:, :n], o_c, lse_c, out[rows])
 
     def _causal_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -224,13 +233,16 @@ def _pad_rows(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, 0, before, after)) if before or after else x
 
 
-def _cached(cache: torch.Tensor, table: torch.Tensor, start: int, end: int) -> torch.Tensor:
+def _cached(cache: torch.Tensor, table: torch.Tensor, start: int, end: int,
+            scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Positions start..end-1 of one sequence's K or V out of the paged cache, [end-start, H,
-    D] (one gather of the blocks that hold them)."""
+    D] (one gather of the blocks that hold them); an FP8 cache's dequantized with its per-head
+    ``scale`` to ``dtype`` (the reference's rounding)."""
     page = cache.shape[1]
     first = start // page
     blocks = cache.index_select(0, table[first:-(-end // page)]).flatten(0, 1)
-    return blocks[start - first * page:end - first * page]
+    x = blocks[start - first * page:end - first * page]
+    return x if scale is None else dequantize_kv(x, scale, dtype)
 
 
 @functools.cache

@@ -123,10 +123,11 @@ def test_backend_fp8_cache(q_lens, prefix_lens) -> None:
     check_backend_fp8(q_lens, prefix_lens)
 
 
-def check_backend_fp8(q_lens: list[int], prefix_lens: list[int]) -> None:
+def check_backend_fp8(q_lens: list[int], prefix_lens: list[int],
+                      dtype: torch.dtype = torch.float32) -> None:
     hq, hkv, d = 8, 2, 64
-    b = make_batch(q_lens, prefix_lens, hq, hkv, d, 16, torch.float32, DEV, fp8=True)
-    k = torch.randn(b.q.shape[0], hkv, d, device=DEV) * 3
+    b = make_batch(q_lens, prefix_lens, hq, hkv, d, 16, dtype, DEV, fp8=True)
+    k = torch.randn(b.q.shape[0], hkv, d, device=DEV, dtype=dtype) * 3
     v = torch.randn_like(k)
     positions = [torch.arange(s - n, s) for n, s in zip(q_lens, b.meta.seq_lens_cpu)]
     rope = {"positions": torch.cat(positions).to(DEV),
@@ -140,10 +141,21 @@ def check_backend_fp8(q_lens: list[int], prefix_lens: list[int]) -> None:
         caches.append((kc, vc))
     for got, want in zip(caches[1], caches[0]):
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
-    assert_close(outs[1], outs[0].float(), torch.float32)
+    assert_close(outs[1], outs[0].float(), dtype)
     with pytest.raises(RuntimeError, match="calibrated scales"):
         TorchAttention(hq, hkv, d, 0.125).forward(b.q, k, v, b.k_cache, b.v_cache, b.meta,
                                                   **rope)
+
+
+def test_backend_fp8_cache_long_queries_through_sdpa(monkeypatch) -> None:
+    """FP8 cache: long prompts and chunks take SDPA over the cached K/V, dequantized as the
+    torch backend does (its outputs to float32 precision)."""
+    attend = _spy(monkeypatch, TritonAttention, "_attend", lambda a, kw: a[2].shape[0])
+    monkeypatch.setattr("kestrel.attention.triton_backend.SDPA_MIN_TOKENS", 8)
+    monkeypatch.setattr("kestrel.attention.triton_backend.SDPA_GRANULE", 4)
+    check_backend_fp8([20], [0])
+    check_backend_fp8([1, 20, 5, 12], [30, 0, 9, 50])
+    assert attend == [20, 20, 16, 48]  # keys: 20, 20, then 12 after 50 (48.. causal, ..48)
 
 
 @pytest.mark.parametrize("fused_max", [3, 1])
@@ -172,3 +184,5 @@ def test_backend_long_queries_gpu(monkeypatch) -> None:
     monkeypatch.setattr("kestrel.attention.triton_backend.SDPA_MIN_TOKENS", 256)
     check_backend([1, 700, 300, 100, 1000], [900, 0, 1500, 40, 2000], torch.bfloat16, "cuda")
     check_backend([2500], [1500], torch.bfloat16, "cuda")  # positions < check_backend's 4096
+    check_backend_fp8([1, 700, 300, 1000], [900, 0, 1500, 2000], torch.bfloat16)
+    check_backend([700, 300], [0, 1500], torch.float32, "cuda")  # float32: the kernels
