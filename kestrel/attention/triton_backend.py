@@ -147,11 +147,14 @@ class TritonAttention(AttentionBackend):
 
     def _long_queries(self, meta: AttentionMetadata, q: torch.Tensor) -> list[int]:
         """Sequences with at least sdpa_min_tokens queries (the paged kernel's
-        ``skip_min_query`` rule), where cuDNN's SDPA is known to be faster (16-bit q)."""
+        ``skip_min_query`` rule), where cuDNN's SDPA is known to be faster (on CUDA: 16-bit
+        q, head_dim a multiple of 8 up to 128, which cuDNN takes)."""
         ql = meta.query_lens_cpu
+        d = q.shape[-1]
         if (ql is None or meta.seq_lens_cpu is None or not self.sdpa_min_tokens
                 or meta.max_query_len < self.sdpa_min_tokens or not _sdpa_measured(q.device)
-                or (q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16))):
+                or (q.is_cuda and (q.dtype not in (torch.float16, torch.bfloat16)
+                                   or d % 8 or d > 128))):
             return []
         return [i for i, n in enumerate(ql) if n >= self.sdpa_min_tokens]
 
@@ -173,27 +176,22 @@ class TritonAttention(AttentionBackend):
             n = ql[i]
             rows = slice(start, start + n)
             prefix = meta.seq_lens_cpu[i] - n
-            table = meta.block_tables[i]
-
-            def cached(begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-                return (_cached(k_cache, table, begin, end, ks, q.dtype),
-                        _cached(v_cache, table, begin, end, vs, q.dtype))
-
+            caches = (k_cache, v_cache, meta.block_tables[i], ks, vs, q.dtype)
             if not prefix:
-                kv = (k[rows], v[rows]) if ks is None else cached(0, n)
+                kv = (k[rows], v[rows]) if ks is None else _cached_kv(*caches, 0, n)
                 out[rows] = self._causal_sdpa(q[rows], *kv)
                 continue
             p0 = sdpa_bucket(prefix, self.sdpa_granule, down=True)
             r = prefix - p0
             pad = sdpa_bucket(r + n, self.sdpa_granule) - r - n
-            kc, vc = (_pad_rows(x, 0, pad) for x in cached(p0, prefix + n))
+            kc, vc = (_pad_rows(x, 0, pad) for x in _cached_kv(*caches, p0, prefix + n))
             o_c, lse_c = self._attend(_pad_rows(q[rows], r, pad), kc, vc, causal=True)
             o_c, lse_c = o_c[:, r:r + n], lse_c[:, r:r + n]
             if not p0:
                 out[rows] = o_c.transpose(0, 1)
                 continue
             qp = _pad_rows(q[rows], 0, sdpa_bucket(n, self.sdpa_granule) - n)
-            o_p, lse_p = self._attend(qp, *cached(0, p0), causal=False)
+            o_p, lse_p = self._attend(qp, *_cached_kv(*caches, 0, p0), causal=False)
             self._prefill.merge_attention(o_p[:, :n], lse_p[:, :n], o_c, lse_c, out[rows])
 
     def _causal_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -233,16 +231,20 @@ def _pad_rows(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, 0, before, after)) if before or after else x
 
 
-def _cached(cache: torch.Tensor, table: torch.Tensor, start: int, end: int,
-            scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """Positions start..end-1 of one sequence's K or V out of the paged cache, [end-start, H,
-    D] (one gather of the blocks that hold them); an FP8 cache's dequantized with its per-head
-    ``scale`` to ``dtype`` (the reference's rounding)."""
-    page = cache.shape[1]
+def _cached_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+               k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, dtype: torch.dtype,
+               start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions start..end-1 of one sequence's K and V out of the paged cache, [end-start, H,
+    D] each (one gather of the blocks that hold them); an FP8 cache's dequantized with its
+    per-head scales to ``dtype`` (the reference's rounding)."""
+    page = k_cache.shape[1]
     first = start // page
-    blocks = cache.index_select(0, table[first:-(-end // page)]).flatten(0, 1)
-    x = blocks[start - first * page:end - first * page]
-    return x if scale is None else dequantize_kv(x, scale, dtype)
+    blocks = table[first:-(-end // page)]
+    out = []
+    for cache, scale in ((k_cache, k_scale), (v_cache, v_scale)):
+        x = cache.index_select(0, blocks).flatten(0, 1)[start - first * page:end - first * page]
+        out.append(x if scale is None else dequantize_kv(x, scale, dtype))
+    return out[0], out[1]
 
 
 @functools.cache
