@@ -252,7 +252,9 @@ def prefill_attention(
     return out
 
 
-@triton.jit
+# One compiled variant whatever the row count and wherever a slice of the log-sum-exps starts
+# (a chunk's rows begin r rows into the causal call's output).
+@triton.jit(do_not_specialize=["n"], do_not_specialize_on_alignment=["la_ptr", "lb_ptr"])
 def _merge_kernel(
     oa_ptr, la_ptr, ob_ptr, lb_ptr, out_ptr, n,
     stride_oah, stride_oat, stride_lah, stride_lat,
