@@ -3,7 +3,7 @@
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 |
-#         throughput-kvfp8 | budget | fig27 | fp8-70b | serve | pdl | ab
+#         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
 # summary table is printed last.
@@ -167,6 +167,19 @@ if has budget; then  # the same workloads at several step token budgets (BUDGETS
 fi
 if has throughput-kvfp8; then  # BF16 weights with the FP8 KV cache (half the KV bytes a step)
   throughputs _kvfp8 --kv-cache-dtype fp8
+fi
+if has long; then  # long prompts (llama-3.1-8b, 131k positions): the attention kernels against
+  # SDPA for chunks after a prefix, one 64k prompt in 16k chunks (prefill and TPOT at ~64k
+  # context, BF16 and FP8 KV cache), and NVIDIA's 32k/2k throughput shape with 8 requests
+  python3 tests/kernels/bench_kernels.py --only long-queries 2>&1 | tee "$OUT/long_queries.log" \
+    | tail -n 31
+  for kv in auto fp8; do
+    k bench latency --preset llama-3.1-8b --batch 1 --input 65536 --output 64 --max-num-seqs 1 \
+      --max-num-batched-tokens 16384 --kv-cache-dtype $kv --iters 1 $(ceil) \
+      --json "$OUT/lat_64k_kv$kv.json" | tail -n 16
+  done
+  k bench throughput --preset llama-3.1-8b --workload trtllm-32k-2k --num-prompts 8 $(ceil) \
+    --json "$OUT/tput_trtllm_32k.json" | tail -n 16
 fi
 if has serve; then  # the OpenAI server under mixed-100-1024 (streamed), then the offline engine
   # on the same workload. Needs fastapi/uvicorn/uvloop/httptools: carry .whl and install it to
