@@ -11,7 +11,8 @@ nothing special. Sequences with many queries (``SDPA_MIN_TOKENS``) go to cuDNN's
 1.3-1.8x faster there on Hopper (tests/kernels/bench_kernels.py --only long-queries), in any
 step (the paged kernel skips them): a whole prompt in one causal call over its new K/V, a chunk
 after a cached prefix in two (over the prefix gathered out of the cache, unmasked, and over its
-own K/V, causal) merged by their log-sum-exps (``merge_attention``).
+own K/V, causal) merged by their log-sum-exps (``merge_attention``), every length rounded up
+to a bucket (cuDNN builds a plan per new shape); an FP8 cache's K/V dequantized for it.
 
 Triton is imported lazily (on construction), so this module can be imported, and the name
 "triton" registered, on machines without Triton; selecting it there fails with a clear error.
