@@ -1,4 +1,4 @@
-"""EngineArgs defaults that depend on the device: the step token budget."""
+"""EngineArgs: defaults that depend on the device (the step token budget), scheduler flags."""
 
 from __future__ import annotations
 
@@ -66,3 +66,15 @@ def test_the_server_asks_for_its_budget(monkeypatch):
     with pytest.raises(RuntimeError, match="stop before loading"):
         ns.func(ns)
     assert seen == ["server", engine_args.TOKEN_BUDGET]
+
+
+def test_long_prefill_token_threshold_from_the_command_line():
+    from kestrel.cli import build_parser
+    from kestrel.engine.args import engine_args_from_cli
+
+    ns = build_parser().parse_args(["generate", "--preset", "tiny-llama", "--device", "cpu",
+                                    "--long-prefill-token-threshold", "512", "hi"])
+    cfg = engine_args_from_cli(ns).create_config()
+    assert cfg.scheduler.long_prefill_token_threshold == 512
+    assert EngineArgs(model="tiny-llama", load_format="dummy", device="cpu").create_config() \
+        .scheduler.long_prefill_token_threshold == 0

@@ -45,6 +45,24 @@ def test_chunked_prefill_32(default_model_path, prompts, alone):
     assert llm.engine.stats.num_steps > len(prompts) * 3  # prompts really were split
 
 
+def test_long_prefill_token_threshold(default_model_path, prompts, alone):
+    """No request computes more than 24 prompt tokens a step (the budget would hold whole
+    prompts): the same tokens."""
+    llm = LLM(str(default_model_path), debug_checks=True, long_prefill_token_threshold=24)
+    sched, chunks = llm.engine.scheduler, []
+    schedule = sched.schedule
+
+    def spy(*a, **kw):
+        out = schedule(*a, **kw)
+        chunks.extend(s.num_new_tokens for s in out.scheduled)
+        return out
+
+    sched.schedule = spy
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+    llm.engine.pool.check_invariants(expect_idle=True)
+    assert got == alone and max(chunks) == 24
+
+
 def test_prefix_cache_hits(default_model_path, prompts, alone):
     llm = LLM(str(default_model_path), debug_checks=True)
     first = llm.generate(prompts, GREEDY)

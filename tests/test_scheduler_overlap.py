@@ -3,6 +3,8 @@ the max_tokens gate, and preempted requests waiting for their in-flight token.""
 
 from __future__ import annotations
 
+import pytest
+
 from kestrel.config import SchedulerConfig
 from kestrel.core.block_pool import BlockPool, KVCacheManager
 from kestrel.core.scheduler import Scheduler
@@ -81,3 +83,34 @@ def test_preempted_request_waits_for_its_in_flight_token():
     assert (again.request_id, again.start, again.token_ids, again.sample) == (  # token
         "b", 4, [77], True)
     assert again.block_ids[0] in s.kv.pool.cached.values()
+
+
+def test_long_prefill_token_threshold_caps_each_request_per_step():
+    """threshold 4: a 10-token prompt computes 4 + 4 + 2 tokens while a short prompt beside it
+    goes in whole and decodes; without it the budget takes the whole prompt."""
+    kv = KVCacheManager(BlockPool(num_blocks=16, block_size=4))
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_model_len=64,
+                                  long_prefill_token_threshold=4), kv)
+    a, b = _req("a", 10, max_tokens=2), _req("b", 3, max_tokens=4)
+    s.add(a)
+    s.add(b)
+    steps = []
+    for _ in range(4):
+        out = s.schedule().scheduled
+        steps.append([(x.request_id, x.num_new_tokens, x.sample) for x in out])
+        for r in (a, b):
+            while r.num_pending:
+                _land(r, 7)
+    assert steps == [[("a", 4, False), ("b", 3, True)], [("a", 4, False), ("b", 1, True)],
+                     [("a", 2, True), ("b", 1, True)], [("a", 1, True), ("b", 1, True)]]
+    s2 = _setup()
+    s2.add(_req("a", 10, max_tokens=2))
+    assert s2.schedule().scheduled[0].num_new_tokens == 10
+
+
+def test_long_prefill_token_threshold_is_checked():
+    with pytest.raises(ValueError, match=">= 0"):
+        SchedulerConfig(long_prefill_token_threshold=-1)
+    with pytest.raises(ValueError, match="chunked prefill"):
+        SchedulerConfig(max_num_batched_tokens=64, max_model_len=64,
+                        enable_chunked_prefill=False, long_prefill_token_threshold=8)

@@ -1,8 +1,8 @@
 """Continuous batching by token budget, with chunked prefill, prefix caching and preemption.
 
 Each step every running request asks for the tokens it has not computed yet (one for a decode,
-up to the budget for a prompt); waiting requests join while budget, sequence slots and KV blocks
-last. When blocks run out the newest running request is preempted: its blocks are freed and it
+up to the budget for a prompt, or to ``long_prefill_token_threshold``); waiting requests join
+while budget, sequence slots and KV blocks last. When blocks run out the newest running request is preempted: its blocks are freed and it
 goes back to the front of the queue to be recomputed later. No request is lost or duplicated.
 
 Pipeline parallelism: the engine keeps several micro-batches in flight. A request in one of them
@@ -63,6 +63,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.in_flight: set[int] = set()  # id() of requests inside an unreturned micro-batch
+        # the most tokens one request computes in a step
+        self.max_chunk = cfg.long_prefill_token_threshold or cfg.max_num_batched_tokens
 
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
@@ -100,7 +102,8 @@ class Scheduler:
             if id(req) in self.in_flight:
                 i += 1
                 continue
-            num_new = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
+            num_new = min(req.num_tokens + req.num_pending - req.num_computed_tokens,
+                          budget, self.max_chunk)
             if num_new <= 0 or len(req.output_token_ids) + req.num_pending >= req.max_tokens:
                 i += 1  # nothing to compute until its pending token lands (or it is done)
                 continue
@@ -131,7 +134,7 @@ class Scheduler:
             num_new = req.num_tokens - num_cached
             if not self.cfg.enable_chunked_prefill and num_new > budget:
                 break
-            num_new = min(num_new, budget)
+            num_new = min(num_new, budget, self.max_chunk)
             if not self.kv.allocate_slots(req, num_new, computed):
                 break
             self.waiting.pop(0)

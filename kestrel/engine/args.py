@@ -69,6 +69,7 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0
     scheduling_policy: str = "fcfs"
     max_waiting: int | None = None
     seed: int = 0
@@ -109,6 +110,7 @@ class EngineArgs:
                 max_num_batched_tokens=self._token_budget(max_len, device, usage),
                 max_num_seqs=self.max_num_seqs, max_model_len=max_len,
                 enable_chunked_prefill=self.enable_chunked_prefill,
+                long_prefill_token_threshold=self.long_prefill_token_threshold,
                 policy=self.scheduling_policy, max_waiting=self.max_waiting),
             parallel=ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
                                     custom_all_reduce=not self.disable_custom_all_reduce,
@@ -247,6 +249,11 @@ def add_engine_cli_args(p: Any) -> None:
                    action="store_false")
     g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill",
                    action="store_false")
+    g.add_argument("--long-prefill-token-threshold", type=int, default=0, metavar="N",
+                   help="> 0: no request computes more than N prompt tokens in one step, so a "
+                        "long prompt shares each step with other prompts and keeps steps (and "
+                        "the running streams' inter-token gaps) short; 0: up to the whole "
+                        "budget")
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--enforce-eager", action="store_true")
