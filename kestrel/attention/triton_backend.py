@@ -21,6 +21,7 @@ Triton is imported lazily (on construction), so this module can be imported, and
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,8 @@ from kestrel.attention.base import (AttentionBackend, AttentionMetadata, dequant
 # long-queries` (sixteenth session), speedup over the paged kernel by queries (rows) and cached
 # prefix (columns 0 / 1k / 4k / 16k / 64k): 512: 1.16 / 0.34 / 0.90 / 1.62 / 1.60; 1k: 1.55 /
 # 0.72 / 1.58 / 1.71 / 1.66; 2k: 1.68 / 1.53 / 1.70 / 1.72 / 1.74; 4k-16k: 1.29 to 1.79.
-SDPA_MIN_TOKENS = 2048
+# KESTREL_SDPA_MIN_TOKENS overrides it for A/B runs (0: the kernels attend everything).
+SDPA_MIN_TOKENS = int(os.environ.get("KESTREL_SDPA_MIN_TOKENS", "2048"))
 # The smallest step of the lengths SDPA sees (``sdpa_bucket``).
 SDPA_GRANULE = 256
 # Decode batches up to this many sequences take the new token's rotary and cache write inside

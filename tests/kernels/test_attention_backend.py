@@ -90,6 +90,9 @@ def test_backend_long_queries_through_sdpa(dtype: torch.dtype, monkeypatch) -> N
     check_backend([1, 30, 5, 12, 17], [20, 0, 9, 50, 0], dtype, DEV)
     assert attend == [(32, 32, True), (16, 16, True), (12, 48, False), (20, 20, True)]
     assert merge == [12] and kernel == [5]  # the paged kernel's grid spans the rest only
+    monkeypatch.setattr("kestrel.attention.triton_backend.SDPA_MIN_TOKENS", 0)  # off
+    check_backend([30, 12], [0, 50], dtype, DEV)
+    assert len(attend) == 4 and kernel[1:] == [30]
 
 
 def test_sdpa_buckets() -> None:
