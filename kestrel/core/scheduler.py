@@ -2,8 +2,9 @@
 
 Each step every running request asks for the tokens it has not computed yet (one for a decode,
 up to the budget for a prompt, or to ``long_prefill_token_threshold``); waiting requests join
-while budget, sequence slots and KV blocks last. When blocks run out the newest running request is preempted: its blocks are freed and it
-goes back to the front of the queue to be recomputed later. No request is lost or duplicated.
+while budget, sequence slots and KV blocks last. When blocks run out the newest running request
+is preempted: its blocks are freed and it goes back to the front of the queue to be recomputed
+later. No request is lost or duplicated.
 
 Pipeline parallelism: the engine keeps several micro-batches in flight. A request in one of them
 (``in_flight``) is skipped until its micro-batch returns, and is never chosen for preemption,
