@@ -228,11 +228,23 @@ def _decode_kernel(
         acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
         m_i, l_i, acc = _attend(q, k0, v0, k_last, v_last, start, end, last, offs_n, qk_scale,
                                 m_i, l_i, acc, ROPE, DOT_PREC, UPCAST)  # fmt: skip
-        for n0 in range(start + BLOCK_N, end, BLOCK_N):
-            k, v = _load_tile(k_base, v_base, bt_row, n0, end, last, offs_n, offs_d, d_mask,
+        # ROPE: the new token is in the first or the final tile of its split, so the tiles
+        # between skip its select (same arithmetic): batch-1 decode at 64k context 7.59 ->
+        # 6.97 ms a token (H200, seventeenth session).
+        stop = end
+        if ROPE:
+            stop = start + (end - 1 - start) // BLOCK_N * BLOCK_N  # the final tile's start
+        for n0 in range(start + BLOCK_N, stop, BLOCK_N):
+            k, v = _load_tile(k_base, v_base, bt_row, n0, end, -1, offs_n, offs_d, d_mask,
                               stride_kb, stride_kt, stride_vb, stride_vt, PAGE_SIZE)
-            m_i, l_i, acc = _attend(q, k, v, k_last, v_last, n0, end, last, offs_n, qk_scale,
-                                    m_i, l_i, acc, ROPE, DOT_PREC, UPCAST)  # fmt: skip
+            m_i, l_i, acc = _attend(q, k, v, k_last, v_last, n0, end, -1, offs_n, qk_scale,
+                                    m_i, l_i, acc, False, DOT_PREC, UPCAST)  # fmt: skip
+        if ROPE:
+            if stop > start:
+                k, v = _load_tile(k_base, v_base, bt_row, stop, end, last, offs_n, offs_d,
+                                  d_mask, stride_kb, stride_kt, stride_vb, stride_vt, PAGE_SIZE)
+                m_i, l_i, acc = _attend(q, k, v, k_last, v_last, stop, end, last, offs_n,
+                                        qk_scale, m_i, l_i, acc, ROPE, DOT_PREC, UPCAST)
 
         o = acc * (v_scale / l_i)[:, None]  # l_i > 0: the split holds a token
         if SPLIT:

@@ -144,7 +144,7 @@ def bench_new_token() -> None:
     print("\ndecode new token  (µs, CUDA graph replay, llama-3-8b heads)")
     print(f"{'batch':>5} {'ctx':>6} {'in launch':>10} {'separate':>9}")
     for batch in (1, 8, 32, 64, 128, 256):
-        for ctx in (512, 4096):
+        for ctx in (512, 4096, 65536) if batch == 1 else (512, 4096):
             q, k_cache, v_cache, tables, lens = _decode_inputs(batch, ctx)
             k = torch.randn(batch, HKV, D, device="cuda", dtype=DTYPE)
             v = torch.randn_like(k)
