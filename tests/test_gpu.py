@@ -72,6 +72,24 @@ def test_cuda_graphs_on_and_off_identical(checkpoint, batch):
     assert graphs == eager
 
 
+def test_cuda_graphs_per_context_range_identical(checkpoint, monkeypatch):
+    """Batch 1 takes the new token into the attention launch only up to FUSED_NEW_TOKEN_MAX_LEN
+    tokens, so it has a graph per side of it: a 10-token prompt decoding past 20 replays both,
+    with eager steps' tokens."""
+    monkeypatch.setattr("kestrel.attention.triton_backend.FUSED_NEW_TOKEN_MAX_LEN", 20)
+    prompts = _prompts(1)
+
+    def both_sides(llm: LLM) -> None:
+        _uses_fast_path(llm)
+        graphs = llm.engine.executor.runner.graphs
+        assert {(1, 20), (1, graphs.max_model_len)} <= set(graphs.graphs)
+        assert (2, 20) not in graphs.graphs
+
+    eager = _tokens(checkpoint, prompts, device="cuda", dtype="float32", enforce_eager=True)
+    assert len(eager[0]) + 10 > 20
+    assert _tokens(checkpoint, prompts, both_sides, device="cuda", dtype="float32") == eager
+
+
 def test_overlapped_steps_identical_to_sync_on_gpu(checkpoint):
     """Async scheduling on CUDA (placeholder tokens filled on the device, pinned non-blocking
     uploads) against plain steps: the same tokens, greedy and seeded sampling both."""

@@ -75,6 +75,13 @@ class AttentionBackend(ABC):
         self.k_scale: torch.Tensor | None = None  # [Hkv] float32, FP8 caches only
         self.v_scale: torch.Tensor | None = None
 
+    @classmethod
+    def decode_len_breaks(cls, num_seqs: int) -> tuple[int, ...]:
+        """Longest-context bounds at which this backend's decode path for ``num_seqs``
+        sequences changes (it reads ``meta.max_seq_len``): a CUDA graph captured for one range
+        must not replay for another, so the graphs come one per range. None by default."""
+        return ()
+
     def kv_scales(self, k_cache: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """This layer's (k_scale, v_scale) for an FP8 cache, else (None, None)."""
         if k_cache.dtype != FP8_DTYPE:

@@ -1,8 +1,9 @@
 """Triton attention backend: the GPU fast path behind the ``AttentionBackend`` seam.
 
 forward, when every sequence has exactly one new token: ``paged_attention_decode``, which for
-up to ``FUSED_NEW_TOKEN_MAX_SEQS`` sequences also rotates q and the new K and writes the new
-K/V into the paged cache (one launch per layer); larger batches run rotary_and_cache first.
+up to ``FUSED_NEW_TOKEN_MAX_SEQS`` sequences of up to ``FUSED_NEW_TOKEN_MAX_LEN`` tokens also
+rotates q and the new K and writes the new K/V into the paged cache (one launch per layer);
+other batches run rotary_and_cache first.
 Otherwise rotary_and_cache (rotary on q and k, then new K/V into the paged cache, in one
 launch), then the decode kernel for the one-token rows that lead a mixed step (the running
 requests) and the varlen ``prefill_attention`` for the rest (a later one-token row is a prefill
@@ -45,6 +46,11 @@ SDPA_GRANULE = 256
 # 64 × 4k, 224.8 / 139.8 at 256 × 512; mixed-100-1024 (256 sequences) ran 18.6 s fused and
 # 15.8 s separate (fourteenth session).
 FUSED_NEW_TOKEN_MAX_SEQS = 1
+# ... and contexts up to this many tokens: beyond, the launch loses to the separate kernels
+# (`bench_kernels.py --only new-token`, batch 1, µs in the launch / separate, H200, seventeenth
+# session: 4.4 / 5.5 at 512 tokens, 13.8 / 13.2 at 4k, 94.0 / 75.6 at 64k). Decode graphs
+# come one per side of it (``decode_len_breaks``).
+FUSED_NEW_TOKEN_MAX_LEN = 2048
 
 
 @register_backend
@@ -76,6 +82,10 @@ class TritonAttention(AttentionBackend):
         self.sdpa_min_tokens = SDPA_MIN_TOKENS
         self.sdpa_granule = SDPA_GRANULE
 
+    @classmethod
+    def decode_len_breaks(cls, num_seqs: int) -> tuple[int, ...]:
+        return (FUSED_NEW_TOKEN_MAX_LEN,) if num_seqs <= FUSED_NEW_TOKEN_MAX_SEQS else ()
+
     def forward(
         self,
         q: torch.Tensor,  # [T, Hq, D]
@@ -91,7 +101,8 @@ class TritonAttention(AttentionBackend):
         ks, vs = self.kv_scales(k_cache)
         decode = meta.is_decode_only and q.shape[0] == meta.num_seqs
         new = None
-        if decode and meta.num_seqs <= FUSED_NEW_TOKEN_MAX_SEQS:
+        if (decode and meta.num_seqs <= FUSED_NEW_TOKEN_MAX_SEQS
+                and meta.max_seq_len <= FUSED_NEW_TOKEN_MAX_LEN):
             # One token per sequence: token i belongs to sequence i (query_start_loc = arange).
             # Rotary and the cache write happen inside the attention launch.
             new = self._rotary.NewTokens(k, v, positions, cos_sin, meta.slot_mapping)

@@ -1,4 +1,5 @@
-"""CUDA graphs for decode steps: one graph per padded batch size, replayed with new metadata.
+"""CUDA graphs for decode steps: one graph per padded batch size (and per range of the longest
+context where the attention backend's decode path changes with it), replayed with new metadata.
 
 A decode step of an 8B model launches hundreds of small kernels; at batch 1 their launch gaps
 cost more than the weights take to stream. Capturing the whole forward (and the LM head) once per
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,13 +33,15 @@ class DecodeGraphs:
     """Static buffers shared by all graphs; each graph reads a prefix of them."""
 
     def __init__(self, model, kv_caches, max_num_seqs: int, max_model_len: int, block_size: int,
-                 device: torch.device, hidden_size: int, dtype: torch.dtype) -> None:
+                 device: torch.device, hidden_size: int, dtype: torch.dtype,
+                 len_breaks: Callable[[int], tuple[int, ...]] = lambda bs: ()) -> None:
         self.model, self.kv_caches = model, kv_caches
         self.first, self.last = model.is_first, model.is_last  # pipeline stage ends
         self.sizes = capture_sizes(max_num_seqs)
         n = self.sizes[-1]
         self.max_blocks = -(-max_model_len // block_size)
         self.max_model_len = max_model_len
+        self.len_breaks = len_breaks  # the attention backend's decode_len_breaks
         i32 = dict(dtype=torch.int32, device=device)
         # input ids, positions and slot mapping as rows of one buffer: one copy stages them
         self.id_pos_slot = torch.zeros(3, n, dtype=torch.int64, device=device)
@@ -50,37 +53,44 @@ class DecodeGraphs:
         if not self.first:  # the previous stage's output, copied in before each replay
             self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
             self.residual = torch.zeros_like(self.hidden)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, Any] = {}  # logits [bs, V], or (hidden, residual) mid-pipeline
+        # keyed by (batch size, longest context served)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], Any] = {}  # logits [bs, V] or (hidden, residual)
         self.pool = None
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _bounds(self, bs: int) -> list[int]:
+        """The longest contexts that batch size bs's graphs serve, ascending."""
+        return sorted({b for b in self.len_breaks(bs) if b < self.max_model_len}) + [
+            self.max_model_len]
+
+    def _meta(self, bs: int, max_seq_len: int) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[: bs + 1],
             seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], max_query_len=1,
-            max_seq_len=self.max_model_len)
+            max_seq_len=max_seq_len)
 
-    def _forward(self, bs: int) -> Any:
+    def _forward(self, bs: int, max_seq_len: int) -> Any:
         h_in = r_in = None
         if not self.first:
             h_in, r_in = self.hidden[:bs], self.residual[:bs]
         hidden, residual = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches,
-                                      self._meta(bs), h_in, r_in)
+                                      self._meta(bs, max_seq_len), h_in, r_in)
         return self.model.compute_logits(hidden) if self.last else (hidden, residual)
 
     @torch.inference_mode()
     def capture(self) -> None:
         t0 = time.perf_counter()
         for bs in reversed(self.sizes):  # largest first: later graphs reuse its memory pool
-            self._forward(bs)  # warm-up: compiles kernels, settles allocator state
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                self.outputs[bs] = self._forward(bs)
-            self.pool = g.pool()
-            self.graphs[bs] = g
+            for bound in reversed(self._bounds(bs)):
+                self._forward(bs, bound)  # warm-up: compiles kernels, settles the allocator
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self.pool):
+                    self.outputs[bs, bound] = self._forward(bs, bound)
+                self.pool = g.pool()
+                self.graphs[bs, bound] = g
         torch.cuda.synchronize()
-        log.info("captured %d decode graphs (batch %d..%d) in %.1fs", len(self.sizes),
+        log.info("captured %d decode graphs (batch %d..%d) in %.1fs", len(self.graphs),
                  self.sizes[0], self.sizes[-1], time.perf_counter() - t0)
 
     def can_run(self, num_seqs: int) -> bool:
@@ -95,6 +105,7 @@ class DecodeGraphs:
         ``hidden``/``residual``: the previous stage's output (every stage but the first)."""
         n = id_pos_slot.shape[1]
         bs = next(s for s in self.sizes if s >= n)
+        key = bs, next(b for b in self._bounds(bs) if b >= meta.max_seq_len)
         if not self.first:
             self.hidden[:n].copy_(hidden)
             self.residual[:n].copy_(residual)
@@ -104,6 +115,6 @@ class DecodeGraphs:
         self.seq_lens[n:bs].fill_(1)
         w = meta.block_tables.shape[1]
         self.block_tables[:n, :w].copy_(meta.block_tables)
-        self.graphs[bs].replay()
-        out = self.outputs[bs]
+        self.graphs[key].replay()
+        out = self.outputs[key]
         return out[:n] if self.last else (out[0][:n], out[1][:n])

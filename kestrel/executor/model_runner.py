@@ -210,7 +210,8 @@ class ModelRunner:
         sc = self.cfg.scheduler
         self.graphs = DecodeGraphs(self.model, self.kv_caches, sc.max_num_seqs, sc.max_model_len,
                                    self.block_size, self.device,
-                                   self.cfg.model_config.hidden_size, self.cfg.dtype)
+                                   self.cfg.model_config.hidden_size, self.cfg.dtype,
+                                   get_backend_cls(self.backend_name).decode_len_breaks)
         self.graphs.capture()
 
     def release_graphs(self, wait: bool = True) -> None:

@@ -22,8 +22,9 @@ Long queries (not in the default run): a whole prompt or a chunk after a cached 
 SDPA path: the value for ``triton_backend.SDPA_MIN_TOKENS``.
 Fused: RMSNorm+residual and silu_and_mul bandwidth against torch eager.
 New token (not in the default run): decode with the new token's rotary and cache write inside
-the attention launch against rotary_and_cache + attention, batch 1..256 × 512 / 4k tokens:
-the value for ``triton_backend.FUSED_NEW_TOKEN_MAX_SEQS``. Decode and new token end with the
+the attention launch against rotary_and_cache + attention, batch 1..256 × 512 / 4k tokens
+(batch 1 also 1k, 2k, 64k): the values for ``triton_backend.FUSED_NEW_TOKEN_MAX_SEQS`` and
+``FUSED_NEW_TOKEN_MAX_LEN``. Decode and new token end with the
 decode kernel's registers and spills per compiled variant.
 """
 
@@ -144,7 +145,7 @@ def bench_new_token() -> None:
     print("\ndecode new token  (µs, CUDA graph replay, llama-3-8b heads)")
     print(f"{'batch':>5} {'ctx':>6} {'in launch':>10} {'separate':>9}")
     for batch in (1, 8, 32, 64, 128, 256):
-        for ctx in (512, 4096, 65536) if batch == 1 else (512, 4096):
+        for ctx in (512, 1024, 2048, 4096, 65536) if batch == 1 else (512, 4096):
             q, k_cache, v_cache, tables, lens = _decode_inputs(batch, ctx)
             k = torch.randn(batch, HKV, D, device="cuda", dtype=DTYPE)
             v = torch.randn_like(k)

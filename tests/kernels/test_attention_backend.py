@@ -8,6 +8,7 @@ import torch
 from kestrel.attention import triton_backend
 from kestrel.attention.torch_ref import TorchAttention
 from kestrel.attention.triton_backend import TritonAttention, sdpa_bucket
+from kestrel.kernels import fused as fused_kernels
 from kestrel.kernels import paged_attention, prefill_attention
 from kestrel.layers.rotary import RotaryEmbedding
 from tests.kernels.attention_cases import (
@@ -161,13 +162,20 @@ def test_backend_fp8_cache_long_queries_through_sdpa(monkeypatch) -> None:
     assert attend == [20, 20, 16, 48]  # keys: 20, 20, then 12 after 50 (48.. causal, ..48)
 
 
-@pytest.mark.parametrize("fused_max", [3, 1])
+@pytest.mark.parametrize(("fused_max", "fused_len", "fused"),
+                         [(3, 4096, True), (1, 4096, False), (3, 77, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backend_decode(dtype: torch.dtype, fused_max: int, monkeypatch) -> None:
-    """Three sequences: the new token's rotary and cache write in the attention launch (up to
-    FUSED_NEW_TOKEN_MAX_SEQS sequences), or rotary_and_cache first (more)."""
+def test_backend_decode(dtype: torch.dtype, fused_max: int, fused_len: int, fused: bool,
+                        monkeypatch) -> None:
+    """Three sequences, the longest 78 tokens: the new token's rotary and cache write in the
+    attention launch (up to FUSED_NEW_TOKEN_MAX_SEQS sequences of up to FUSED_NEW_TOKEN_MAX_LEN
+    tokens), or rotary_and_cache first (more sequences, a longer context)."""
     monkeypatch.setattr(triton_backend, "FUSED_NEW_TOKEN_MAX_SEQS", fused_max)
+    monkeypatch.setattr(triton_backend, "FUSED_NEW_TOKEN_MAX_LEN", fused_len)
+    separate = _spy(monkeypatch, fused_kernels, "rotary_and_cache", lambda a, kw: 1)
     check_backend([1, 1, 1], [0, 40, 77], dtype, DEV)
+    assert separate == ([] if fused else [1])
+    assert TritonAttention.decode_len_breaks(3) == ((fused_len,) if fused_max >= 3 else ())
 
 
 @pytest.mark.gpu
