@@ -63,6 +63,23 @@ def paged_attention_ref(
     return out.transpose(1, 2)[seq_idx, tok_idx]
 
 
+def gather_kv_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, start: int,
+                  end: int, rows: int, k_scale: torch.Tensor | None,
+                  v_scale: torch.Tensor | None, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions start..end-1 of one sequence's K and V out of the paged cache (``table``: its
+    block-table row), [rows, Hkv, D] each in ``dtype``, zero rows after them; an FP8 cache's
+    dequantized with its per-head scales."""
+    page = k_cache.shape[1]
+    pos = torch.arange(start, end, device=table.device)
+    out = []
+    for cache, scale in ((k_cache, k_scale), (v_cache, v_scale)):
+        x = cache[table[pos // page].long(), pos % page]  # [n, Hkv, D]
+        x = x.to(dtype) if scale is None else dequantize_kv(x, scale, dtype)
+        out.append(torch.cat([x, x.new_zeros(rows - (end - start), *x.shape[1:])]))
+    return out[0], out[1]
+
+
 def merge_attention_ref(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
                         lse_b: torch.Tensor) -> torch.Tensor:
     """Attention over keys A ∪ B from its parts over A and B (o [H, T, D], lse [H, T] natural

@@ -13,7 +13,8 @@ nothing special. Sequences with many queries (``SDPA_MIN_TOKENS``) go to cuDNN's
 step (the paged kernel skips them): a whole prompt in one causal call over its new K/V, a chunk
 after a cached prefix in two (over the prefix gathered out of the cache, unmasked, and over its
 own K/V, causal) merged by their log-sum-exps (``merge_attention``), every length rounded up
-to a bucket (cuDNN builds a plan per new shape); an FP8 cache's K/V dequantized for it.
+to a bucket (cuDNN builds a plan per new shape); K/V out of the cache come through
+``gather_kv`` (one pass: gathered, padded, an FP8 cache's dequantized).
 
 Triton is imported lazily (on construction), so this module can be imported, and the name
 "triton" registered, on machines without Triton; selecting it there fails with a clear error.
@@ -27,8 +28,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kestrel.attention.base import (AttentionBackend, AttentionMetadata, dequantize_kv,
-                                    register_backend)
+from kestrel.attention.base import AttentionBackend, AttentionMetadata, register_backend
 
 # Sequences with at least this many queries in a step (whole prompts, chunks after a cached
 # prefix) attend through cuDNN's SDPA. H200, 32/8 heads, d 128, bf16, `bench_kernels.py --only
@@ -190,30 +190,34 @@ class TritonAttention(AttentionBackend):
             n = ql[i]
             rows = slice(start, start + n)
             prefix = meta.seq_lens_cpu[i] - n
-            caches = (k_cache, v_cache, meta.block_tables[i], ks, vs, q.dtype)
+            caches = (k_cache, v_cache, meta.block_tables[i])
+            scales = (ks, vs, q.dtype)
             if not prefix:
-                kv = (k[rows], v[rows]) if ks is None else _cached_kv(*caches, 0, n)
+                kv = ((k[rows], v[rows]) if ks is None else self._prefill.gather_kv(
+                    *caches, 0, n, sdpa_bucket(n, self.sdpa_granule), *scales))
                 out[rows] = self._causal_sdpa(q[rows], *kv)
                 continue
             p0 = sdpa_bucket(prefix, self.sdpa_granule, down=True)
             r = prefix - p0
-            pad = sdpa_bucket(r + n, self.sdpa_granule) - r - n
-            kc, vc = (_pad_rows(x, 0, pad) for x in _cached_kv(*caches, p0, prefix + n))
-            o_c, lse_c = self._attend(_pad_rows(q[rows], r, pad), kc, vc, causal=True)
+            m = sdpa_bucket(r + n, self.sdpa_granule)
+            kc, vc = self._prefill.gather_kv(*caches, p0, prefix + n, m, *scales)
+            o_c, lse_c = self._attend(_pad_rows(q[rows], r, m - r - n), kc, vc, causal=True)
             o_c, lse_c = o_c[:, r:r + n], lse_c[:, r:r + n]
             if not p0:
                 out[rows] = o_c.transpose(0, 1)
                 continue
             qp = _pad_rows(q[rows], 0, sdpa_bucket(n, self.sdpa_granule) - n)
-            o_p, lse_p = self._attend(qp, *_cached_kv(*caches, 0, p0), causal=False)
+            o_p, lse_p = self._attend(qp, *self._prefill.gather_kv(*caches, 0, p0, p0, *scales),
+                                      causal=False)
             self._prefill.merge_attention(o_p[:, :n], lse_p[:, :n], o_c, lse_c, out[rows])
 
     def _causal_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention of one prompt over its own new K/V, [n, H, D], padded at the end
-        to its bucket; cuDNN writes [T, H, D] order, so the transposed rows are contiguous."""
+        """Causal attention of one prompt over its own K/V, [n, H, D] (k and v may come padded
+        already), padded at the end to its bucket; cuDNN writes [T, H, D] order, so the
+        transposed rows are contiguous."""
         n = q.shape[0]
-        pad = sdpa_bucket(n, self.sdpa_granule) - n
-        q, k, v = (_pad_rows(x, 0, pad) for x in (q, k, v))
+        m = sdpa_bucket(n, self.sdpa_granule)
+        q, k, v = (_pad_rows(x, 0, m - x.shape[0]) for x in (q, k, v))
         return self._attend(q, k, v, causal=True)[0][:, :n].transpose(0, 1).contiguous()
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -243,22 +247,6 @@ def sdpa_bucket(n: int, granule: int, down: bool = False) -> int:
 def _pad_rows(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
     """x [n, H, D] with zero rows before and after it (x itself when there are none)."""
     return F.pad(x, (0, 0, 0, 0, before, after)) if before or after else x
-
-
-def _cached_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
-               k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, dtype: torch.dtype,
-               start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions start..end-1 of one sequence's K and V out of the paged cache, [end-start, H,
-    D] each (one gather of the blocks that hold them); an FP8 cache's dequantized with its
-    per-head scales to ``dtype`` (the reference's rounding)."""
-    page = k_cache.shape[1]
-    first = start // page
-    blocks = table[first:-(-end // page)]
-    out = []
-    for cache, scale in ((k_cache, k_scale), (v_cache, v_scale)):
-        x = cache.index_select(0, blocks).flatten(0, 1)[start - first * page:end - first * page]
-        out.append(x if scale is None else dequantize_kv(x, scale, dtype))
-    return out[0], out[1]
 
 
 @functools.cache

@@ -304,3 +304,64 @@ def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t,
     )  # fmt: skip
     return out
+
+
+@triton.jit(do_not_specialize=["start", "n", "rows"])
+def _gather_kv_kernel(
+    k_cache_ptr, v_cache_ptr, table_ptr, k_scale_ptr, v_scale_ptr, k_out_ptr, v_out_ptr,
+    start, n, rows,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, FP8_KV: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    cached = (t < n)[:, None] & d_mask[None, :]
+    pos = start + t
+    page = tl.load(table_ptr + pos // PAGE_SIZE, mask=t < n, other=0).to(tl.int64)
+    in_page = pos % PAGE_SIZE
+    k = tl.load(k_cache_ptr + (page * stride_kb + in_page * stride_kt + head * stride_kh)[:, None]
+                + d[None, :], mask=cached, other=0.0)
+    v = tl.load(v_cache_ptr + (page * stride_vb + in_page * stride_vt + head * stride_vh)[:, None]
+                + d[None, :], mask=cached, other=0.0)
+    if FP8_KV:  # dequantize_kv: x · scale[head] in float32, rounded once
+        k = k.to(tl.float32) * tl.load(k_scale_ptr + head)
+        v = v.to(tl.float32) * tl.load(v_scale_ptr + head)
+    out = t[:, None] * stride_ot + head * stride_oh + d[None, :]
+    mask = (t < rows)[:, None] & d_mask[None, :]
+    tl.store(k_out_ptr + out, k.to(k_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_out_ptr + out, v.to(v_out_ptr.dtype.element_ty), mask=mask)
+
+
+def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, start: int,
+              end: int, rows: int, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions start..end-1 of one sequence's K and V out of the paged cache (``table``: its
+    block-table row) as [rows, Hkv, D] in ``dtype``, zero after row end − start (the padding
+    of SDPA's length buckets); an FP8 cache's dequantized with its per-head scales
+    (``dequantize_kv``'s rounding). One pass, where index_select, slicing, float32
+    dequantization and padding made a copy each (reference: ``gather_kv_ref``)."""
+    n = end - start
+    _, page_size, hkv, d = k_cache.shape
+    fp8 = check_kv_scales("gather_kv", k_cache, hkv, k_scale, v_scale)
+    if not 0 <= start <= end <= table.shape[0] * page_size or rows < n \
+            or v_cache.shape != k_cache.shape or k_cache.stride(-1) != 1 \
+            or v_cache.stride(-1) != 1:
+        raise ValueError(f"gather_kv: positions {start}..{end} into {rows} rows, table of "
+                         f"{table.shape[0]} pages of {page_size}, caches {tuple(k_cache.shape)}"
+                         f"/{tuple(v_cache.shape)} (head_dim contiguous)")
+    k = torch.empty(rows, hkv, d, dtype=dtype, device=k_cache.device)
+    v = torch.empty_like(k)
+    if rows == 0:
+        return k, v
+    block_t = 32
+    _gather_kv_kernel[(triton.cdiv(rows, block_t), hkv)](
+        k_cache, v_cache, table, k_scale, v_scale, k, v, start, n, rows,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k.stride(0), k.stride(1),
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t, PAGE_SIZE=page_size,
+        FP8_KV=fp8,
+    )  # fmt: skip
+    return k, v

@@ -34,7 +34,7 @@ from kestrel.kernels import (
     rotary,
     skinny_config,
 )
-from kestrel.kernels.prefill_attention import merge_attention, prefill_attention
+from kestrel.kernels.prefill_attention import gather_kv, merge_attention, prefill_attention
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
          torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", FP8_DTYPE: "fp8e4nv"}
@@ -154,6 +154,7 @@ def _attention_calls(dt: torch.dtype, fp8: bool, g: torch.Generator) -> None:
                       tables, 2, 0.1, **scales)
     o, lse = torch.randn(hq, 3, d, generator=g).to(dt), torch.randn(hq, 3, generator=g)
     merge_attention(o, lse, o, lse, torch.empty(3, hq, d, dtype=dt))
+    gather_kv(kc, vc, tables[1], 3, 40, 48, scales.get("k_scale"), scales.get("v_scale"), dt)
 
 
 def test_every_kernel_compiles_for_sm90(monkeypatch) -> None:
@@ -169,6 +170,7 @@ def test_every_kernel_compiles_for_sm90(monkeypatch) -> None:
             specs.append((fn, sig, consts, opts))
     names = {fn.__name__ for fn, *_ in specs}
     assert {"_rotary_cache_kernel", "_decode_kernel", "_prefill_kernel", "_merge_kernel",
+            "_gather_kv_kernel",
             "_per_token_quant_kernel", "_skinny_kernel", "_rms_norm_quant_kernel"} <= names
     late = {consts[(triton.JITFunction(fn).arg_names.index("RELEASE_LATE"),)]
             for fn, _, consts, _ in specs if fn.__name__ == "_skinny_kernel"}
