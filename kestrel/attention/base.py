@@ -79,7 +79,7 @@ class AttentionBackend(ABC):
     def decode_len_breaks(cls, num_seqs: int) -> tuple[int, ...]:
         """Longest-context bounds at which this backend's decode path for ``num_seqs``
         sequences changes (it reads ``meta.max_seq_len``): a CUDA graph captured for one range
-        must not replay for another, so the graphs come one per range. None by default."""
+        must not replay for another, so the graphs come one per range. Default: none."""
         return ()
 
     def kv_scales(self, k_cache: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

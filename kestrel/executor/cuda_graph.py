@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -41,7 +42,10 @@ class DecodeGraphs:
         n = self.sizes[-1]
         self.max_blocks = -(-max_model_len // block_size)
         self.max_model_len = max_model_len
-        self.len_breaks = len_breaks  # the attention backend's decode_len_breaks
+        # the longest contexts each batch size's graphs serve, ascending (one graph each): the
+        # attention backend's decode_len_breaks below max_model_len, then max_model_len
+        self.bounds = {bs: sorted({b for b in len_breaks(bs) if b < max_model_len})
+                       + [max_model_len] for bs in self.sizes}
         i32 = dict(dtype=torch.int32, device=device)
         # input ids, positions and slot mapping as rows of one buffer: one copy stages them
         self.id_pos_slot = torch.zeros(3, n, dtype=torch.int64, device=device)
@@ -57,11 +61,6 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], Any] = {}  # logits [bs, V] or (hidden, residual)
         self.pool = None
-
-    def _bounds(self, bs: int) -> list[int]:
-        """The longest contexts that batch size bs's graphs serve, ascending."""
-        return sorted({b for b in self.len_breaks(bs) if b < self.max_model_len}) + [
-            self.max_model_len]
 
     def _meta(self, bs: int, max_seq_len: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -81,7 +80,7 @@ class DecodeGraphs:
     def capture(self) -> None:
         t0 = time.perf_counter()
         for bs in reversed(self.sizes):  # largest first: later graphs reuse its memory pool
-            for bound in reversed(self._bounds(bs)):
+            for bound in reversed(self.bounds[bs]):
                 self._forward(bs, bound)  # warm-up: compiles kernels, settles the allocator
                 torch.cuda.synchronize()
                 g = torch.cuda.CUDAGraph()
@@ -105,7 +104,7 @@ class DecodeGraphs:
         ``hidden``/``residual``: the previous stage's output (every stage but the first)."""
         n = id_pos_slot.shape[1]
         bs = next(s for s in self.sizes if s >= n)
-        key = bs, next(b for b in self._bounds(bs) if b >= meta.max_seq_len)
+        key = bs, next(b for b in self.bounds[bs] if b >= meta.max_seq_len)
         if not self.first:
             self.hidden[:n].copy_(hidden)
             self.residual[:n].copy_(residual)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from kestrel.attention import triton_backend
 from kestrel.attention.torch_ref import TorchAttention
 from kestrel.attention.triton_backend import TritonAttention, sdpa_bucket
+from kestrel.executor.cuda_graph import DecodeGraphs
 from kestrel.kernels import fused as fused_kernels
 from kestrel.kernels import paged_attention, prefill_attention
 from kestrel.layers.rotary import RotaryEmbedding
@@ -176,6 +179,18 @@ def test_backend_decode(dtype: torch.dtype, fused_max: int, fused_len: int, fuse
     check_backend([1, 1, 1], [0, 40, 77], dtype, DEV)
     assert separate == ([] if fused else [1])
     assert TritonAttention.decode_len_breaks(3) == ((fused_len,) if fused_max >= 3 else ())
+
+
+def test_decode_graphs_one_per_context_range() -> None:
+    """Batch sizes whose decode path changes with the context get a graph per range, a range
+    only below max_model_len (buffers only: capturing needs CUDA, tests/test_gpu.py)."""
+    stub = SimpleNamespace(is_first=True, is_last=True)
+    kw = {"block_size": 16, "device": torch.device("cpu"), "hidden_size": 8,
+          "dtype": torch.float32, "len_breaks": TritonAttention.decode_len_breaks}
+    cut = triton_backend.FUSED_NEW_TOKEN_MAX_LEN
+    graphs = DecodeGraphs(stub, [], 4, 2 * cut, **kw)
+    assert graphs.bounds == {1: [cut, 2 * cut], 2: [2 * cut], 4: [2 * cut]}
+    assert DecodeGraphs(stub, [], 2, cut, **kw).bounds == {1: [cut], 2: [cut]}
 
 
 @pytest.mark.gpu
