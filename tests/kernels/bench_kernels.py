@@ -139,12 +139,13 @@ def bench_decode(peak: float, quick: bool) -> None:
     print_resources(_decode_kernel)
 
 
-def bench_new_token() -> None:
+def bench_new_token(quick: bool) -> None:
     """Decode attention with the new token's rotary and cache write in its launch (NewTokens)
-    against rotary_and_cache + attention, µs per layer: sets FUSED_NEW_TOKEN_MAX_SEQS."""
+    against rotary_and_cache + attention, µs per layer: sets FUSED_NEW_TOKEN_MAX_SEQS and
+    FUSED_NEW_TOKEN_MAX_LEN (quick: batch 1 only)."""
     print("\ndecode new token  (µs, CUDA graph replay, llama-3-8b heads)")
     print(f"{'batch':>5} {'ctx':>6} {'in launch':>10} {'separate':>9}")
-    for batch in (1, 8, 32, 64, 128, 256):
+    for batch in (1,) if quick else (1, 8, 32, 64, 128, 256):
         for ctx in (512, 1024, 2048, 4096, 65536) if batch == 1 else (512, 4096):
             q, k_cache, v_cache, tables, lens = _decode_inputs(batch, ctx)
             k = torch.randn(batch, HKV, D, device="cuda", dtype=DTYPE)
@@ -371,7 +372,7 @@ def main() -> None:
     if args.only == "splits":
         bench_splits(args.quick)
     if args.only == "new-token":
-        bench_new_token()
+        bench_new_token(args.quick)
     if args.only in (None, "prefill"):
         bench_prefill(args.quick)
     if args.only == "prefill-tiles":
