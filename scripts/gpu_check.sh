@@ -77,23 +77,26 @@ if has pdl; then  # programmatic dependent launch (kernels/pdl.py): its test, th
       2>&1 | tee -a "$OUT/profile_pdl.log" | grep "^batch"
   done
 fi
-if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default) or the 4k prefill
-  # (AB_SHAPE=prefill), BF16 and the FP8 recipe: another copy of the code at $AB_TREE (default
-  # .ab, e.g. `git archive OLD kestrel scripts | tar -x -C .ab`, carried to the device) against
-  # this tree, alternating, ${AB_ROUNDS:-1} rounds, in the same call
+if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default), the 4k prefill
+  # (AB_SHAPE=prefill) or batch-1 decode at 64k context (AB_SHAPE=decode64k, llama-3.1-8b), BF16
+  # and the FP8 recipe: another copy of the code at $AB_TREE (default .ab, e.g. `git archive OLD
+  # kestrel scripts | tar -x -C .ab`, carried to the device) against this tree, alternating,
+  # ${AB_ROUNDS:-1} rounds, in the same call
   c=$(ceil)
-  if [[ ${AB_SHAPE:-decode} == prefill ]]; then
-    shape="--input 4096 --output 1 --max-num-batched-tokens 4096"; show="prefill time"
-  else
-    shape="--input 128 --output 256"; show="time per output token"
-  fi
+  preset=llama-3-8b
+  case ${AB_SHAPE:-decode} in
+    prefill) shape="--input 4096 --output 1 --max-num-batched-tokens 4096"; show="prefill time";;
+    decode64k) preset=llama-3.1-8b show="time per output token"
+      shape="--input 65536 --output 64 --max-num-batched-tokens 16384 --iters 1 --warmup 0";;
+    *) shape="--input 128 --output 256"; show="time per output token";;
+  esac
   for round in $(seq 1 "${AB_ROUNDS:-1}"); do
     for q in "" "--quantization fp8"; do
       for tree in "${AB_TREE:-.ab}" .; do
         tag=$(echo "$([[ $tree == . ]] && echo new || echo old)_${AB_SHAPE:-decode}_bf16${q}_r$round" \
               | tr -c 'a-z0-9\n' '_' | tr -s _)
         ( cd "$tree" && PYTHONPATH=$PWD python3 -m kestrel.cli --log-level WARNING bench \
-          latency --preset llama-3-8b --batch 1 $shape $q --max-num-seqs 1 \
+          latency --preset $preset --batch 1 $shape $q --max-num-seqs 1 \
           $c --json "$OUT/ab_${tag}.json" ) | grep -E "$show" | sed "s/^/$tag: /"
       done
     done
