@@ -337,12 +337,13 @@ def _gather_kv_kernel(
 
 def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, start: int,
               end: int, rows: int, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
-              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+              dtype: torch.dtype, block_t: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions start..end-1 of one sequence's K and V out of the paged cache (``table``: its
     block-table row) as [rows, Hkv, D] in ``dtype``, zero after row end − start (the padding
     of SDPA's length buckets); an FP8 cache's dequantized with its per-head scales
     (``dequantize_kv``'s rounding). One pass, where index_select, slicing, float32
-    dequantization and padding made a copy each (reference: ``gather_kv_ref``)."""
+    dequantization and padding made a copy each (reference: ``gather_kv_ref``); ``block_t``
+    positions a program (``bench_kernels.py --only gather``)."""
     n = end - start
     _, page_size, hkv, d = k_cache.shape
     fp8 = check_kv_scales("gather_kv", k_cache, hkv, k_scale, v_scale)
@@ -356,7 +357,6 @@ def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
     v = torch.empty_like(k)
     if rows == 0:
         return k, v
-    block_t = 32
     _gather_kv_kernel[(triton.cdiv(rows, block_t), hkv)](
         k_cache, v_cache, table, k_scale, v_scale, k, v, start, n, rows,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

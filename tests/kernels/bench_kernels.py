@@ -1,7 +1,7 @@
 """Benchmark the Triton kernels on CUDA (a plain script; pytest does not collect bench_*.py).
 
     python tests/kernels/bench_kernels.py [--quick]
-        [--only decode|splits|prefill|prefill-tiles|long-queries|fused|new-token]
+        [--only decode|splits|prefill|prefill-tiles|long-queries|fused|new-token|gather]
 
 Decode: llama-3-8b attention shape (32 q heads, 8 KV heads, head_dim 128, bf16, 16-token
 pages, blocks shuffled) at batch 1/64 × context 1k/4k/16k, timed in a CUDA graph (as the
@@ -24,7 +24,9 @@ Fused: RMSNorm+residual and silu_and_mul bandwidth against torch eager.
 New token (not in the default run): decode with the new token's rotary and cache write inside
 the attention launch against rotary_and_cache + attention, batch 1..256 × 512 / 4k tokens
 (batch 1 also 1k, 2k, 64k): the values for ``triton_backend.FUSED_NEW_TOKEN_MAX_SEQS`` and
-``FUSED_NEW_TOKEN_MAX_LEN``. Decode and new token end with the
+``FUSED_NEW_TOKEN_MAX_LEN``. Gather (not in the default run): ``gather_kv`` (the SDPA path's
+K/V out of the paged cache) per positions-per-program against its torch reference, BF16 and
+FP8 caches, bandwidth against the copy. Decode and new token end with the
 decode kernel's registers and spills per compiled variant.
 """
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+from functools import partial
 import sys
 from pathlib import Path
 
@@ -42,6 +45,7 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, uninstalled
 from kestrel.attention.base import AttentionMetadata, quantize_kv
+from kestrel.attention.torch_ref import gather_kv_ref
 from kestrel.attention.triton_backend import TritonAttention
 from kestrel.kernels.fused import rms_norm, rotary_and_cache, silu_and_mul
 from kestrel.kernels.paged_attention import (
@@ -50,7 +54,7 @@ from kestrel.kernels.paged_attention import (
     choose_num_splits,
     paged_attention_decode,
 )
-from kestrel.kernels.prefill_attention import PrefillTiles, prefill_attention
+from kestrel.kernels.prefill_attention import PrefillTiles, gather_kv, prefill_attention
 from kestrel.kernels.rotary import NewTokens
 from kestrel.layers.norm import rms_norm_ref
 
@@ -169,6 +173,29 @@ def bench_new_token(quick: bool) -> None:
             print(f"{batch:>5} {ctx:>6} {_graph_ms(fused) * 1e3:>10.1f} "
                   f"{_graph_ms(separate) * 1e3:>9.1f}")
     print_resources(_decode_kernel)
+
+
+def bench_gather(peak: float) -> None:
+    """gather_kv's µs and fraction of the copy rate (bytes read + written) per block_t, against
+    gather_kv_ref, for the cached prefix of a 16k chunk (16k and 48k positions, padded to the
+    next multiple of 4,096 as SDPA's buckets are)."""
+    print("\ngather_kv  (µs; % of copy; llama-3-8b KV heads, 16-token pages)")
+    print(f"{'cache':>5} {'tokens':>6} " + " ".join(f"{'bt=' + str(b):>12}" for b in (16, 32, 64, 128))
+          + f" {'torch':>12}")
+    for n in (16384, 49152):
+        k_cache, v_cache, tables, _ = paged_cache(1, n)
+        rows = triton.cdiv(n + 1, 4096) * 4096
+        for fp8 in (False, True):
+            scale = torch.full((HKV,), 4.0 / 448, device="cuda") if fp8 else None
+            caches = ((quantize_kv(k_cache, scale), quantize_kv(v_cache, scale)) if fp8
+                      else (k_cache, v_cache))
+            nbytes = 2 * HKV * D * (n * caches[0].element_size() + rows * DTYPE.itemsize)
+            args, cells = (*caches, tables[0], 0, n, rows, scale, scale, DTYPE), []
+            for fn in [partial(gather_kv, *args, block_t=b) for b in (16, 32, 64, 128)] + [
+                    partial(gather_kv_ref, *args)]:
+                ms = triton.testing.do_bench(fn, rep=100, return_mode="median")
+                cells.append(f"{ms * 1e3:>6.1f} {100 * nbytes / ms / 1e6 / peak:>4.0f}%")
+            print(f"{'fp8' if fp8 else 'bf16':>5} {n:>6} " + " ".join(f"{c:>12}" for c in cells))
 
 
 def bench_splits(quick: bool) -> None:
@@ -354,7 +381,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
     parser.add_argument("--only", choices=["decode", "splits", "prefill", "prefill-tiles",
-                                           "long-queries", "fused", "new-token"], default=None)
+                                           "long-queries", "fused", "new-token", "gather"],
+                        default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA device")
@@ -373,6 +401,8 @@ def main() -> None:
         bench_splits(args.quick)
     if args.only == "new-token":
         bench_new_token(args.quick)
+    if args.only == "gather":
+        bench_gather(peak)
     if args.only in (None, "prefill"):
         bench_prefill(args.quick)
     if args.only == "prefill-tiles":
