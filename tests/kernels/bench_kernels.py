@@ -23,7 +23,7 @@ SDPA path: the value for ``triton_backend.SDPA_MIN_TOKENS``.
 Fused: RMSNorm+residual and silu_and_mul bandwidth against torch eager.
 New token (not in the default run): decode with the new token's rotary and cache write inside
 the attention launch against rotary_and_cache + attention, batch 1..256 × 512 / 4k tokens
-(batch 1 also 1k, 2k, 64k): the values for ``triton_backend.FUSED_NEW_TOKEN_MAX_SEQS`` and
+(batch 1 also 1k, 2k, 8k to 64k): the values for ``triton_backend.FUSED_NEW_TOKEN_MAX_SEQS`` and
 ``FUSED_NEW_TOKEN_MAX_LEN``. Gather (not in the default run): ``gather_kv`` (the SDPA path's
 K/V out of the paged cache) per positions-per-program against its torch reference, BF16 and
 FP8 caches, bandwidth against the copy. Decode and new token end with the
@@ -150,7 +150,8 @@ def bench_new_token(quick: bool) -> None:
     print("\ndecode new token  (µs, CUDA graph replay, llama-3-8b heads)")
     print(f"{'batch':>5} {'ctx':>6} {'in launch':>10} {'separate':>9}")
     for batch in (1,) if quick else (1, 8, 32, 64, 128, 256):
-        for ctx in (512, 1024, 2048, 4096, 65536) if batch == 1 else (512, 4096):
+        for ctx in ((512, 1024, 2048, 4096, 8192, 16384, 32768, 65536) if batch == 1
+                    else (512, 4096)):
             q, k_cache, v_cache, tables, lens = _decode_inputs(batch, ctx)
             k = torch.randn(batch, HKV, D, device="cuda", dtype=DTYPE)
             v = torch.randn_like(k)
