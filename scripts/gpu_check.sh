@@ -81,7 +81,8 @@ if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default), the 4k prefill
   # (AB_SHAPE=prefill) or batch-1 decode at 64k context (AB_SHAPE=decode64k, llama-3.1-8b), BF16
   # and the FP8 recipe: another copy of the code at $AB_TREE (default .ab, e.g. `git archive OLD
   # kestrel scripts | tar -x -C .ab`, carried to the device) against this tree, alternating,
-  # ${AB_ROUNDS:-1} rounds, in the same call
+  # ${AB_ROUNDS:-1} rounds, in the same call; even rounds run this tree first (an order effect
+  # then shows as a sign change)
   c=$(ceil)
   preset=llama-3-8b
   case ${AB_SHAPE:-decode} in
@@ -92,7 +93,8 @@ if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default), the 4k prefill
   esac
   for round in $(seq 1 "${AB_ROUNDS:-1}"); do
     for q in "" "--quantization fp8"; do
-      for tree in "${AB_TREE:-.ab}" .; do
+      trees="${AB_TREE:-.ab} ."; (( round % 2 )) || trees=". ${AB_TREE:-.ab}"
+      for tree in $trees; do
         tag=$(echo "$([[ $tree == . ]] && echo new || echo old)_${AB_SHAPE:-decode}_bf16${q}_r$round" \
               | tr -c 'a-z0-9\n' '_' | tr -s _)
         ( cd "$tree" && PYTHONPATH=$PWD python3 -m kestrel.cli --log-level WARNING bench \

@@ -47,9 +47,10 @@ SDPA_GRANULE = 256
 # 15.8 s separate (fourteenth session).
 FUSED_NEW_TOKEN_MAX_SEQS = 1
 # ... and contexts up to this many tokens: beyond, the launch loses to the separate kernels
-# (`bench_kernels.py --only new-token`, batch 1, µs in the launch / separate, H200, seventeenth
-# session: 4.4 / 5.5 at 512 tokens, 5.1 / 6.6 at 1k, 13.8 / 13.2 at 4k, 94.0 / 75.6 at 64k;
-# 2k not timed). Decode graphs come one per side of it (``decode_len_breaks``).
+# (`bench_kernels.py --only new-token`, batch 1, µs in the launch / separate, H200, eighteenth
+# session: 4.4 / 5.6 at 512 tokens, 5.1 / 6.6 at 1k, 6.4 / 8.9 at 2k, 13.9 / 13.1 at 4k,
+# 19.6 / 16.9 at 8k, 94.2 / 75.4 at 64k). Decode graphs come one per side of it
+# (``decode_len_breaks``).
 FUSED_NEW_TOKEN_MAX_LEN = 2048
 
 

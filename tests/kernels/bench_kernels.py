@@ -143,10 +143,20 @@ def bench_decode(peak: float, quick: bool) -> None:
     print_resources(_decode_kernel)
 
 
+def _graph_splits(batch: int, ctx: int, max_model_len: int = 131072) -> int:
+    """The split-K factor the engine's decode graph runs at this context: graphs are captured
+    per context range (``decode_len_breaks``) at the range's upper bound, so a 512-token batch-1
+    step runs the splits chosen for 2,048 tokens (32), not for 512 (8)."""
+    bounds = (*TritonAttention.decode_len_breaks(batch), max_model_len)
+    bound = next(b for b in bounds if b >= ctx)
+    return choose_num_splits(batch, HKV, bound, torch.device("cuda"))
+
+
 def bench_new_token(quick: bool) -> None:
     """Decode attention with the new token's rotary and cache write in its launch (NewTokens)
-    against rotary_and_cache + attention, µs per layer: sets FUSED_NEW_TOKEN_MAX_SEQS and
-    FUSED_NEW_TOKEN_MAX_LEN (quick: batch 1 only)."""
+    against rotary_and_cache + attention, µs per layer, at the split-K factor of the engine's
+    graph for that context: sets FUSED_NEW_TOKEN_MAX_SEQS and FUSED_NEW_TOKEN_MAX_LEN (quick:
+    batch 1 only)."""
     print("\ndecode new token  (µs, CUDA graph replay, llama-3-8b heads)")
     print(f"{'batch':>5} {'ctx':>6} {'in launch':>10} {'separate':>9}")
     for batch in (1,) if quick else (1, 8, 32, 64, 128, 256):
@@ -158,7 +168,7 @@ def bench_new_token(quick: bool) -> None:
             pos = (lens - 1).long()
             cos_sin = torch.randn(ctx, D, device="cuda", dtype=torch.float32)
             slots = tables[:, -1].long() * BS + (ctx - 1) % BS
-            splits = choose_num_splits(batch, HKV, ctx, torch.device("cuda"))
+            splits = _graph_splits(batch, ctx)
             out = torch.empty_like(q)
             new = NewTokens(k, v, pos, cos_sin, slots)
 
