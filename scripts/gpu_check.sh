@@ -78,7 +78,8 @@ if has pdl; then  # programmatic dependent launch (kernels/pdl.py): its test, th
   done
 fi
 if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default), the 4k prefill
-  # (AB_SHAPE=prefill) or batch-1 decode at 64k context (AB_SHAPE=decode64k, llama-3.1-8b), BF16
+  # (AB_SHAPE=prefill) or batch-1 decode at 8k or 64k context (AB_SHAPE=decode8k, decode64k;
+  # llama-3.1-8b), BF16
   # and the FP8 recipe: another copy of the code at $AB_TREE (default .ab, e.g. `git archive OLD
   # kestrel scripts | tar -x -C .ab`, carried to the device) against this tree, alternating,
   # ${AB_ROUNDS:-1} rounds, in the same call; even rounds run this tree first (an order effect
@@ -89,6 +90,8 @@ if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default), the 4k prefill
     prefill) shape="--input 4096 --output 1 --max-num-batched-tokens 4096"; show="prefill time";;
     decode64k) preset=llama-3.1-8b show="time per output token"
       shape="--input 65536 --output 64 --max-num-batched-tokens 16384 --iters 1 --warmup 0";;
+    decode8k) preset=llama-3.1-8b show="time per output token"
+      shape="--input 8192 --output 128 --max-num-batched-tokens 8192";;
     *) shape="--input 128 --output 256"; show="time per output token";;
   esac
   for round in $(seq 1 "${AB_ROUNDS:-1}"); do
