@@ -79,11 +79,10 @@ if has pdl; then  # programmatic dependent launch (kernels/pdl.py): its test, th
 fi
 if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default), the 4k prefill
   # (AB_SHAPE=prefill) or batch-1 decode at 8k or 64k context (AB_SHAPE=decode8k, decode64k;
-  # llama-3.1-8b), BF16
-  # and the FP8 recipe: another copy of the code at $AB_TREE (default .ab, e.g. `git archive OLD
-  # kestrel scripts | tar -x -C .ab`, carried to the device) against this tree, alternating,
-  # ${AB_ROUNDS:-1} rounds, in the same call; even rounds run this tree first (an order effect
-  # then shows as a sign change)
+  # llama-3.1-8b), BF16 and the FP8 recipe: another copy of the code at $AB_TREE (default .ab,
+  # e.g. `git archive OLD kestrel scripts | tar -x -C .ab`, carried to the device) against this
+  # tree, alternating, ${AB_ROUNDS:-1} rounds, in the same call; even rounds run this tree
+  # first (an order effect then shows as a sign change)
   c=$(ceil)
   preset=llama-3-8b
   case ${AB_SHAPE:-decode} in
@@ -179,7 +178,7 @@ fi
 if has long; then  # long prompts (llama-3.1-8b, 131k positions): the attention kernels against
   # SDPA for chunks after a prefix, one 64k prompt in 16k chunks (prefill and TPOT at ~64k
   # context, BF16 and FP8 KV cache), and NVIDIA's 32k/2k throughput shape with 8 requests
-  python3 tests/kernels/bench_kernels.py --only long-queries 2>&1 | tee "$OUT/long_queries.log" \
+  python3 tests/kernels/bench_sdpa.py --only long-queries 2>&1 | tee "$OUT/long_queries.log" \
     | tail -n 31
   for kv in auto fp8; do
     k bench latency --preset llama-3.1-8b --batch 1 --input 65536 --output 64 --max-num-seqs 1 \

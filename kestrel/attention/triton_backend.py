@@ -9,7 +9,7 @@ launch), then the decode kernel for the one-token rows that lead a mixed step (t
 requests) and the varlen ``prefill_attention`` for the rest (a later one-token row is a prefill
 of length 1). Both read every key from the cache, so prefix-cached and chunked prefills need
 nothing special. Sequences with many queries (``SDPA_MIN_TOKENS``) go to cuDNN's SDPA instead,
-1.3-1.8x faster there on Hopper (tests/kernels/bench_kernels.py --only long-queries), in any
+1.3-1.8x faster there on Hopper (tests/kernels/bench_sdpa.py --only long-queries), in any
 step (the paged kernel skips them): a whole prompt in one causal call over its new K/V, a chunk
 after a cached prefix in two (over the prefix gathered out of the cache, unmasked, and over its
 own K/V, causal) merged by their log-sum-exps (``merge_attention``), every length rounded up
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from kestrel.attention.base import AttentionBackend, AttentionMetadata, register_backend
 
 # Sequences with at least this many queries in a step (whole prompts, chunks after a cached
-# prefix) attend through cuDNN's SDPA. H200, 32/8 heads, d 128, bf16, `bench_kernels.py --only
+# prefix) attend through cuDNN's SDPA. H200, 32/8 heads, d 128, bf16, `bench_sdpa.py --only
 # long-queries` (sixteenth session), speedup over the paged kernel by queries (rows) and cached
 # prefix (columns 0 / 1k / 4k / 16k / 64k): 512: 1.16 / 0.34 / 0.90 / 1.62 / 1.60; 1k: 1.55 /
 # 0.72 / 1.58 / 1.71 / 1.66; 2k: 1.68 / 1.53 / 1.70 / 1.72 / 1.74; 4k-16k: 1.29 to 1.79.

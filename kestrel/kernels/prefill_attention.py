@@ -343,7 +343,7 @@ def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
     of SDPA's length buckets); an FP8 cache's dequantized with its per-head scales
     (``dequantize_kv``'s rounding). One pass, where index_select, slicing, float32
     dequantization and padding made a copy each (reference: ``gather_kv_ref``); ``block_t``
-    positions a program (``bench_kernels.py --only gather``)."""
+    positions a program (``tests/kernels/bench_sdpa.py --only gather``)."""
     n = end - start
     _, page_size, hkv, d = k_cache.shape
     fp8 = check_kv_scales("gather_kv", k_cache, hkv, k_scale, v_scale)
