@@ -8,9 +8,10 @@ slower. So a candidate enters skinny_config's tables only if this says so.
     python scripts/ab_skinny_configs.py --candidate 'qkv=16:6144x4096:8,256,1,8,1,ef,bx' \
         [--candidate ...] [--rounds 2] [--quantization fp8]   # one GPU, TP=1
 
-A candidate is NAME=TABLE:NxK:block_n,block_k,split_k,num_warps,num_stages[,FLAG...] with
-TABLE 16 (TUNED_16BIT) or 8 (TUNED, fp8 weights), keyed for this GPU's model, and FLAGs of
-SkinnyConfig: ef (evict_first), bx (broadcast_x), pf (prefetch), dot (use_dot).
+A candidate is NAME=ENTRY[+ENTRY...] (entries swapped in together), each ENTRY
+TABLE:NxK:block_n,block_k,split_k,num_warps,num_stages[,FLAG...] with TABLE 16 (TUNED_16BIT)
+or 8 (TUNED, fp8 weights), keyed for this GPU's model, and FLAGs of SkinnyConfig: ef
+(evict_first), bx (broadcast_x), pf (prefetch), dot (use_dot).
 """
 
 from __future__ import annotations
@@ -36,13 +37,16 @@ sys.exit(main({argv!r}))
 """
 
 
-def parse(spec: str) -> tuple[str, tuple]:
+def parse(spec: str) -> tuple[str, list[tuple]]:
     name, rest = spec.split("=", 1)
-    table, shape, cfg = rest.split(":")
-    n, k = map(int, shape.split("x"))
-    parts = cfg.split(",")
-    return name, ({"16": "TUNED_16BIT", "8": "TUNED"}[table], n, k,
-                  tuple(int(p) for p in parts[:5]), tuple(parts[5:]))
+    entries = []
+    for entry in rest.split("+"):
+        table, shape, cfg = entry.split(":")
+        n, k = map(int, shape.split("x"))
+        parts = cfg.split(",")
+        entries.append(({"16": "TUNED_16BIT", "8": "TUNED"}[table], n, k,
+                        tuple(int(p) for p in parts[:5]), tuple(parts[5:])))
+    return name, entries
 
 
 def main() -> None:
@@ -51,7 +55,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quantization", default=None)
     args = ap.parse_args()
-    runs = [("base", [])] + [(name, [entry]) for name, entry in args.candidate]
+    runs = [("base", [])] + args.candidate
     tpot: dict[str, list[float]] = {name: [] for name, _ in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
