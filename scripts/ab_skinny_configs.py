@@ -11,7 +11,7 @@ slower. So a candidate enters skinny_config's tables only if this says so.
 A candidate is NAME=ENTRY[+ENTRY...] (entries swapped in together), each ENTRY
 TABLE:NxK:block_n,block_k,split_k,num_warps,num_stages[,FLAG...] with TABLE 16 (TUNED_16BIT)
 or 8 (TUNED, fp8 weights), keyed for this GPU's model, and FLAGs of SkinnyConfig: ef
-(evict_first), bx (broadcast_x), pf (prefetch), dot (use_dot).
+(evict_first), bx (broadcast_x), pf (prefetch), dot (use_dot), a2 / a4 (ahead).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ for table, n, k, v, flags in {entries!r}:
     key = (s.gpu_model("cuda", 0), 1, n, k)
     getattr(s, table)[key] = s.SkinnyConfig(
         *v[:3], num_warps=v[3], num_stages=v[4], evict_first="ef" in flags,
-        broadcast_x="bx" in flags, prefetch="pf" in flags, use_dot="dot" in flags)
+        broadcast_x="bx" in flags, prefetch="pf" in flags, use_dot="dot" in flags,
+        ahead=next((int(f[1:]) for f in flags if f[0] == "a"), 1))
 from kestrel.cli import main
 sys.exit(main({argv!r}))
 """

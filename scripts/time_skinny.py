@@ -2,18 +2,23 @@
 FP8 FFN at TP=1, BF16 linears at TP=1 and one rank's at TP=2; µs and share of the copy rate.
 For A/B runs of the kernel (the same script in another tree, same call).
 
-    python scripts/time_skinny.py [--rep 50]   # one GPU
+    python scripts/time_skinny.py [--rep 50] [--ahead 2 4]   # one GPU
+
+``--ahead``: each case again with its config's K steps loaded in groups of that many
+(SkinnyConfig.ahead; prefetch off, which it replaces).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kestrel.kernels.skinny_config import default_config, gpu_model, sm_count
 from tests.quant.skinny_timing import (
     copy_bandwidth,
     time_config,
@@ -32,6 +37,7 @@ CASES = [("fp8 gate_up", 2 * FFN, H, 1), ("fp8 down", H, FFN, 1)] + [
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rep", type=int, default=50)
+    ap.add_argument("--ahead", type=int, nargs="*", default=[])
     args = ap.parse_args()
     copy = copy_bandwidth()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -39,10 +45,15 @@ def main() -> None:
     for label, n, k, elem in CASES:
         op = weights(n, k, l2, with_bf16=elem == 2, with_fp8=elem == 1)
         op = with_activation(op, 1) if elem == 1 else with_activation_bf16(op, 1)
-        us = time_config(op, None, args.rep)
-        if us is not None:
-            gbs = n * k * elem / us / 1e3
-            print(f"  {label:18} {us:7.2f} us {gbs:6.0f} GB/s {100 * gbs / copy:5.1f}% of copy")
+        cfg = default_config(1, n, k, sm_count("cuda", 0), elem_bytes=elem,
+                             gpu=gpu_model("cuda", 0))
+        for ahead in [1, *args.ahead]:
+            c = cfg if ahead == 1 else dataclasses.replace(cfg, prefetch=False, ahead=ahead)
+            us = time_config(op, c, args.rep)
+            if us is not None:
+                gbs = n * k * elem / us / 1e3
+                print(f"  {label + (f' ahead {ahead}' if ahead > 1 else ''):18} {us:7.2f} us "
+                      f"{gbs:6.0f} GB/s {100 * gbs / copy:5.1f}% of copy")
         del op
         torch.cuda.empty_cache()
 

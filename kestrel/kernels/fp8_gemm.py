@@ -82,10 +82,11 @@ def _rounded_out(y, cols, silu_cols, DT: tl.constexpr, SILU: tl.constexpr, HW: t
 def _fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, W_EVICT: tl.constexpr,
               BROADCAST_X: tl.constexpr, PREFETCH: tl.constexpr, GLU: tl.constexpr,
-              DT: tl.constexpr, HW: tl.constexpr):
+              DT: tl.constexpr, HW: tl.constexpr, AHEAD: tl.constexpr):
     """x_ptrs [1, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → x·wᵀ as [BLOCK_N, 1] float32; the first
     K step's weights are ``w_first``, loaded by the caller. ``PREFETCH``: each step's tiles
-    are loaded one step ahead, before the math on the current ones (SkinnyConfig.prefetch)."""
+    are loaded one step ahead, before the math on the current ones (SkinnyConfig.prefetch);
+    ``AHEAD``: AHEAD steps loaded together (SkinnyConfig.ahead)."""
     if BROADCAST_X:  # x in the weight tile's layout (SkinnyConfig.broadcast_x)
         x_ptrs = x_ptrs + tl.zeros([BLOCK_N, 1], dtype=tl.int32)
     if PREFETCH:
@@ -94,14 +95,50 @@ def _fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N: tl.conste
     else:
         x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
         acc = w_first.to(tl.float32) * x.to(tl.float32)
-        for _ in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-            offs_k += BLOCK_K
-            w = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
-            x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
-            acc += w.to(tl.float32) * x.to(tl.float32)
+        if AHEAD > 1:  # groups of AHEAD steps (the launch makes them divide the split)
+            acc = _fma_group(acc, x_ptrs, w_ptrs, offs_k, K, BLOCK_K, EVEN_K, W_EVICT, GLU, DT,
+                             HW, True, AHEAD)
+            for _ in range(k_lo + AHEAD * BLOCK_K, k_hi, AHEAD * BLOCK_K):
+                w_ptrs += AHEAD * BLOCK_K
+                x_ptrs += AHEAD * BLOCK_K
+                offs_k += AHEAD * BLOCK_K
+                acc = _fma_group(acc, x_ptrs, w_ptrs, offs_k, K, BLOCK_K, EVEN_K, W_EVICT, GLU,
+                                 DT, HW, False, AHEAD)
+        else:
+            for _ in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+                w_ptrs += BLOCK_K
+                x_ptrs += BLOCK_K
+                offs_k += BLOCK_K
+                w = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
+                x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
+                acc += w.to(tl.float32) * x.to(tl.float32)
     return tl.sum(acc, axis=1)[:, None]
+
+
+@triton.jit
+def _fma_group(acc, x_ptrs, w_ptrs, offs_k, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+               W_EVICT: tl.constexpr, GLU: tl.constexpr, DT: tl.constexpr, HW: tl.constexpr,
+               FIRST: tl.constexpr, AHEAD: tl.constexpr):
+    """acc plus the products of the AHEAD (2 or 4) K steps from the pointers' one (``FIRST``:
+    from the one after, the caller having done it): every tile loaded first, at constant
+    offsets (16-byte vectors stay), then the products in step order (SkinnyConfig.ahead)."""
+    if not FIRST:
+        w0 = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
+        x0 = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
+    w1 = _load_w(w_ptrs + BLOCK_K, offs_k + BLOCK_K, K, EVEN_K, W_EVICT)
+    x1 = _load_x(x_ptrs + BLOCK_K, offs_k + BLOCK_K, K, EVEN_K, GLU, DT, HW)
+    if AHEAD == 4:
+        w2 = _load_w(w_ptrs + 2 * BLOCK_K, offs_k + 2 * BLOCK_K, K, EVEN_K, W_EVICT)
+        w3 = _load_w(w_ptrs + 3 * BLOCK_K, offs_k + 3 * BLOCK_K, K, EVEN_K, W_EVICT)
+        x2 = _load_x(x_ptrs + 2 * BLOCK_K, offs_k + 2 * BLOCK_K, K, EVEN_K, GLU, DT, HW)
+        x3 = _load_x(x_ptrs + 3 * BLOCK_K, offs_k + 3 * BLOCK_K, K, EVEN_K, GLU, DT, HW)
+    if not FIRST:
+        acc += w0.to(tl.float32) * x0.to(tl.float32)
+    acc += w1.to(tl.float32) * x1.to(tl.float32)
+    if AHEAD == 4:
+        acc += w2.to(tl.float32) * x2.to(tl.float32)
+        acc += w3.to(tl.float32) * x3.to(tl.float32)
+    return acc
 
 
 @triton.jit
@@ -186,6 +223,7 @@ def _skinny_kernel(
     HW: tl.constexpr,  # compiled for a GPU: round_dtype's hardware rounding
     RELEASE_LATE: tl.constexpr,  # PDL: the next kernel is a GEMV (see kernels.pdl)
     PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels.pdl)
+    AHEAD: tl.constexpr,  # FMA: K steps loaded together (SkinnyConfig.ahead)
 ):
     if not RELEASE_LATE:
         pdl_release(PDL)
@@ -209,7 +247,7 @@ def _skinny_kernel(
                         BLOCK_K, EVEN_K, W_EVICT, SCALED, DOT_F32, GLU, DT, HW)
     else:
         acc = _fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N, BLOCK_K,
-                        EVEN_K, W_EVICT, BROADCAST_X, PREFETCH, GLU, DT, HW)
+                        EVEN_K, W_EVICT, BROADCAST_X, PREFETCH, GLU, DT, HW, AHEAD)
     if RELEASE_LATE:
         pdl_release(PDL)
     if SCALED:
@@ -285,6 +323,9 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
     k_steps = triton.cdiv(k, cfg.block_k)
     steps_per_split = triton.cdiv(k_steps, min(cfg.split_k, k_steps))
     split = triton.cdiv(k_steps, steps_per_split)  # no empty split
+    # look-ahead groups must tile every split exactly (else one step at a time)
+    ahead = cfg.ahead if k_steps % steps_per_split == 0 and steps_per_split % cfg.ahead == 0 \
+        else 1
     dst = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, block_m))
     # float32 dots in IEEE precision; also bf16 ones under the interpreter, whose tl.dot
@@ -298,7 +339,7 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
         USE_DOT=cfg.use_dot,
         EVEN_K=k % cfg.block_k == 0, SPLIT=split > 1, DT=dt,
         W_EVICT="evict_first" if cfg.evict_first else "", BROADCAST_X=cfg.broadcast_x,
-        PREFETCH=cfg.prefetch, SCALED=scaled, DOT_F32=dot_f32, GLU=glu, SILU=silu_cols > 0,
+        PREFETCH=cfg.prefetch, AHEAD=ahead, SCALED=scaled, DOT_F32=dot_f32, GLU=glu, SILU=silu_cols > 0,
         HW=_compiled(), RELEASE_LATE=silu_cols > 0 and split == 1, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_args(x.device),

@@ -39,6 +39,11 @@ class SkinnyConfig:
     # GEMV (6144 x 4096) from 15.8 to 13.7 µs, but gate_up and down (FP8 and bf16) 10-60%
     # slower (more registers, fewer programs per SM): a tuned choice per shape.
     prefetch: bool = False
+    # FMA: K steps loaded per loop iteration (1, 2 or 4), every tile of a group before its
+    # products, at constant offsets: more bytes in flight a thread, same sums in the same order.
+    # (prefetch's look-ahead pointer, chosen at run time, costs the fp8 loop its 16-byte
+    # vectors: ~76 PRMT a step in its SASS.)
+    ahead: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -50,6 +55,9 @@ class SkinnyConfig:
         if self.use_dot and (self.broadcast_x or self.prefetch):
             raise ValueError("SkinnyConfig: broadcast_x and prefetch are for the FMA path "
                              "(use_dot=False)")
+        if self.ahead not in (1, 2, 4) or self.ahead > 1 and (self.use_dot or self.prefetch):
+            raise ValueError("SkinnyConfig: ahead is 1, 2 or 4, for the FMA path without "
+                             "prefetch")
         if self.split_k < 1 or self.num_stages < 1:
             raise ValueError("SkinnyConfig: split_k and num_stages must be >= 1")
 

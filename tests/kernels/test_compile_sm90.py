@@ -125,6 +125,7 @@ def _representative_calls() -> None:
     wq, ws = fp8_quant.per_token_quant_fp8(torch.randn(32, 128, generator=g))
     for cfg in (skinny_config.SkinnyConfig(4, 64),
                 skinny_config.SkinnyConfig(4, 64, 2, prefetch=True),
+                skinny_config.SkinnyConfig(4, 32, 1, ahead=4),  # K 128: one group of four
                 skinny_config.SkinnyConfig(16, 64, 2, use_dot=True)):
         fp8_gemm.fp8_gemm_small_m(xq, xs, wq, ws.view(-1), torch.bfloat16, config=cfg)
 

@@ -58,7 +58,8 @@ def tile_configs(m: int, n: int, k: int, sms: int, dot_tiles: list = DOT_TILES,
 def describe(c: SkinnyConfig) -> str:
     kind = "dot" if c.use_dot else "fma"
     return (f"{kind} n{c.block_n} k{c.block_k} s{c.split_k} w{c.num_warps} st{c.num_stages}"
-            + (" ef" if c.evict_first else "") + (" bx" if c.broadcast_x else ""))
+            + (" ef" if c.evict_first else "") + (" bx" if c.broadcast_x else "")
+            + (f" a{c.ahead}" if c.ahead > 1 else ""))
 
 
 def time_us(fn: Callable[[int], torch.Tensor], copies: int, rep: int) -> float:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from kestrel.config import QuantConfig
 from kestrel.kernels import fp8_gemm, skinny_config
-from kestrel.kernels.fp8_gemm import fp8_gemm_small_m
+from kestrel.kernels.fp8_gemm import bf16_gemm_small_m, fp8_gemm_small_m
 from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_model, sm_count
 from kestrel.layers.linear import ColumnParallelLinear, RowParallelLinear
 from kestrel.parallel.state import TPGroup
@@ -366,3 +366,59 @@ def test_prefetched_tiles_give_the_same_bits(cfg):
         ahead = fp8_gemm_small_m(xq, xs, wq, ws, torch.float32,
                                  config=dataclasses.replace(cfg, prefetch=True))
         assert torch.equal(plain, ahead)
+
+
+def _launched_aheads(monkeypatch) -> list[int]:
+    """AHEAD of every skinny-kernel launch from now on (the launch may fall back to 1)."""
+    seen, real = [], fp8_gemm._skinny_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["AHEAD"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(fp8_gemm, "_skinny_kernel", Recorder())
+    return seen
+
+
+@pytest.mark.parametrize("cfg", [SkinnyConfig(8, 16), SkinnyConfig(8, 16, split_k=2),
+                                 SkinnyConfig(16, 32, split_k=2, broadcast_x=True)])
+@pytest.mark.parametrize("ahead", [2, 4])
+def test_look_ahead_groups_give_the_same_bits(cfg, ahead, monkeypatch):
+    """SkinnyConfig.ahead loads K steps in groups, not other products or another order: bit
+    for bit the one-step loop, fp8 and bf16 (with the SwiGLU fold); where the groups do not
+    tile a split (K = 40 in steps of 16; 3 steps) the launch runs one step at a time."""
+    aheads = _launched_aheads(monkeypatch)
+    for k in (40, 128, 256):
+        xq, xs, wq, ws = _operands(1, k, 24, k)
+        plain = fp8_gemm_small_m(xq, xs, wq, ws, torch.float32, config=cfg)
+        grouped = fp8_gemm_small_m(xq, xs, wq, ws, torch.float32,
+                                   config=dataclasses.replace(cfg, ahead=ahead))
+        assert torch.equal(plain, grouped)
+        x = torch.randn(1, 2 * k, device=DEV, dtype=torch.bfloat16)
+        w = torch.randn(24, k, device=DEV, dtype=torch.bfloat16)
+        plain = bf16_gemm_small_m(x, w, config=cfg, glu=True)
+        grouped = bf16_gemm_small_m(x, w, config=dataclasses.replace(cfg, ahead=ahead), glu=True)
+        assert torch.equal(plain, grouped)
+    grouped_launches = aheads[1::2]  # each pair of calls: one step at a time, then grouped
+    assert ahead in grouped_launches and 1 in grouped_launches  # groups ran, and fell back
+    with pytest.raises(ValueError, match="ahead"):
+        SkinnyConfig(8, 16, ahead=3)
+    with pytest.raises(ValueError, match="ahead"):
+        SkinnyConfig(8, 16, prefetch=True, ahead=2)
+
+
+@pytest.mark.parametrize("ahead", [2, 4])
+@pytest.mark.parametrize("n,k", [(28672, 4096), (4096, 14336)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_look_ahead_groups_on_gpu(n, k, ahead):
+    """The tuned FFN configs with K steps in groups: the same bits as one step at a time."""
+    xq, xs, wq, ws = _operands(1, k, n, seed=ahead)
+    cfg = default_config(1, n, k, sm_count("cuda", 0), gpu=gpu_model("cuda", 0))
+    plain = fp8_gemm_small_m(xq, xs, wq, ws, torch.bfloat16, config=cfg)
+    grouped = fp8_gemm_small_m(xq, xs, wq, ws, torch.bfloat16,
+                               config=dataclasses.replace(cfg, ahead=ahead))
+    assert torch.equal(plain, grouped)
