@@ -1,7 +1,8 @@
 """A wider tile sweep of the skinny GEMV (bf16, or fp8 with --fp8) at M = 1 on chosen (N, K) shapes than
 ``bench_fp8_gemm.py --sweep-bf16``'s grid: every tile of 4-16 KB per K step, warps, split-K,
-broadcast_x, then the fastest few again with prefetch and other pipeline depths. For shapes far
-below the copy rate (TP=2's down and o_proj: 70-78% in the tenth session).
+broadcast_x, then the fastest few again with prefetch, K steps loaded in groups (ahead) and
+other pipeline depths. For shapes far below the copy rate (TP=2's down and o_proj: 70-78% in
+the tenth session).
 
     python scripts/sweep_skinny_shapes.py --shapes 4096x7168 4096x2048 [--budget-s 120]
 """
@@ -79,8 +80,9 @@ def main() -> None:
             if (us := time_config(op, c, args.rep)) is not None:
                 timed[c] = us
         best = sorted(timed, key=timed.get)[:4]
-        for c in best:  # refinement: prefetch, pipeline depth
+        for c in best:  # refinement: prefetch or K steps in groups, pipeline depth
             for v in (dataclasses.replace(c, prefetch=True),
+                      *(dataclasses.replace(c, prefetch=False, ahead=a) for a in (2, 4)),
                       *(dataclasses.replace(c, num_stages=s) for s in (1, 2))):
                 if v not in timed and (us := time_config(op, v, args.rep)) is not None:
                     timed[v] = us
