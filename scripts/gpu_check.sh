@@ -4,7 +4,7 @@
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 |
 #         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab | ahead |
-#         ahead-bf16
+#         ahead-bf16 | swiglu-epilogue
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
 # summary table is printed last.
@@ -122,6 +122,19 @@ if has ahead-bf16; then  # the same for BF16 decode: gate_up, qkv (prefetch off)
   o=16:4096x4096:4,1024,1,4,1,ef
   python3 scripts/ab_skinny_configs.py --rounds 2 --candidate "a4=$gu,a4+$qkv,a4+$o,a4" \
     --candidate "a2=$gu,a2+$qkv,a2+$o,a2" 2>&1 | tee "$OUT/ahead_ab_bf16.log" | tail -n 3
+fi
+if has swiglu-epilogue; then  # FP8 decode with SwiGLU in gate_up's GEMV (fp8_fused.swiglu_epilogue):
+  # its GPU bit test, then batch-1 FP8-recipe decode off / on, two rounds in opposite orders
+  python3 -m pytest -q -p no:cacheprovider tests/quant/test_fp8_gemm.py -m gpu -k swiglu 2>&1 \
+    | tee "$OUT/swiglu_tests.log" | tail -n 2
+  c=$(ceil)
+  for order in "0 1" "1 0"; do
+    for e in $order; do
+      KESTREL_FP8_SWIGLU_EPILOGUE=$e $L8 --batch 1 --input 128 --output 256 --quantization fp8 \
+        --max-num-seqs 1 $c --json "$OUT/decode_b1_fp8_swiglu_epilogue$e.json" \
+        | grep -E "time per output" | sed "s/^/epilogue $e: /"
+    done
+  done
 fi
 if has fp8gemm; then
   python3 tests/quant/bench_fp8_gemm.py --quick 2>&1 | tee "$OUT/fp8_gemm.log" | tail -n 25
