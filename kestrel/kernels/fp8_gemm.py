@@ -225,7 +225,7 @@ def _skinny_kernel(
     RELEASE_LATE: tl.constexpr,  # PDL: the next kernel is a GEMV (see kernels.pdl)
     PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels.pdl)
     AHEAD: tl.constexpr,  # FMA: K steps loaded together (SkinnyConfig.ahead)
-    SWIGLU: tl.constexpr,  # w is [gate; up] (N = 2I): out silu(gate)·up (fp8_gemm_swiglu_small_m)
+    SWIGLU: tl.constexpr,  # w is [gate; up], N = 2I: out is silu(gate)·up (fp8_gemm_swiglu_...)
 ):
     if not RELEASE_LATE:
         pdl_release(PDL)
@@ -352,9 +352,9 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
     dot_f32 = not scaled and (w.dtype == torch.float32
                               or (w.dtype == torch.bfloat16 and not _compiled()))
     _skinny_kernel[grid](
-        x, xs, w, ws, dst, amax if swiglu else dst, m, n, k, x.stride(0), w.stride(0), steps_per_split * cfg.block_k,
-        silu_cols, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_DOT=cfg.use_dot,
+        x, xs, w, ws, dst, amax if swiglu else dst, m, n, k, x.stride(0), w.stride(0),
+        steps_per_split * cfg.block_k, silu_cols,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
         EVEN_K=k % cfg.block_k == 0, SPLIT=split > 1, DT=dt,
         W_EVICT="evict_first" if cfg.evict_first else "", BROADCAST_X=cfg.broadcast_x,
         PREFETCH=cfg.prefetch, AHEAD=ahead, SCALED=scaled, DOT_F32=dot_f32, GLU=glu,
@@ -436,6 +436,9 @@ def fp8_gemm_swiglu_small_m(
     amax = torch.empty(m, swiglu_programs(n // 2, cfg), dtype=torch.float32, device=dev)
     if m and n and k:
         _launch(xq, xs, wq, ws, act, cfg, scaled=True, amax=amax)
+    else:  # nothing to sum: zeros, as fp8_gemm_small_m's
+        act.zero_()
+        amax.zero_()
     return act, amax
 
 

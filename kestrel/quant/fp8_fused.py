@@ -22,7 +22,11 @@ import torch
 from torch import nn
 
 from kestrel.kernels.fp8_gemm import fits_swiglu_epilogue, fp8_gemm_swiglu_small_m
-from kestrel.kernels.fp8_quant import quantize_with_amax, rms_norm_quant_fp8, silu_and_mul_quant_fp8
+from kestrel.kernels.fp8_quant import (
+    quantize_with_amax,
+    rms_norm_quant_fp8,
+    silu_and_mul_quant_fp8,
+)
 from kestrel.kernels.skinny_config import default_config, gpu_model, sm_count
 from kestrel.quant.fp8 import Fp8LinearMethod
 from kestrel.quant.fp8_ops import Fp8Input
