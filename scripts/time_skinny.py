@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kestrel.kernels.fp8_gemm import run_ahead
 from kestrel.kernels.skinny_config import default_config, gpu_model, sm_count
 from tests.quant.skinny_timing import (
     copy_bandwidth,
+    describe,
     time_config,
     weights,
     with_activation,
@@ -49,10 +51,13 @@ def main() -> None:
                              gpu=gpu_model("cuda", 0))
         for ahead in [1, *args.ahead]:
             c = cfg if ahead == 1 else dataclasses.replace(cfg, prefetch=False, ahead=ahead)
+            if run_ahead(c, k) != ahead:
+                print(f"  {label} ahead {ahead}: groups do not tile the K steps of {describe(c)}")
+                continue
             us = time_config(op, c, args.rep)
             if us is not None:
                 gbs = n * k * elem / us / 1e3
-                print(f"  {label + (f' ahead {ahead}' if ahead > 1 else ''):18} {us:7.2f} us "
+                print(f"  {label + (f' ahead {ahead}' if ahead > 1 else ''):26} {us:7.2f} us "
                       f"{gbs:6.0f} GB/s {100 * gbs / copy:5.1f}% of copy")
         del op
         torch.cuda.empty_cache()

@@ -339,9 +339,6 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
     k_steps = triton.cdiv(k, cfg.block_k)
     steps_per_split = triton.cdiv(k_steps, min(cfg.split_k, k_steps))
     split = triton.cdiv(k_steps, steps_per_split)  # no empty split
-    # look-ahead groups must tile every split exactly (else one step at a time)
-    ahead = cfg.ahead if k_steps % steps_per_split == 0 and steps_per_split % cfg.ahead == 0 \
-        else 1
     dst = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
     swiglu = amax is not None
     grid = (swiglu_programs(n // 2, cfg) if swiglu else triton.cdiv(n, cfg.block_n), split,
@@ -357,7 +354,7 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
         EVEN_K=k % cfg.block_k == 0, SPLIT=split > 1, DT=dt,
         W_EVICT="evict_first" if cfg.evict_first else "", BROADCAST_X=cfg.broadcast_x,
-        PREFETCH=cfg.prefetch, AHEAD=ahead, SCALED=scaled, DOT_F32=dot_f32, GLU=glu,
+        PREFETCH=cfg.prefetch, AHEAD=run_ahead(cfg, k), SCALED=scaled, DOT_F32=dot_f32, GLU=glu,
         SILU=silu_cols > 0, SWIGLU=swiglu,
         HW=_compiled(), RELEASE_LATE=silu_cols > 0 and split == 1, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -369,6 +366,14 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
             HW=_compiled(), BLOCK=_SUM_BLOCK, num_warps=4,
             **pdl_args(x.device))
     return out
+
+
+def run_ahead(cfg: SkinnyConfig, k: int) -> int:
+    """The K-step group a launch of ``cfg`` over K = k uses: cfg.ahead where its groups tile
+    every split exactly, else 1 (one step at a time)."""
+    k_steps = triton.cdiv(k, cfg.block_k)
+    per_split = triton.cdiv(k_steps, min(cfg.split_k, k_steps))
+    return cfg.ahead if k_steps % per_split == 0 and per_split % cfg.ahead == 0 else 1
 
 
 def _compiled() -> bool:
