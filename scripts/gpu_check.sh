@@ -125,7 +125,7 @@ if has ahead-bf16; then  # the same for BF16 decode: gate_up, qkv (prefetch off)
 fi
 if has swiglu-epilogue; then  # FP8 decode with SwiGLU in gate_up's GEMV (fp8_fused.swiglu_epilogue):
   # its GPU bit test, then batch-1 FP8-recipe decode off / on, two rounds in opposite orders
-  python3 -m pytest -q -p no:cacheprovider tests/quant/test_fp8_gemm.py -m gpu -k swiglu 2>&1 \
+  python3 -m pytest -q -p no:cacheprovider tests/quant/test_fp8_fused.py -m gpu -k swiglu 2>&1 \
     | tee "$OUT/swiglu_tests.log" | tail -n 2
   c=$(ceil)
   for order in "0 1" "1 0"; do

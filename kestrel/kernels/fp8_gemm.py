@@ -8,7 +8,8 @@ launches few blocks for a skinny problem. Here each program owns a BLOCK_N slice
 columns (and with split-K a slice of K), streams its fp8 weight rows along K in 16-byte vectors,
 and multiplies by x_scale · w_scale once, at the end.
 
-Two inner products, picked by the config (``default_config``: by M):
+Two inner products, picked by the config (``default_config``: by M; the loops live in
+``skinny_loops``):
   FMA (one x row per program): CUDA-core multiply-add into a [BLOCK_N, BLOCK_K] float32
       accumulator, reduced along K once after the loop, so the loop has no cross-lane traffic.
   dot (M > 1): tensor-core tl.dot of the fp8 tiles, computed transposed, acc [BLOCK_N, BLOCK_M]
@@ -26,6 +27,10 @@ against cuBLAS at decode (``bench_fp8_gemm.py --sweep-bf16``); configs count K i
 ``default_config(..., elem_bytes=2)`` halves block_k to keep 16-byte vectors. Its tensor-core
 dot needs no imprecise-accumulation bound (16-bit MMAs accumulate in float32) and runs float32
 inputs in full precision (``input_precision="ieee"``: no TF32 rounding, and no tensor cores).
+
+    fp8_gemm_swiglu_small_m(xq, xs, wq, ws) ~ silu_and_mul_ref(fp8_gemm_small_m(...))
+
+gate_up with SwiGLU in the epilogue (and each program's max |value| for the FP8 scale).
 """
 
 from __future__ import annotations
@@ -37,35 +42,10 @@ import triton.language as tl
 from kestrel.kernels.pdl import pdl_args, pdl_enter, pdl_release, pdl_wait
 from kestrel.kernels.rounding import DTYPE_CODES, round_dtype, silu_rounded
 from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_model, sm_count
+from kestrel.kernels.skinny_loops import dot_loop, fma_loop, load_w
 from kestrel.quant.fp8_ops import FP8_DTYPE
 
 _SUM_BLOCK = 1024  # outputs per program of the split-K reduction
-
-
-@triton.jit
-def _load_w(w_ptrs, offs_k, K, EVEN_K: tl.constexpr, W_EVICT: tl.constexpr):
-    """One K step of w; masked past K unless every step is full."""
-    if EVEN_K:
-        return tl.load(w_ptrs, eviction_policy=W_EVICT)
-    return tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0.0, eviction_policy=W_EVICT)
-
-
-@triton.jit
-def _load_x(x_ptrs, offs_k, K, EVEN_K: tl.constexpr, GLU: tl.constexpr, DT: tl.constexpr,
-            HW: tl.constexpr):
-    """One K step of x. ``GLU``: x is [silu(gate) | up] (gate_up's output with ``silu_cols``,
-    rows of 2K) and the step's x is their product, rounded to the dtype as silu_and_mul's."""
-    if EVEN_K:
-        x = tl.load(x_ptrs)
-    else:
-        x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
-    if GLU:
-        if EVEN_K:
-            up = tl.load(x_ptrs + K)
-        else:
-            up = tl.load(x_ptrs + K, mask=offs_k[None, :] < K, other=0.0)
-        x = round_dtype(x.to(tl.float32) * up.to(tl.float32), DT, HW).to(up.dtype)
-    return x
 
 
 @triton.jit
@@ -76,122 +56,6 @@ def _rounded_out(y, cols, silu_cols, DT: tl.constexpr, SILU: tl.constexpr, HW: t
     if SILU:
         y = tl.where(cols < silu_cols, silu_rounded(y, DT, HW), y)
     return y
-
-
-@triton.jit
-def _fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, W_EVICT: tl.constexpr,
-              BROADCAST_X: tl.constexpr, PREFETCH: tl.constexpr, GLU: tl.constexpr,
-              DT: tl.constexpr, HW: tl.constexpr, AHEAD: tl.constexpr):
-    """x_ptrs [1, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → x·wᵀ as [BLOCK_N, 1] float32; the first
-    K step's weights are ``w_first``, loaded by the caller. ``PREFETCH``: each step's tiles
-    are loaded one step ahead, before the math on the current ones (SkinnyConfig.prefetch);
-    ``AHEAD``: AHEAD steps loaded together (SkinnyConfig.ahead)."""
-    if BROADCAST_X:  # x in the weight tile's layout (SkinnyConfig.broadcast_x)
-        x_ptrs = x_ptrs + tl.zeros([BLOCK_N, 1], dtype=tl.int32)
-    if PREFETCH:
-        acc = _fma_prefetched(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_K, EVEN_K,
-                              W_EVICT, GLU, DT, HW)
-    else:
-        x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
-        acc = w_first.to(tl.float32) * x.to(tl.float32)
-        if AHEAD > 1:  # groups of AHEAD steps (the launch makes them divide the split)
-            acc = _fma_group(acc, x_ptrs, w_ptrs, offs_k, K, BLOCK_K, EVEN_K, W_EVICT, GLU, DT,
-                             HW, True, AHEAD)
-            for _ in range(k_lo + AHEAD * BLOCK_K, k_hi, AHEAD * BLOCK_K):
-                w_ptrs += AHEAD * BLOCK_K
-                x_ptrs += AHEAD * BLOCK_K
-                offs_k += AHEAD * BLOCK_K
-                acc = _fma_group(acc, x_ptrs, w_ptrs, offs_k, K, BLOCK_K, EVEN_K, W_EVICT, GLU,
-                                 DT, HW, False, AHEAD)
-        else:
-            for _ in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-                w_ptrs += BLOCK_K
-                x_ptrs += BLOCK_K
-                offs_k += BLOCK_K
-                w = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
-                x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
-                acc += w.to(tl.float32) * x.to(tl.float32)
-    return tl.sum(acc, axis=1)[:, None]
-
-
-@triton.jit
-def _fma_group(acc, x_ptrs, w_ptrs, offs_k, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-               W_EVICT: tl.constexpr, GLU: tl.constexpr, DT: tl.constexpr, HW: tl.constexpr,
-               FIRST: tl.constexpr, AHEAD: tl.constexpr):
-    """acc plus the products of the AHEAD (2 or 4) K steps from the pointers' one (``FIRST``:
-    from the one after, the caller having done it): every tile loaded first, at constant
-    offsets (16-byte vectors stay), then the products in step order (SkinnyConfig.ahead)."""
-    if not FIRST:
-        w0 = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
-        x0 = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
-    w1 = _load_w(w_ptrs + BLOCK_K, offs_k + BLOCK_K, K, EVEN_K, W_EVICT)
-    x1 = _load_x(x_ptrs + BLOCK_K, offs_k + BLOCK_K, K, EVEN_K, GLU, DT, HW)
-    if AHEAD == 4:
-        w2 = _load_w(w_ptrs + 2 * BLOCK_K, offs_k + 2 * BLOCK_K, K, EVEN_K, W_EVICT)
-        w3 = _load_w(w_ptrs + 3 * BLOCK_K, offs_k + 3 * BLOCK_K, K, EVEN_K, W_EVICT)
-        x2 = _load_x(x_ptrs + 2 * BLOCK_K, offs_k + 2 * BLOCK_K, K, EVEN_K, GLU, DT, HW)
-        x3 = _load_x(x_ptrs + 3 * BLOCK_K, offs_k + 3 * BLOCK_K, K, EVEN_K, GLU, DT, HW)
-    if not FIRST:
-        acc += w0.to(tl.float32) * x0.to(tl.float32)
-    acc += w1.to(tl.float32) * x1.to(tl.float32)
-    if AHEAD == 4:
-        acc += w2.to(tl.float32) * x2.to(tl.float32)
-        acc += w3.to(tl.float32) * x3.to(tl.float32)
-    return acc
-
-
-@triton.jit
-def _fma_prefetched(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_K: tl.constexpr,
-                    EVEN_K: tl.constexpr, W_EVICT: tl.constexpr, GLU: tl.constexpr,
-                    DT: tl.constexpr, HW: tl.constexpr):
-    """_fma_loop's products, each step's tiles loaded during the step before (the compiler
-    pipelines only loads that feed a dot). The last step re-reads its own tiles (L1 hits)
-    instead of reading past its K range. Same products, same order, as the plain loop."""
-    x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
-    step = tl.where(k_lo + BLOCK_K < k_hi, BLOCK_K, 0)
-    w_next = _load_w(w_ptrs + step, offs_k + step, K, EVEN_K, W_EVICT)
-    x_next = _load_x(x_ptrs + step, offs_k + step, K, EVEN_K, GLU, DT, HW)
-    acc = w_first.to(tl.float32) * x.to(tl.float32)
-    for k in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-        w, x = w_next, x_next
-        w_ptrs += step
-        x_ptrs += step
-        offs_k += step
-        step = tl.where(k + BLOCK_K < k_hi, BLOCK_K, 0)
-        w_next = _load_w(w_ptrs + step, offs_k + step, K, EVEN_K, W_EVICT)
-        x_next = _load_x(x_ptrs + step, offs_k + step, K, EVEN_K, GLU, DT, HW)
-        acc += w.to(tl.float32) * x.to(tl.float32)
-    return acc
-
-
-@triton.jit
-def _dot_step(acc, x, w, BLOCK_K: tl.constexpr, SCALED: tl.constexpr, DOT_F32: tl.constexpr):
-    if SCALED:  # fp8: promoted to float32 every BLOCK_K products
-        return tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=BLOCK_K)
-    if DOT_F32:  # float32 operands, no TF32 rounding (FMA, not tensor cores)
-        return tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
-    return tl.dot(w, tl.trans(x), acc)  # 16-bit MMA, float32 accumulation
-
-
-@triton.jit
-def _dot_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-              W_EVICT: tl.constexpr, SCALED: tl.constexpr, DOT_F32: tl.constexpr,
-              GLU: tl.constexpr, DT: tl.constexpr, HW: tl.constexpr):
-    """x_ptrs [BLOCK_M, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → w·xᵀ as [BLOCK_N, BLOCK_M]; the
-    first K step's weights are ``w_first``."""
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
-    acc = _dot_step(acc, x, w_first, BLOCK_K, SCALED, DOT_F32)
-    for _ in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        offs_k += BLOCK_K
-        w = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
-        x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
-        acc = _dot_step(acc, x, w, BLOCK_K, SCALED, DOT_F32)
-    return acc
 
 
 @triton.jit
@@ -219,7 +83,7 @@ def _skinny_kernel(
     PREFETCH: tl.constexpr,  # FMA: tiles loaded a step ahead (SkinnyConfig.prefetch)
     SCALED: tl.constexpr,  # fp8 operands with row scales; False: plain x·wᵀ
     DOT_F32: tl.constexpr,  # unscaled dot in float32, IEEE (float32 operands; see _launch)
-    GLU: tl.constexpr,  # x is [silu(gate) | up]: multiplied as it is loaded (see _load_x)
+    GLU: tl.constexpr,  # x is [silu(gate) | up]: multiplied as it is loaded (see skinny_loops._load_x)
     SILU: tl.constexpr,
     HW: tl.constexpr,  # compiled for a GPU: round_dtype's hardware rounding
     RELEASE_LATE: tl.constexpr,  # PDL: the next kernel is a GEMV (see kernels.pdl)
@@ -247,13 +111,13 @@ def _skinny_kernel(
     x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     # Every split has at least one K step. Its weights are loaded before waiting for the kernel
     # that writes x: under PDL they stream while that kernel still runs.
-    w_first = _load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
+    w_first = load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
     pdl_wait(PDL)
     if USE_DOT:
-        acc = _dot_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_M, BLOCK_N,
+        acc = dot_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_M, BLOCK_N,
                         BLOCK_K, EVEN_K, W_EVICT, SCALED, DOT_F32, GLU, DT, HW)
     else:
-        acc = _fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N, BLOCK_K,
+        acc = fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N, BLOCK_K,
                         EVEN_K, W_EVICT, BROADCAST_X, PREFETCH, GLU, DT, HW, AHEAD)
     if RELEASE_LATE:
         pdl_release(PDL)

@@ -27,7 +27,7 @@ from kestrel.kernels.fp8_quant import (
     rms_norm_quant_fp8,
     silu_and_mul_quant_fp8,
 )
-from kestrel.kernels.skinny_config import default_config, gpu_model, sm_count
+from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_model, sm_count
 from kestrel.quant.fp8 import Fp8LinearMethod
 from kestrel.quant.fp8_ops import Fp8Input
 
@@ -50,20 +50,21 @@ def uses_fp8_producers(mlp: LlamaMLP) -> bool:
     return rowwise_fp8(mlp.gate_up_proj) is not None or rowwise_fp8(mlp.down_proj) is not None
 
 
-def swiglu_epilogue(gate_up: nn.Module, tokens: int) -> bool:
-    """Does gate_up run ``fp8_gemm_swiglu_small_m`` for this many tokens: SwiGLU in the GEMV's
-    epilogue, its partial maxima handed to ``quantize_with_amax``, one kernel less than
-    silu_and_mul_quant_fp8's two (same bits). Only where the layer runs the skinny GEMM anyway,
-    without bias, and only under ``KESTREL_FP8_SWIGLU_EPILOGUE=1`` until a GPU measurement says
-    it pays (``gpu_check.sh swiglu-epilogue``)."""
+def swiglu_epilogue(gate_up: nn.Module, tokens: int) -> SkinnyConfig | None:
+    """The skinny-GEMM config with which gate_up runs ``fp8_gemm_swiglu_small_m`` for this many
+    tokens (SwiGLU in the GEMV's epilogue, its partial maxima handed to ``quantize_with_amax``:
+    one kernel less than silu_and_mul_quant_fp8's two, same bits), else None: only where the
+    layer runs the skinny GEMM anyway, without bias, and only under
+    ``KESTREL_FP8_SWIGLU_EPILOGUE=1`` until a GPU measurement says it pays
+    (``gpu_check.sh swiglu-epilogue``)."""
     if os.environ.get("KESTREL_FP8_SWIGLU_EPILOGUE", "0") != "1":
-        return False
+        return None
     if not 0 < tokens <= gate_up.fp8_small_m_max or gate_up.bias is not None:
-        return False
+        return None
     dev = gate_up.weight.device
-    return fits_swiglu_epilogue(default_config(tokens, *gate_up.weight.shape,
-                                               sm_count(dev.type, dev.index),
-                                               gpu=gpu_model(dev.type, dev.index)))
+    cfg = default_config(tokens, *gate_up.weight.shape, sm_count(dev.type, dev.index),
+                         gpu=gpu_model(dev.type, dev.index))
+    return cfg if fits_swiglu_epilogue(cfg) else None
 
 
 def fp8_norm_mlp(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,
@@ -78,9 +79,10 @@ def fp8_norm_mlp(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,
         q, s, residual = rms_norm_quant_fp8(norm.reduced(x), norm.weight, norm.eps, residual,
                                             qm.activation_scale_ub)  # [T, H] fp8, [T, 1]
         gu = mlp.gate_up_proj
-        if down is not None and swiglu_epilogue(gu, q.shape[0]):
+        cfg = swiglu_epilogue(gu, q.shape[0]) if down is not None else None
+        if cfg is not None:
             act, amax = fp8_gemm_swiglu_small_m(q, s, gu.weight, gu.weight_scale,
-                                                gu.fp8_out_dtype)  # [T, I], [T, P]
+                                                gu.fp8_out_dtype, cfg)  # [T, I], [T, P]
             q, s = quantize_with_amax(act, amax, down.activation_scale_ub)
             return mlp.down_proj(Fp8Input(q, s)), residual
         h = gu(Fp8Input(q, s))  # [T, 2I]

@@ -1,4 +1,5 @@
-"""The Triton FP8 skinny GEMM and the fused FP8 producers of the MLP, against their references.
+"""The Triton FP8 skinny GEMM and the FP8 layers' choice of it, against their references (the
+fused producers of the MLP: test_fp8_fused.py).
 
 CPU runs the kernels under TRITON_INTERPRET=1 (set by conftest) on small shapes; outputs and
 split-K partials are poisoned with NaN so an element the kernel forgets to write shows.
@@ -13,19 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kestrel.config import QuantConfig
 from kestrel.kernels import fp8_gemm, skinny_config
-from kestrel.kernels.fp8_gemm import (
-    bf16_gemm_small_m,
-    fp8_gemm_small_m,
-    fp8_gemm_swiglu_small_m,
-)
-from kestrel.kernels.fp8_quant import quantize_with_amax, silu_and_mul_quant_fp8
+from kestrel.kernels.fp8_gemm import bf16_gemm_small_m, fp8_gemm_small_m
 from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_model, sm_count
-from kestrel.layers.activation import silu_and_mul_ref
 from kestrel.layers.linear import ColumnParallelLinear, RowParallelLinear
 from kestrel.parallel.state import TPGroup
-from kestrel.quant import fp8_ops
 from kestrel.quant.fp8 import (
     Fp8Input,
     Fp8LinearMethod,
@@ -38,9 +31,9 @@ from kestrel.quant.fp8 import (
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
 # Kernels on CPU tensors run only under the interpreter, which a CUDA machine does not set
-# (conftest); their GPU counterpart is test_gpu_fp8_layers_pick_the_skinny_gemm_and_agree_with_cpu.
+# (conftest); their GPU counterpart is test_fp8_fused.py's
+# test_gpu_fp8_layers_pick_the_skinny_gemm_and_agree_with_cpu.
 interpreter_only = pytest.mark.skipif(HAS_CUDA, reason="CPU tensors through the Triton kernels "
                                       "need TRITON_INTERPRET (CPU machines)")
 OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -246,136 +239,6 @@ def test_layer_with_skinny_gemm_enabled_matches_emulation():
     _assert_matches_emulation(layer(x), q, s, layer.weight, layer.weight_scale, torch.float32)
 
 
-# ----------------------------------------------------------------------------- fused producers
-
-
-def _fp8_model(h, num_layers: int = 3):
-    cfg = h.tiny_config(num_layers)
-    return h.build(cfg, QuantConfig(method="fp8"), h.hf_weights(cfg, seed=0, std=0.05)), cfg
-
-
-@interpreter_only
-def test_fused_norm_mlp_equals_the_unfused_fp8_path(h):
-    from kestrel.models.llama import norm_mlp_ref
-    from kestrel.quant.fp8_fused import fp8_norm_mlp, uses_fp8_producers
-
-    model, cfg = _fp8_model(h)
-    layer = model.layers["1"]  # the recipe keeps layers 0 and 2 dense
-    assert uses_fp8_producers(layer.mlp) and not uses_fp8_producers(model.layers["0"].mlp)
-    gen = torch.Generator().manual_seed(4)
-    x, res = torch.randn(2, 6, cfg.hidden_size, generator=gen)
-    want, want_res = norm_mlp_ref(layer.post_attention_layernorm, layer.mlp, x, res)
-    got, got_res = fp8_norm_mlp(layer.post_attention_layernorm, layer.mlp, x, res)
-    assert torch.equal(got_res, want_res)
-    # RMSNorm sums squares in another order, so an fp8 code of its output may move by one ulp.
-    torch.testing.assert_close(got, want, rtol=0, atol=0.02 * float(want.abs().max()))
-    rel = float((got - want).norm() / want.norm())
-    assert rel < 5e-3, rel
-
-
-@interpreter_only
-def test_fused_swiglu_quant_gives_down_proj_the_codes_it_would_compute(h):
-    """SwiGLU → fp8 in one kernel ≈ the layer quantizing SwiGLU's output itself. Not bit-exact
-    in float32: the kernel's exp and torch's may differ by an ulp, moving a scale by one ulp."""
-    from kestrel.kernels.fp8_quant import silu_and_mul_quant_fp8
-
-    model, cfg = _fp8_model(h)
-    down = model.layers["1"].mlp.down_proj
-    hidden = torch.randn(5, 2 * cfg.intermediate_size, generator=torch.Generator().manual_seed(6))
-    q, s = silu_and_mul_quant_fp8(hidden, down.quant_method.activation_scale_ub)
-    act = model.layers["1"].mlp.act(hidden)
-    qr, sr = quantize_rowwise_ref(act, down.quant_method.activation_scale_ub)
-    torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
-    codes = (q.float() - qr.float()).abs() / qr.float().abs().clamp(min=2.0 ** -9)
-    assert float(codes.max()) <= 0.125  # at most one e4m3 step (3 mantissa bits)
-    want = down(act)
-    torch.testing.assert_close(down(Fp8Input(q, s)), want, rtol=0,
-                               atol=1e-3 * float(want.abs().max()))
-
-
-@interpreter_only
-def test_model_with_triton_kernels_matches_the_plain_model(h):
-    """use_triton_kernels on a tiny FP8 model (interpreter): fused norm→MLP on the middle layer
-    only, the skinny GEMM for its few rows, and logits close to the plain CPU path."""
-    from kestrel.executor.loading import use_triton_kernels
-    from kestrel.models.llama import norm_mlp_ref
-    from kestrel.quant.fp8_fused import fp8_norm_mlp
-
-    model, cfg = _fp8_model(h)
-    ids = torch.randint(0, cfg.vocab_size, (6,), generator=torch.Generator().manual_seed(5))
-    want = h.prefill_logits(model, ids.tolist())
-    use_triton_kernels(model)
-    assert [lay.norm_mlp for lay in model.layers.values()] == [norm_mlp_ref, fp8_norm_mlp,
-                                                                norm_mlp_ref]
-    for m in model.modules():
-        if isinstance(getattr(m, "quant_method", None), Fp8LinearMethod):
-            m.fp8_small_m_max = 16
-    got = h.prefill_logits(model, ids.tolist())
-    assert torch.isfinite(got).all()
-    assert float((got - want).norm() / want.norm()) < 5e-3
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
-
-
-def _swiglu_reference(xq, xs, wq, ws, cfg, scale_ub=1200.0):
-    """What the epilogue replaces: gate_up's output, silu_and_mul_ref in the dtype, and the
-    two-kernel SwiGLU + quantization of it."""
-    h = fp8_gemm_small_m(xq, xs, wq, ws, torch.bfloat16, config=cfg)
-    return silu_and_mul_ref(h), silu_and_mul_quant_fp8(h, scale_ub)
-
-
-@FEW
-@given(i=st.integers(1, 300), k=st.integers(1, 200), seed=st.integers(0, 2**31),
-       cfg=st.sampled_from([None, SkinnyConfig(16, 32), SkinnyConfig(2, 64, broadcast_x=True),
-                            SkinnyConfig(8, 16, ahead=2)]))
-def test_swiglu_epilogue_gives_the_two_kernel_bits(i, k, seed, cfg):
-    """fp8_gemm_swiglu_small_m + quantize_with_amax = gate_up's GEMV, then SwiGLU, then its
-    quantization: the activation, the fp8 codes and the scale bit for bit (partial columns at
-    the end, K not a multiple of block_k, the default config)."""
-    xq, xs, wq, ws = _operands(1, k, 2 * i, seed)
-    want_act, (want_q, want_s) = _swiglu_reference(xq, xs, wq, ws, cfg)
-    act, amax = fp8_gemm_swiglu_small_m(xq, xs, wq, ws, torch.bfloat16, config=cfg)
-    assert torch.equal(act, want_act)
-    q, s = quantize_with_amax(act, amax, 1200.0)
-    assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
-
-
-def test_swiglu_epilogue_refuses_what_it_cannot_fold():
-    xq, xs, wq, ws = _operands(1, 64, 32, seed=4)
-    for cfg in (SkinnyConfig(16, 32, split_k=2), SkinnyConfig(16, 32, use_dot=True)):
-        with pytest.raises(ValueError, match="SwiGLU epilogue"):
-            fp8_gemm_swiglu_small_m(xq, xs, wq, ws, config=cfg)
-    with pytest.raises(ValueError, match="must be even"):
-        fp8_gemm_swiglu_small_m(xq, xs, wq[:31], ws[:31])
-    act = torch.ones(2, 8, device=DEV)
-    with pytest.raises(ValueError, match="amax"):
-        quantize_with_amax(act, torch.ones(3, 1, device=DEV))
-
-
-@interpreter_only
-def test_fp8_norm_mlp_with_the_swiglu_epilogue_keeps_the_logits(h, monkeypatch):
-    """KESTREL_FP8_SWIGLU_EPILOGUE=1 on the tiny FP8 model's skinny path: the same logits, bit
-    for bit, where it runs (one token: an FMA config; more rows take tensor-core configs,
-    which it leaves alone)."""
-    from kestrel.executor.loading import use_triton_kernels
-    from kestrel.quant import fp8_fused
-
-    model, cfg = _fp8_model(h)
-    use_triton_kernels(model)
-    for m in model.modules():
-        if isinstance(getattr(m, "quant_method", None), Fp8LinearMethod):
-            m.fp8_small_m_max = 16
-    prompts = [[17], [3, 99, 250, 7]]
-    want = [h.prefill_logits(model, p) for p in prompts]
-    calls = []
-    real = fp8_fused.fp8_gemm_swiglu_small_m
-    monkeypatch.setattr(fp8_fused, "fp8_gemm_swiglu_small_m",
-                        lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
-    monkeypatch.setenv("KESTREL_FP8_SWIGLU_EPILOGUE", "1")
-    for p, w in zip(prompts, want, strict=True):
-        assert torch.equal(h.prefill_logits(model, p), w)
-    assert calls == [1]  # the middle layer, for the one-token prompt only
-
-
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -388,37 +251,6 @@ def test_llama_ffn_shapes_on_gpu(m, n, k):
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
     _assert_matches_emulation(fp8_gemm_small_m(xq, xs, wq, ws, torch.bfloat16, out=out),
                               xq, xs, wq, ws, torch.bfloat16)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_gpu_fp8_layers_pick_the_skinny_gemm_and_agree_with_cpu(h):
-    """On an FP8 GPU the layers enable the skinny GEMM; the fused norm→MLP (bf16, 1 and 40
-    tokens: skinny GEMM and _scaled_mm) stays close to the CPU float32 unfused path."""
-    from kestrel.models.llama import norm_mlp_ref
-    from kestrel.quant.fp8_fused import fp8_norm_mlp
-
-    cfg = h.tiny_config(3)
-    weights = h.hf_weights(cfg, seed=0, std=0.05)
-    cpu = h.build(cfg, QuantConfig(method="fp8"), weights)
-    with torch.device("cuda"):
-        model = type(cpu)(cfg, torch.bfloat16, type(cpu.layers["0"].self_attn.attn),
-                          quant=QuantConfig(method="fp8"))
-    model.load_weights(weights.items())
-    mlp = model.layers["1"].mlp
-    if torch.cuda.get_device_capability() >= (8, 9):
-        assert mlp.down_proj.fp8_small_m_max == fp8_ops.SMALL_M_MAX
-    for t in (1, 40):
-        x, res = torch.randn(2, t, cfg.hidden_size, generator=torch.Generator().manual_seed(t))
-        want, _ = norm_mlp_ref(cpu.layers["1"].post_attention_layernorm, cpu.layers["1"].mlp,
-                               x, res)
-        got, _ = fp8_norm_mlp(model.layers["1"].post_attention_layernorm, mlp,
-                              x.bfloat16().cuda(), res.bfloat16().cuda())
-        rel = float((got.float().cpu() - want).norm() / want.norm())
-        # bf16 inputs move some values across FP8 rounding steps (12.5% apart) at both
-        # quantization points (norm output, SwiGLU output): a few percent in norm is expected
-        # (3.8% seen on an H200 at 40 tokens); a wrong scale or layout gives tens of percent.
-        assert rel < 5e-2, (t, rel)
 
 
 @pytest.mark.parametrize("cfg", [SkinnyConfig(8, 16), SkinnyConfig(8, 16, split_k=3),
@@ -488,16 +320,3 @@ def test_look_ahead_groups_on_gpu(n, k, ahead):
     grouped = fp8_gemm_small_m(xq, xs, wq, ws, torch.bfloat16,
                                config=dataclasses.replace(cfg, ahead=ahead))
     assert torch.equal(plain, grouped)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_swiglu_epilogue_on_gpu():
-    """Llama-3-8B's gate_up with the SwiGLU epilogue: the two-kernel path's bits on the GPU."""
-    xq, xs, wq, ws = _operands(1, 4096, 28672, seed=9)
-    cfg = default_config(1, 28672, 4096, sm_count("cuda", 0), gpu=gpu_model("cuda", 0))
-    want_act, (want_q, want_s) = _swiglu_reference(xq, xs, wq, ws, cfg)
-    act, amax = fp8_gemm_swiglu_small_m(xq, xs, wq, ws, torch.bfloat16)
-    q, s = quantize_with_amax(act, amax, 1200.0)
-    assert torch.equal(act, want_act) and torch.equal(s, want_s)
-    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
