@@ -3,8 +3,7 @@
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 |
-#         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab | ahead |
-#         ahead-bf16 | swiglu-epilogue
+#         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
 # summary table is printed last.
@@ -104,35 +103,6 @@ if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default), the 4k prefill
           latency --preset $preset --batch 1 $shape $q --max-num-seqs 1 \
           $c --json "$OUT/ab_${tag}.json" ) | grep -E "$show" | sed "s/^/$tag: /"
       done
-    done
-  done
-fi
-if has ahead; then  # GEMV K steps loaded in groups (SkinnyConfig.ahead): bit-equality on the
-  # GPU, the decode GEMVs alone, then batch-1 FP8-recipe decode with the FFN entries grouped
-  python3 -m pytest -q -p no:cacheprovider tests/quant/test_fp8_gemm.py -m gpu -k look_ahead \
-    2>&1 | tee "$OUT/ahead_tests.log" | tail -n 2
-  python3 scripts/time_skinny.py --ahead 2 4 2>&1 | tee "$OUT/ahead_time_skinny.log"
-  gu=8:28672x4096:16,256,1,4,3,ef,bx dn=8:4096x14336:4,1024,1,4,1,ef,bx
-  python3 scripts/ab_skinny_configs.py --quantization fp8 --rounds 2 \
-    --candidate "gu4dn2=$gu,a4+$dn,a2" --candidate "gu2dn2=$gu,a2+$dn,a2" 2>&1 \
-    | tee "$OUT/ahead_ab_fp8.log" | tail -n 3
-fi
-if has ahead-bf16; then  # the same for BF16 decode: gate_up, qkv (prefetch off), o_proj grouped
-  gu=16:28672x4096:16,256,1,4,3,ef,bx qkv=16:6144x4096:4,512,1,2,3,ef
-  o=16:4096x4096:4,1024,1,4,1,ef
-  python3 scripts/ab_skinny_configs.py --rounds 2 --candidate "a4=$gu,a4+$qkv,a4+$o,a4" \
-    --candidate "a2=$gu,a2+$qkv,a2+$o,a2" 2>&1 | tee "$OUT/ahead_ab_bf16.log" | tail -n 3
-fi
-if has swiglu-epilogue; then  # FP8 decode with SwiGLU in gate_up's GEMV (fp8_fused.swiglu_epilogue):
-  # its GPU bit test, then batch-1 FP8-recipe decode off / on, two rounds in opposite orders
-  python3 -m pytest -q -p no:cacheprovider tests/quant/test_fp8_fused.py -m gpu -k swiglu 2>&1 \
-    | tee "$OUT/swiglu_tests.log" | tail -n 2
-  c=$(ceil)
-  for order in "0 1" "1 0"; do
-    for e in $order; do
-      KESTREL_FP8_SWIGLU_EPILOGUE=$e $L8 --batch 1 --input 128 --output 256 --quantization fp8 \
-        --max-num-seqs 1 $c --json "$OUT/decode_b1_fp8_swiglu_epilogue$e.json" \
-        | grep -E "time per output" | sed "s/^/epilogue $e: /"
     done
   done
 fi

@@ -4,7 +4,8 @@ broadcast_x, then the fastest few again with prefetch, K steps loaded in groups 
 other pipeline depths. For shapes far below the copy rate (TP=2's down and o_proj: 70-78% in
 the tenth session).
 
-    python scripts/sweep_skinny_shapes.py --shapes 4096x7168 4096x2048 [--budget-s 120]
+    python scripts/sweep_skinny_shapes.py --shapes 4096x7168 4096x2048 [--budget-s 120] \
+        [--fp8] [--ahead 2 4]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kestrel.kernels.fp8_gemm import run_ahead
 from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_model, sm_count
 from tests.quant.skinny_timing import (
     copy_bandwidth,
@@ -31,8 +33,9 @@ from tests.quant.skinny_timing import (
 )
 
 
-def grid(n: int, k: int, elem: int) -> list[SkinnyConfig]:
-    """Tiles of 4-16 KB per K step (block_k in elements of ``elem`` bytes)."""
+def grid(n: int, k: int, elem: int, ahead: tuple[int, ...] = ()) -> list[SkinnyConfig]:
+    """Tiles of 4-16 KB per K step (block_k in elements of ``elem`` bytes), each also with its
+    K steps loaded in groups of ``ahead`` where the groups tile every split."""
     out = []
     for bn in (2, 4, 8, 16, 32):
         for bk in (128 // elem, 256 // elem, 512 // elem, 1024 // elem, 2048 // elem):
@@ -46,9 +49,12 @@ def grid(n: int, k: int, elem: int) -> list[SkinnyConfig]:
                     if split > 1 and steps // split < 2:
                         continue
                     c = SkinnyConfig(bn, bk, split, num_warps=w, evict_first=True)
-                    out.append(c)
+                    variants = [c]
                     if bk * elem < 512 * w:
-                        out.append(dataclasses.replace(c, broadcast_x=True))
+                        variants.append(dataclasses.replace(c, broadcast_x=True))
+                    out += variants + [dataclasses.replace(v, ahead=a) for v in variants
+                                       for a in ahead if run_ahead(
+                                           dataclasses.replace(v, ahead=a), k) == a]
     return out
 
 
@@ -58,6 +64,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=120.0, help="per shape")
     ap.add_argument("--rep", type=int, default=10)
     ap.add_argument("--fp8", action="store_true", help="fp8_gemm_small_m (fp8 weights)")
+    ap.add_argument("--ahead", type=int, nargs="*", default=[],
+                    help="K-step groups tried across the whole grid, not only in refinement")
     args = ap.parse_args()
     copy = copy_bandwidth()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -70,7 +78,7 @@ def main() -> None:
         op = with_activation(op, 1) if args.fp8 else with_activation_bf16(op, 1)
         dflt = default_config(1, n, k, sms, elem_bytes=elem, gpu=gpu_model("cuda", 0))
         timed, start = {}, time.monotonic()
-        configs = grid(n, k, elem)
+        configs = grid(n, k, elem, tuple(args.ahead))
         random.Random(0).shuffle(configs)  # a budget cut leaves a sample of the whole grid
         configs = [dflt] + configs
         for c in configs:
@@ -81,7 +89,7 @@ def main() -> None:
                 timed[c] = us
         best = sorted(timed, key=timed.get)[:4]
         for c in best:  # refinement: prefetch or K steps in groups, pipeline depth
-            for v in (dataclasses.replace(c, prefetch=True),
+            for v in (dataclasses.replace(c, prefetch=True, ahead=1),
                       *(dataclasses.replace(c, prefetch=False, ahead=a) for a in (2, 4)),
                       *(dataclasses.replace(c, num_stages=s) for s in (1, 2))):
                 if v not in timed and (us := time_config(op, v, args.rep)) is not None:

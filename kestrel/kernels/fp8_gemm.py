@@ -27,10 +27,6 @@ against cuBLAS at decode (``bench_fp8_gemm.py --sweep-bf16``); configs count K i
 ``default_config(..., elem_bytes=2)`` halves block_k to keep 16-byte vectors. Its tensor-core
 dot needs no imprecise-accumulation bound (16-bit MMAs accumulate in float32) and runs float32
 inputs in full precision (``input_precision="ieee"``: no TF32 rounding, and no tensor cores).
-
-    fp8_gemm_swiglu_small_m(xq, xs, wq, ws) ~ silu_and_mul_ref(fp8_gemm_small_m(...))
-
-gate_up with SwiGLU in the epilogue (and each program's max |value| for the FP8 scale).
 """
 
 from __future__ import annotations
@@ -64,8 +60,7 @@ def _skinny_kernel(
     xs_ptr,  # [M] float32; not read unless SCALED
     w_ptr,  # [N, K] fp8 (SCALED) or bf16 / fp16 / float32, K contiguous
     ws_ptr,  # [N] float32; not read unless SCALED
-    out_ptr,  # [M, N] output dtype; [S, M, N] float32 partials when SPLIT; SWIGLU: [M, N/2]
-    amax_ptr,  # SWIGLU: [M, programs along N] float32, each program's max |output|
+    out_ptr,  # [M, N] output dtype; [S, M, N] float32 partials when SPLIT
     M, N, K,
     stride_xm,
     stride_wn,
@@ -89,7 +84,6 @@ def _skinny_kernel(
     RELEASE_LATE: tl.constexpr,  # PDL: the next kernel is a GEMV (see kernels.pdl)
     PDL: tl.constexpr,  # launched with programmatic dependent launch (kernels.pdl)
     AHEAD: tl.constexpr,  # FMA: K steps loaded together (SkinnyConfig.ahead)
-    SWIGLU: tl.constexpr,  # w is [gate; up], N = 2I: out is silu(gate)·up (fp8_gemm_swiglu_...)
 ):
     if not RELEASE_LATE:
         pdl_release(PDL)
@@ -98,11 +92,6 @@ def _skinny_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     # Clamped rows: loads need no mask along N or M; the duplicates are computed, never stored.
     rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
-    if SWIGLU:  # tile rows 2i and 2i + 1: gate row j and up row j, j = the program's i-th column
-        half = N // 2
-        local = tl.arange(0, BLOCK_N)
-        cols = pid_n * (BLOCK_N // 2) + local // 2
-        rows_n = (tl.minimum(cols, half - 1) + (local % 2) * half).to(tl.int64)
     rows_m = tl.minimum(offs_m, M - 1).to(tl.int64)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
@@ -127,15 +116,6 @@ def _skinny_kernel(
         y = acc * ws[:, None] * xs[None, :]  # [BLOCK_N, BLOCK_M]
     else:
         y = acc
-    if SWIGLU:  # one row (FMA), no split: gate and up of a column are neighbours in y
-        gate, up = tl.split(tl.reshape(round_dtype(y, DT), [BLOCK_N // 2, 2]))
-        act = round_dtype(silu_rounded(gate, DT, HW) * up, DT, HW)  # as silu_and_mul's
-        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        ok = cols < N // 2
-        tl.store(out_ptr + pid_m * (N // 2) + cols, act.to(out_ptr.dtype.element_ty), mask=ok)
-        tl.store(amax_ptr + pid_m * tl.num_programs(0) + pid_n,
-                 tl.max(tl.where(ok, tl.abs(act), 0.0), axis=0))
-        return
     mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
     offs = offs_m[None, :] * N + offs_n[:, None]  # out is [M, N] row-major: N is contiguous
     if SPLIT:
@@ -194,9 +174,9 @@ def _out_tensor(name: str, out: torch.Tensor | None, m: int, n: int, dtype: torc
 
 def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
             out: torch.Tensor, cfg: SkinnyConfig, scaled: bool, silu_cols: int = 0,
-            glu: bool = False, amax: torch.Tensor | None = None) -> torch.Tensor:
+            glu: bool = False) -> torch.Tensor:
     """The skinny kernel (and the split-K sum) on validated, K-contiguous operands, M, N, K > 0
-    (``silu_cols``, ``glu``: see bf16_gemm_small_m; ``amax``: fp8_gemm_swiglu_small_m's)."""
+    (``silu_cols``, ``glu``: see bf16_gemm_small_m)."""
     m, (n, k) = x.shape[0], w.shape
     dt = DTYPE_CODES[out.dtype]
     block_m = min(64, max(16, triton.next_power_of_2(m))) if cfg.use_dot else 1
@@ -204,22 +184,20 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
     steps_per_split = triton.cdiv(k_steps, min(cfg.split_k, k_steps))
     split = triton.cdiv(k_steps, steps_per_split)  # no empty split
     dst = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=out.device)
-    swiglu = amax is not None
-    grid = (swiglu_programs(n // 2, cfg) if swiglu else triton.cdiv(n, cfg.block_n), split,
-            triton.cdiv(m, block_m))
+    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, block_m))
     # float32 dots in IEEE precision; also bf16 ones under the interpreter, whose tl.dot
     # (Triton 3.9) multiplies bf16 tiles as their raw 16-bit integers. bf16 products are exact
     # in float32, so this is the same function as the GPU's bf16 MMA.
     dot_f32 = not scaled and (w.dtype == torch.float32
                               or (w.dtype == torch.bfloat16 and not _compiled()))
     _skinny_kernel[grid](
-        x, xs, w, ws, dst, amax if swiglu else dst, m, n, k, x.stride(0), w.stride(0),
+        x, xs, w, ws, dst, m, n, k, x.stride(0), w.stride(0),
         steps_per_split * cfg.block_k, silu_cols,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
         EVEN_K=k % cfg.block_k == 0, SPLIT=split > 1, DT=dt,
         W_EVICT="evict_first" if cfg.evict_first else "", BROADCAST_X=cfg.broadcast_x,
         PREFETCH=cfg.prefetch, AHEAD=run_ahead(cfg, k), SCALED=scaled, DOT_F32=dot_f32, GLU=glu,
-        SILU=silu_cols > 0, SWIGLU=swiglu,
+        SILU=silu_cols > 0,
         HW=_compiled(), RELEASE_LATE=silu_cols > 0 and split == 1, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_args(x.device),
@@ -265,50 +243,6 @@ def fp8_gemm_small_m(
     cfg = config or default_config(m, n, k, sm_count(dev.type, dev.index),
                                    gpu=gpu_model(dev.type, dev.index))
     return _launch(xq, xs, wq, ws, out, cfg, scaled=True)
-
-
-def swiglu_programs(i: int, cfg: SkinnyConfig) -> int:
-    """Programs along N of fp8_gemm_swiglu_small_m for I output columns: each takes block_n / 2
-    of them (a gate and an up row each)."""
-    return triton.cdiv(i, cfg.block_n // 2)
-
-
-def fits_swiglu_epilogue(cfg: SkinnyConfig) -> bool:
-    """Can fp8_gemm_swiglu_small_m run this config: one x row per program (FMA), no split-K
-    (the epilogue needs a column's whole sums), an even block_n?"""
-    return not cfg.use_dot and cfg.split_k == 1 and cfg.block_n >= 2
-
-
-def fp8_gemm_swiglu_small_m(
-    xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-    out_dtype: torch.dtype = torch.bfloat16, config: SkinnyConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """gate_up's GEMV with SwiGLU in its epilogue: wq [2I, K] (gate rows, then up rows) →
-    (silu(gate)·up [M, I] in out_dtype, amax [M, P] float32).
-
-    Each program multiplies gate row j and up row j side by side and writes silu(gate)·up for
-    its columns, bit for bit ``silu_and_mul_ref`` of ``fp8_gemm_small_m``'s output, and its
-    largest |value|: ``fp8_quant.quantize_with_amax`` turns the P maxima into the row's scale
-    and quantizes, one kernel instead of silu_and_mul_quant_fp8's two (decode: the gate_up
-    output is never written). ``config`` (default_config of the [2I, K] shape) must pass
-    ``fits_swiglu_epilogue``.
-    """
-    xq, xs, wq, ws = _operands(xq, x_scale, wq, w_scale, out_dtype)
-    (m, k), n = xq.shape, wq.shape[0]
-    dev = xq.device
-    cfg = config or default_config(m, n, k, sm_count(dev.type, dev.index),
-                                   gpu=gpu_model(dev.type, dev.index))
-    if n % 2 or not fits_swiglu_epilogue(cfg):
-        raise ValueError(f"fp8_gemm_swiglu_small_m: {n} rows (must be even) or config {cfg} "
-                         "without the SwiGLU epilogue (FMA, split_k 1, block_n >= 2)")
-    act = torch.empty(m, n // 2, dtype=out_dtype, device=dev)
-    amax = torch.empty(m, swiglu_programs(n // 2, cfg), dtype=torch.float32, device=dev)
-    if m and n and k:
-        _launch(xq, xs, wq, ws, act, cfg, scaled=True, amax=amax)
-    else:  # nothing to sum: zeros, as fp8_gemm_small_m's
-        act.zero_()
-        amax.zero_()
-    return act, amax
 
 
 def bf16_gemm_small_m(x: torch.Tensor, w: torch.Tensor, config: SkinnyConfig | None = None,

@@ -124,25 +124,25 @@ def _chunk_amax_kernel(
 @triton.jit
 def _chunk_quant_kernel(
     a_ptr,  # [T, N] the values to quantize: x, or phase 1's activation
-    amax_ptr,  # [T, P] float32 from phase 1 (P = C) or a GEMV's epilogue
+    amax_ptr,  # [T, C] float32 from phase 1
     q_ptr,  # [T, N] uint8 (e4m3 bits)
     s_ptr,  # [T] float32
-    n_parts,  # P
     n_cols,
     stride_a,
     stride_q,
     scale_ub,
     HW_CAST: tl.constexpr,
     CHUNK: tl.constexpr,
-    BLOCK_C: tl.constexpr,  # next power of two of P
+    BLOCK_C: tl.constexpr,  # next power of two of C
     PDL: tl.constexpr,
 ):
-    """Phase 2 of a split row: program (row, c) reduces the row's P partial amaxes to its scale
+    """Phase 2 of a split row: program (row, c) reduces the row's C chunk amaxes to its scale
     (every program of the row gets the same one) and quantizes chunk c."""
     pdl_enter(PDL)
     row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    n_chunks = tl.num_programs(1)
     chunks = tl.arange(0, BLOCK_C)
-    parts = tl.load(amax_ptr + row * n_parts + chunks, mask=chunks < n_parts, other=0.0)
+    parts = tl.load(amax_ptr + row * n_chunks + chunks, mask=chunks < n_chunks, other=0.0)
     scale = scale_of(tl.max(parts, axis=0), scale_ub)
     rcp = tl.math.div_rn(1.0, scale)
     offs = c * CHUNK + tl.arange(0, CHUNK)
@@ -222,36 +222,10 @@ def _launch_split(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, n_cols: int
     _chunk_amax_kernel[grid](x, act, amax, n_cols, x.stride(0), SILU=silu,
                              DT=DTYPE_CODES[x.dtype], HW_CAST=hw_fp8_cast(x.device), CHUNK=chunk,
                              num_warps=_warps(chunk), **pdl_args(x.device))
-    _quant_chunks(act, amax, q, s, scale_ub, chunk)
-
-
-def _quant_chunks(a: torch.Tensor, amax: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
-                  scale_ub: float | None, chunk: int) -> None:
-    """a [T, N] → q, s given each row's partial maxima amax [T, P], chunk columns a program."""
-    grid = (a.shape[0], triton.cdiv(a.shape[1], chunk))
     _chunk_quant_kernel[grid](
-        a, amax, q, s, amax.shape[1], a.shape[1], a.stride(0), q.stride(0), _ub(scale_ub),
-        HW_CAST=hw_fp8_cast(a.device), CHUNK=chunk,
-        BLOCK_C=triton.next_power_of_2(amax.shape[1]), num_warps=_warps(chunk),
-        **pdl_args(a.device))
-
-
-def quantize_with_amax(act: torch.Tensor, amax: torch.Tensor, scale_ub: float | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """act [T, N] → (fp8 [T, N], scale [T, 1]) when something already took partial maxima of
-    each row, amax [T, P] (``fp8_gemm.fp8_gemm_swiglu_small_m``): the row's scale is
-    scale_of(max over P), as per_token_quant_fp8 would compute it from act itself."""
-    act = _rows(act, "quantize_with_amax")
-    if amax.shape[0] != act.shape[0] or amax.dtype != torch.float32 or amax.dim() != 2 \
-            or not amax.is_contiguous():
-        raise ValueError(f"quantize_with_amax: amax must be contiguous float32 [{act.shape[0]}, "
-                         f"P], got {tuple(amax.shape)} {amax.dtype}")
-    t, n = act.shape
-    q = torch.empty(t, n, dtype=torch.uint8, device=act.device)
-    s = torch.empty(t, 1, dtype=torch.float32, device=act.device)
-    if t and n:
-        _quant_chunks(act, amax, q, s, scale_ub, min(_CHUNK, triton.next_power_of_2(n)))
-    return q.view(FP8_DTYPE), s
+        act, amax, q, s, n_cols, act.stride(0), q.stride(0), _ub(scale_ub),
+        HW_CAST=hw_fp8_cast(x.device), CHUNK=chunk, BLOCK_C=triton.next_power_of_2(n_chunks),
+        num_warps=_warps(chunk), **pdl_args(x.device))
 
 
 def _launch_rowwise(x: torch.Tensor, n_cols: int, silu: bool, scale_ub: float | None,

@@ -107,6 +107,11 @@ TUNED: dict[tuple[int, int, int, int], SkinnyConfig] = {
     # alone; FP8-recipe decode 3.0221 → 2.9818 ms (`scripts/ab_skinny_configs.py`)
     ("H200", 1, 4096, 14336): SkinnyConfig(4, 1024, 1, num_stages=1, evict_first=True,
                                            broadcast_x=True),
+    # twentieth session: gate_up's K steps loaded two at a time, 30.39 → 29.25 µs alone
+    # (`time_skinny.py --ahead 2`); FP8-recipe decode 2.8988 → 2.8890 ms, two rounds each
+    # (`ab_skinny_configs.py`, call 2)
+    ("H200", 1, 28672, 4096): SkinnyConfig(16, 256, 1, evict_first=True, broadcast_x=True,
+                                           ahead=2),
 }
 
 # The same for 16-bit weights (``bf16_gemm_small_m``), lines that ``bench_fp8_gemm.py

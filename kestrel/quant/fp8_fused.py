@@ -3,8 +3,7 @@
 Unfused, an FP8 layer reads its float input a second time to quantize it (per_token_quant_fp8):
 at 4096 tokens that pass costs down_proj most of its FP8 gain, and at one token it is one more
 launch per layer. Here post_attention_layernorm emits fp8 + per-token scales for gate_up_proj
-(``rms_norm_quant_fp8``) and SwiGLU emits them for down_proj (``silu_and_mul_quant_fp8``; or,
-opt-in at decode, gate_up's GEMV computes SwiGLU itself: ``swiglu_epilogue``). Each
+(``rms_norm_quant_fp8``) and SwiGLU emits them for down_proj (``silu_and_mul_quant_fp8``). Each
 layer still runs its own forward (bias after the all-reduce, gather): it is handed an
 ``Fp8Input`` instead of a float tensor, and ``Fp8LinearMethod.apply`` skips its quantize pass.
 
@@ -15,19 +14,12 @@ the CPU path never sees it. Oracle: norm_mlp_ref, with quantization inside the l
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from kestrel.kernels.fp8_gemm import fits_swiglu_epilogue, fp8_gemm_swiglu_small_m
-from kestrel.kernels.fp8_quant import (
-    quantize_with_amax,
-    rms_norm_quant_fp8,
-    silu_and_mul_quant_fp8,
-)
-from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_model, sm_count
+from kestrel.kernels.fp8_quant import rms_norm_quant_fp8, silu_and_mul_quant_fp8
 from kestrel.quant.fp8 import Fp8LinearMethod
 from kestrel.quant.fp8_ops import Fp8Input
 
@@ -50,23 +42,6 @@ def uses_fp8_producers(mlp: LlamaMLP) -> bool:
     return rowwise_fp8(mlp.gate_up_proj) is not None or rowwise_fp8(mlp.down_proj) is not None
 
 
-def swiglu_epilogue(gate_up: nn.Module, tokens: int) -> SkinnyConfig | None:
-    """The skinny-GEMM config with which gate_up runs ``fp8_gemm_swiglu_small_m`` for this many
-    tokens (SwiGLU in the GEMV's epilogue, its partial maxima handed to ``quantize_with_amax``:
-    one kernel less than silu_and_mul_quant_fp8's two, same bits), else None: only where the
-    layer runs the skinny GEMM anyway, without bias, and only under
-    ``KESTREL_FP8_SWIGLU_EPILOGUE=1`` until a GPU measurement says it pays
-    (``gpu_check.sh swiglu-epilogue``)."""
-    if os.environ.get("KESTREL_FP8_SWIGLU_EPILOGUE", "0") != "1":
-        return None
-    if not 0 < tokens <= gate_up.fp8_small_m_max or gate_up.bias is not None:
-        return None
-    dev = gate_up.weight.device
-    cfg = default_config(tokens, *gate_up.weight.shape, sm_count(dev.type, dev.index),
-                         gpu=gpu_model(dev.type, dev.index))
-    return cfg if fits_swiglu_epilogue(cfg) else None
-
-
 def fp8_norm_mlp(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,
                  residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop-in for norm_mlp_ref: (x + residual) → RMSNorm → gate_up → SwiGLU → down.
@@ -78,14 +53,7 @@ def fp8_norm_mlp(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,
     if qm is not None:
         q, s, residual = rms_norm_quant_fp8(norm.reduced(x), norm.weight, norm.eps, residual,
                                             qm.activation_scale_ub)  # [T, H] fp8, [T, 1]
-        gu = mlp.gate_up_proj
-        cfg = swiglu_epilogue(gu, q.shape[0]) if down is not None else None
-        if cfg is not None:
-            act, amax = fp8_gemm_swiglu_small_m(q, s, gu.weight, gu.weight_scale,
-                                                gu.fp8_out_dtype, cfg)  # [T, I], [T, P]
-            q, s = quantize_with_amax(act, amax, down.activation_scale_ub)
-            return mlp.down_proj(Fp8Input(q, s)), residual
-        h = gu(Fp8Input(q, s))  # [T, 2I]
+        h = mlp.gate_up_proj(Fp8Input(q, s))  # [T, 2I]
     else:
         x, residual = norm(x, residual)
         h = mlp.gate_up_proj(x)

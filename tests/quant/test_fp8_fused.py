@@ -1,24 +1,19 @@
 """The fused FP8 producers of the MLP (kestrel/quant/fp8_fused.py): RMSNorm and SwiGLU that
-emit fp8 codes and scales, and SwiGLU in gate_up's skinny GEMV (fp8_gemm_swiglu_small_m),
-against the unfused layers. CPU runs the kernels under TRITON_INTERPRET=1 (conftest).
+emit fp8 codes and scales, against the unfused layers. CPU runs the kernels under
+TRITON_INTERPRET=1 (conftest).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
 from kestrel.config import QuantConfig
-from kestrel.kernels.fp8_gemm import fp8_gemm_small_m, fp8_gemm_swiglu_small_m
-from kestrel.kernels.fp8_quant import quantize_with_amax, silu_and_mul_quant_fp8
-from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_model, sm_count
-from kestrel.layers.activation import silu_and_mul_ref
+from kestrel.kernels.fp8_quant import silu_and_mul_quant_fp8
 from kestrel.quant import fp8_ops
 from kestrel.quant.fp8 import Fp8LinearMethod, quantize_rowwise_ref
 from kestrel.quant.fp8_ops import Fp8Input
-from tests.quant.test_fp8_gemm import DEV, FEW, HAS_CUDA, _operands, interpreter_only
+from tests.quant.test_fp8_gemm import HAS_CUDA, interpreter_only
 
 
 def _fp8_model(h, num_layers: int = 3):
@@ -49,7 +44,6 @@ def test_fused_norm_mlp_equals_the_unfused_fp8_path(h):
 def test_fused_swiglu_quant_gives_down_proj_the_codes_it_would_compute(h):
     """SwiGLU → fp8 in one kernel ≈ the layer quantizing SwiGLU's output itself. Not bit-exact
     in float32: the kernel's exp and torch's may differ by an ulp, moving a scale by one ulp."""
-    from kestrel.kernels.fp8_quant import silu_and_mul_quant_fp8
 
     model, cfg = _fp8_model(h)
     down = model.layers["1"].mlp.down_proj
@@ -88,66 +82,6 @@ def test_model_with_triton_kernels_matches_the_plain_model(h):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-def _swiglu_reference(xq, xs, wq, ws, cfg, scale_ub=1200.0):
-    """What the epilogue replaces: gate_up's output, silu_and_mul_ref in the dtype, and the
-    two-kernel SwiGLU + quantization of it."""
-    h = fp8_gemm_small_m(xq, xs, wq, ws, torch.bfloat16, config=cfg)
-    return silu_and_mul_ref(h), silu_and_mul_quant_fp8(h, scale_ub)
-
-
-@FEW
-@given(i=st.integers(1, 300), k=st.integers(1, 200), seed=st.integers(0, 2**31),
-       cfg=st.sampled_from([None, SkinnyConfig(16, 32), SkinnyConfig(2, 64, broadcast_x=True),
-                            SkinnyConfig(8, 16, ahead=2)]))
-def test_swiglu_epilogue_gives_the_two_kernel_bits(i, k, seed, cfg):
-    """fp8_gemm_swiglu_small_m + quantize_with_amax = gate_up's GEMV, then SwiGLU, then its
-    quantization: the activation, the fp8 codes and the scale bit for bit (partial columns at
-    the end, K not a multiple of block_k, the default config)."""
-    xq, xs, wq, ws = _operands(1, k, 2 * i, seed)
-    want_act, (want_q, want_s) = _swiglu_reference(xq, xs, wq, ws, cfg)
-    act, amax = fp8_gemm_swiglu_small_m(xq, xs, wq, ws, torch.bfloat16, config=cfg)
-    assert torch.equal(act, want_act)
-    q, s = quantize_with_amax(act, amax, 1200.0)
-    assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
-
-
-def test_swiglu_epilogue_refuses_what_it_cannot_fold():
-    xq, xs, wq, ws = _operands(1, 64, 32, seed=4)
-    for cfg in (SkinnyConfig(16, 32, split_k=2), SkinnyConfig(16, 32, use_dot=True)):
-        with pytest.raises(ValueError, match="SwiGLU epilogue"):
-            fp8_gemm_swiglu_small_m(xq, xs, wq, ws, config=cfg)
-    with pytest.raises(ValueError, match="must be even"):
-        fp8_gemm_swiglu_small_m(xq, xs, wq[:31], ws[:31])
-    act = torch.ones(2, 8, device=DEV)
-    with pytest.raises(ValueError, match="amax"):
-        quantize_with_amax(act, torch.ones(3, 1, device=DEV))
-
-
-@interpreter_only
-def test_fp8_norm_mlp_with_the_swiglu_epilogue_keeps_the_logits(h, monkeypatch):
-    """KESTREL_FP8_SWIGLU_EPILOGUE=1 on the tiny FP8 model's skinny path: the same logits, bit
-    for bit, where it runs (one token: an FMA config; more rows take tensor-core configs,
-    which it leaves alone)."""
-    from kestrel.executor.loading import use_triton_kernels
-    from kestrel.quant import fp8_fused
-
-    model, _ = _fp8_model(h)
-    use_triton_kernels(model)
-    for m in model.modules():
-        if isinstance(getattr(m, "quant_method", None), Fp8LinearMethod):
-            m.fp8_small_m_max = 16
-    prompts = [[17], [3, 99, 250, 7]]
-    want = [h.prefill_logits(model, p) for p in prompts]
-    calls = []
-    real = fp8_fused.fp8_gemm_swiglu_small_m
-    monkeypatch.setattr(fp8_fused, "fp8_gemm_swiglu_small_m",
-                        lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
-    monkeypatch.setenv("KESTREL_FP8_SWIGLU_EPILOGUE", "1")
-    for p, w in zip(prompts, want, strict=True):
-        assert torch.equal(h.prefill_logits(model, p), w)
-    assert calls == [1]  # the middle layer, for the one-token prompt only
-
-
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -180,16 +114,3 @@ def test_gpu_fp8_layers_pick_the_skinny_gemm_and_agree_with_cpu(h):
         # quantization points (norm output, SwiGLU output): a few percent in norm is expected
         # (3.8% seen on an H200 at 40 tokens); a wrong scale or layout gives tens of percent.
         assert rel < 5e-2, (t, rel)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_swiglu_epilogue_on_gpu():
-    """Llama-3-8B's gate_up with the SwiGLU epilogue: the two-kernel path's bits on the GPU."""
-    xq, xs, wq, ws = _operands(1, 4096, 28672, seed=9)
-    cfg = default_config(1, 28672, 4096, sm_count("cuda", 0), gpu=gpu_model("cuda", 0))
-    want_act, (want_q, want_s) = _swiglu_reference(xq, xs, wq, ws, cfg)
-    act, amax = fp8_gemm_swiglu_small_m(xq, xs, wq, ws, torch.bfloat16)
-    q, s = quantize_with_amax(act, amax, 1200.0)
-    assert torch.equal(act, want_act) and torch.equal(s, want_s)
-    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
