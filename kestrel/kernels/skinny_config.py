@@ -112,6 +112,10 @@ TUNED: dict[tuple[int, int, int, int], SkinnyConfig] = {
     # (`ab_skinny_configs.py`, call 2)
     ("H200", 1, 28672, 4096): SkinnyConfig(16, 256, 1, evict_first=True, broadcast_x=True,
                                            ahead=2),
+    # H100, same session: down's K steps two at a time (and evict_first); FP8-recipe decode
+    # 3.7726 → 3.7366 ms, two rounds each (`ab_skinny_configs.py`, call 6); gate_up's H200
+    # entry made the H100 slower (3.7840)
+    ("H100", 1, 4096, 14336): SkinnyConfig(4, 1024, 1, num_warps=2, evict_first=True, ahead=2),
 }
 
 # The same for 16-bit weights (``bf16_gemm_small_m``), lines that ``bench_fp8_gemm.py
