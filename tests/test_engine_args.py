@@ -78,3 +78,19 @@ def test_long_prefill_token_threshold_from_the_command_line():
     assert cfg.scheduler.long_prefill_token_threshold == 512
     assert EngineArgs(model="tiny-llama", load_format="dummy", device="cpu").create_config() \
         .scheduler.long_prefill_token_threshold == 0
+
+
+@pytest.mark.parametrize("native, dtype, hint", [
+    (True, "auto", True), (False, "auto", False), (True, "float32", False),
+    (True, "bfloat16", False)])
+def test_cpu_with_native_bf16_hears_of_the_faster_dtype(monkeypatch, caplog, native, dtype,
+                                                        hint):
+    """'auto' stays float32 on CPU (the exact path); where the CPU multiplies bf16 natively the
+    engine says --dtype bfloat16 would be faster, and says nothing once a dtype is chosen."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with caplog.at_level("INFO", logger="kestrel.engine.args"):
+        cfg = EngineArgs(model="tiny-llama", load_format="dummy", device="cpu",
+                         dtype=dtype).create_config()
+    assert cfg.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    assert ("--dtype bfloat16" in caplog.text) == hint

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from kestrel.config import (KV_CACHE_DTYPES, CacheConfig, EngineConfig, ParallelConfig,
-                            QuantConfig, SchedulerConfig, resolve_dtype)
+                            QuantConfig, SchedulerConfig, cpu_has_native_bf16, resolve_dtype)
 from kestrel.loader.dummy import PRESETS, preset_config
 from kestrel.loader.hf import load_model_config, read_config
 
@@ -82,6 +82,9 @@ class EngineArgs:
         """``usage``: "offline" or "server", which picks the default step token budget
         (``default_token_budget``)."""
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.dtype == "auto" and device == "cpu" and cpu_has_native_bf16():
+            log.info("float32 on CPU (the exact path); this CPU multiplies bfloat16 natively: "
+                     "--dtype bfloat16 runs ~1.6-2x faster (docs/PERFORMANCE.md, CPU figures)")
         model_path, load_format = resolve_model(self.model, self.load_format)
         if load_format == "dummy":
             mcfg = (preset_config(model_path) if model_path in PRESETS
