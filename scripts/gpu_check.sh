@@ -3,7 +3,7 @@
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 |
-#         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab
+#         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab | xdtype
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
 # summary table is printed last.
@@ -105,6 +105,10 @@ if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default), the 4k prefill
       done
     done
   done
+fi
+if has xdtype; then  # the FP8 decode GEMVs with x already converted (float16 / float32 values
+  # of its e4m3 codes): are they held back by the e4m3 conversions (F2FP) on the H200?
+  python3 scripts/time_skinny.py --x-dtype float16 float32 2>&1 | tee "$OUT/xdtype.log" | head -n 6
 fi
 if has fp8gemm; then
   python3 tests/quant/bench_fp8_gemm.py --quick 2>&1 | tee "$OUT/fp8_gemm.log" | tail -n 25
