@@ -108,7 +108,8 @@ if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default), the 4k prefill
 fi
 if has xdtype; then  # the FP8 decode GEMVs with x already converted (float16 / float32 values
   # of its e4m3 codes): are they held back by the e4m3 conversions (F2FP) on the H200?
-  python3 scripts/time_skinny.py --x-dtype float16 float32 2>&1 | tee "$OUT/xdtype.log" | head -n 6
+  python3 scripts/time_skinny.py --ahead 1 2 --x-dtype float16 float32 2>&1 \
+    | tee "$OUT/xdtype.log" | grep -E "copy|fp8"
 fi
 if has fp8gemm; then
   python3 tests/quant/bench_fp8_gemm.py --quick 2>&1 | tee "$OUT/fp8_gemm.log" | tail -n 25

@@ -5,13 +5,16 @@ For A/B runs of the kernel (the same script in another tree, same call).
     python scripts/time_skinny.py [--rep 50] [--ahead 2 4]   # one GPU
 
 ``--ahead``: each case again with its config's K steps loaded in groups of that many
-(SkinnyConfig.ahead; prefetch off, which it replaces).
+(SkinnyConfig.ahead; prefetch off, which it replaces); each line names its group (a1: one
+step at a time).
 
 ``--x-dtype float16 float32``: the FP8 cases again with x handed to the kernel as its e4m3
 values in that dtype (exact), the same bits out (checked): each program then converts only its
-weights. Hopper runs the e4m3 → f16 conversion (F2FP) at a fraction of the FMA rate, and per
+weights. Hopper may run the e4m3 → f16 conversion (F2FP) at a fraction of the FMA rate, and per
 32 weights a thread spends 24 F2FP of which 8 are x's (SASS, Triton 3.6); with float32 x also
-16 fewer HADD2 (f16 → f32). Does the FP8 GEMV speed up on the H200 without them?
+16 fewer HADD2 (f16 → f32). Does the FP8 GEMV speed up on the H200 without them? With
+``--ahead 1 2`` each group is tried with each x dtype (float32 x in groups of two takes 92
+registers against 80).
 """
 
 from __future__ import annotations
@@ -72,21 +75,21 @@ def main() -> None:
         op = with_activation(op, 1) if elem == 1 else with_activation_bf16(op, 1)
         cfg = default_config(1, n, k, sm_count("cuda", 0), elem_bytes=elem,
                              gpu=gpu_model("cuda", 0))
-        for ahead in [1, *args.ahead]:
-            c = cfg if ahead == 1 else dataclasses.replace(cfg, prefetch=False, ahead=ahead)
-            if run_ahead(c, k) != ahead:
-                print(f"  {label} ahead {ahead}: groups do not tile the K steps of {describe(c)}")
+        variants = [cfg] + [dataclasses.replace(cfg, prefetch=False, ahead=a)
+                            for a in args.ahead if a != cfg.ahead]
+        for c in variants:
+            if run_ahead(c, k) != c.ahead:
+                print(f"  {label} ahead {c.ahead}: groups do not tile the K steps of "
+                      f"{describe(c)}")
                 continue
-            us = time_config(op, c, args.rep)
-            if us is not None:
-                gbs = n * k * elem / us / 1e3
-                print(f"  {label + (f' ahead {ahead}' if ahead > 1 else ''):26} {us:7.2f} us "
-                      f"{gbs:6.0f} GB/s {100 * gbs / copy:5.1f}% of copy")
-        for name in args.x_dtype if elem == 1 else []:
-            us = time_x_dtype(op, cfg, getattr(torch, name), args.rep)
-            gbs = n * k / us / 1e3
-            print(f"  {label + ' x ' + name:26} {us:7.2f} us {gbs:6.0f} GB/s "
-                  f"{100 * gbs / copy:5.1f}% of copy")
+            timings = [("", time_config(op, c, args.rep))] + [
+                (f" x {name}", time_x_dtype(op, c, getattr(torch, name), args.rep))
+                for name in (args.x_dtype if elem == 1 else [])]
+            for suffix, us in timings:
+                if us is not None:
+                    gbs = n * k * elem / us / 1e3
+                    print(f"  {label + f' a{c.ahead}' + suffix:28} {us:7.2f} us "
+                          f"{gbs:6.0f} GB/s {100 * gbs / copy:5.1f}% of copy")
         del op
         torch.cuda.empty_cache()
 
