@@ -3,7 +3,8 @@
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 |
-#         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab | xdtype
+#         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab | xdtype |
+#         xvalues
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
 # summary table is printed last.
@@ -110,6 +111,13 @@ if has xdtype; then  # the FP8 decode GEMVs with x already converted (float16 / 
   # of its e4m3 codes): are they held back by the e4m3 conversions (F2FP) on the H200?
   python3 scripts/time_skinny.py --ahead 1 2 --x-dtype float16 float32 2>&1 \
     | tee "$OUT/xdtype.log" | grep -E "copy|fp8"
+fi
+if has xvalues; then  # the engine with docs/gpu-runs/2026-11-28b/fp8_x_values.patch (x's e4m3
+  # values for the one-token GEMVs): batch-1 decode, this tree as it is (.ab) against it patched,
+  # AB_ROUNDS (2) rounds. Patches this tree in place: run it last, or alone.
+  rm -rf .ab && mkdir .ab && cp -r kestrel scripts pyproject.toml .ab/ \
+    && git apply docs/gpu-runs/2026-11-28b/fp8_x_values.patch \
+    && PACK=0 AB_TREE=.ab AB_ROUNDS=${AB_ROUNDS:-2} bash scripts/gpu_check.sh ab
 fi
 if has fp8gemm; then
   python3 tests/quant/bench_fp8_gemm.py --quick 2>&1 | tee "$OUT/fp8_gemm.log" | tail -n 25
