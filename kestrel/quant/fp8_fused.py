@@ -49,7 +49,7 @@ def fp8_norm_mlp(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,
     x, residual [T, H] → (MLP output [T, H], new residual [T, H]). A layer that is not row-wise
     FP8 gets the float tensor, as on the plain path.
     """
-    qm, down = rowwise_fp8(mlp.gate_up_proj), rowwise_fp8(mlp.down_proj)
+    qm = rowwise_fp8(mlp.gate_up_proj)
     if qm is not None:
         q, s, residual = rms_norm_quant_fp8(norm.reduced(x), norm.weight, norm.eps, residual,
                                             qm.activation_scale_ub)  # [T, H] fp8, [T, 1]
@@ -57,7 +57,8 @@ def fp8_norm_mlp(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,
     else:
         x, residual = norm(x, residual)
         h = mlp.gate_up_proj(x)
-    if down is None:
+    qm = rowwise_fp8(mlp.down_proj)
+    if qm is None:
         return mlp.down_proj(mlp.act(h)), residual
-    q, s = silu_and_mul_quant_fp8(h, down.activation_scale_ub)  # [T, I] fp8, [T, 1]
+    q, s = silu_and_mul_quant_fp8(h, qm.activation_scale_ub)  # [T, I] fp8, [T, 1]
     return mlp.down_proj(Fp8Input(q, s)), residual
