@@ -259,11 +259,14 @@ def test_prefetched_tiles_give_the_same_bits(cfg):
     """SkinnyConfig.prefetch changes when tiles are loaded, not the products or their order:
     one K step, a partial last step, several steps per split."""
     for k in (16, 40, 130):
-        xq, xs, wq, ws = _operands(1, k, 24, k)
-        plain = fp8_gemm_small_m(xq, xs, wq, ws, torch.float32, config=cfg)
-        ahead = fp8_gemm_small_m(xq, xs, wq, ws, torch.float32,
-                                 config=dataclasses.replace(cfg, prefetch=True))
-        assert torch.equal(plain, ahead)
+        assert _same_fp8_bits(cfg, dataclasses.replace(cfg, prefetch=True), k)
+
+
+def _same_fp8_bits(cfg: SkinnyConfig, variant: SkinnyConfig, k: int) -> bool:
+    """Does ``variant`` give ``cfg``'s bits on one fresh x row and 24 weight rows of K = k?"""
+    xq, xs, wq, ws = _operands(1, k, 24, k)
+    return torch.equal(fp8_gemm_small_m(xq, xs, wq, ws, torch.float32, config=cfg),
+                       fp8_gemm_small_m(xq, xs, wq, ws, torch.float32, config=variant))
 
 
 def _launched_aheads(monkeypatch) -> list[int]:
@@ -290,11 +293,7 @@ def test_look_ahead_groups_give_the_same_bits(cfg, ahead, monkeypatch):
     tile a split (K = 40 in steps of 16; 3 steps) the launch runs one step at a time."""
     aheads = _launched_aheads(monkeypatch)
     for k in (40, 128, 256):
-        xq, xs, wq, ws = _operands(1, k, 24, k)
-        plain = fp8_gemm_small_m(xq, xs, wq, ws, torch.float32, config=cfg)
-        grouped = fp8_gemm_small_m(xq, xs, wq, ws, torch.float32,
-                                   config=dataclasses.replace(cfg, ahead=ahead))
-        assert torch.equal(plain, grouped)
+        assert _same_fp8_bits(cfg, dataclasses.replace(cfg, ahead=ahead), k)
         x = torch.randn(1, 2 * k, device=DEV, dtype=torch.bfloat16)
         w = torch.randn(24, k, device=DEV, dtype=torch.bfloat16)
         plain = bf16_gemm_small_m(x, w, config=cfg, glu=True)
