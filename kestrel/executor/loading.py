@@ -32,12 +32,20 @@ def use_triton_kernels(model: nn.Module) -> None:
     from kestrel.kernels import fused
     from kestrel.layers.norm import RMSNorm
     from kestrel.models.llama import LlamaDecoderLayer, LlamaMLP
-    from kestrel.quant.fp8_fused import fp8_norm_mlp, uses_fp8_producers
+    from kestrel.quant.fp8_fused import (
+        fp8_norm_input,
+        fp8_norm_mlp,
+        rowwise_fp8,
+        uses_fp8_producers,
+    )
 
     for m in model.modules():
         if isinstance(m, RMSNorm):
             m.impl = fused.rms_norm
         elif isinstance(m, LlamaMLP):
             m.act, m.fold_act = fused.silu_and_mul, True
-        elif isinstance(m, LlamaDecoderLayer) and uses_fp8_producers(m.mlp):
-            m.norm_mlp = fp8_norm_mlp  # FP8 activations quantized by the norm / SwiGLU kernels
+        elif isinstance(m, LlamaDecoderLayer):  # FP8 activations quantized by their producers
+            if rowwise_fp8(m.self_attn.qkv_proj) is not None:
+                m.norm_input = fp8_norm_input
+            if uses_fp8_producers(m.mlp):
+                m.norm_mlp = fp8_norm_mlp

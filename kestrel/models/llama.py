@@ -51,9 +51,9 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(x)  # [T, q + 2kv]
+        qkv = self.qkv_proj(x)  # [T, q + 2kv]; x may be an Fp8Input (fp8_fused.fp8_norm_input)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        t = x.shape[0]
+        t = qkv.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -87,6 +87,16 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
+def norm_input_ref(norm: RMSNorm, layer: nn.Module, x: torch.Tensor,
+                   residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual) → norm → (the input of ``layer``, new residual); with no residual (the
+    first layer) the new residual is x. use_triton_kernels may swap in a version that hands an
+    FP8 layer its input quantized (kestrel.quant.fp8_fused.fp8_norm_input)."""
+    if residual is None:
+        return norm(x), x
+    return norm(x, residual)
+
+
 def norm_mlp_ref(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,
                  residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """post_attention_layernorm, then the MLP. use_triton_kernels may swap in a fused version
@@ -104,13 +114,11 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, idx, dtype, quant, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.norm_mlp = norm_mlp_ref  # the kernel registry may swap in a fused version
+        # the kernel registry may swap in fused versions of these two
+        self.norm_input, self.norm_mlp = norm_input_ref, norm_mlp_ref
 
     def forward(self, positions, x, residual, kv: KVCache, meta: AttentionMetadata):
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.norm_input(self.input_layernorm, self.self_attn.qkv_proj, x, residual)
         x = self.self_attn(positions, x, kv, meta)
         return self.norm_mlp(self.post_attention_layernorm, self.mlp, x, residual)
 

@@ -1,15 +1,17 @@
-"""FP8 activations quantized by the kernel that produces them, in the decoder's norm → MLP.
+"""FP8 activations quantized by the kernel that produces them: the decoder's norms and SwiGLU.
 
 Unfused, an FP8 layer reads its float input a second time to quantize it (per_token_quant_fp8):
 at 4096 tokens that pass costs down_proj most of its FP8 gain, and at one token it is one more
 launch per layer. Here post_attention_layernorm emits fp8 + per-token scales for gate_up_proj
-(``rms_norm_quant_fp8``) and SwiGLU emits them for down_proj (``silu_and_mul_quant_fp8``). Each
-layer still runs its own forward (bias after the all-reduce, gather): it is handed an
-``Fp8Input`` instead of a float tensor, and ``Fp8LinearMethod.apply`` skips its quantize pass.
+and input_layernorm for qkv_proj when attention is FP8 too (``rms_norm_quant_fp8``), and SwiGLU
+emits them for down_proj (``silu_and_mul_quant_fp8``). Each layer still runs its own forward
+(bias after the all-reduce, gather): it is handed an ``Fp8Input`` instead of a float tensor,
+and ``Fp8LinearMethod.apply`` skips its quantize pass.
 
-``kestrel.executor.loading.use_triton_kernels`` installs ``fp8_norm_mlp`` as a decoder layer's
-``norm_mlp`` (plain: ``kestrel.models.llama.norm_mlp_ref``), the same swap as RMSNorm.impl, so
-the CPU path never sees it. Oracle: norm_mlp_ref, with quantization inside the layers.
+``kestrel.executor.loading.use_triton_kernels`` installs ``fp8_norm_input`` and
+``fp8_norm_mlp`` as a decoder layer's ``norm_input`` and ``norm_mlp`` (plain:
+``kestrel.models.llama.norm_input_ref``, ``norm_mlp_ref``), the same swap as RMSNorm.impl, so
+the CPU path never sees them. Oracles: the plain ones, with quantization inside the layers.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from kestrel.kernels.fp8_quant import rms_norm_quant_fp8, silu_and_mul_quant_fp8
+from kestrel.models.llama import norm_input_ref
 from kestrel.quant.fp8 import Fp8LinearMethod
 from kestrel.quant.fp8_ops import Fp8Input
 
@@ -42,6 +45,19 @@ def uses_fp8_producers(mlp: LlamaMLP) -> bool:
     return rowwise_fp8(mlp.gate_up_proj) is not None or rowwise_fp8(mlp.down_proj) is not None
 
 
+def fp8_norm_input(norm: RMSNorm, layer: nn.Module, x: torch.Tensor,
+                   residual: torch.Tensor | None) -> tuple[Fp8Input | torch.Tensor, torch.Tensor]:
+    """Drop-in for norm_input_ref: (x + residual) → RMSNorm → the input of ``layer``, as fp8
+    codes and per-token scales in one kernel when ``layer`` is row-wise FP8 (else the float
+    tensor, as on the plain path); and the new residual (x itself when none is given)."""
+    qm = rowwise_fp8(layer)
+    if qm is None:
+        return norm_input_ref(norm, layer, x, residual)
+    q, s, residual = rms_norm_quant_fp8(norm.reduced(x), norm.weight, norm.eps, residual,
+                                        qm.activation_scale_ub)  # [T, H] fp8, [T, 1]
+    return Fp8Input(q, s), residual
+
+
 def fp8_norm_mlp(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,
                  residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop-in for norm_mlp_ref: (x + residual) → RMSNorm → gate_up → SwiGLU → down.
@@ -49,14 +65,8 @@ def fp8_norm_mlp(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,
     x, residual [T, H] → (MLP output [T, H], new residual [T, H]). A layer that is not row-wise
     FP8 gets the float tensor, as on the plain path.
     """
-    qm = rowwise_fp8(mlp.gate_up_proj)
-    if qm is not None:
-        q, s, residual = rms_norm_quant_fp8(norm.reduced(x), norm.weight, norm.eps, residual,
-                                            qm.activation_scale_ub)  # [T, H] fp8, [T, 1]
-        h = mlp.gate_up_proj(Fp8Input(q, s))  # [T, 2I]
-    else:
-        x, residual = norm(x, residual)
-        h = mlp.gate_up_proj(x)
+    h, residual = fp8_norm_input(norm, mlp.gate_up_proj, x, residual)
+    h = mlp.gate_up_proj(h)  # [T, 2I]
     qm = rowwise_fp8(mlp.down_proj)
     if qm is None:
         return mlp.down_proj(mlp.act(h)), residual
