@@ -3,8 +3,7 @@
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 |
-#         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab | xdtype |
-#         xvalues
+#         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
 # land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
 # summary table is printed last.
@@ -35,12 +34,14 @@ if has profile; then  # GPU kernel time vs wall time of batch-1 decode, BF16 and
       2>&1 | tee -a "$OUT/profile.log" | grep -v "^\s*$" | head -n 14
   done
 fi
-if has profile-prefill; then  # where a 4,096-token prefill's time goes, BF16 and the FP8 recipe
-  # (the BF16 step's chrome trace lands in $OUT/prefill_trace.json: the host's launch gaps)
-  for q in "" "--quantization fp8"; do
+if has profile-prefill; then  # where a 4,096-token prefill's time goes, BF16, the FP8 recipe
+  # and FP8 everywhere (the BF16 step's chrome trace lands in $OUT/prefill_trace.json: the
+  # host's launch gaps; each step's kernels in launch order in $OUT/prefill_sequence_*.txt)
+  for q in "" "--quantization fp8" "--quantization fp8 --fp8-attention --no-fp8-skip-layers"; do
+    tag=$(echo "bf16${q}" | tr -c 'a-z0-9\n' '_' | tr -s _)
     python3 scripts/profile_decode.py --prefill --input 4096 --max-num-seqs 1 \
       --max-num-batched-tokens 4096 --no-async-scheduling --cprofile $q \
-      $([[ -z $q ]] && echo --trace "$OUT") 2>&1 \
+      --sequence "$OUT/prefill_sequence_$tag.txt" $([[ -z $q ]] && echo --trace "$OUT") 2>&1 \
       | tee -a "$OUT/profile_prefill.log" | grep -E -A7 "^batch|GPU waits"
   done
 fi
@@ -83,7 +84,8 @@ if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default), the 4k prefill
   # llama-3.1-8b), BF16 and the FP8 recipe: another copy of the code at $AB_TREE (default .ab,
   # e.g. `git archive OLD kestrel scripts | tar -x -C .ab`, carried to the device) against this
   # tree, alternating, ${AB_ROUNDS:-1} rounds, in the same call; even rounds run this tree
-  # first (an order effect then shows as a sign change)
+  # first (an order effect then shows as a sign change). AB_Q="FLAGS": that quantization only
+  # (e.g. AB_Q="--quantization fp8 --fp8-attention --no-fp8-skip-layers")
   c=$(ceil)
   preset=llama-3-8b
   case ${AB_SHAPE:-decode} in
@@ -95,7 +97,8 @@ if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default), the 4k prefill
     *) shape="--input 128 --output 256"; show="time per output token";;
   esac
   for round in $(seq 1 "${AB_ROUNDS:-1}"); do
-    for q in "" "--quantization fp8"; do
+    qs=("" "--quantization fp8"); [[ -n ${AB_Q:-} ]] && qs=("$AB_Q")
+    for q in "${qs[@]}"; do
       trees="${AB_TREE:-.ab} ."; (( round % 2 )) || trees=". ${AB_TREE:-.ab}"
       for tree in $trees; do
         tag=$(echo "$([[ $tree == . ]] && echo new || echo old)_${AB_SHAPE:-decode}_bf16${q}_r$round" \
@@ -106,18 +109,6 @@ if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default), the 4k prefill
       done
     done
   done
-fi
-if has xdtype; then  # the FP8 decode GEMVs with x already converted (float16 / float32 values
-  # of its e4m3 codes): are they held back by the e4m3 conversions (F2FP) on the H200?
-  python3 scripts/time_skinny.py --ahead 1 2 --x-dtype float16 float32 2>&1 \
-    | tee "$OUT/xdtype.log" | grep -E "copy|fp8"
-fi
-if has xvalues; then  # the engine with docs/gpu-runs/2026-11-28b/fp8_x_values.patch (x's e4m3
-  # values for the one-token GEMVs): batch-1 decode, this tree as it is (.ab) against it patched,
-  # AB_ROUNDS (2) rounds. Patches this tree in place: run it last, or alone.
-  rm -rf .ab && mkdir .ab && cp -r kestrel scripts pyproject.toml .ab/ \
-    && git apply docs/gpu-runs/2026-11-28b/fp8_x_values.patch \
-    && PACK=0 AB_TREE=.ab AB_ROUNDS=${AB_ROUNDS:-2} bash scripts/gpu_check.sh ab
 fi
 if has fp8gemm; then
   python3 tests/quant/bench_fp8_gemm.py --quick 2>&1 | tee "$OUT/fp8_gemm.log" | tail -n 25

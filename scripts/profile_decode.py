@@ -45,6 +45,10 @@ def main() -> None:
     p.add_argument("--phases", type=int, default=0, metavar="N",
                    help="with --prefill: also time N fresh prefill steps without the profiler, "
                         "split into host phases and the forward's GPU time (CUDA events)")
+    p.add_argument("--head-start-ms", type=float, default=0.0, metavar="MS",
+                   help="with --phases: hold the GPU this long (a sleep kernel) at each step's "
+                        "start, so the host queues the forward ahead of it and 'forward (GPU)' "
+                        "is the kernels' time without host gaps")
     p.add_argument("--sequence", default=None,
                    help="write one step's kernels in launch order (mean duration and the GPU's "
                         "idle time before each, over the profiled steps) to this file")
@@ -101,7 +105,7 @@ def main() -> None:
     if ns.cprofile:
         host_profile(eng, add_batch if ns.prefill else None, ns.steps, sync)
     if ns.phases and ns.prefill:
-        prefill_phases(eng, ns.batch, ns.input, ns.phases, sync)
+        prefill_phases(eng, ns.batch, ns.input, ns.phases, sync, ns.head_start_ms)
     if ns.trace:
         Path(ns.trace).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(Path(ns.trace) / f"{'prefill' if ns.prefill else 'decode'}"
@@ -110,11 +114,14 @@ def main() -> None:
         eng.step()
 
 
-def prefill_phases(eng, batch: int, input_len: int, n: int, sync) -> None:
+def prefill_phases(eng, batch: int, input_len: int, n: int, sync,
+                   head_start_ms: float = 0.0) -> None:
     """Where a prefill step's wall time goes, as ``bench latency`` counts it (from the first
     step() call to the landed token), over ``n`` fresh batches, median ms: the scheduler, input
     preparation, the forward's launch on the host, the GPU's idle time before the forward's
-    first kernel and its own time (events), and the rest (sampling, the wait, landing)."""
+    first kernel and its own time (events), and the rest (sampling, the wait, landing).
+    ``head_start_ms``: a sleep kernel first, about that long, so the GPU's forward
+    time excludes the host's launch gaps (the wall time then includes the sleep)."""
     import statistics
 
     runner = eng.executor.runner
@@ -154,6 +161,8 @@ def prefill_phases(eng, batch: int, input_len: int, n: int, sync) -> None:
         t.clear()
         start = torch.cuda.Event(enable_timing=True)
         start.record()
+        if head_start_ms:  # cycles at ~2 GHz: only "longer than the host's launches" matters
+            torch.cuda._sleep(int(head_start_ms * 2e6))
         t0 = time.perf_counter()
         while eng.has_unfinished_requests():
             eng.step()
@@ -165,7 +174,8 @@ def prefill_phases(eng, batch: int, input_len: int, n: int, sync) -> None:
                      ("forward launch (host)", t["forward"]), ("GPU before forward", lead),
                      ("forward (GPU)", gpu), ("rest", wall - lead - gpu)]:
             rows[k].append(v * 1e3)
-    print(f"prefill step phases, {n} fresh batches of {batch} x {input_len}, median ms:")
+    print(f"prefill step phases, {n} fresh batches of {batch} x {input_len}, median ms"
+          f"{f', GPU held {head_start_ms} ms first' if head_start_ms else ''}:")
     for k, v in rows.items():
         print(f"  {k:24} {statistics.median(v):9.3f}   (min {min(v):.3f}, max {max(v):.3f})")
 

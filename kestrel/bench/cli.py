@@ -72,6 +72,9 @@ def _latency_parser(bsub: Any) -> None:
     _lengths_args(p)
     p.add_argument("--iters", dest="bench_iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rest", dest="rest_s", type=float, default=0.0, metavar="S",
+                   help="seconds the device idles before each timed run (a GPU at its power "
+                        "limit runs a long prefill slower right after another one)")
     p.add_argument("--no-roofline", action="store_true", help="skip measuring the ceilings")
     p.add_argument("--ceilings", default=None, metavar="JSON",
                    help="ceilings from an earlier `bench roofline --json` on this device")
@@ -243,7 +246,7 @@ def run_latency(ns: Any) -> int:
     ceilings = _ceilings(ns, device)
     with heap_frozen():
         res = bench_latency(llm, ns.batch, i_len, o_len, ns.bench_iters, ns.warmup, ns.seed,
-                            ceilings)
+                            ceilings, ns.rest_s)
     res["startup_s"] = startup
     res["model"], res["dtype"] = llm.engine.cfg.model, str(llm.engine.cfg.dtype)
     res["quantization"] = llm.engine.cfg.quant.method

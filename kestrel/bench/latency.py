@@ -136,10 +136,19 @@ def _median(xs: list[float | None]) -> float | None:
 
 
 def bench_latency(llm: Any, batch: int, input_len: int, output_len: int, iters: int = 3,
-                  warmup: int = 1, seed: int = 0, ceilings: dict | None = None) -> dict:
-    """Median figures over ``iters`` runs of one batch; fresh random prompts each run."""
+                  warmup: int = 1, seed: int = 0, ceilings: dict | None = None,
+                  rest_s: float = 0.0) -> dict:
+    """Median figures over ``iters`` runs of one batch; fresh random prompts each run.
+
+    ``rest_s``: the device idles this long before each timed run. A GPU at its power limit
+    lowers its clocks after tens of ms of dense matmuls (an H200 at 700 W: ~87% of its burst
+    matmul rate after ~75 ms, ``scripts/sustained_matmul.py``), so back-to-back runs of a long
+    prefill measure it throttled and rested ones, as a request to an idle server, not.
+    """
     if min(batch, input_len, output_len, iters) < 1:
         raise ValueError("batch, input, output and iters must all be >= 1")
+    if rest_s < 0:
+        raise ValueError(f"rest_s must be >= 0, got {rest_s}")
     engine = llm.engine
     mcfg: ModelConfig = engine.cfg.model_config
     max_len = engine.cfg.scheduler.max_model_len
@@ -150,10 +159,13 @@ def bench_latency(llm: Any, batch: int, input_len: int, output_len: int, iters: 
     for it in range(warmup + iters):
         prompts = random_prompts([input_len] * batch, mcfg.vocab_size, seed + it,
                                  engine.tokenizer)
+        if it >= warmup and rest_s:
+            time.sleep(rest_s)
         run = _one_iteration(llm, prompts, output_len)
         if it >= warmup:
             runs.append(run)
     res = _summarize(runs, engine, batch, input_len, output_len)
+    res["rest_s"] = rest_s
     if res["tpot_s"] is None and output_len > 1:
         logging.getLogger(__name__).warning(
             "no decode step ran all %d requests (early ones finished while later ones were "

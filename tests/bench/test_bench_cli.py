@@ -101,6 +101,26 @@ def test_latency_runs_never_hit_the_prefix_cache():
         assert pool.hits == hits and res["prefill_steps"] == 1
 
 
+def test_latency_rest_idles_before_each_timed_run_only(monkeypatch):
+    """--rest: the device idles before every timed run (not the warm-up), so each starts from
+    the same power state; the JSON says how long; a negative rest is refused."""
+    from kestrel import LLM
+    from kestrel.bench import latency
+
+    llm = LLM("tiny-llama", load_format="dummy", device="cpu", dtype="float32")
+    events = []
+    real = latency._one_iteration
+    monkeypatch.setattr(latency.time, "sleep", lambda s: events.append(("rest", s)))
+    monkeypatch.setattr(latency, "_one_iteration",
+                        lambda *a: (events.append(("run", None)), real(*a))[1])
+    res = latency.bench_latency(llm, 1, 8, 2, iters=2, warmup=1, rest_s=1.5)
+    assert events == [("run", None), ("rest", 1.5), ("run", None), ("rest", 1.5),
+                      ("run", None)]
+    assert res["rest_s"] == 1.5 and res["iters"] == 2
+    with pytest.raises(ValueError, match="rest_s"):
+        latency.bench_latency(llm, 1, 8, 2, rest_s=-1)
+
+
 def test_weight_bytes_match_the_model():
     from kestrel import LLM
 
