@@ -49,6 +49,9 @@ def main() -> None:
                    help="with --phases: hold the GPU this long (a sleep kernel) at each step's "
                         "start, so the host queues the forward ahead of it and 'forward (GPU)' "
                         "is the kernels' time without host gaps")
+    p.add_argument("--rest", type=float, default=0.0, metavar="S",
+                   help="with --phases: the device idles this long before each batch "
+                        "(as `bench latency --rest`)")
     p.add_argument("--sequence", default=None,
                    help="write one step's kernels in launch order (mean duration and the GPU's "
                         "idle time before each, over the profiled steps) to this file")
@@ -105,7 +108,8 @@ def main() -> None:
     if ns.cprofile:
         host_profile(eng, add_batch if ns.prefill else None, ns.steps, sync)
     if ns.phases and ns.prefill:
-        prefill_phases(eng, ns.batch, ns.input, ns.phases, sync, ns.head_start_ms)
+        prefill_phases(eng, ns.batch, ns.input, ns.phases, sync, ns.head_start_ms,
+                       ns.rest)
     if ns.trace:
         Path(ns.trace).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(Path(ns.trace) / f"{'prefill' if ns.prefill else 'decode'}"
@@ -115,13 +119,14 @@ def main() -> None:
 
 
 def prefill_phases(eng, batch: int, input_len: int, n: int, sync,
-                   head_start_ms: float = 0.0) -> None:
+                   head_start_ms: float = 0.0, rest_s: float = 0.0) -> None:
     """Where a prefill step's wall time goes, as ``bench latency`` counts it (from the first
     step() call to the landed token), over ``n`` fresh batches, median ms: the scheduler, input
     preparation, the forward's launch on the host, the GPU's idle time before the forward's
     first kernel and its own time (events), and the rest (sampling, the wait, landing).
     ``head_start_ms``: a sleep kernel first, about that long, so the GPU's forward
-    time excludes the host's launch gaps (the wall time then includes the sleep)."""
+    time excludes the host's launch gaps (the wall time then includes the sleep); ``rest_s``:
+    the host sleeps that long before each batch, so each starts with the GPU rested."""
     import statistics
 
     runner = eng.executor.runner
@@ -158,6 +163,7 @@ def prefill_phases(eng, batch: int, input_len: int, n: int, sync,
                 zlib.crc32(f"phase{i}.{j}".encode())))
             eng.add_request(f"phase{i}.{j}", ids.tolist(), params)
         sync()
+        time.sleep(rest_s)
         t.clear()
         start = torch.cuda.Event(enable_timing=True)
         start.record()
@@ -175,7 +181,8 @@ def prefill_phases(eng, batch: int, input_len: int, n: int, sync,
                      ("forward (GPU)", gpu), ("rest", wall - lead - gpu)]:
             rows[k].append(v * 1e3)
     print(f"prefill step phases, {n} fresh batches of {batch} x {input_len}, median ms"
-          f"{f', GPU held {head_start_ms} ms first' if head_start_ms else ''}:")
+          f"{f', GPU held {head_start_ms} ms first' if head_start_ms else ''}"
+          f"{f', {rest_s} s of rest before each' if rest_s else ''}:")
     for k, v in rows.items():
         print(f"  {k:24} {statistics.median(v):9.3f}   (min {min(v):.3f}, max {max(v):.3f})")
 
