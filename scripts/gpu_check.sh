@@ -4,9 +4,11 @@
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 |
 #         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab
-# Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). Logs and JSON
-# land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left loose); a
-# summary table is printed last.
+# Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). 4k prefills
+# (latency, AB_SHAPE=prefill) rest the GPU ${REST:-2} s before each timed run: a GPU at its
+# power limit runs a ~95 ms prefill slower right after another (PERFORMANCE.md, "Power").
+# Logs and JSON land under $OUT, packed at the end into one gpu_check_HHMMSS.tgz (PACK=0: left
+# loose); a summary table is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/kestrel-gpu}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -61,6 +63,7 @@ if has latency; then
     $L8 --batch 1 --input 128 --output 256 $q --max-num-seqs 1 $c \
       --json "$OUT/decode_b1_${tag}.json" | tail -n 16
     $L8 --batch 1 --input 4096 --output 1 $q --max-num-seqs 1 --max-num-batched-tokens 4096 \
+      --rest "${REST:-2}" \
       $c --json "$OUT/prefill_4k_${tag}.json" | tail -n 16
   done
 fi
@@ -89,7 +92,8 @@ if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default), the 4k prefill
   c=$(ceil)
   preset=llama-3-8b
   case ${AB_SHAPE:-decode} in
-    prefill) shape="--input 4096 --output 1 --max-num-batched-tokens 4096"; show="prefill time";;
+    prefill) show="prefill time"
+      shape="--input 4096 --output 1 --max-num-batched-tokens 4096 --rest ${REST:-2}";;
     decode64k) preset=llama-3.1-8b show="time per output token"
       shape="--input 65536 --output 64 --max-num-batched-tokens 16384 --iters 1 --warmup 0";;
     decode8k) preset=llama-3.1-8b show="time per output token"
