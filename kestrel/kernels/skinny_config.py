@@ -112,7 +112,15 @@ TUNED: dict[tuple[int, int, int, int], SkinnyConfig] = {
     # (`ab_skinny_configs.py`, call 2)
     ("H200", 1, 28672, 4096): SkinnyConfig(16, 256, 1, evict_first=True, broadcast_x=True,
                                            ahead=2),
-    # H100, same session: down's K steps two at a time (and evict_first); FP8-recipe decode
+    # twenty-first session, H200: the attention projections in FP8 (`--fp8-attention`), whose
+    # rule configs split K (a sum kernel each) and ran at 42-48% of the copy rate;
+    # `sweep_skinny_shapes.py --fp8 --budget-s 60` (call 10): qkv 12.31 → 7.25 µs, o_proj
+    # 9.45 → 5.03 µs alone; FP8-everywhere batch-1 decode 2.950, 2.952 → 2.643, 2.644 ms
+    # (calls 11-12, alternating order; BF16 3.840 on the same machine)
+    ("H200", 1, 6144, 4096): SkinnyConfig(16, 512, 1, num_warps=8, evict_first=True,
+                                          broadcast_x=True, ahead=4),
+    ("H200", 1, 4096, 4096): SkinnyConfig(4, 1024, 1, num_warps=2, evict_first=True, ahead=4),
+    # H100, twentieth session: down's K steps two at a time (and evict_first); FP8-recipe decode
     # 3.7726 → 3.7366 ms, two rounds each (`ab_skinny_configs.py`, call 6); gate_up's H200
     # entry made the H100 slower (3.7840)
     ("H100", 1, 4096, 14336): SkinnyConfig(4, 1024, 1, num_warps=2, evict_first=True, ahead=2),

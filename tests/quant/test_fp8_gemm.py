@@ -308,14 +308,16 @@ def test_look_ahead_groups_give_the_same_bits(cfg, ahead, monkeypatch):
 
 
 @pytest.mark.parametrize("ahead", [2, 4])
-@pytest.mark.parametrize("n,k", [(28672, 4096), (4096, 14336)])
+@pytest.mark.parametrize("n,k", [(28672, 4096), (4096, 14336), (6144, 4096), (4096, 4096)])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_look_ahead_groups_on_gpu(n, k, ahead):
-    """The tuned FFN configs with K steps in groups: the same bits as one step at a time."""
+    """The tuned FFN and attention-projection configs with K steps in groups: the same bits
+    as one step at a time."""
     xq, xs, wq, ws = _operands(1, k, n, seed=ahead)
     cfg = default_config(1, n, k, sm_count("cuda", 0), gpu=gpu_model("cuda", 0))
-    plain = fp8_gemm_small_m(xq, xs, wq, ws, torch.bfloat16, config=cfg)
+    plain = fp8_gemm_small_m(xq, xs, wq, ws, torch.bfloat16,
+                             config=dataclasses.replace(cfg, ahead=1))
     grouped = fp8_gemm_small_m(xq, xs, wq, ws, torch.bfloat16,
                                config=dataclasses.replace(cfg, ahead=ahead))
     assert torch.equal(plain, grouped)
