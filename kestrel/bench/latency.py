@@ -217,6 +217,7 @@ def latency_rows(res: dict) -> list[tuple[str, object]]:
     rows: list[tuple[str, object]] = [
         ("batch x input -> output",
          f"{res['batch']} x {res['input_len']} -> {res['output_len']}"),
+        *([("rest before each run (s)", res["rest_s"])] if res.get("rest_s") else []),
         ("prefill time (ms)", _ms(res["prefill_time_s"])),
         ("time per output token (ms)", _ms(res["tpot_s"])),
         ("total time (s)", res["total_time_s"]),

@@ -117,6 +117,8 @@ def test_latency_rest_idles_before_each_timed_run_only(monkeypatch):
     assert events == [("run", None), ("rest", 1.5), ("run", None), ("rest", 1.5),
                       ("run", None)]
     assert res["rest_s"] == 1.5 and res["iters"] == 2
+    assert ("rest before each run (s)", 1.5) in latency.latency_rows(res)
+    assert not any(k.startswith("rest") for k, _ in latency.latency_rows({**res, "rest_s": 0}))
     with pytest.raises(ValueError, match="rest_s"):
         latency.bench_latency(llm, 1, 8, 2, rest_s=-1)
 
