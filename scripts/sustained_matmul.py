@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from kestrel.bench.roofline import _matmul_fn, matmul_rate
+from kestrel.bench.roofline import matmul_call, matmul_rate
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     burst = matmul_rate(ns.kind, ns.n, dev, iters=3, min_seconds=0.25)
     print(f"{torch.cuda.get_device_name()}: {ns.kind} n={ns.n}, best single call (roofline) "
           f"{burst / 1e12:.1f} TFLOP/s")
-    fn = _matmul_fn(ns.kind, ns.n, dev)
+    fn = matmul_call(ns.kind, ns.n, dev)
     fn()
     torch.cuda.synchronize()
     per_call = flop / burst

@@ -69,7 +69,8 @@ def copy_bandwidth(device: torch.device, mib: int, iters: int = 5,
     return 2 * src.numel() * src.element_size() / seconds
 
 
-def _matmul_fn(kind: str, n: int, device: torch.device) -> Callable[[], object]:
+def matmul_call(kind: str, n: int, device: torch.device) -> Callable[[], object]:
+    """One n×n×n product of ``kind`` on fresh random operands, as a call to time."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     a32 = torch.randn(n, n, generator=gen).to(device)
     b32 = torch.randn(n, n, generator=gen).to(device)
@@ -94,7 +95,7 @@ def matmul_rate(kind: str, n: int, device: torch.device, iters: int = 3,
                 min_seconds: float = 0.0) -> float | None:
     """FLOP/s of an n×n×n product, or None where this device/torch cannot run the kind."""
     try:
-        fn = _matmul_fn(kind, n, device)
+        fn = matmul_call(kind, n, device)
         seconds = time_call(fn, device, iters, min_seconds=min_seconds)
     except (RuntimeError, NotImplementedError, TypeError):
         return None
