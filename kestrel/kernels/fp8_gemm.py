@@ -78,7 +78,7 @@ def _skinny_kernel(
     PREFETCH: tl.constexpr,  # FMA: tiles loaded a step ahead (SkinnyConfig.prefetch)
     SCALED: tl.constexpr,  # fp8 operands with row scales; False: plain x·wᵀ
     DOT_F32: tl.constexpr,  # unscaled dot in float32, IEEE (float32 operands; see _launch)
-    GLU: tl.constexpr,  # x is [silu(gate) | up]: multiplied as it is loaded (see skinny_loops._load_x)
+    GLU: tl.constexpr,  # x is [silu(gate) | up], multiplied as loaded (skinny_loops._load_x)
     SILU: tl.constexpr,
     HW: tl.constexpr,  # compiled for a GPU: round_dtype's hardware rounding
     RELEASE_LATE: tl.constexpr,  # PDL: the next kernel is a GEMV (see kernels.pdl)
@@ -104,10 +104,10 @@ def _skinny_kernel(
     pdl_wait(PDL)
     if USE_DOT:
         acc = dot_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_M, BLOCK_N,
-                        BLOCK_K, EVEN_K, W_EVICT, SCALED, DOT_F32, GLU, DT, HW)
+                       BLOCK_K, EVEN_K, W_EVICT, SCALED, DOT_F32, GLU, DT, HW)
     else:
         acc = fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N, BLOCK_K,
-                        EVEN_K, W_EVICT, BROADCAST_X, PREFETCH, GLU, DT, HW, AHEAD)
+                       EVEN_K, W_EVICT, BROADCAST_X, PREFETCH, GLU, DT, HW, AHEAD)
     if RELEASE_LATE:
         pdl_release(PDL)
     if SCALED:

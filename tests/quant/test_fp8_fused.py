@@ -1,6 +1,6 @@
 """The fused FP8 producers (kestrel/quant/fp8_fused.py): RMSNorm and SwiGLU that emit fp8
-codes and scales for the MLP (and for qkv_proj with FP8 attention), against the unfused layers. CPU runs the kernels under
-TRITON_INTERPRET=1 (conftest).
+codes and scales for the MLP (and for qkv_proj with FP8 attention), against the unfused
+layers. CPU runs the kernels under TRITON_INTERPRET=1 (conftest).
 """
 
 from __future__ import annotations
