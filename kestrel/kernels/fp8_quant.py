@@ -161,7 +161,6 @@ def _rms_norm_quant_kernel(
     q_ptr,  # [T, H] uint8 (e4m3 bits)
     s_ptr,  # [T] float32
     res_out_ptr,  # [T, H] x + residual (unused if not HAS_RES)
-    reset_ptr,  # [T] float32 set to 0 (unused if not RESET)
     n_cols,
     stride_x,
     stride_r,
@@ -170,7 +169,6 @@ def _rms_norm_quant_kernel(
     eps,
     scale_ub,
     HAS_RES: tl.constexpr,
-    RESET: tl.constexpr,
     DT: tl.constexpr,
     HW_CAST: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -178,8 +176,6 @@ def _rms_norm_quant_kernel(
 ):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
-    if RESET:
-        tl.store(reset_ptr + row, 0.0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
@@ -285,14 +281,12 @@ def silu_and_mul_quant_fp8(
 
 def rms_norm_quant_fp8(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-    scale_ub: float | None = None, amax_reset: torch.Tensor | None = None,
+    scale_ub: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x + residual) → RMSNorm → (fp8 [T, H], scale [T, 1], new residual [T, H]).
 
     The new residual is x itself when no residual is given, as in ``rms_norm_ref``. One program
-    per row even for one token: a 4096-wide row is a small job for one SM. ``amax_reset``, a
-    [T] float32 tensor, is set to zeros on the way: the accumulator of the
-    ``fp8_gate_up_silu_mul`` that takes this output, cleared without a kernel of its own.
+    per row even for one token: a 4096-wide row is a small job for one SM.
     """
     x = _rows(x, "rms_norm_quant_fp8")
     t, h = x.shape
@@ -302,16 +296,12 @@ def rms_norm_quant_fp8(
     s = torch.empty(t, 1, dtype=torch.float32, device=x.device)
     r = _rows(residual, "residual") if residual is not None else x
     res_out = torch.empty_like(x) if residual is not None else x
-    if amax_reset is not None and (amax_reset.shape != (t,) or amax_reset.dtype != torch.float32
-                                   or not amax_reset.is_contiguous()):
-        raise ValueError(f"rms_norm_quant_fp8: amax_reset must be a contiguous [{t}] float32 "
-                         f"tensor, got {tuple(amax_reset.shape)} {amax_reset.dtype}")
     if t:
         block = triton.next_power_of_2(h)
         _rms_norm_quant_kernel[(t,)](
-            x, r, weight, q, s, res_out, s if amax_reset is None else amax_reset, h,
-            x.stride(0), r.stride(0), q.stride(0), res_out.stride(0), eps, _ub(scale_ub),
-            HAS_RES=residual is not None, RESET=amax_reset is not None, DT=DTYPE_CODES[x.dtype],
+            x, r, weight, q, s, res_out, h, x.stride(0), r.stride(0), q.stride(0),
+            res_out.stride(0), eps, _ub(scale_ub),
+            HAS_RES=residual is not None, DT=DTYPE_CODES[x.dtype],
             HW_CAST=hw_fp8_cast(x.device), BLOCK=block, num_warps=_warps(block),
             **pdl_args(x.device),
         )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kestrel.kernels.rounding import quantize_e4m3_rcp, round_dtype
+from kestrel.kernels.rounding import round_dtype
 
 
 @triton.jit
@@ -20,11 +20,9 @@ def load_w(w_ptrs, offs_k, K, EVEN_K: tl.constexpr, W_EVICT: tl.constexpr):
 
 @triton.jit
 def _load_x(x_ptrs, offs_k, K, EVEN_K: tl.constexpr, GLU: tl.constexpr, DT: tl.constexpr,
-            HW: tl.constexpr, QX: tl.constexpr, q_scale, q_rcp):
+            HW: tl.constexpr):
     """One K step of x. ``GLU``: x is [silu(gate) | up] (gate_up's output with ``silu_cols``,
-    rows of 2K) and the step's x is their product, rounded to the dtype as silu_and_mul's.
-    ``QX``: x is a float, quantized here to e4m3 with its row's scale ``q_scale`` (reciprocal
-    ``q_rcp``, both [rows, 1]) as per_token_quant_fp8 would."""
+    rows of 2K) and the step's x is their product, rounded to the dtype as silu_and_mul's."""
     if EVEN_K:
         x = tl.load(x_ptrs)
     else:
@@ -35,9 +33,6 @@ def _load_x(x_ptrs, offs_k, K, EVEN_K: tl.constexpr, GLU: tl.constexpr, DT: tl.c
         else:
             up = tl.load(x_ptrs + K, mask=offs_k[None, :] < K, other=0.0)
         x = round_dtype(x.to(tl.float32) * up.to(tl.float32), DT, HW).to(up.dtype)
-    if QX:
-        x = quantize_e4m3_rcp(x.to(tl.float32), q_scale, q_rcp, HW).to(tl.float8e4nv,
-                                                                        bitcast=True)
     return x
 
 
@@ -45,54 +40,50 @@ def _load_x(x_ptrs, offs_k, K, EVEN_K: tl.constexpr, GLU: tl.constexpr, DT: tl.c
 def fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, W_EVICT: tl.constexpr,
               BROADCAST_X: tl.constexpr, PREFETCH: tl.constexpr, GLU: tl.constexpr,
-              DT: tl.constexpr, HW: tl.constexpr, AHEAD: tl.constexpr, QX: tl.constexpr,
-              q_scale, q_rcp):
+              DT: tl.constexpr, HW: tl.constexpr, AHEAD: tl.constexpr):
     """x_ptrs [1, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → x·wᵀ as [BLOCK_N, 1] float32; the first
     K step's weights are ``w_first``, loaded by the caller. ``PREFETCH``: each step's tiles
     are loaded one step ahead, before the math on the current ones (SkinnyConfig.prefetch);
-    ``AHEAD``: AHEAD steps loaded together (SkinnyConfig.ahead); ``QX``, q_scale, q_rcp: as
-    in ``_load_x``."""
+    ``AHEAD``: AHEAD steps loaded together (SkinnyConfig.ahead)."""
     if BROADCAST_X:  # x in the weight tile's layout (SkinnyConfig.broadcast_x)
         x_ptrs = x_ptrs + tl.zeros([BLOCK_N, 1], dtype=tl.int32)
     if PREFETCH:
         acc = _fma_prefetched(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_K, EVEN_K,
-                              W_EVICT, GLU, DT, HW, QX, q_scale, q_rcp)
+                              W_EVICT, GLU, DT, HW)
     else:
-        x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW, QX, q_scale, q_rcp)
+        x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
         acc = w_first.to(tl.float32) * x.to(tl.float32)
         if AHEAD > 1:  # the rest of the first group (the launch makes groups tile the split)
             acc = _fma_group(acc, x_ptrs, w_ptrs, offs_k, K, BLOCK_K, EVEN_K, W_EVICT, GLU, DT,
-                             HW, True, AHEAD, QX, q_scale, q_rcp)
+                             HW, True, AHEAD)
         for _ in range(k_lo + AHEAD * BLOCK_K, k_hi, AHEAD * BLOCK_K):
             w_ptrs += AHEAD * BLOCK_K
             x_ptrs += AHEAD * BLOCK_K
             offs_k += AHEAD * BLOCK_K
             acc = _fma_group(acc, x_ptrs, w_ptrs, offs_k, K, BLOCK_K, EVEN_K, W_EVICT, GLU, DT,
-                             HW, False, AHEAD, QX, q_scale, q_rcp)
+                             HW, False, AHEAD)
     return tl.sum(acc, axis=1)[:, None]
 
 
 @triton.jit
 def _fma_group(acc, x_ptrs, w_ptrs, offs_k, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                W_EVICT: tl.constexpr, GLU: tl.constexpr, DT: tl.constexpr, HW: tl.constexpr,
-               FIRST: tl.constexpr, AHEAD: tl.constexpr, QX: tl.constexpr, q_scale, q_rcp):
+               FIRST: tl.constexpr, AHEAD: tl.constexpr):
     """acc plus the products of the AHEAD (1, 2 or 4) K steps from the pointers' one
     (``FIRST``: from the one after, the caller having done it): every tile loaded first, at
     constant offsets (16-byte vectors stay), then the products in step order
     (SkinnyConfig.ahead; AHEAD 1 is the plain one-step loop)."""
     if not FIRST:
         w0 = load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
-        x0 = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW, QX, q_scale, q_rcp)
+        x0 = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
     if AHEAD > 1:
         w1 = load_w(w_ptrs + BLOCK_K, offs_k + BLOCK_K, K, EVEN_K, W_EVICT)
-        x1 = _load_x(x_ptrs + BLOCK_K, offs_k + BLOCK_K, K, EVEN_K, GLU, DT, HW, QX, q_scale, q_rcp)
+        x1 = _load_x(x_ptrs + BLOCK_K, offs_k + BLOCK_K, K, EVEN_K, GLU, DT, HW)
     if AHEAD == 4:
         w2 = load_w(w_ptrs + 2 * BLOCK_K, offs_k + 2 * BLOCK_K, K, EVEN_K, W_EVICT)
         w3 = load_w(w_ptrs + 3 * BLOCK_K, offs_k + 3 * BLOCK_K, K, EVEN_K, W_EVICT)
-        x2 = _load_x(x_ptrs + 2 * BLOCK_K, offs_k + 2 * BLOCK_K, K, EVEN_K,
-                     GLU, DT, HW, QX, q_scale, q_rcp)
-        x3 = _load_x(x_ptrs + 3 * BLOCK_K, offs_k + 3 * BLOCK_K, K, EVEN_K,
-                     GLU, DT, HW, QX, q_scale, q_rcp)
+        x2 = _load_x(x_ptrs + 2 * BLOCK_K, offs_k + 2 * BLOCK_K, K, EVEN_K, GLU, DT, HW)
+        x3 = _load_x(x_ptrs + 3 * BLOCK_K, offs_k + 3 * BLOCK_K, K, EVEN_K, GLU, DT, HW)
     if not FIRST:
         acc += w0.to(tl.float32) * x0.to(tl.float32)
     if AHEAD > 1:
@@ -106,14 +97,14 @@ def _fma_group(acc, x_ptrs, w_ptrs, offs_k, K, BLOCK_K: tl.constexpr, EVEN_K: tl
 @triton.jit
 def _fma_prefetched(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, W_EVICT: tl.constexpr, GLU: tl.constexpr,
-                    DT: tl.constexpr, HW: tl.constexpr, QX: tl.constexpr, q_scale, q_rcp):
+                    DT: tl.constexpr, HW: tl.constexpr):
     """fma_loop's products, each step's tiles loaded during the step before (the compiler
     pipelines only loads that feed a dot). The last step re-reads its own tiles (L1 hits)
     instead of reading past its K range. Same products, same order, as the plain loop."""
-    x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW, QX, q_scale, q_rcp)
+    x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
     step = tl.where(k_lo + BLOCK_K < k_hi, BLOCK_K, 0)
     w_next = load_w(w_ptrs + step, offs_k + step, K, EVEN_K, W_EVICT)
-    x_next = _load_x(x_ptrs + step, offs_k + step, K, EVEN_K, GLU, DT, HW, QX, q_scale, q_rcp)
+    x_next = _load_x(x_ptrs + step, offs_k + step, K, EVEN_K, GLU, DT, HW)
     acc = w_first.to(tl.float32) * x.to(tl.float32)
     for k in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         w, x = w_next, x_next
@@ -122,7 +113,7 @@ def _fma_prefetched(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_K: tl.
         offs_k += step
         step = tl.where(k + BLOCK_K < k_hi, BLOCK_K, 0)
         w_next = load_w(w_ptrs + step, offs_k + step, K, EVEN_K, W_EVICT)
-        x_next = _load_x(x_ptrs + step, offs_k + step, K, EVEN_K, GLU, DT, HW, QX, q_scale, q_rcp)
+        x_next = _load_x(x_ptrs + step, offs_k + step, K, EVEN_K, GLU, DT, HW)
         acc += w.to(tl.float32) * x.to(tl.float32)
     return acc
 
@@ -140,18 +131,17 @@ def _dot_step(acc, x, w, BLOCK_K: tl.constexpr, SCALED: tl.constexpr, DOT_F32: t
 def dot_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
               W_EVICT: tl.constexpr, SCALED: tl.constexpr, DOT_F32: tl.constexpr,
-              GLU: tl.constexpr, DT: tl.constexpr, HW: tl.constexpr, QX: tl.constexpr,
-              q_scale, q_rcp):
+              GLU: tl.constexpr, DT: tl.constexpr, HW: tl.constexpr):
     """x_ptrs [BLOCK_M, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → w·xᵀ as [BLOCK_N, BLOCK_M]; the
     first K step's weights are ``w_first``."""
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW, QX, q_scale, q_rcp)
+    x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
     acc = _dot_step(acc, x, w_first, BLOCK_K, SCALED, DOT_F32)
     for _ in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         offs_k += BLOCK_K
         w = load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
-        x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW, QX, q_scale, q_rcp)
+        x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
         acc = _dot_step(acc, x, w, BLOCK_K, SCALED, DOT_F32)
     return acc

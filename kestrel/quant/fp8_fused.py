@@ -4,11 +4,9 @@ Unfused, an FP8 layer reads its float input a second time to quantize it (per_to
 at 4096 tokens that pass costs down_proj most of its FP8 gain, and at one token it is one more
 launch per layer. Here post_attention_layernorm emits fp8 + per-token scales for gate_up_proj
 and input_layernorm for qkv_proj when attention is FP8 too (``rms_norm_quant_fp8``), and SwiGLU
-emits them for down_proj (``silu_and_mul_quant_fp8``). At decode (rows the skinny GEMM serves)
-the SwiGLU moves into gate_up's epilogue and the quantization into down's loads instead
-(``_fp8_swiglu_skinny``), as the BF16 path folds SwiGLU into its GEMVs. Elsewhere each layer
-still runs its own forward (bias after the all-reduce, gather): it is handed an ``Fp8Input``
-instead of a float tensor, and ``Fp8LinearMethod.apply`` skips its quantize pass.
+emits them for down_proj (``silu_and_mul_quant_fp8``). Each layer still runs its own forward
+(bias after the all-reduce, gather): it is handed an ``Fp8Input`` instead of a float tensor,
+and ``Fp8LinearMethod.apply`` skips its quantize pass.
 
 ``kestrel.executor.loading.use_triton_kernels`` installs ``fp8_norm_input`` and
 ``fp8_norm_mlp`` as a decoder layer's ``norm_input`` and ``norm_mlp`` (plain:
@@ -23,7 +21,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from kestrel.kernels.fp8_gemm import fp8_gate_up_silu_mul, fp8_gemm_dynamic_x
 from kestrel.kernels.fp8_quant import rms_norm_quant_fp8, silu_and_mul_quant_fp8
 from kestrel.models.llama import norm_input_ref
 from kestrel.quant.fp8 import Fp8LinearMethod
@@ -68,8 +65,6 @@ def fp8_norm_mlp(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,
     x, residual [T, H] → (MLP output [T, H], new residual [T, H]). A layer that is not row-wise
     FP8 gets the float tensor, as on the plain path.
     """
-    if _skinny_swiglu(mlp, x):
-        return _fp8_swiglu_skinny(norm, mlp, x, residual)
     h, residual = fp8_norm_input(norm, mlp.gate_up_proj, x, residual)
     h = mlp.gate_up_proj(h)  # [T, 2I]
     qm = rowwise_fp8(mlp.down_proj)
@@ -77,31 +72,3 @@ def fp8_norm_mlp(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,
         return mlp.down_proj(mlp.act(h)), residual
     q, s = silu_and_mul_quant_fp8(h, qm.activation_scale_ub)  # [T, I] fp8, [T, 1]
     return mlp.down_proj(Fp8Input(q, s)), residual
-
-
-def _skinny_swiglu(mlp: LlamaMLP, x: torch.Tensor) -> bool:
-    """Would both FP8 layers run the skinny GEMM on x's rows (decode), unbiased, in x's dtype?
-    Then ``_fp8_swiglu_skinny`` serves them."""
-    gate_up, down = mlp.gate_up_proj, mlp.down_proj
-    if rowwise_fp8(gate_up) is None or rowwise_fp8(down) is None:
-        return False
-    t = x.shape[0]
-    return (0 < t <= min(gate_up.fp8_small_m_max, down.fp8_small_m_max)
-            and gate_up.bias is None and down.bias is None
-            and gate_up.fp8_out_dtype == down.fp8_out_dtype == x.dtype)
-
-
-def _fp8_swiglu_skinny(norm: RMSNorm, mlp: LlamaMLP, x: torch.Tensor,
-                       residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8_norm_mlp for a few rows in three kernels: the norm (which also clears the amax
-    accumulator), gate_up with SwiGLU and the activation's row amaxes in its epilogue, down
-    quantizing the activation as it loads it. The two SwiGLU + quantize launches between the
-    GEMVs (``silu_and_mul_quant_fp8``'s split rows) are gone; the bits are the same."""
-    gate_up, down = mlp.gate_up_proj, mlp.down_proj
-    amax = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    q, s, residual = rms_norm_quant_fp8(norm.reduced(x), norm.weight, norm.eps, residual,
-                                        gate_up.quant_method.activation_scale_ub, amax)
-    act = fp8_gate_up_silu_mul(q, s, gate_up.weight, gate_up.weight_scale, amax, x.dtype)
-    y = fp8_gemm_dynamic_x(act, amax, down.quant_method.activation_scale_ub, down.weight,
-                           down.weight_scale)
-    return (down.tp.all_reduce(y) if down.reduce_results else y), residual

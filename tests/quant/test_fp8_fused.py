@@ -88,39 +88,6 @@ def test_fused_swiglu_quant_gives_down_proj_the_codes_it_would_compute(h):
 
 
 @interpreter_only
-@pytest.mark.parametrize("t", [1, 3])
-def test_decode_mlp_folds_swiglu_and_quantization_into_the_gemvs(h, monkeypatch, t):
-    """Rows the skinny GEMM serves: fp8_norm_mlp runs the norm, gate_up with SwiGLU folded in
-    and down quantizing as it loads, with no SwiGLU + quantize kernel between them, and gives
-    the bits of the unfused fused-producer path (norm → gate_up → SwiGLU + quant → down with
-    the same GEMV). More rows than the skinny GEMM takes keep that path."""
-    from kestrel.kernels.fp8_gemm import fp8_gemm_small_m
-    from kestrel.kernels.fp8_quant import rms_norm_quant_fp8
-    from kestrel.quant import fp8_fused
-
-    model, cfg = _fp8_model(h)
-    layer = model.layers["1"]
-    norm, mlp = layer.post_attention_layernorm, layer.mlp
-    gate_up, down = mlp.gate_up_proj, mlp.down_proj
-    ub = down.quant_method.activation_scale_ub
-    x, res = torch.randn(2, t, cfg.hidden_size, generator=torch.Generator().manual_seed(t))
-    q, s, want_res = rms_norm_quant_fp8(x, norm.weight, norm.eps, res, ub)
-    act_q, act_s = silu_and_mul_quant_fp8(
-        fp8_gemm_small_m(q, s, gate_up.weight, gate_up.weight_scale, x.dtype), ub)
-    want = fp8_gemm_small_m(act_q, act_s, down.weight, down.weight_scale, x.dtype)
-    for m in (gate_up, down):
-        m.fp8_small_m_max = 3
-    calls = []
-    monkeypatch.setattr(fp8_fused, "silu_and_mul_quant_fp8",
-                        lambda *a: calls.append(a) or silu_and_mul_quant_fp8(*a))
-    got, got_res = fp8_fused.fp8_norm_mlp(norm, mlp, x, res)
-    assert calls == [] and torch.equal(got_res, want_res) and torch.equal(got, want)
-    down.fp8_small_m_max = t - 1  # down would not run the skinny GEMM: the unfused path
-    fp8_fused.fp8_norm_mlp(norm, mlp, x, res)
-    assert len(calls) == 1
-
-
-@interpreter_only
 @pytest.mark.parametrize("everywhere", [False, True], ids=["recipe", "every-layer"])
 def test_model_with_triton_kernels_matches_the_plain_model(h, everywhere):
     """use_triton_kernels on a tiny FP8 model (interpreter): fused norm→MLP on the middle layer

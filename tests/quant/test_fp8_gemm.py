@@ -15,13 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kestrel.kernels import fp8_gemm, skinny_config
-from kestrel.kernels.fp8_gemm import (
-    bf16_gemm_small_m,
-    fp8_gate_up_silu_mul,
-    fp8_gemm_dynamic_x,
-    fp8_gemm_small_m,
-)
-from kestrel.kernels.fp8_quant import rms_norm_quant_fp8, silu_and_mul_quant_fp8
+from kestrel.kernels.fp8_gemm import bf16_gemm_small_m, fp8_gemm_small_m
 from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_model, sm_count
 from kestrel.layers.linear import ColumnParallelLinear, RowParallelLinear
 from kestrel.parallel.state import TPGroup
@@ -245,99 +239,6 @@ def test_layer_with_skinny_gemm_enabled_matches_emulation():
     _assert_matches_emulation(layer(x), q, s, layer.weight, layer.weight_scale, torch.float32)
 
 
-# ------------------------------------------------------- SwiGLU folded into the FP8 GEMVs
-
-
-def _unfused_and_folded_mlp(m: int, hidden: int, inter: int, n_out: int, seed: int,
-                            dtype: torch.dtype, gate_up_cfg=None, down_cfg=None):
-    """An FP8 MLP's decode products both ways from fresh inputs: gate_up, the SwiGLU +
-    quantize kernel, down (the unfused path); and gate_up with SwiGLU in its epilogue, down
-    quantizing as it loads (the folded one). With the recipe's activation scale bound (1200),
-    which the outlier row's activation exceeds: its amax is clamped. Returns ((act, y),
-    (act, y, amax)) with act the activation in ``dtype``."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, hidden, generator=gen)
-    if m > 1:
-        x[m // 2] *= 50.0
-    xq, xs = (t.to(DEV) for t in quantize_rowwise_ref(x, 1200.0))
-    wq, ws = (t.to(DEV) for t in quantize_rowwise_ref(torch.randn(2 * inter, hidden,
-                                                                  generator=gen)))
-    dq, ds = (t.to(DEV) for t in quantize_rowwise_ref(0.05 * torch.randn(n_out, inter,
-                                                                         generator=gen)))
-    h = fp8_gemm_small_m(xq, xs, wq, ws, dtype, config=gate_up_cfg)
-    q, s = silu_and_mul_quant_fp8(h, 1200.0)
-    unfused = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:],
-               fp8_gemm_small_m(q, s, dq, ds, dtype, config=down_cfg))
-    amax = torch.zeros(m, device=DEV)
-    act = fp8_gate_up_silu_mul(xq, xs, wq, ws, amax, dtype, config=gate_up_cfg)
-    return unfused, (act, fp8_gemm_dynamic_x(act, amax, 1200.0, dq, ds, config=down_cfg),
-                           amax)
-
-
-FOLD_CONFIGS = {
-    "fma": (SkinnyConfig(8, 32), SkinnyConfig(8, 32)),
-    "fma_bx_ahead_split": (SkinnyConfig(16, 32, split_k=2, broadcast_x=True),
-                           SkinnyConfig(4, 16, split_k=3, broadcast_x=True, ahead=2)),
-    "prefetch": (SkinnyConfig(4, 16, prefetch=True), SkinnyConfig(8, 16, prefetch=True)),
-    "dot": (SkinnyConfig(16, 32, use_dot=True), SkinnyConfig(16, 32, split_k=2, use_dot=True)),
-    "dot_split": (SkinnyConfig(32, 32, split_k=3, use_dot=True), SkinnyConfig(16, 32,
-                                                                          use_dot=True)),
-}
-
-
-@pytest.mark.parametrize("name", list(FOLD_CONFIGS))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_folded_swiglu_gives_the_unfused_bits(poison_empty, name, dtype):
-    """fp8_gate_up_silu_mul → fp8_gemm_dynamic_x = gate_up → silu_and_mul_quant_fp8 → down,
-    bit for bit: the same activation (silu rounded as F.silu of the rounded gate, then the
-    product), the same row amaxes, so the same scales and codes, and down's same sums; with
-    split-K, SwiGLU and the amaxes move into the sum of the partials (K = 40: a partial last
-    step; 72 activation columns: a partial last column block)."""
-    gate_up_cfg, down_cfg = FOLD_CONFIGS[name]
-    m = 3 if gate_up_cfg.use_dot else 1
-    (act, want), (got_act, got, amax) = _unfused_and_folded_mlp(m, 40, 72, 24, seed=m,
-                                                               dtype=dtype,
-                                                               gate_up_cfg=gate_up_cfg,
-                                                               down_cfg=down_cfg)
-    assert got_act.shape == (m, 72) and got_act.dtype == dtype
-    torch.testing.assert_close(got_act, act.to(dtype), rtol=2.0 ** -7, atol=0.0)  # F.silu's exp
-    assert torch.equal(amax, got_act.float().abs().amax(dim=1))
-    assert torch.equal(got, want)
-
-
-def test_folded_swiglu_inputs_are_checked():
-    xq, xs, wq, ws = _operands(2, 32, 16, seed=3)
-    amax = torch.zeros(2, device=DEV)
-    with pytest.raises(ValueError, match="gate and up"):
-        fp8_gate_up_silu_mul(xq, xs, wq[:15], ws[:15], amax)
-    with pytest.raises(ValueError, match="amax"):
-        fp8_gate_up_silu_mul(xq, xs, wq, ws, amax[:1])
-    with pytest.raises(ValueError, match="even"):
-        fp8_gate_up_silu_mul(xq, xs, wq, ws, amax, config=SkinnyConfig(1, 16))
-    x = torch.randn(2, 32, device=DEV, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="amax"):
-        fp8_gemm_dynamic_x(x, amax.double(), None, wq, ws)
-    with pytest.raises(ValueError, match="do not multiply"):
-        fp8_gemm_dynamic_x(x[:, :16], amax, None, wq, ws)
-    with pytest.raises(ValueError, match="must be"):
-        fp8_gemm_dynamic_x(xq, amax, None, wq, ws)
-
-
-def test_norm_clears_the_amax_accumulator():
-    """rms_norm_quant_fp8's ``amax_reset`` is zeroed on the way (whatever it held) and the
-    norm's outputs do not change; a wrong shape is refused."""
-    x, w = torch.randn(3, 64, device=DEV), torch.rand(64, device=DEV)
-    acc = torch.full((3,), float("nan"), device=DEV)
-    got = rms_norm_quant_fp8(x, w, 1e-5, None, 1200.0, amax_reset=acc)
-    want = rms_norm_quant_fp8(x, w, 1e-5, None, 1200.0)
-    assert all(torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
-                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
-               for a, b in zip(got, want))
-    assert torch.equal(acc, torch.zeros(3, device=DEV))
-    with pytest.raises(ValueError, match="amax_reset"):
-        rms_norm_quant_fp8(x, w, 1e-5, amax_reset=acc[:2])
-
-
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -420,15 +321,3 @@ def test_look_ahead_groups_on_gpu(n, k, ahead):
     grouped = fp8_gemm_small_m(xq, xs, wq, ws, torch.bfloat16,
                                config=dataclasses.replace(cfg, ahead=ahead))
     assert torch.equal(plain, grouped)
-
-
-@pytest.mark.parametrize("m", [1, 2, 4])
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_folded_swiglu_on_gpu(m):
-    """llama-3-8b's FFN at decode with the configs the GPU picks (tuned entries, atomics of
-    many programs into one amax): the folded pair gives the unfused path's bits."""
-    (_, want), (act, got, amax) = _unfused_and_folded_mlp(m, 4096, 14336, 4096, seed=m,
-                                                          dtype=torch.bfloat16)
-    assert torch.equal(amax, act.float().abs().amax(dim=1))
-    assert torch.equal(got, want)
