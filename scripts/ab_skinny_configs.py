@@ -1,12 +1,14 @@
 """Skinny-GEMV configs compared inside the engine: batch-1 decode TPOT with the tuned tables
 as they are ("base") and with each candidate entry swapped in, alternating, in fresh processes.
 
-A sweep times a GEMV after another GEMV; in a decode step each follows a small kernel under
-PDL, and the eleventh session's TP=1 qkv winner (12.88 vs 13.78 µs alone) made the step
-slower. So a candidate enters skinny_config's tables only if this says so.
+A sweep times a GEMV after another GEMV (or, with ``--after-norm``, after a norm kernel); in a
+decode step each follows a small kernel under PDL, and the eleventh session's TP=1 qkv winner
+(12.88 vs 13.78 µs alone) made the step slower, as did the twenty-second session's qkv and
+o_proj winners. So a candidate enters skinny_config's tables only if this says so.
 
     python scripts/ab_skinny_configs.py --candidate 'qkv=16:6144x4096:8,256,1,8,1,ef,bx' \
-        [--candidate ...] [--rounds 2] [--quantization fp8]   # one GPU, TP=1
+        [--candidate ...] [--rounds 2] [--quantization fp8] [--engine-args '--fp8-attention']
+        # one GPU, TP=1
 
 A candidate is NAME=ENTRY[+ENTRY...] (entries swapped in together), each ENTRY
 TABLE:NxK:block_n,block_k,split_k,num_warps,num_stages[,FLAG...] with TABLE 16 (TUNED_16BIT)
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -55,6 +58,8 @@ def main() -> None:
     ap.add_argument("--candidate", action="append", default=[], type=parse)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quantization", default=None)
+    ap.add_argument("--engine-args", default="",
+                    help="more engine flags, e.g. '--fp8-attention --no-fp8-skip-layers'")
     args = ap.parse_args()
     runs = [("base", [])] + args.candidate
     tpot: dict[str, list[float]] = {name: [] for name, _ in runs}
@@ -67,6 +72,7 @@ def main() -> None:
                         "1", "--no-roofline", "--json", out]
                 if args.quantization:
                     argv += ["--quantization", args.quantization]
+                argv += shlex.split(args.engine_args)
                 subprocess.run([sys.executable, "-c", RUN.format(entries=entries, argv=argv)],
                                cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
                 tpot[name].append(json.loads(Path(out).read_text())["tpot_s"] * 1e3)

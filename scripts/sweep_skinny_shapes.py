@@ -5,7 +5,10 @@ other pipeline depths. For shapes far below the copy rate (TP=2's down and o_pro
 the tenth session).
 
     python scripts/sweep_skinny_shapes.py --shapes 4096x7168 4096x2048 [--budget-s 120] \
-        [--fp8] [--ahead 2 4]
+        [--fp8] [--ahead 2 4] [--after-norm]
+
+``--after-norm``: each GEMV follows a residual-add RMSNorm kernel, as in a decode step
+(``skinny_timing.with_lead``); times are the pair's, the norm alone printed once.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_mode
 from tests.quant.skinny_timing import (
     copy_bandwidth,
     describe,
+    lead_us,
     time_config,
     weights,
     with_activation,
     with_activation_bf16,
+    with_lead,
 )
 
 
@@ -66,6 +71,8 @@ def main() -> None:
     ap.add_argument("--fp8", action="store_true", help="fp8_gemm_small_m (fp8 weights)")
     ap.add_argument("--ahead", type=int, nargs="*", default=[],
                     help="K-step groups tried across the whole grid, not only in refinement")
+    ap.add_argument("--after-norm", action="store_true",
+                    help="time each GEMV after a norm kernel, as in a decode step")
     args = ap.parse_args()
     copy = copy_bandwidth()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -76,6 +83,10 @@ def main() -> None:
         elem = 1 if args.fp8 else 2
         op = weights(n, k, l2, with_bf16=not args.fp8, with_fp8=args.fp8)
         op = with_activation(op, 1) if args.fp8 else with_activation_bf16(op, 1)
+        if args.after_norm:
+            op = with_lead(op)
+            print(f"{shape}: times include a norm kernel of {lead_us(op, 5 * args.rep):.2f} µs "
+                  "alone; shares of copy are of the pair's time")
         dflt = default_config(1, n, k, sms, elem_bytes=elem, gpu=gpu_model("cuda", 0))
         timed, start = {}, time.monotonic()
         configs = grid(n, k, elem, tuple(args.ahead))

@@ -115,9 +115,34 @@ def with_activation_bf16(op: dict, m: int) -> dict:
     return {**op, "x": x, "ref": ref, "skinny": skinny, "copies": len(op["wb"])}
 
 
+def with_lead(op: dict) -> dict:
+    """``op`` whose timed GEMMs each follow a small kernel, as in a decode step, where a GEMV
+    comes after a norm or attention (launched with PDL, kernels.pdl) rather than after another
+    GEMV: the fused residual-add RMSNorm of the GEMV's K on one row. ``time_config`` then times
+    the pair; ``lead_us`` is the norm's own time in the same harness."""
+    from kestrel.kernels.fused import rms_norm
+
+    k = op["x"].shape[1]
+    x, res, out, res_out = (torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+                            for _ in range(4))
+    w = torch.rand(k, device=DEVICE, dtype=torch.bfloat16)
+
+    def lead() -> None:
+        rms_norm(x, w, 1e-5, res, out=out, residual_out=res_out)
+    return {**op, "lead": lead}
+
+
+def lead_us(op: dict, rep: int) -> float:
+    """µs of ``with_lead``'s norm alone, replayed as time_config replays a pair."""
+    return time_us(lambda i: op["lead"](), op["copies"], rep)
+
+
 def time_config(op: dict, cfg: SkinnyConfig, rep: int) -> float | None:
-    """µs of the skinny GEMM with ``cfg`` on op's operands; None if it fails or is wrong."""
+    """µs of the skinny GEMM with ``cfg`` on op's operands (after op's lead kernel, if it has
+    one: ``with_lead``); None if it fails or is wrong."""
     def skinny(i: int) -> torch.Tensor:
+        if "lead" in op:
+            op["lead"]()
         return op["skinny"](i, cfg)
     try:
         if not correct(skinny(0), op["ref"]):
