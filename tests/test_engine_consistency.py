@@ -142,3 +142,43 @@ def test_abort_while_a_step_is_in_flight(default_model_path, prompts):
     assert "r1" not in outs and all(len(outs[f"r{i}"].outputs[0].token_ids) == 24
                                     for i in (0, 2, 3))
     eng.pool.check_invariants(expect_idle=True)
+
+
+def test_last_layer_carries_only_the_rows_read(default_model_path, prompts, monkeypatch):
+    """Past attention, the model's last layer runs its MLP only on rows whose output is read:
+    a prompt's last row when it samples, none for a middle chunk, every prompt row of a
+    request that wants prompt logprobs; the first layer runs every row. Tokens, logprobs and
+    prompt logprobs as when every row goes through (``ForwardBatch.keep`` forced to None)."""
+    from kestrel.executor.model_runner import ForwardBatch
+
+    params = [SamplingParams(temperature=0.0, max_tokens=6, logprobs=2, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=6, logprobs=2, prompt_logprobs=1,
+                             ignore_eos=True)]
+    texts = [prompts[5], prompts[2]]  # ~130 and ~50 tokens: chunks of 64 split the first
+
+    def run() -> tuple[list, dict[str, list[int]]]:
+        llm = LLM(str(default_model_path), max_num_batched_tokens=64)
+        layers = list(llm.engine.executor.runner.model.layers.values())
+        rows: dict[str, list[int]] = {"first": [], "last": []}
+        for key, layer in (("first", layers[0]), ("last", layers[-1])):
+            forward = layer.mlp.forward
+            layer.mlp.forward = lambda x, f=forward, k=key: rows[k].append(len(x)) or f(x)
+        return llm.generate(texts, params), rows
+
+    pruned, rows = run()
+    n_prompt = len(pruned[1].prompt_token_ids)
+    assert max(rows["first"]) == 64  # the first layer: every row of a full chunk
+    assert len(rows["last"]) < len(rows["first"])  # a middle chunk: no row past attention
+    assert max(rows["last"]) <= 2 + n_prompt - 1 < 64  # sampled rows + the prompt-logprob rows
+    monkeypatch.setattr(ForwardBatch, "keep", property(lambda self: None))
+    full, rows = run()
+    assert rows["last"] == rows["first"]
+    for a, b in zip(pruned, full):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x.keys() == y.keys()
+            assert all(abs(x[t] - y[t]) < 1e-4 for t in x)
+    got, want = pruned[1].prompt_logprobs, full[1].prompt_logprobs
+    assert len(got) == len(want) == n_prompt
+    for x, y in zip(got[1:], want[1:]):
+        assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-4 for t in x)

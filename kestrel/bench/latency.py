@@ -96,11 +96,18 @@ def linear_params(mcfg: ModelConfig) -> int:
 
 
 def prefill_flops(mcfg: ModelConfig, batch: int, input_len: int) -> float:
+    """Matmul FLOPs of prefilling ``batch`` prompts of ``input_len`` tokens as the engine runs
+    it, so FLOP/s stays work done per second: every decoder layer's linears for every token,
+    but the last layer's o_proj and MLP for each prompt's last token only (the rows whose
+    output is read: LlamaForCausalLM.forward's ``keep``); causal attention; the LM head on one
+    row per prompt."""
     tokens = batch * input_len
+    h = mcfg.hidden_size
+    skipped = (tokens - batch) * (mcfg.q_size * h + 3 * h * mcfg.intermediate_size)
     attn = 2 * mcfg.num_hidden_layers * mcfg.num_attention_heads * mcfg.head_dim \
         * input_len * (input_len + 1) * batch
-    head = 2 * mcfg.vocab_size * mcfg.hidden_size * batch
-    return 2.0 * linear_params(mcfg) * tokens + head + attn
+    head = 2 * mcfg.vocab_size * h * batch
+    return 2.0 * (linear_params(mcfg) * tokens - skipped) + head + attn
 
 
 def decode_bytes_per_step(engine: Any, batch: int, input_len: int, output_len: int) -> float:

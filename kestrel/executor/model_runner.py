@@ -42,6 +42,18 @@ class ForwardBatch:
     # lays them out so), for graph replays to stage with one copy
     id_pos_slot: torch.Tensor
 
+    @property
+    def keep(self) -> torch.Tensor | None:
+        """The rows the model's last layer carries past attention (LlamaForCausalLM.forward's
+        ``keep``): the logits rows when they are fewer than the tokens (a prefill chunk
+        samples its last row only), else None (every row, as at decode)."""
+        n = self.logits_indices.numel()
+        return self.logits_indices if n < self.input_ids.numel() else None
+
+    def logits_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The rows of the model's output (run with ``keep``) that become logits."""
+        return hidden if self.keep is not None else hidden[self.logits_indices]
+
 
 @dataclass
 class PrevTokens:
@@ -313,7 +325,8 @@ class ModelRunner:
         batch = self.prepare(out, prev)
         if self.use_graph(batch):
             return RunnerOutput(self.graphs.run(batch.id_pos_slot, batch.meta), {})
-        hidden, _ = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        hidden, _ = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta,
+                               keep=batch.keep)
+        logits = self.model.compute_logits(batch.logits_hidden(hidden))
         prompt = {rid: logits[a:b] for rid, (a, b) in batch.prompt_rows.items()}
         return RunnerOutput(logits.index_select(0, batch.sample_rows_dev), prompt)

@@ -96,9 +96,10 @@ class StageRunner:
             if not self.layout.is_first_stage:
                 h = torch.zeros(n, self.hidden_size, dtype=self.cfg.dtype, device=dev)
                 res = torch.zeros_like(h)
-            h, _ = r.model(batch.input_ids, batch.positions, r.kv_caches, batch.meta, h, res)
+            h, _ = r.model(batch.input_ids, batch.positions, r.kv_caches, batch.meta, h, res,
+                           keep=batch.keep)
             if self.layout.is_last_stage:
-                r.model.compute_logits(h[batch.logits_indices])
+                r.model.compute_logits(batch.logits_hidden(h))
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - before - kv_bytes
         r.kv_caches = []
@@ -139,13 +140,13 @@ class StageRunner:
             hidden, residual = result
         else:
             hidden, residual = r.model(batch.input_ids, batch.positions, r.kv_caches,
-                                       batch.meta, hidden, residual)
+                                       batch.meta, hidden, residual, keep=batch.keep)
         if not self.layout.is_last_stage:
             self._send_hidden(seq, hidden, residual)
             return batch, None
         if batch.logits_indices.numel() == 0:
             return batch, None
-        return batch, r.model.compute_logits(hidden[batch.logits_indices])  # [N, V] float32
+        return batch, r.model.compute_logits(batch.logits_hidden(hidden))  # [N, V] float32
 
     def _send_hidden(self, seq: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         both = torch.stack([hidden, residual])  # [2, T, H]

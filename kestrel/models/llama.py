@@ -50,7 +50,9 @@ class LlamaAttention(nn.Module):
                                 self.head_dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H] → [T, H]; with ``keep`` [N] (row indices), every row's K/V is cached and
+        attended, but only the kept rows go through o_proj: [N, H]."""
         qkv = self.qkv_proj(x)  # [T, q + 2kv]; x may be an Fp8Input (fp8_fused.fp8_norm_input)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         t = qkv.shape[0]
@@ -59,8 +61,8 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         # The backend applies the rotary (fused with its cache write where it can).
         out = self.attn.forward(q, k, v, kv[0], kv[1], meta, positions=positions,
-                                cos_sin=self.rotary.cos_sin)  # [T, Hq, D]
-        return self.o_proj(out.reshape(t, self.q_size))
+                                cos_sin=self.rotary.cos_sin).reshape(t, self.q_size)
+        return self.o_proj(out if keep is None else out.index_select(0, keep))
 
 
 class LlamaMLP(nn.Module):
@@ -117,9 +119,15 @@ class LlamaDecoderLayer(nn.Module):
         # the kernel registry may swap in fused versions of these two
         self.norm_input, self.norm_mlp = norm_input_ref, norm_mlp_ref
 
-    def forward(self, positions, x, residual, kv: KVCache, meta: AttentionMetadata):
+    def forward(self, positions, x, residual, kv: KVCache, meta: AttentionMetadata,
+                keep: torch.Tensor | None = None):
+        """``keep``: only these rows go on after attention (LlamaForCausalLM.forward)."""
         x, residual = self.norm_input(self.input_layernorm, self.self_attn.qkv_proj, x, residual)
-        x = self.self_attn(positions, x, kv, meta)
+        x = self.self_attn(positions, x, kv, meta, keep)
+        if keep is not None:
+            residual = residual.index_select(0, keep)
+            if keep.numel() == 0:  # nothing is read (a prompt's middle chunk): skip the MLP
+                return x, residual
         return self.norm_mlp(self.post_attention_layernorm, self.mlp, x, residual)
 
 
@@ -177,18 +185,26 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata, hidden: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                residual: torch.Tensor | None = None, keep: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run this stage. First stage embeds ``input_ids``; later ones continue ``hidden``.
 
         Returns (hidden [T, H], residual [T, H]); the last stage returns final-normed hidden
-        states and residual None.
+        states and residual None. ``keep`` [N] (the last stage only; other stages ignore it):
+        the rows whose output is read (the logits rows). The last layer still caches and
+        attends every row, but runs o_proj, its MLP and the final norm on the kept rows only
+        and returns [N, H], row i being keep[i]'s: a 4k-token prefill that samples one token
+        skips 4,095 rows of one layer's o_proj and MLP (1/32 of its linear work on an 8B).
         """
         if self.is_first:
             hidden = self.embed_tokens(input_ids)
+        last = len(self.layers) - 1
         for j, layer in enumerate(self.layers.values()):
-            hidden, residual = layer(positions, hidden, residual, kv_caches[j], meta)
+            prune = keep if self.is_last and j == last else None
+            hidden, residual = layer(positions, hidden, residual, kv_caches[j], meta, prune)
         if self.is_last:
-            hidden, _ = self.norm(hidden, residual)
+            if hidden.shape[0]:
+                hidden, _ = self.norm(hidden, residual)
             return hidden, None
         return hidden, residual
 

@@ -62,7 +62,14 @@ def test_latency_fields_consistent(tmp_path):
         res["decode_bytes_per_step"] / res["tpot_s"])
     assert res["prefill_flops_per_s"] == pytest.approx(
         res["prefill_flops"] / res["prefill_time_s"])
-    assert res["prefill_flops"] > 2 * linear_params(mcfg) * b * i  # plus head and attention
+    # every layer's linears for every token but the last layer's o_proj + MLP (one row per
+    # prompt: the model's ``keep``), plus the LM head on one row per prompt and attention
+    h, tail = mcfg.hidden_size, mcfg.q_size * mcfg.hidden_size + 3 * mcfg.hidden_size \
+        * mcfg.intermediate_size
+    head = 2 * mcfg.vocab_size * h * b
+    attn = 2 * mcfg.num_hidden_layers * mcfg.q_size * i * (i + 1) * b
+    assert res["prefill_flops"] == pytest.approx(
+        2 * (linear_params(mcfg) * b * i - tail * (b * i - b)) + head + attn)
     ceil = res["ceilings"]
     assert res["ceiling_matmul_kind"] == "float32"
     assert res["decode_bandwidth_fraction"] == pytest.approx(
