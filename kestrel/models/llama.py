@@ -203,7 +203,7 @@ class LlamaForCausalLM(nn.Module):
             prune = keep if self.is_last and j == last else None
             hidden, residual = layer(positions, hidden, residual, kv_caches[j], meta, prune)
         if self.is_last:
-            if hidden.shape[0]:
+            if hidden.shape[0]:  # no kept row (a middle chunk): nothing to normalise
                 hidden, _ = self.norm(hidden, residual)
             return hidden, None
         return hidden, residual
