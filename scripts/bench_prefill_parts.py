@@ -1,9 +1,13 @@
 """Variants of the non-GEMM parts of a long prefill, timed on one GPU (µs, median of CUDA-event
-timings): how the SDPA path feeds grouped KV heads to cuDNN, and how the fused SiLU-multiply +
-FP8 quantization tiles a row. Picks the defaults in kestrel.attention.triton_backend and
-kestrel.kernels.fp8_quant; prints one line per variant with its effective bandwidth.
+timings): how the SDPA path feeds grouped KV heads to cuDNN, how the fused SiLU-multiply +
+FP8 quantization tiles a row, and whether the residual add rides in the GEMM's epilogue
+(cuBLAS's C input, beta = 1) for less than the add costs in the norm kernel, and the last
+layer's attention for the sampled row only (``forward_kept``) against every row's. Picks the defaults
+in kestrel.attention.triton_backend and kestrel.kernels.fp8_quant; prints one line per variant
+with its effective bandwidth.
 
     python scripts/bench_prefill_parts.py [--tokens 4096] [--heads 32 8] [--inter 14336]
+        [--only sdpa silu residual kept]
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kestrel.kernels import fp8_quant
-from kestrel.kernels.fused import silu_and_mul
+from kestrel.kernels.fused import rms_norm, silu_and_mul
 
 BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -32,6 +36,23 @@ def timed(fn, reps: int = 20) -> float:
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def timed_queued(fn, reps: int = 20) -> float:
+    """As ``timed``, but the GPU sleeps ~1 ms before each run while the host queues it: the
+    kernels' time, not the host's launches (small kernels outrun their launches)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(2_000_000)
         a.record()
         fn()
         b.record()
@@ -101,18 +122,98 @@ def bench_silu_quant(t: int, inter: int) -> None:
               f"{moved / us / 1e3:7.0f} GB/s  same bits {same}")
 
 
+def bench_residual_gemm(t: int, hidden: int, k: int) -> None:
+    """o_proj (k = q size) or down_proj (k = intermediate) followed by the next norm: the GEMM,
+    then the norm adding the residual (today), against the GEMM adding the residual as cuBLAS's
+    C input, then a norm without one. Error of each against float32, in units of bf16's
+    rounding of the result."""
+    x = torch.randn(t, k, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(hidden, k, dtype=torch.bfloat16, device="cuda") * k ** -0.5
+    res = torch.randn(t, hidden, dtype=torch.bfloat16, device="cuda") * 4
+    g = torch.rand(hidden, dtype=torch.bfloat16, device="cuda") + 0.5
+    ref = x.float() @ w.float().t() + res.float()
+    ulp = ref.abs().clamp_min(1e-3) * 2.0 ** -8
+
+    def separate():
+        return rms_norm(F.linear(x, w), g, 1e-5, res)
+
+    def in_gemm():
+        s = torch.addmm(res, x, w.t())
+        return rms_norm(s, g, 1e-5)[0], s
+
+    y = F.linear(x, w)
+    for name, fn in (("linear", lambda: F.linear(x, w)),
+                     ("addmm (C = residual)", lambda: torch.addmm(res, x, w.t())),
+                     ("norm + residual add", lambda: rms_norm(y, g, 1e-5, res)),
+                     ("norm alone", lambda: rms_norm(y, g, 1e-5)),
+                     ("linear, then norm + add", separate),
+                     ("addmm, then norm", in_gemm)):
+        us = timed(fn)
+        print(f"residual t={t} k={k:5} {name:24} {us:8.1f} µs")
+    for name, fn in (("linear, then norm + add", separate), ("addmm, then norm", in_gemm)):
+        s = fn()[1].float()
+        print(f"residual t={t} k={k:5} {name:24} sum error max {((s - ref).abs() / ulp).max():.2f}"
+              f" mean {((s - ref).abs() / ulp).mean():.3f} bf16 ulps")
+
+
+def bench_kept(t: int, hq: int, hk: int, d: int) -> None:
+    """One prompt of t tokens through the Triton backend (rotary, cache write, attention):
+    every row's attention (``forward``), its last row's only (``forward_kept``, the last layer
+    of a prefill that samples), and none (a middle chunk's last layer)."""
+    from kestrel.attention.base import AttentionMetadata, KeptRows
+    from kestrel.attention.triton_backend import TritonAttention
+    from kestrel.layers.rotary import RotaryEmbedding
+
+    bs, dev = 16, "cuda"
+    nb = -(-t // bs)
+    kc = torch.zeros(nb, bs, hk, d, dtype=torch.bfloat16, device=dev)
+    vc = torch.zeros_like(kc)
+    i32 = {"dtype": torch.int32, "device": dev}
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(t, device=dev), query_start_loc=torch.tensor([0, t], **i32),
+        seq_lens=torch.tensor([t], **i32), block_tables=torch.arange(nb, **i32)[None],
+        max_query_len=t, max_seq_len=t, seq_lens_cpu=[t], query_lens_cpu=[t])
+    qkv = torch.randn(t, hq + 2 * hk, d, dtype=torch.bfloat16, device=dev)
+    q, k, v = qkv.split([hq, hk, hk], dim=1)
+    rope = {"positions": torch.arange(t, device=dev),
+            "cos_sin": RotaryEmbedding(d, t, 500000.0, None).cos_sin.to(dev)}
+    backend = TritonAttention(hq, hk, d, d ** -0.5)
+    last = torch.tensor([t - 1], device=dev)
+    one, none = KeptRows(last, torch.zeros_like(last), [0]), KeptRows(last[:0], last[:0], [])
+    # (timed runs rotate q and k in place again and again: compare on fresh copies first)
+    ref = backend.forward(q.clone(), k.clone(), v, kc, vc, meta, **rope)[t - 1].float()
+    got = backend.forward_kept(q.clone(), k.clone(), v, kc, vc, meta, one, **rope)[0].float()
+    print(f"kept t={t} last row against every row's: max |diff| {(got - ref).abs().max():.2e}")
+    for name, fn in (
+            ("every row (forward)", lambda: backend.forward(q, k, v, kc, vc, meta, **rope)),
+            ("last row (forward_kept)",
+             lambda: backend.forward_kept(q, k, v, kc, vc, meta, one, **rope)),
+            ("no row (forward_kept)",
+             lambda: backend.forward_kept(q, k, v, kc, vc, meta, none, **rope))):
+        print(f"kept t={t} {name:24} {timed(fn):9.1f} µs, queued {timed_queued(fn):9.1f} µs")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--heads", type=int, nargs=2, default=[32, 8])
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--inter", type=int, default=14336)
+    p.add_argument("--only", nargs="+", choices=["sdpa", "silu", "residual", "kept"],
+                   default=["sdpa", "silu", "residual", "kept"])
     ns = p.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     for t in ns.tokens:
-        bench_sdpa(t, *ns.heads, ns.head_dim)
-    for t in ns.tokens:
-        bench_silu_quant(t, ns.inter)
+        if "sdpa" in ns.only:
+            bench_sdpa(t, *ns.heads, ns.head_dim)
+        if "silu" in ns.only:
+            bench_silu_quant(t, ns.inter)
+        if "residual" in ns.only:
+            hidden = ns.heads[0] * ns.head_dim
+            for k in (hidden, ns.inter):
+                bench_residual_gemm(t, hidden, k)
+        if "kept" in ns.only:
+            bench_kept(t, *ns.heads, ns.head_dim)
 
 
 if __name__ == "__main__":

@@ -58,3 +58,23 @@ def test_every_uploaded_array_starts_16_byte_aligned():
               meta.query_start_loc, meta.seq_lens, meta.block_tables):
         assert t.data_ptr() % 16 == 0
     assert batch.positions.tolist() == [0, 1, 3] and batch.input_ids.tolist() == [9, 8, 7]
+
+
+def test_kept_rows_name_the_sequences_they_end():
+    """The last layer keeps the logits rows; when each ends its sequence (no prompt logprobs)
+    the step says which sequences they end, for decode attention (forward_kept). A middle
+    chunk (no sample) keeps nothing."""
+    steps = [ScheduledRequest("a", [-1], 4, [1, 5], True),
+             ScheduledRequest("mid", [9, 8, 7, 6], 0, [2], False),
+             ScheduledRequest("p", [5, 4, 3], 2, [3], True)]
+    batch = _prepare(SchedulerOutput(steps), PrevTokens({"a": 0}, torch.tensor([55])))
+    keep = batch.keep
+    assert keep.rows.tolist() == [0, 7] and keep.seqs.tolist() == [0, 2]
+    assert keep.seqs_cpu == [0, 2]
+    batch = _prepare(SchedulerOutput([steps[1]]))
+    assert batch.keep.rows.numel() == 0 and batch.keep.seqs_cpu == []
+    with_logprobs = ScheduledRequest("lp", [5, 4, 3], 0, [3], True, prompt_logprobs=True)
+    batch = _prepare(SchedulerOutput([steps[1], with_logprobs]))
+    assert batch.keep.rows.tolist() == [4, 5, 6] and batch.keep.seqs_cpu is None
+    batch = _prepare(SchedulerOutput([steps[0]]), PrevTokens({"a": 0}, torch.tensor([55])))
+    assert batch.keep is None  # decode: every row is read

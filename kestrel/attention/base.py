@@ -44,6 +44,19 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
+@dataclass
+class KeptRows:
+    """The rows of a flat batch whose output is read past the model's last attention
+    (LlamaForCausalLM.forward's ``keep``: the logits rows). When each is the last row of its
+    sequence (no prompt logprobs wanted), ``seqs`` names those sequences, in the rows' order,
+    on the device and the host: such a row's causal context is its whole sequence, so decode
+    attention computes it."""
+
+    rows: torch.Tensor  # [N] int64 indices into the flat batch
+    seqs: torch.Tensor | None = None  # [N] int64 sequence indices, or None
+    seqs_cpu: list[int] | None = None
+
+
 class AttentionBackend(ABC):
     """Rotates q and k, writes new K/V into the paged cache and computes causal attention for a
     flat batch.
@@ -104,6 +117,17 @@ class AttentionBackend(ABC):
         positions: torch.Tensor,
         cos_sin: torch.Tensor,
     ) -> torch.Tensor: ...
+
+    def forward_kept(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                     keep: KeptRows, *, positions: torch.Tensor,
+                     cos_sin: torch.Tensor) -> torch.Tensor:
+        """As ``forward`` (every row's K/V cached), but the output holds only the kept rows,
+        [N, Hq, D], row i being ``keep.rows[i]``'s. Here: every row, then the kept ones; a
+        backend may compute less."""
+        out = self.forward(q, k, v, k_cache, v_cache, meta, positions=positions,
+                           cos_sin=cos_sin)
+        return out.index_select(0, keep.rows)
 
 
 def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kestrel.attention.base import AttentionBackend, AttentionMetadata, register_backend
+from kestrel.attention.base import AttentionBackend, AttentionMetadata, KeptRows, register_backend
 
 # Sequences with at least this many queries in a step (whole prompts, chunks after a cached
 # prefix) attend through cuDNN's SDPA. H200, 32/8 heads, d 128, bf16, `bench_sdpa.py --only
@@ -118,6 +118,32 @@ class TritonAttention(AttentionBackend):
                 v_scale=vs, new=new,
             )  # fmt: skip
         return self._prefill_step(q, k, v, k_cache, v_cache, meta, ks, vs)
+
+    def forward_kept(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                     keep: KeptRows, *, positions: torch.Tensor,
+                     cos_sin: torch.Tensor) -> torch.Tensor:
+        """Kept rows that end their sequences (``keep.seqs``) attend through the decode
+        kernel once every row's K/V is cached: a 4k prompt sampling its last row reads the
+        cache once for one query instead of running causal prefill attention over 4k rows;
+        none kept (a prompt's middle chunk) caches K/V and attends nothing. Other kept rows
+        (prompt logprobs): every row, then the kept ones."""
+        if keep.seqs_cpu is None or meta.seq_lens_cpu is None:
+            return super().forward_kept(q, k, v, k_cache, v_cache, meta, keep,
+                                        positions=positions, cos_sin=cos_sin)
+        ks, vs = self.kv_scales(k_cache)
+        q, k = self._fused.rotary_and_cache(q, k, v, positions, cos_sin, k_cache, v_cache,
+                                            meta.slot_mapping, ks, vs)
+        if not keep.seqs_cpu:
+            return q.new_empty((0, *q.shape[1:]))
+        tables, lens = meta.block_tables, meta.seq_lens
+        if keep.seqs_cpu != list(range(meta.num_seqs)):
+            tables, lens = tables.index_select(0, keep.seqs), lens.index_select(0, keep.seqs)
+        return self._decode.paged_attention_decode(
+            q.index_select(0, keep.rows), k_cache, v_cache, tables, lens, self.scale,
+            max_seq_len=max(meta.seq_lens_cpu[i] for i in keep.seqs_cpu), k_scale=ks,
+            v_scale=vs,
+        )  # fmt: skip
 
     def _prefill_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,

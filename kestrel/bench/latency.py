@@ -15,7 +15,8 @@ compute:
   request: 2 · layers · kv_heads · head_dim · itemsize per token). Achieved bandwidth =
   bytes / step time, divided by the copy bandwidth ceiling.
 - prefill FLOPs = 2 · linear params · tokens + the LM head on the last row of each request +
-  causal attention (QKᵀ and PV: 2 · layers · heads · head_dim · I · (I + 1) per request).
+  causal attention (QKᵀ and PV: 2 · heads · head_dim · I · (I + 1) per request and layer),
+  less what the last layer skips for the rows nobody reads (``prefill_flops``).
   Achieved FLOP/s divided by the matmul ceiling of the dtype the linear layers run in.
 """
 
@@ -97,15 +98,17 @@ def linear_params(mcfg: ModelConfig) -> int:
 
 def prefill_flops(mcfg: ModelConfig, batch: int, input_len: int) -> float:
     """Matmul FLOPs of prefilling ``batch`` prompts of ``input_len`` tokens as the engine runs
-    it, so FLOP/s stays work done per second: every decoder layer's linears for every token,
-    but the last layer's o_proj and MLP for each prompt's last token only (the rows whose
-    output is read: LlamaForCausalLM.forward's ``keep``); causal attention; the LM head on one
-    row per prompt."""
+    it on a GPU, so FLOP/s stays work done per second: every decoder layer's linears for every
+    token, but the last layer's o_proj and MLP for each prompt's last token only (the rows
+    whose output is read: LlamaForCausalLM.forward's ``keep``); causal attention in every
+    layer but the last, whose attention is for the last token only (the Triton backend's
+    ``forward_kept``); the LM head on one row per prompt."""
     tokens = batch * input_len
     h = mcfg.hidden_size
     skipped = (tokens - batch) * (mcfg.q_size * h + 3 * h * mcfg.intermediate_size)
-    attn = 2 * mcfg.num_hidden_layers * mcfg.num_attention_heads * mcfg.head_dim \
-        * input_len * (input_len + 1) * batch
+    per_head = 2 * mcfg.head_dim * batch * ((mcfg.num_hidden_layers - 1) * input_len
+                                            * (input_len + 1) + 2 * input_len)
+    attn = mcfg.num_attention_heads * per_head
     head = 2 * mcfg.vocab_size * h * batch
     return 2.0 * (linear_params(mcfg) * tokens - skipped) + head + attn
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kestrel.attention.base import AttentionMetadata, get_backend_cls
+from kestrel.attention.base import AttentionMetadata, KeptRows, get_backend_cls
 from kestrel.config import EngineConfig
 from kestrel.core.scheduler import SchedulerOutput
 from kestrel.executor.cuda_graph import DecodeGraphs
@@ -41,14 +41,19 @@ class ForwardBatch:
     # [3, T]: input_ids, positions and meta.slot_mapping as rows of one tensor (the upload
     # lays them out so), for graph replays to stage with one copy
     id_pos_slot: torch.Tensor
+    # the sequence each logits row ends (every row a sequence's last: no prompt logprobs)
+    logits_seqs: torch.Tensor  # [N] int64 on the device (empty when logits_seqs_cpu is None)
+    logits_seqs_cpu: list[int] | None
 
     @property
-    def keep(self) -> torch.Tensor | None:
+    def keep(self) -> KeptRows | None:
         """The rows the model's last layer carries past attention (LlamaForCausalLM.forward's
         ``keep``): the logits rows when they are fewer than the tokens (a prefill chunk
         samples its last row only), else None (every row, as at decode)."""
-        n = self.logits_indices.numel()
-        return self.logits_indices if n < self.input_ids.numel() else None
+        if self.logits_indices.numel() == self.input_ids.numel():
+            return None
+        return KeptRows(self.logits_indices, self.logits_seqs if self.logits_seqs_cpu
+                        is not None else None, self.logits_seqs_cpu)
 
     def logits_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The rows of the model's output (run with ``keep``) that become logits."""
@@ -253,7 +258,7 @@ class ModelRunner:
             table[i, : len(s.block_ids)] = s.block_ids
         slots = table[seq_of, pos // bs] * bs + pos % bs
         seq_lens = starts + q_lens
-        rows, sample_rows, prompt_rows = [], [], {}
+        rows, sample_rows, prompt_rows, row_seqs = [], [], {}, []
         for i, s in enumerate(seqs):
             if s.prompt_logprobs:
                 prompt_rows[s.request_id] = (len(rows), len(rows) + s.num_new_tokens)
@@ -263,6 +268,7 @@ class ModelRunner:
             elif s.sample:
                 sample_rows.append(len(rows))
                 rows.append(qsl[i + 1] - 1)
+                row_seqs.append(i)
         holes = np.flatnonzero(ids < 0)  # placeholders for tokens the device sampled last step
         if holes.size and prev is None:
             raise RuntimeError("a scheduled token is still pending but no previous step's "
@@ -273,10 +279,12 @@ class ModelRunner:
         n = ids.size
         ips = np.zeros((3, n + n % 2), dtype=np.int64)  # rows of whole 16-byte units (_upload)
         ips[0, :n], ips[1, :n], ips[2, :n] = ids, pos, slots
+        last_rows_only = not prompt_rows
         arrays = [ips, np.array(rows, dtype=np.int64),
                   np.array(sample_rows, np.int64), holes, src, qsl.astype(i32),
-                  seq_lens.astype(i32), table.astype(i32)]
-        id_pos_slot, rows_t, sample_t, holes_t, src_t, qsl_t, lens_t, table_t = \
+                  seq_lens.astype(i32), table.astype(i32),
+                  np.array(row_seqs if last_rows_only else [], np.int64)]
+        id_pos_slot, rows_t, sample_t, holes_t, src_t, qsl_t, lens_t, table_t, row_seqs_t = \
             self._upload(arrays)
         id_pos_slot = id_pos_slot[:, :n]
         ids_t, pos_t, slots_t = id_pos_slot
@@ -289,7 +297,7 @@ class ModelRunner:
             max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()),
             seq_lens_cpu=seq_lens.tolist(), query_lens_cpu=q_lens.tolist())
         return ForwardBatch(ids_t, pos_t, meta, rows_t, sample_rows, sample_t, prompt_rows,
-                            id_pos_slot)
+                            id_pos_slot, row_seqs_t, row_seqs if last_rows_only else None)
 
     def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """Several small int64 / int32 arrays in one host→device copy (pinned and non-blocking

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from kestrel.attention.base import AttentionBackend, AttentionMetadata
+from kestrel.attention.base import AttentionBackend, AttentionMetadata, KeptRows
 from kestrel.config import ModelConfig, QuantConfig
 from kestrel.layers.activation import silu_and_mul_ref
 from kestrel.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -50,9 +50,9 @@ class LlamaAttention(nn.Module):
                                 self.head_dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv: KVCache,
-                meta: AttentionMetadata, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, H] → [T, H]; with ``keep`` [N] (row indices), every row's K/V is cached and
-        attended, but only the kept rows go through o_proj: [N, H]."""
+                meta: AttentionMetadata, keep: KeptRows | None = None) -> torch.Tensor:
+        """x [T, H] → [T, H]; with ``keep``, every row's K/V is cached, but only the kept
+        rows are attended for and go through o_proj: [N, H]."""
         qkv = self.qkv_proj(x)  # [T, q + 2kv]; x may be an Fp8Input (fp8_fused.fp8_norm_input)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         t = qkv.shape[0]
@@ -60,9 +60,13 @@ class LlamaAttention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         # The backend applies the rotary (fused with its cache write where it can).
-        out = self.attn.forward(q, k, v, kv[0], kv[1], meta, positions=positions,
-                                cos_sin=self.rotary.cos_sin).reshape(t, self.q_size)
-        return self.o_proj(out if keep is None else out.index_select(0, keep))
+        if keep is None:
+            out = self.attn.forward(q, k, v, kv[0], kv[1], meta, positions=positions,
+                                    cos_sin=self.rotary.cos_sin)
+        else:
+            out = self.attn.forward_kept(q, k, v, kv[0], kv[1], meta, keep,
+                                         positions=positions, cos_sin=self.rotary.cos_sin)
+        return self.o_proj(out.reshape(out.shape[0], self.q_size))
 
 
 class LlamaMLP(nn.Module):
@@ -120,13 +124,13 @@ class LlamaDecoderLayer(nn.Module):
         self.norm_input, self.norm_mlp = norm_input_ref, norm_mlp_ref
 
     def forward(self, positions, x, residual, kv: KVCache, meta: AttentionMetadata,
-                keep: torch.Tensor | None = None):
+                keep: KeptRows | None = None):
         """``keep``: only these rows go on after attention (LlamaForCausalLM.forward)."""
         x, residual = self.norm_input(self.input_layernorm, self.self_attn.qkv_proj, x, residual)
         x = self.self_attn(positions, x, kv, meta, keep)
         if keep is not None:
-            residual = residual.index_select(0, keep)
-            if keep.numel() == 0:  # nothing is read (a prompt's middle chunk): skip the MLP
+            residual = residual.index_select(0, keep.rows)
+            if keep.rows.numel() == 0:  # nothing is read (a prompt's middle chunk): skip the MLP
                 return x, residual
         return self.norm_mlp(self.post_attention_layernorm, self.mlp, x, residual)
 
@@ -185,16 +189,17 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata, hidden: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None, keep: torch.Tensor | None = None
+                residual: torch.Tensor | None = None, keep: KeptRows | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run this stage. First stage embeds ``input_ids``; later ones continue ``hidden``.
 
         Returns (hidden [T, H], residual [T, H]); the last stage returns final-normed hidden
-        states and residual None. ``keep`` [N] (the last stage only; other stages ignore it):
-        the rows whose output is read (the logits rows). The last layer still caches and
-        attends every row, but runs o_proj, its MLP and the final norm on the kept rows only
-        and returns [N, H], row i being keep[i]'s: a 4k-token prefill that samples one token
-        skips 4,095 rows of one layer's o_proj and MLP (2.8% of the linear work on an 8B).
+        states and residual None. ``keep`` (the last stage only; other stages ignore it): the
+        rows whose output is read (the logits rows). The last layer still caches every row's
+        K/V, but attends, and runs o_proj, its MLP and the final norm, for the kept rows only
+        and returns [N, H], row i being keep.rows[i]'s: a 4k-token prefill that samples one
+        token skips 4,095 rows of one layer's o_proj and MLP (2.8% of the linear work on an
+        8B) and, where the backend can (AttentionBackend.forward_kept), of its attention.
         """
         if self.is_first:
             hidden = self.embed_tokens(input_ids)

@@ -64,10 +64,12 @@ def test_latency_fields_consistent(tmp_path):
         res["prefill_flops"] / res["prefill_time_s"])
     # every layer's linears for every token but the last layer's o_proj + MLP (one row per
     # prompt: the model's ``keep``), plus the LM head on one row per prompt and attention
+    # (causal in every layer but the last, whose one kept row per prompt attends i keys)
     h, tail = mcfg.hidden_size, mcfg.q_size * mcfg.hidden_size + 3 * mcfg.hidden_size \
         * mcfg.intermediate_size
     head = 2 * mcfg.vocab_size * h * b
-    attn = 2 * mcfg.num_hidden_layers * mcfg.q_size * i * (i + 1) * b
+    attn = 2 * (mcfg.num_hidden_layers - 1) * mcfg.q_size * i * (i + 1) * b \
+        + 4 * mcfg.q_size * i * b
     assert res["prefill_flops"] == pytest.approx(
         2 * (linear_params(mcfg) * b * i - tail * (b * i - b)) + head + attn)
     ceil = res["ceilings"]

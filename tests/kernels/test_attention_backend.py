@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kestrel.attention import triton_backend
+from kestrel.attention.base import KeptRows
 from kestrel.attention.torch_ref import TorchAttention
 from kestrel.attention.triton_backend import TritonAttention, sdpa_bucket
 from kestrel.executor.cuda_graph import DecodeGraphs
@@ -165,6 +166,62 @@ def test_backend_fp8_cache_long_queries_through_sdpa(monkeypatch) -> None:
     assert attend == [20, 20, 16, 48]  # keys: 20, 20, then 12 after 50 (48.. causal, ..48)
 
 
+def check_kept(q_lens: list[int], prefix_lens: list[int], seqs: list[int] | None,
+               dtype: torch.dtype, dev: str, fp8: bool = False) -> None:
+    """forward_kept against the torch backend's forward at the kept rows: the last row of each
+    sequence in ``seqs`` (None: every row of the last sequence, as prompt logprobs keep), and
+    the cache written as the torch backend writes it."""
+    hq, hkv, d = 8, 2, 64
+    b = make_batch(q_lens, prefix_lens, hq, hkv, d, 16, dtype, dev, fp8=fp8)
+    k = torch.randn(b.q.shape[0], hkv, d, dtype=dtype, device=dev) * (3 if fp8 else 1)
+    v = torch.randn_like(k)
+    positions = [torch.arange(s - n, s) for n, s in zip(q_lens, b.meta.seq_lens_cpu)]
+    rope = {"positions": torch.cat(positions).to(dev),
+            "cos_sin": RotaryEmbedding(d, 4096, 10000.0, None).cos_sin.to(dev)}  # fmt: skip
+    ends = torch.tensor(q_lens).cumsum(0) - 1
+    if seqs is None:
+        keep = KeptRows(torch.arange(ends[-1] - q_lens[-1] + 1, ends[-1] + 1, device=dev))
+    else:
+        keep = KeptRows(ends[seqs].to(dev), torch.tensor(seqs, dtype=torch.int64, device=dev),
+                        seqs)
+    for cls in (TorchAttention, TritonAttention):
+        backend = cls(hq, hkv, d, d**-0.5)
+        backend.k_scale, backend.v_scale = b.k_scale, b.v_scale
+        kc, vc = b.k_cache.clone(), b.v_cache.clone()
+        if cls is TorchAttention:  # an FP8 cache: as check_backend_fp8, in q's dtype
+            ref_caches = (kc, vc)
+            ref = backend.forward(b.q.clone(), k.clone(), v, kc, vc, b.meta, **rope).float()
+            if not fp8:  # as check_backend: float32 attention on the same inputs
+                ref = backend.forward(b.q.float(), k.float(), v.float(), b.k_cache.float(),
+                                      b.v_cache.float(), b.meta, **rope)
+        else:
+            out = backend.forward_kept(b.q.clone(), k.clone(), v, kc, vc, b.meta, keep, **rope)
+            caches = (kc, vc)
+    assert out.shape == (keep.rows.numel(), hq, d)
+    assert_close(out, ref[keep.rows], dtype)
+    for got, want in zip(caches, ref_caches):
+        if fp8 or dtype != torch.bfloat16 or dev == "cuda":
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        else:  # rotated bf16 K: the interpreter truncates where torch rounds
+            torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize(("dtype", "fp8"), [(torch.float32, False), (torch.bfloat16, False),
+                                           (torch.float32, True)])  # bf16 + FP8: on the GPU
+def test_backend_kept_rows(dtype: torch.dtype, fp8: bool, monkeypatch) -> None:
+    """The last layer's attention for the rows it keeps: sequences' last rows take the decode
+    kernel alone (all of them, a subset, none: a middle chunk caches its K/V and attends
+    nothing); other kept rows (prompt logprobs) take the whole step's attention."""
+    decode = _spy(monkeypatch, paged_attention, "paged_attention_decode",
+                  lambda a, kw: a[0].shape[0])
+    prefill = _spy(monkeypatch, prefill_attention, "prefill_attention", lambda a, kw: 1)
+    for seqs in ([0, 1, 2, 3], [0, 1, 3], [2], []):
+        check_kept([1, 20, 5, 12], [30, 0, 9, 50], seqs, dtype, DEV, fp8)
+    assert decode == [4, 3, 1] and prefill == []
+    check_kept([1, 20, 5, 12], [30, 0, 9, 50], None, dtype, DEV, fp8)
+    assert prefill == [1]
+
+
 @pytest.mark.parametrize(("fused_max", "fused_len", "fused"),
                          [(3, 4096, True), (1, 4096, False), (3, 77, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -212,3 +269,13 @@ def test_backend_long_queries_gpu(monkeypatch) -> None:
     check_backend([2500], [1500], torch.bfloat16, "cuda")  # positions < check_backend's 4096
     check_backend_fp8([1, 700, 300, 1000], [900, 0, 1500, 2000], torch.bfloat16)
     check_backend([700, 300], [0, 1500], torch.float32, "cuda")  # float32: the kernels
+
+
+@pytest.mark.gpu
+@gpu
+def test_backend_kept_rows_gpu() -> None:
+    """forward_kept at prompt lengths that go through cuDNN in forward: a 4k prompt, a chunk
+    after a prefix, decode rows; every sequence's last row, a subset, none."""
+    for seqs in ([0, 1, 2], [1], []):
+        check_kept([1, 4096, 700], [900, 0, 1500], seqs, torch.bfloat16, "cuda")
+    check_kept([4096], [0], [0], torch.bfloat16, "cuda", fp8=True)
