@@ -1,13 +1,14 @@
-"""Variants of the non-GEMM parts of a long prefill, timed on one GPU (µs, median of CUDA-event
-timings): how the SDPA path feeds grouped KV heads to cuDNN, how the fused SiLU-multiply +
-FP8 quantization tiles a row, and whether the residual add rides in the GEMM's epilogue
-(cuBLAS's C input, beta = 1) for less than the add costs in the norm kernel, and the last
-layer's attention for the sampled row only (``forward_kept``) against every row's. Picks the defaults
-in kestrel.attention.triton_backend and kestrel.kernels.fp8_quant; prints one line per variant
-with its effective bandwidth.
+"""Variants of the parts of a long prefill, timed on one GPU (µs, median of CUDA-event timings):
+how the SDPA path feeds grouped KV heads to cuDNN, how the fused SiLU-multiply + FP8
+quantization tiles a row, whether the residual add rides in the GEMM's epilogue (cuBLAS's C
+input, beta = 1) for less than the add costs in the norm kernel, the last layer's attention
+for the sampled row only (``forward_kept``) against every row's, and the FP8 GEMMs with and
+without fast accumulation beside BF16. Picks the defaults in kestrel.attention.triton_backend
+and kestrel.kernels.fp8_quant; prints one line per variant with its effective bandwidth or
+rate.
 
     python scripts/bench_prefill_parts.py [--tokens 4096] [--heads 32 8] [--inter 14336]
-        [--only sdpa silu residual kept]
+        [--only sdpa silu residual kept scaled-mm]
 """
 
 from __future__ import annotations
@@ -29,30 +30,17 @@ BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def timed(fn, reps: int = 20) -> float:
-    """Median µs of ``fn`` over ``reps`` runs after 3 warm-up runs."""
+def timed(fn, reps: int = 20, queued: bool = False) -> float:
+    """Median µs of ``fn`` over ``reps`` runs after 3 warm-up runs. ``queued``: the GPU sleeps
+    ~1 ms before each run while the host queues it, so small kernels, which outrun their
+    launches, are timed as kernels, not launches."""
     for _ in range(3):
         fn()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
-
-
-def timed_queued(fn, reps: int = 20) -> float:
-    """As ``timed``, but the GPU sleeps ~1 ms before each run while the host queues it: the
-    kernels' time, not the host's launches (small kernels outrun their launches)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(2_000_000)
+        if queued:
+            torch.cuda._sleep(2_000_000)
         a.record()
         fn()
         b.record()
@@ -190,7 +178,37 @@ def bench_kept(t: int, hq: int, hk: int, d: int) -> None:
              lambda: backend.forward_kept(q, k, v, kc, vc, meta, one, **rope)),
             ("no row (forward_kept)",
              lambda: backend.forward_kept(q, k, v, kc, vc, meta, none, **rope))):
-        print(f"kept t={t} {name:24} {timed(fn):9.1f} µs, queued {timed_queued(fn):9.1f} µs")
+        print(f"kept t={t} {name:24} {timed(fn):9.1f} µs, queued {timed(fn, queued=True):9.1f} µs")
+
+
+def bench_scaled_mm(t: int, hidden: int, q_kv: int, inter: int) -> None:
+    """[t, k] × [n, k]ᵀ at the 8B's prefill shapes (qkv, o_proj, gate_up, down): BF16
+    ``F.linear``, and FP8 through ``_scaled_mm`` with row-wise scales as the engine calls it,
+    fast accumulation off (the default) or on (``--fp8-fast-accum``), each FP8 run with its
+    relative (Frobenius) error against the exact product of its operands. (The twenty-third
+    session also timed per-tensor scales and torch's cuBLASLt preference: no faster.)"""
+    for n, k in ((q_kv, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter)):
+        _bench_gemm_shape(t, n, k)
+
+
+def _bench_gemm_shape(t: int, n: int, k: int) -> None:
+    fp8 = torch.float8_e4m3fn
+    x = torch.randn(t, k, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+    xq, wq = x.to(fp8), w.to(fp8)
+    xs, ws = torch.rand(t, 1, device="cuda") + 0.5, torch.rand(1, n, device="cuda") + 0.5
+    runs = [("bf16 F.linear", lambda: F.linear(x, w))]
+    for fast in (False, True):
+        runs.append((f"fp8 row-wise fast_accum={fast}", lambda f=fast: torch._scaled_mm(
+            xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16, use_fast_accum=f)))
+    # the error of each against the exact product of the quantized operands (float32 math)
+    exact = (xq.float() * xs) @ (wq.float() * ws.t()).t()
+    for name, fn in runs:
+        us = timed(fn)
+        err = "" if name.startswith("bf16") else \
+            f"  error {float((fn().float() - exact).norm() / exact.norm()):.2e}"
+        print(f"gemm t={t} n={n:5} k={k:5} {name:30} {us:8.1f} µs "
+              f"{2 * t * n * k / us / 1e6:7.1f} TFLOP/s{err}")
 
 
 def main() -> None:
@@ -199,8 +217,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, nargs=2, default=[32, 8])
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--inter", type=int, default=14336)
-    p.add_argument("--only", nargs="+", choices=["sdpa", "silu", "residual", "kept"],
-                   default=["sdpa", "silu", "residual", "kept"])
+    parts = ["sdpa", "silu", "residual", "kept", "scaled-mm"]
+    p.add_argument("--only", nargs="+", choices=parts, default=parts)
     ns = p.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     for t in ns.tokens:
@@ -214,6 +232,9 @@ def main() -> None:
                 bench_residual_gemm(t, hidden, k)
         if "kept" in ns.only:
             bench_kept(t, *ns.heads, ns.head_dim)
+        if "scaled-mm" in ns.only:
+            hq, hk = ns.heads
+            bench_scaled_mm(t, hq * ns.head_dim, (hq + 2 * hk) * ns.head_dim, ns.inter)
 
 
 if __name__ == "__main__":

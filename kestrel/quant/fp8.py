@@ -85,7 +85,7 @@ class Fp8LinearMethod(QuantMethod):
 
     def __init__(self, per_tensor: bool = False, activation_scale_ub: float | None = 1200.0,
                  static_activation_scale: float | None = None, serialized: bool = False,
-                 prefix: str = "") -> None:
+                 prefix: str = "", fast_accum: bool = False) -> None:
         if activation_scale_ub is not None and not activation_scale_ub > 0:
             raise ValueError(f"fp8_activation_scale_ub must be > 0 (or None), got "
                              f"{activation_scale_ub}")
@@ -97,6 +97,7 @@ class Fp8LinearMethod(QuantMethod):
         self.static_activation_scale = static_activation_scale
         self.serialized = serialized
         self.prefix = prefix
+        self.fast_accum = fast_accum
 
     def create_weights(self, layer, input_size, output_size, dtype) -> None:
         weight = nn.Parameter(torch.zeros(output_size, input_size, dtype=FP8_DTYPE),
@@ -241,7 +242,7 @@ class Fp8LinearMethod(QuantMethod):
                         bias: torch.Tensor | None) -> torch.Tensor:
         """Entry for producers that emit fp8 themselves (fused RMSNorm / SwiGLU + quantize)."""
         y = fp8_matmul(xq, x_scale, layer.weight, layer.weight_scale, layer.fp8_out_dtype,
-                       layer.fp8_use_scaled_mm, layer.fp8_small_m_max)
+                       layer.fp8_use_scaled_mm, layer.fp8_small_m_max, self.fast_accum)
         return y if bias is None else y + bias
 
 
@@ -305,7 +306,7 @@ def fp8_rowwise(cfg: QuantConfig, place: LayerPlace) -> Fp8LinearMethod | None:
         return None
     return Fp8LinearMethod(per_tensor=False, activation_scale_ub=cfg.fp8_activation_scale_ub,
                            serialized=bool(cfg.extra.get("checkpoint_format")),
-                           prefix=place.prefix)
+                           prefix=place.prefix, fast_accum=cfg.fp8_fast_accum)
 
 
 @register_quant("fp8-tensor")
@@ -317,4 +318,4 @@ def fp8_tensorwise(cfg: QuantConfig, place: LayerPlace) -> Fp8LinearMethod | Non
     static = cfg.extra.get("activation_scale")
     return Fp8LinearMethod(per_tensor=True, activation_scale_ub=cfg.fp8_activation_scale_ub,
                            static_activation_scale=None if static is None else float(static),
-                           prefix=place.prefix)
+                           prefix=place.prefix, fast_accum=cfg.fp8_fast_accum)

@@ -147,11 +147,14 @@ def fp8_matmul_emulated(
 def fp8_matmul(
     xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     out_dtype: torch.dtype, use_scaled_mm: bool, small_m_max: int = 0,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """Row-wise scaled FP8 GEMM: [T, in] × [out, in]ᵀ → [T, out] in ``out_dtype``.
 
     The one place that picks the kernel by T, from what the layer found at load time: T ≤
-    ``small_m_max`` (decode) → the Triton skinny GEMM; else torch._scaled_mm; else emulation.
+    ``small_m_max`` (decode) → the Triton skinny GEMM; else torch._scaled_mm (``fast_accum``:
+    its partial sums stay at the tensor cores' precision, not promoted to float32); else
+    emulation (float32 sums either way).
     """
     t = xq.shape[0]
     if 0 < t <= small_m_max:
@@ -162,7 +165,7 @@ def fp8_matmul(
         return fp8_matmul_emulated(xq, x_scale, wq, w_scale, out_dtype)
     # wq [out, in] row-major is wq.t() [in, out] column-major: the layout _scaled_mm wants.
     return torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1),
-                            out_dtype=out_dtype)
+                            out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 @functools.cache

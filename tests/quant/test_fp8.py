@@ -113,6 +113,53 @@ def test_pre_ada_gpu_falls_back_to_emulation_with_warning(monkeypatch):
         assert select_fp8_gemm(torch.device("cuda"), torch.bfloat16, 128, 128) is False
 
 
+def test_fast_accumulation_reaches_scaled_mm(monkeypatch):
+    """``--fp8-fast-accum`` reaches torch._scaled_mm through the config and every FP8 method
+    (recipe and per-tensor); off by default. (Its numerics differ on Hopper only: the CPU's
+    _scaled_mm sums in float32 either way; GPU: test_fast_accumulation_error_on_gpu.)"""
+    import argparse
+
+    from kestrel.engine.args import add_engine_cli_args, engine_args_from_cli
+
+    p = argparse.ArgumentParser()
+    add_engine_cli_args(p)
+    for argv, want in (([], False), (["--fp8-fast-accum"], True)):
+        args = engine_args_from_cli(p.parse_args(["--preset", "tiny-llama", "-q", "fp8", *argv]))
+        assert args.create_config().quant.fp8_fast_accum is want
+    if not select_fp8_gemm(torch.device("cpu"), torch.float32, 64, 32):
+        pytest.skip("torch._scaled_mm with row-wise scales does not run on this CPU build")
+    seen, real = [], torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm",
+                        lambda *a, **kw: seen.append(kw["use_fast_accum"]) or real(*a, **kw))
+    x = torch.randn(20, 64)
+    outs = []
+    for method in ("fp8", "fp8-tensor"):
+        for fast in (False, True):
+            qm = get_quant_method(QuantConfig(method=method, fp8_fast_accum=fast),
+                                  LayerPlace("model.layers.1.mlp.down_proj", 1, 4))
+            layer = RowParallelLinear(64, 32, quant_method=qm)
+            init_dummy_weights(layer, seed=0)
+            layer.fp8_use_scaled_mm = True
+            outs.append(layer(x))
+    assert seen == [False, True, False, True]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2], outs[3])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_accumulation_error_on_gpu():
+    """Fast accumulation on the GPU at the 8B's gate_up and down shapes (512 rows): bf16 output
+    within 4e-3 of the exact product of the quantized operands (relative Frobenius; the bf16
+    rounding alone is ~1e-3), and not the bits of the default's float32 promotion."""
+    for k, n in ((4096, 28672), (14336, 4096)):
+        xq, xs, wq, ws = (a.cuda() for a in _operands(512, k, n, seed=k))
+        exact = fp8_matmul_emulated(xq, xs, wq, ws, torch.float32)
+        promoted, fast = (fp8_matmul(xq, xs, wq, ws, torch.bfloat16, use_scaled_mm=True,
+                                     fast_accum=f) for f in (False, True))
+        assert _rel_fro(promoted, exact) < 2e-3 and _rel_fro(fast, exact) < 4e-3
+        assert not torch.equal(promoted, fast)
+
+
 # ----------------------------------------------------------------------------- layers
 
 
