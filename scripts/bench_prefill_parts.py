@@ -2,13 +2,14 @@
 how the SDPA path feeds grouped KV heads to cuDNN, how the fused SiLU-multiply + FP8
 quantization tiles a row, whether the residual add rides in the GEMM's epilogue (cuBLAS's C
 input, beta = 1) for less than the add costs in the norm kernel, the last layer's attention
-for the sampled row only (``forward_kept``) against every row's, and the FP8 GEMMs with and
-without fast accumulation beside BF16. Picks the defaults in kestrel.attention.triton_backend
+for the sampled row only (``forward_kept``) against every row's, the FP8 GEMMs with and
+without fast accumulation beside BF16, and BF16 GEMMs from Inductor's autotuned templates
+against cuBLAS. Picks the defaults in kestrel.attention.triton_backend
 and kestrel.kernels.fp8_quant; prints one line per variant with its effective bandwidth or
 rate.
 
     python scripts/bench_prefill_parts.py [--tokens 4096] [--heads 32 8] [--inter 14336]
-        [--only sdpa silu residual kept scaled-mm]
+        [--only sdpa silu residual kept scaled-mm autotune]
 """
 
 from __future__ import annotations
@@ -211,13 +212,31 @@ def _bench_gemm_shape(t: int, n: int, k: int) -> None:
               f"{2 * t * n * k / us / 1e6:7.1f} TFLOP/s{err}")
 
 
+def bench_autotune(t: int, hidden: int, q_kv: int, inter: int) -> None:
+    """BF16 [t, k] × [n, k]ᵀ through cuBLAS (``F.linear``) and through Inductor's
+    ``max-autotune`` choice among its GEMM templates (Triton; CUTLASS where installed) and
+    cuBLAS, at the attention projections' shapes, where cuBLAS trails its own rate on the
+    FFN's gate_up (the control)."""
+    for n, k in ((q_kv, hidden), (hidden, hidden), (2 * inter, hidden)):
+        x = torch.randn(t, k, dtype=torch.bfloat16, device="cuda")
+        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * k ** -0.5
+        tuned = torch.compile(lambda a, b: F.linear(a, b), mode="max-autotune-no-cudagraphs",
+                              dynamic=False)
+        diff = float((tuned(x, w).float() - F.linear(x, w).float()).abs().max())
+        for name, fn in (("cuBLAS", lambda: F.linear(x, w)),  # noqa: B023 (called at once)
+                         ("max-autotune", lambda: tuned(x, w))):  # noqa: B023
+            us = timed(fn)
+            print(f"autotune t={t} n={n:5} k={k:5} {name:13} {us:8.1f} µs "
+                  f"{2 * t * n * k / us / 1e6:7.1f} TFLOP/s  max |diff| {diff:.1e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--heads", type=int, nargs=2, default=[32, 8])
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--inter", type=int, default=14336)
-    parts = ["sdpa", "silu", "residual", "kept", "scaled-mm"]
+    parts = ["sdpa", "silu", "residual", "kept", "scaled-mm", "autotune"]
     p.add_argument("--only", nargs="+", choices=parts, default=parts)
     ns = p.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -232,9 +251,12 @@ def main() -> None:
                 bench_residual_gemm(t, hidden, k)
         if "kept" in ns.only:
             bench_kept(t, *ns.heads, ns.head_dim)
+        hq, hk = ns.heads
+        shapes = (hq * ns.head_dim, (hq + 2 * hk) * ns.head_dim, ns.inter)
         if "scaled-mm" in ns.only:
-            hq, hk = ns.heads
-            bench_scaled_mm(t, hq * ns.head_dim, (hq + 2 * hk) * ns.head_dim, ns.inter)
+            bench_scaled_mm(t, *shapes)
+        if "autotune" in ns.only:
+            bench_autotune(t, *shapes)
 
 
 if __name__ == "__main__":
