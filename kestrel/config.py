@@ -214,8 +214,9 @@ class QuantConfig:
     fp8_activation_scale_ub: float = 1200.0
     fp8_attention: bool = False
     fp8_skip_layers: bool = True
-    # FP8 GEMMs through torch._scaled_mm (64+ rows) accumulate at the tensor cores' own
-    # precision instead of promoting partial sums to float32 (fbgemm's default for Llama 3)
+    # FP8 GEMMs through torch._scaled_mm (above fp8_ops.SMALL_M_MAX rows: prefill, large
+    # decode batches) accumulate at the tensor cores' own precision instead of promoting
+    # partial sums to float32 (fbgemm's default for Llama 3)
     fp8_fast_accum: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -225,10 +225,11 @@ def add_engine_cli_args(p: Any) -> None:
     g.add_argument("--fp8-attention", action="store_true")
     g.add_argument("--no-fp8-skip-layers", dest="fp8_skip_layers", action="store_false")
     g.add_argument("--fp8-fast-accum", action="store_true",
-                   help="FP8 GEMMs of 64+ rows (prefill) accumulate at the tensor cores' own "
-                        "precision, as fbgemm's Llama 3 kernels do: 8-13%% faster gate_up and "
-                        "qkv GEMMs on an H200, with more rounding error (docs/QUANTIZATION.md); "
-                        "decode GEMVs and the CPU emulation accumulate in float32 either way")
+                   help="FP8 GEMMs through torch._scaled_mm (prefill, decode batches above 16 "
+                        "rows) accumulate at the tensor cores' own precision, as fbgemm's Llama "
+                        "3 kernels do: 8-14%% faster gate_up and qkv GEMMs at 4k rows on an "
+                        "H200, with more rounding error (docs/QUANTIZATION.md); the small-batch "
+                        "GEMVs and the CPU emulation accumulate in float32 either way")
     g.add_argument("--int8-threshold", type=float, default=6.0,
                    help="-q int8 (LLM.int8()): input features with a value this large in any "
                         "token are multiplied in float, not int8 (inf: none)")
