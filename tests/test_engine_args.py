@@ -94,3 +94,29 @@ def test_cpu_with_native_bf16_hears_of_the_faster_dtype(monkeypatch, caplog, nat
                          dtype=dtype).create_config()
     assert cfg.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     assert ("--dtype bfloat16" in caplog.text) == hint
+
+
+def test_a_named_attention_backend_is_found_or_refused_clearly(monkeypatch):
+    """``--attention-backend`` names a built-in backend whether or not its module was imported
+    (a fresh process: the registry fills on import); triton on a CPU without Triton's
+    interpreter, or an unknown name, is a ValueError that says why."""
+    import subprocess
+    import sys
+
+    from kestrel.attention.base import get_backend_cls
+    from kestrel.executor.model_runner import select_backend
+
+    code = ("from kestrel.attention.base import get_backend_cls; "
+            "print(get_backend_cls('torch').name, get_backend_cls('triton').name)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["torch", "triton"]
+    cfg = EngineArgs(model="tiny-llama", load_format="dummy", device="cpu",
+                     attention_backend="triton").create_config()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="runs on CUDA devices"):
+        select_backend(cfg)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select_backend(cfg) == "triton"
+    with pytest.raises(ValueError, match=r"unknown attention backend 'bogus'.*'torch', 'triton'"):
+        get_backend_cls("bogus")

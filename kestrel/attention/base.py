@@ -8,6 +8,7 @@ A token at position p of a sequence lives in block ``block_table[p // block_size
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -162,6 +163,9 @@ def write_kv_cache(
 
 
 _BACKENDS: dict[str, type[AttentionBackend]] = {}
+# The built-in backends' modules, imported (so registered) when first named: a user's
+# ``--attention-backend torch`` must not depend on what else happened to import them.
+_BUILTIN = {"torch": "kestrel.attention.torch_ref", "triton": "kestrel.attention.triton_backend"}
 
 
 def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
@@ -170,6 +174,9 @@ def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
 
 
 def get_backend_cls(name: str) -> type[AttentionBackend]:
+    if name not in _BACKENDS and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
     if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
+        known = sorted(set(_BACKENDS) | set(_BUILTIN))
+        raise ValueError(f"unknown attention backend {name!r}; known: {known}")
     return _BACKENDS[name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,10 @@ class RunnerOutput:
 
 def select_backend(cfg: EngineConfig) -> str:
     """The one place that picks GPU kernels: triton on CUDA when available, torch elsewhere."""
+    if cfg.attention_backend == "triton" and not cfg.device.startswith("cuda") \
+            and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"attention backend 'triton' runs on CUDA devices (or, slowly, on a "
+                         f"CPU under TRITON_INTERPRET=1); the device is {cfg.device!r}")
     if cfg.attention_backend != "auto":
         return cfg.attention_backend
     if cfg.device.startswith("cuda"):
