@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -46,15 +47,16 @@ class ForwardBatch:
     logits_seqs: torch.Tensor  # [N] int64 on the device (empty when logits_seqs_cpu is None)
     logits_seqs_cpu: list[int] | None
 
-    @property
+    @functools.cached_property
     def keep(self) -> KeptRows | None:
         """The rows the model's last layer carries past attention (LlamaForCausalLM.forward's
         ``keep``): the logits rows when they are fewer than the tokens (a prefill chunk
         samples its last row only), else None (every row, as at decode)."""
         if self.logits_indices.numel() == self.input_ids.numel():
             return None
-        return KeptRows(self.logits_indices, self.logits_seqs if self.logits_seqs_cpu
-                        is not None else None, self.logits_seqs_cpu)
+        last_rows = self.logits_seqs_cpu is not None
+        return KeptRows(self.logits_indices, self.logits_seqs if last_rows else None,
+                        self.logits_seqs_cpu)
 
     def logits_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The rows of the model's output (run with ``keep``) that become logits."""
