@@ -9,7 +9,7 @@ and kestrel.kernels.fp8_quant; prints one line per variant with its effective ba
 rate.
 
     python scripts/bench_prefill_parts.py [--tokens 4096] [--heads 32 8] [--inter 14336]
-        [--only sdpa silu residual kept scaled-mm autotune]
+        [--only sdpa silu residual kept scaled-mm autotune fa4]
 """
 
 from __future__ import annotations
@@ -230,13 +230,79 @@ def bench_autotune(t: int, hidden: int, q_kv: int, inter: int) -> None:
                   f"{2 * t * n * k / us / 1e6:7.1f} TFLOP/s  max |diff| {diff:.1e}")
 
 
+def bench_fa4(t: int, hq: int, hk: int, d: int) -> None:
+    """One prompt's causal attention: the engine's cuDNN call (``_attend`` + the layout
+    copy) against FlashAttention 4's CuTe-DSL kernels (``flash_attn.cute``, SM90 path) on
+    the fresh K/V and over the paged cache (16-token pages as the engine's, and 128-token
+    pages, a whole key tile, which FA4 loads by TMA). Timed queued (kernel time) and back to
+    back (``triton.testing.do_bench``)."""
+    import time
+
+    import triton
+    try:
+        from flash_attn.cute import flash_attn_varlen_func
+    except ImportError as e:
+        print(f"fa4: flash_attn.cute not importable ({e})")
+        return
+    qkv = torch.randn(t, hq + 2 * hk, d, dtype=torch.bfloat16, device="cuda")
+    q, k, v = qkv.split([hq, hk, hk], dim=1)
+    flops = 2 * hq * d * t * (t + 1)
+    scale = d ** -0.5
+    cu = torch.tensor([0, t], dtype=torch.int32, device="cuda")
+    used = torch.tensor([t], dtype=torch.int32, device="cuda")
+
+    def cudnn():
+        q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))
+        o = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q4, k4, v4, None, True, 0.0, True, False, scale=scale)[0]
+        return o[0].transpose(0, 1).contiguous()
+
+    def first(x):
+        return x[0] if isinstance(x, tuple) else x
+
+    def fa4():
+        return first(flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                            max_seqlen_q=t, max_seqlen_k=t, causal=True,
+                                            softmax_scale=scale))
+
+    def paged(page: int):
+        nb = t // page
+        perm = torch.randperm(nb, device="cuda")
+        kc = torch.empty(nb, page, hk, d, dtype=q.dtype, device="cuda")
+        vc = torch.empty_like(kc)
+        kc[perm] = k.reshape(nb, page, hk, d)
+        vc[perm] = v.reshape(nb, page, hk, d)
+        table = perm.to(torch.int32)[None]
+        return lambda: first(flash_attn_varlen_func(
+            q, kc, vc, cu_seqlens_q=cu, seqused_k=used, page_table=table, max_seqlen_q=t,
+            max_seqlen_k=t, causal=True, softmax_scale=scale))
+
+    ref = cudnn().float()
+    for name, fn in (("cuDNN (engine)", cudnn), ("fa4 fresh K/V", fa4),
+                     ("fa4 paged 16", paged(16)), ("fa4 paged 128", paged(128))):
+        try:
+            t0 = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - t0
+            err = (out.float() - ref).abs().max().item()
+            us_q = timed(fn, queued=True)
+            us_b = triton.testing.do_bench(fn, warmup=25, rep=200) * 1e3
+        except Exception as e:  # noqa: BLE001 (a variant FA4 refuses is a result too)
+            print(f"fa4 t={t} {name:15} failed: {type(e).__name__}: {str(e)[:160]}")
+            continue
+        print(f"fa4 t={t} {name:15} queued {us_q:8.1f} µs {flops / us_q / 1e6:6.1f} TFLOP/s"
+              f"  back to back {us_b:8.1f} µs {flops / us_b / 1e6:6.1f}  first call "
+              f"{first_s:6.2f} s  max |diff| {err:.1e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--heads", type=int, nargs=2, default=[32, 8])
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--inter", type=int, default=14336)
-    parts = ["sdpa", "silu", "residual", "kept", "scaled-mm", "autotune"]
+    parts = ["sdpa", "silu", "residual", "kept", "scaled-mm", "autotune", "fa4"]
     p.add_argument("--only", nargs="+", choices=parts, default=parts)
     ns = p.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -257,6 +323,8 @@ def main() -> None:
             bench_scaled_mm(t, *shapes)
         if "autotune" in ns.only:
             bench_autotune(t, *shapes)
+        if "fa4" in ns.only:
+            bench_fa4(t, hq, hk, ns.head_dim)
 
 
 if __name__ == "__main__":

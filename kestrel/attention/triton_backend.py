@@ -14,7 +14,10 @@ step (the paged kernel skips them): a whole prompt in one causal call over its n
 after a cached prefix in two (over the prefix gathered out of the cache, unmasked, and over its
 own K/V, causal) merged by their log-sum-exps (``merge_attention``), every length rounded up
 to a bucket (cuDNN builds a plan per new shape); K/V out of the cache come through
-``gather_kv`` (one pass: gathered, padded, an FP8 cache's dequantized).
+``gather_kv`` (one pass: gathered, padded, an FP8 cache's dequantized). Where FlashAttention
+4 is installed (the ``flash-attn-4`` package, ``flash_attn.cute``) on Hopper, it takes SDPA's
+place for those sequences: one causal call per sequence over its own K/V or, after a prefix,
+over all its K/V gathered out of the cache (``_fa4``).
 
 Triton is imported lazily (on construction), so this module can be imported, and the name
 "triton" registered, on machines without Triton; selecting it there fails with a clear error.
@@ -199,6 +202,26 @@ class TritonAttention(AttentionBackend):
             return []
         return [i for i, n in enumerate(ql) if n >= self.sdpa_min_tokens]
 
+    def _fa4_attend(self, fa4, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    seqs: list[int], out: torch.Tensor, ks: torch.Tensor | None,
+                    vs: torch.Tensor | None) -> None:
+        """``_sdpa`` through FlashAttention 4: a whole prompt over its new K/V, a chunk after
+        a prefix (or any sequence with an FP8 cache) over all its keys gathered out of the
+        cache in one pass; FA4's causal mask is aligned to the last key, so one call covers
+        the prefix and the chunk."""
+        ql = meta.query_lens_cpu
+        for i in seqs:
+            start, total = sum(ql[:i]), meta.seq_lens_cpu[i]
+            rows = slice(start, start + ql[i])
+            if total == ql[i] and ks is None:
+                kk, vv = k[rows], v[rows]
+            else:
+                kk, vv = self._prefill.gather_kv(k_cache, v_cache, meta.block_tables[i], 0,
+                                                 total, total, ks, vs, q.dtype)
+            out[rows] = fa4(q[rows][None], kk[None], vv[None], softmax_scale=self.scale,
+                            causal=True)[0][0]
+
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor, meta: AttentionMetadata, seqs: list[int],
               out: torch.Tensor, ks: torch.Tensor | None = None,
@@ -211,6 +234,9 @@ class TritonAttention(AttentionBackend):
         log-sum-exps. Every shape cuDNN sees is a bucket (``sdpa_bucket``); padded rows come
         after the real ones and are dropped. An FP8 cache (``ks``, ``vs``): every key and
         value comes from the cache, dequantized to q's dtype."""
+        fa4 = _fa4(q.device)
+        if fa4 is not None:
+            return self._fa4_attend(fa4, q, k, v, k_cache, v_cache, meta, seqs, out, ks, vs)
         ql = meta.query_lens_cpu
         starts = [sum(ql[:i]) for i in seqs]
         for i, start in zip(seqs, starts):
@@ -243,6 +269,10 @@ class TritonAttention(AttentionBackend):
         already), padded at the end to its bucket; cuDNN writes [T, H, D] order, so the
         transposed rows are contiguous."""
         n = q.shape[0]
+        fa4 = _fa4(q.device)
+        if fa4 is not None:
+            return fa4(q[None], k[None, :n], v[None, :n], softmax_scale=self.scale,
+                       causal=True)[0][0]
         m = sdpa_bucket(n, self.sdpa_granule)
         q, k, v = (_pad_rows(x, 0, m - x.shape[0]) for x in (q, k, v))
         return self._attend(q, k, v, causal=True)[0][:, :n].transpose(0, 1).contiguous()
@@ -274,6 +304,23 @@ def sdpa_bucket(n: int, granule: int, down: bool = False) -> int:
 def _pad_rows(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
     """x [n, H, D] with zero rows before and after it (x itself when there are none)."""
     return F.pad(x, (0, 0, 0, 0, before, after)) if before or after else x
+
+
+@functools.cache
+def _fa4(device: torch.device):
+    """FlashAttention 4's ``flash_attn_func`` where it was measured faster than cuDNN and is
+    installed: Hopper, ``KESTREL_FA4`` not 0. H200, one prompt, 32/8 heads, d 128, bf16
+    (``bench_prefill_parts.py --only fa4``, twenty-fourth session): 4k causal 230.6 µs against
+    cuDNN's 260.3, 16k 3,124 against 3,352. Its kernels compile on first use (~4 s each;
+    ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` keeps them on disk). None elsewhere."""
+    if (device.type != "cuda" or os.environ.get("KESTREL_FA4", "1") == "0"
+            or torch.cuda.get_device_capability(device)[0] != 9):
+        return None
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
 
 
 @functools.cache

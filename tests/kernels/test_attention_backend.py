@@ -166,6 +166,48 @@ def test_backend_fp8_cache_long_queries_through_sdpa(monkeypatch) -> None:
     assert attend == [20, 20, 16, 48]  # keys: 20, 20, then 12 after 50 (48.. causal, ..48)
 
 
+def _fa4_reference(calls: list):
+    """FlashAttention 4's ``flash_attn_func`` contract in plain torch (q [1, n, Hq, D] over
+    k, v [1, m, Hkv, D], grouped heads, causal mask aligned to the last key), recording each
+    call's (n, m); the real kernel meets the same tests on a GPU where it is installed."""
+    def fa4(q, k, v, softmax_scale, causal):
+        assert causal and q.shape[0] == k.shape[0] == 1
+        n, m = q.shape[1], k.shape[1]
+        calls.append((n, m))
+        g = q.shape[2] // k.shape[2]
+        qh, kh, vh = (x[0].transpose(0, 1).float() for x in
+                      (q, k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)))
+        s = (qh @ kh.transpose(1, 2)) * softmax_scale
+        s.masked_fill_(~torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n),
+                       float("-inf"))
+        return (s.softmax(-1) @ vh).transpose(0, 1)[None].to(q.dtype), None
+    return fa4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_long_queries_through_fa4(dtype: torch.dtype, monkeypatch) -> None:
+    """With FlashAttention 4 present, the sequences that would take SDPA take one call each:
+    a whole prompt over its own K/V, a chunk after a prefix over the prefix and itself (out
+    of the cache); no SDPA call, no merge, the paged kernel for the short rest. An FP8 cache:
+    every such sequence over its cached keys, dequantized. Outputs against the torch backend."""
+    calls: list = []
+    monkeypatch.setattr(triton_backend, "_fa4", lambda device: _fa4_reference(calls))
+    attend = _spy(monkeypatch, TritonAttention, "_attend", lambda a, kw: None)
+    merge = _spy(monkeypatch, prefill_attention, "merge_attention", lambda a, kw: None)
+    kernel = _spy(monkeypatch, prefill_attention, "prefill_attention", lambda a, kw: a[6])
+    monkeypatch.setattr("kestrel.attention.triton_backend.SDPA_MIN_TOKENS", 8)
+    check_backend([40], [0], dtype, DEV)  # one prompt: FA4's output as it is
+    check_backend([40, 9, 23], [0, 37, 0], dtype, DEV)
+    assert calls == [(40, 40), (40, 40), (9, 46), (23, 23)]
+    del calls[:]
+    check_backend([1, 30, 5, 12, 17], [20, 0, 9, 50, 0], dtype, DEV)
+    assert calls == [(30, 30), (12, 62), (17, 17)] and kernel == [5]
+    del calls[:]
+    check_backend_fp8([1, 20, 5, 12], [30, 0, 9, 50])
+    assert calls == [(20, 20), (12, 62)]
+    assert not attend and not merge
+
+
 def check_kept(q_lens: list[int], prefix_lens: list[int], seqs: list[int] | None,
                dtype: torch.dtype, dev: str, fp8: bool = False) -> None:
     """forward_kept against the torch backend's forward at the kept rows: the last row of each
@@ -269,6 +311,29 @@ def test_backend_long_queries_gpu(monkeypatch) -> None:
     check_backend([2500], [1500], torch.bfloat16, "cuda")  # positions < check_backend's 4096
     check_backend_fp8([1, 700, 300, 1000], [900, 0, 1500, 2000], torch.bfloat16)
     check_backend([700, 300], [0, 1500], torch.float32, "cuda")  # float32: the kernels
+
+
+@pytest.mark.gpu
+@gpu
+def test_backend_fa4_gpu(monkeypatch) -> None:
+    """FlashAttention 4 where installed (flash-attn-4 wheels carried to the GPU machine),
+    against the torch backend: long prompts, chunks after a prefix (its causal mask aligned to
+    the last key), an FP8 cache, beside decode rows and short chunks; and the contract the
+    CPU tests stand in for it, on the same shapes."""
+    pytest.importorskip("flash_attn.cute", reason="flash-attn-4 not installed")
+    assert triton_backend._fa4(torch.device("cuda")) is not None
+    used = _spy(monkeypatch, TritonAttention, "_fa4_attend", lambda a, kw: a[8])
+    monkeypatch.setattr("kestrel.attention.triton_backend.SDPA_MIN_TOKENS", 256)
+    check_backend([4096], [0], torch.bfloat16, "cuda")
+    check_backend([1, 700, 300, 100, 1000], [900, 0, 1500, 40, 2000], torch.bfloat16, "cuda")
+    check_backend_fp8([1, 700, 300, 1000], [900, 0, 1500, 2000], torch.bfloat16)
+    assert used == [[1, 2, 4], [1, 2, 3]]
+    fa4 = triton_backend._fa4(torch.device("cuda"))
+    q = torch.randn(1, 300, 32, 128, dtype=torch.bfloat16, device="cuda")
+    k, v = (torch.randn(1, 1800, 8, 128, dtype=torch.bfloat16, device="cuda") for _ in "kv")
+    got = fa4(q, k, v, softmax_scale=0.088, causal=True)[0]
+    want = _fa4_reference([])(q, k, v, softmax_scale=0.088, causal=True)[0]
+    assert_close(got, want.float(), torch.bfloat16)
 
 
 @pytest.mark.gpu
