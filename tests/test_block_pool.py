@@ -35,6 +35,30 @@ def test_prefix_blocks_shared_and_evicted_lru():
     assert not pool.cached
 
 
+def test_lookup_hashes_up_to_the_first_miss(monkeypatch):
+    """Admitting a long prompt hashes its blocks only as far as the cache hits (in doubling
+    batches) and then chunk by chunk as they are allocated, not all at once; a long cached
+    prefix is still found whole, across batches, and a chunk's blocks are registered."""
+    from kestrel.core import block_pool
+
+    calls = []
+    real = block_pool.hash_block
+    monkeypatch.setattr(block_pool, "hash_block", lambda p, t: calls.append(1) or real(p, t))
+    pool = BlockPool(num_blocks=1200, block_size=4)
+    kv = KVCacheManager(pool)
+    a = _req("a", list(range(4000)))  # 1,000 full blocks
+    assert kv.get_computed_blocks(a) == [] and len(calls) == 16
+    assert kv.allocate_slots(a, 400) and len(calls) == 100  # the first chunk's blocks
+    a.num_computed_tokens = 400
+    assert kv.allocate_slots(a, 3600) and len(calls) == 1000
+    b = _req("b", list(range(3000)) + [7] * 40)  # 760 full blocks, 750 of them shared
+    del calls[:]
+    hits = kv.get_computed_blocks(b)  # batches of 16, 32, ..., 256, then 263 (to block 759)
+    assert hits == a.block_ids[:750] and len(calls) == 759
+    c = _req("c", list(range(4000)) + [1])
+    assert kv.get_computed_blocks(c) == a.block_ids  # all 1,000: the last batch cut to fit
+
+
 def test_allocation_fails_cleanly_when_short():
     pool = BlockPool(num_blocks=2, block_size=4)
     kv = KVCacheManager(pool)
