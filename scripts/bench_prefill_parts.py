@@ -3,13 +3,15 @@ how the SDPA path feeds grouped KV heads to cuDNN, how the fused SiLU-multiply +
 quantization tiles a row, whether the residual add rides in the GEMM's epilogue (cuBLAS's C
 input, beta = 1) for less than the add costs in the norm kernel, the last layer's attention
 for the sampled row only (``forward_kept``) against every row's, the FP8 GEMMs with and
-without fast accumulation beside BF16, and BF16 GEMMs from Inductor's autotuned templates
-against cuBLAS. Picks the defaults in kestrel.attention.triton_backend
+without fast accumulation beside BF16, BF16 GEMMs from Inductor's autotuned templates
+against cuBLAS, FlashAttention 4 against cuDNN (one prompt's causal attention), and quack's
+CuTe-DSL GEMMs (plain, and gate_up with SwiGLU in the epilogue) against cuBLAS (FA4 and
+quack: ``scripts/fa4_carry.sh``). Picks the defaults in kestrel.attention.triton_backend
 and kestrel.kernels.fp8_quant; prints one line per variant with its effective bandwidth or
 rate.
 
     python scripts/bench_prefill_parts.py [--tokens 4096] [--heads 32 8] [--inter 14336]
-        [--only sdpa silu residual kept scaled-mm autotune fa4]
+        [--only sdpa silu residual kept scaled-mm autotune fa4 quack]
 """
 
 from __future__ import annotations
@@ -296,13 +298,57 @@ def bench_fa4(t: int, hq: int, hk: int, d: int) -> None:
               f"{first_s:6.2f} s  max |diff| {err:.1e}")
 
 
+def bench_quack(t: int, hidden: int, q_kv: int, inter: int) -> None:
+    """Tri Dao's quack GEMMs (CuTe DSL, ``quack-kernels``, carried with FA4) against cuBLAS:
+    plain at the 8B's four 4k-row shapes, and gate_up with SwiGLU in its epilogue (gate and
+    up columns interleaved) against ``F.linear`` + the engine's ``silu_and_mul``, which is
+    2.6 ms of a 4k prefill. A gated GEMM at cuBLAS's rate would remove that pass."""
+    import triton
+    try:
+        from quack.gemm_interface import gemm_gated_out, gemm_out
+    except ImportError as e:
+        print(f"quack: not importable ({e})")
+        return
+    bf16 = torch.bfloat16
+    x = torch.randn(t, hidden, dtype=bf16, device="cuda")
+    for n, k in ((q_kv, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter)):
+        a = x if k == hidden else torch.randn(t, k, dtype=bf16, device="cuda")
+        w = torch.randn(n, k, dtype=bf16, device="cuda") * k ** -0.5
+        out = torch.empty(t, n, dtype=bf16, device="cuda")
+        try:
+            gemm_out(a, w.t(), out)
+            diff = float((out.float() - F.linear(a, w).float()).abs().max())
+            fns = (("cuBLAS", lambda: F.linear(a, w)),  # noqa: B023 (called at once)
+                   ("quack", lambda: gemm_out(a, w.t(), out)))  # noqa: B023
+            for name, fn in fns:
+                us = triton.testing.do_bench(fn, warmup=25, rep=200) * 1e3
+                print(f"quack t={t} n={n:5} k={k:5} {name:7} {us:8.1f} µs "
+                      f"{2 * t * n * k / us / 1e6:7.1f} TFLOP/s  max |diff| {diff:.1e}")
+        except Exception as e:  # noqa: BLE001 (a shape quack refuses is a result too)
+            print(f"quack t={t} n={n} k={k} failed: {type(e).__name__}: {str(e)[:160]}")
+    w = torch.randn(2 * inter, hidden, dtype=bf16, device="cuda") * hidden ** -0.5
+    w_il = w.view(2, inter, hidden).transpose(0, 1).reshape(2 * inter, hidden)  # g0, u0, g1..
+    post = torch.empty(t, inter, dtype=bf16, device="cuda")
+    try:
+        gemm_gated_out(x, w_il.t(), None, post, activation="swiglu")
+        ref = silu_and_mul(F.linear(x, w))
+        diff = float((post.float() - ref.float()).abs().max())
+        for name, fn in (("F.linear + silu_and_mul", lambda: silu_and_mul(F.linear(x, w))),
+                         ("quack gated (swiglu)", lambda: gemm_gated_out(
+                             x, w_il.t(), None, post, activation="swiglu"))):
+            us = triton.testing.do_bench(fn, warmup=25, rep=200) * 1e3
+            print(f"quack t={t} gate_up+SwiGLU {name:24} {us:8.1f} µs  max |diff| {diff:.1e}")
+    except Exception as e:  # noqa: BLE001
+        print(f"quack t={t} gated failed: {type(e).__name__}: {str(e)[:160]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--heads", type=int, nargs=2, default=[32, 8])
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--inter", type=int, default=14336)
-    parts = ["sdpa", "silu", "residual", "kept", "scaled-mm", "autotune", "fa4"]
+    parts = ["sdpa", "silu", "residual", "kept", "scaled-mm", "autotune", "fa4", "quack"]
     p.add_argument("--only", nargs="+", choices=parts, default=parts)
     ns = p.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -325,6 +371,8 @@ def main() -> None:
             bench_autotune(t, *shapes)
         if "fa4" in ns.only:
             bench_fa4(t, hq, hk, ns.head_dim)
+        if "quack" in ns.only:
+            bench_quack(t, *shapes)
 
 
 if __name__ == "__main__":
