@@ -3,7 +3,7 @@
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 |
-#         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab
+#         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab | fa4
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). 4k prefills
 # (latency, AB_SHAPE=prefill) rest the GPU ${REST:-2} s before each timed run: a GPU at its
 # power limit runs a ~95 ms prefill slower right after another (PERFORMANCE.md, "Power").
@@ -80,6 +80,20 @@ if has pdl; then  # programmatic dependent launch (kernels/pdl.py): its test, th
     done
     python3 scripts/profile_decode.py --max-num-seqs 1 $q --sequence "$OUT/sequence_${tag}.txt" \
       2>&1 | tee -a "$OUT/profile_pdl.log" | grep "^batch"
+  done
+fi
+if has fa4; then  # FlashAttention 4 and quack, unpacked by scripts/fa4_carry.sh (source its
+  # `env` first): their kernels against cuDNN / cuBLAS, then llama3-paper at 32 requests with
+  # FA4 twice (the second run on warm caches: does a chunk after a prefix compile mid-run?)
+  # and once with KESTREL_FA4=0
+  python3 scripts/bench_prefill_parts.py --tokens 4096 16384 --only fa4 quack 2>&1 \
+    | tee "$OUT/fa4_parts.log" | grep -E "^(fa4|quack)"
+  i=0
+  for fa in 1 1 0; do
+    i=$((i + 1))
+    KESTREL_FA4=$fa k bench throughput --preset llama-3-8b --workload llama3-paper \
+      --num-prompts 32 --max-num-seqs 32 --json "$OUT/tput_fa4_${fa}_$i.json" \
+      | grep -E "output tokens/s |TTFT median|start-up"
   done
 fi
 if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default), the 4k prefill
