@@ -37,8 +37,9 @@ def test_prefix_blocks_shared_and_evicted_lru():
 
 def test_lookup_hashes_up_to_the_first_miss(monkeypatch):
     """Admitting a long prompt hashes its blocks only as far as the cache hits (in doubling
-    batches) and then chunk by chunk as they are allocated, not all at once; a long cached
-    prefix is still found whole, across batches, and a chunk's blocks are registered."""
+    batches), and a chunk's blocks when they are registered (the flush after its allocation:
+    the next schedule, once the step has launched), not all at once; a long cached prefix is
+    still found whole, across batches."""
     from kestrel.core import block_pool
 
     calls = []
@@ -48,15 +49,41 @@ def test_lookup_hashes_up_to_the_first_miss(monkeypatch):
     kv = KVCacheManager(pool)
     a = _req("a", list(range(4000)))  # 1,000 full blocks
     assert kv.get_computed_blocks(a) == [] and len(calls) == 16
-    assert kv.allocate_slots(a, 400) and len(calls) == 100  # the first chunk's blocks
+    assert kv.allocate_slots(a, 400) and len(calls) == 16 and not pool.cached
+    kv.flush()
+    assert len(calls) == 100 and len(pool.cached) == 100  # the first chunk's blocks
     a.num_computed_tokens = 400
-    assert kv.allocate_slots(a, 3600) and len(calls) == 1000
+    assert kv.allocate_slots(a, 3600)
+    kv.flush()
+    assert len(calls) == 1000
     b = _req("b", list(range(3000)) + [7] * 40)  # 760 full blocks, 750 of them shared
     del calls[:]
     hits = kv.get_computed_blocks(b)  # batches of 16, 32, ..., 256, then 263 (to block 759)
     assert hits == a.block_ids[:750] and len(calls) == 759
     c = _req("c", list(range(4000)) + [1])
     assert kv.get_computed_blocks(c) == a.block_ids  # all 1,000: the last batch cut to fit
+
+
+def test_registration_deferred_but_found_in_the_same_step():
+    """Blocks enter the prefix cache at the next flush, yet a request admitted later in the
+    same schedule finds them (the lookup flushes first), and a request freed before a flush
+    leaves its blocks findable."""
+    from kestrel.config import SchedulerConfig
+    from kestrel.core.scheduler import Scheduler
+
+    pool = BlockPool(num_blocks=16, block_size=4)
+    kv = KVCacheManager(pool)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_model_len=64), kv)
+    s.add(_req("a", list(range(10))))
+    s.add(_req("b", list(range(10))))
+    out = s.schedule()
+    assert [r.num_new_tokens for r in out.scheduled] == [10, 2]  # b: a's two full blocks
+    c = _req("c", list(range(20, 32)))
+    assert kv.allocate_slots(c, 12) and len(pool.cached) == 2  # c's three: not yet
+    kv.free(c)
+    assert len(pool.cached) == 5
+    d = _req("d", list(range(20, 32)) + [5])
+    assert len(kv.get_computed_blocks(d)) == 3
 
 
 def test_allocation_fails_cleanly_when_short():

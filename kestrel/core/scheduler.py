@@ -88,6 +88,7 @@ class Scheduler:
 
     def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
         """One step's work; ``max_seqs`` caps how many requests it takes (a micro-batch)."""
+        self.kv.flush()  # the blocks of steps already launched enter the prefix cache
         out = SchedulerOutput()
         budget = self.cfg.max_num_batched_tokens
         cap = max_seqs if max_seqs is not None else self.cfg.max_num_seqs
