@@ -159,7 +159,7 @@ class KVCacheManager:
         self.flush()  # blocks allocated earlier in this schedule are found, as before
         # Hashed in doubling batches up to the first miss: hashing all of a fresh 128k prompt
         # here took 10.8 ms (8,192 blocks, 2-core CPU) before its first chunk could launch;
-        # its blocks are now hashed chunk by chunk as they are allocated (_cache_full).
+        # its blocks are now hashed chunk by chunk as they are registered (_register_later).
         n = (req.num_tokens - 1) // self.block_size
         found: list[int] = []
         step = 16
@@ -185,7 +185,7 @@ class KVCacheManager:
             total = req.num_computed_tokens + num_new
             if (self.pool.enable_prefix_caching
                     and total // bs > self._num_cached.get(req.request_id, 0)):
-                self._cache_full(req, total)
+                self._register_later(req, total)
             return True
         computed = computed or []
         num_computed = req.num_computed_tokens + len(computed) * self.block_size
@@ -199,10 +199,10 @@ class KVCacheManager:
         if new > 0:
             req.block_ids.extend(self.pool.allocate(new))
         if self.pool.enable_prefix_caching:
-            self._cache_full(req, num_computed + num_new)
+            self._register_later(req, num_computed + num_new)
         return True
 
-    def _cache_full(self, req: Request, num_tokens: int) -> None:
+    def _register_later(self, req: Request, num_tokens: int) -> None:
         """Register the request's full blocks up to ``num_tokens`` in the prefix cache at the
         next ``flush`` (the next schedule, a lookup, or the request's freeing): hashing a 4k
         chunk's blocks (0.34 ms on a 2-core CPU) then runs while its step is on the GPU
