@@ -2,7 +2,7 @@
 # FlashAttention 4 (flash-attn-4, CuTe DSL kernels) for the lent GPU machine, which has no
 # internet and takes 64 MiB a call: its wheels for CPython 3.12 / CUDA 13 in two carried
 # folders, .fa1 and .fa2 (the 193 MB MLIR library alone is ~50 MB xz-compressed, so it is
-# split between them). Both folders must be in .git/info/exclude.
+# split between them). Both folders are git-ignored, so they travel only when carried.
 #   here:  bash scripts/fa4_carry.sh pack                  (~4 min: pip download, xz -9e)
 #   there, two calls back to back on one warm machine (it goes back after 30 s idle):
 #          carry [".fa1"]: bash scripts/fa4_carry.sh unpack
