@@ -270,9 +270,8 @@ class TritonAttention(AttentionBackend):
         transposed rows are contiguous."""
         n = q.shape[0]
         fa4 = _fa4(q.device)
-        if fa4 is not None:
-            return fa4(q[None], k[None, :n], v[None, :n], softmax_scale=self.scale,
-                       causal=True)[0][0]
+        if fa4 is not None:  # only forward's one-prompt step gets here (_sdpa routes first)
+            return fa4(q[None], k[None], v[None], softmax_scale=self.scale, causal=True)[0][0]
         m = sdpa_bucket(n, self.sdpa_granule)
         q, k, v = (_pad_rows(x, 0, m - x.shape[0]) for x in (q, k, v))
         return self._attend(q, k, v, causal=True)[0][:, :n].transpose(0, 1).contiguous()
