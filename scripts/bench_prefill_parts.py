@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -299,13 +300,11 @@ def bench_fa4(t: int, hq: int, hk: int, d: int) -> None:
 
 
 def bench_quack(t: int, hidden: int, q_kv: int, inter: int) -> None:
-    """Tri Dao's quack GEMMs (CuTe DSL, ``quack-kernels``, carried with FA4) against cuBLAS:
-    plain at the 8B's four 4k-row shapes, and gate_up with SwiGLU in its epilogue (gate and
-    up columns interleaved) against ``F.linear`` + the engine's ``silu_and_mul``, which is
-    2.6 ms of a 4k prefill. A gated GEMM at cuBLAS's rate would remove that pass."""
+    """Tri Dao's quack GEMMs (CuTe DSL, ``quack-kernels``, carried with FA4) against cuBLAS
+    at the 8B's four GEMM shapes (autotuned per shape)."""
     import triton
     try:
-        from quack.gemm_interface import gemm_gated_out, gemm_out
+        from quack.gemm_interface import gemm_out
     except ImportError as e:
         print(f"quack: not importable ({e})")
         return
@@ -326,20 +325,47 @@ def bench_quack(t: int, hidden: int, q_kv: int, inter: int) -> None:
                       f"{2 * t * n * k / us / 1e6:7.1f} TFLOP/s  max |diff| {diff:.1e}")
         except Exception as e:  # noqa: BLE001 (a shape quack refuses is a result too)
             print(f"quack t={t} n={n} k={k} failed: {type(e).__name__}: {str(e)[:160]}")
+
+
+def bench_quack_gated(t: int, hidden: int, inter: int) -> None:
+    """gate_up with SwiGLU in quack's epilogue against ``F.linear`` + the engine's
+    ``silu_and_mul`` (2.6 ms of a 4k prefill): weights interleaved (g0, u0, g1, ...) and as the
+    engine stores them ([gate; up], ``concat_layout``), quack's default config (one compile
+    serves every row count) and its autotuned one (tuned per shape)."""
+    import triton
+    try:
+        from quack.gemm_interface import gemm_gated_out
+    except ImportError as e:
+        print(f"quack: not importable ({e})")
+        return
+    bf16 = torch.bfloat16
+    x = torch.randn(t, hidden, dtype=bf16, device="cuda")
     w = torch.randn(2 * inter, hidden, dtype=bf16, device="cuda") * hidden ** -0.5
     w_il = w.view(2, inter, hidden).transpose(0, 1).reshape(2 * inter, hidden)  # g0, u0, g1..
-    post = torch.empty(t, inter, dtype=bf16, device="cuda")
-    try:
-        gemm_gated_out(x, w_il.t(), None, post, activation="swiglu")
-        ref = silu_and_mul(F.linear(x, w))
-        diff = float((post.float() - ref.float()).abs().max())
-        for name, fn in (("F.linear + silu_and_mul", lambda: silu_and_mul(F.linear(x, w))),
-                         ("quack gated (swiglu)", lambda: gemm_gated_out(
-                             x, w_il.t(), None, post, activation="swiglu"))):
-            us = triton.testing.do_bench(fn, warmup=25, rep=200) * 1e3
-            print(f"quack t={t} gate_up+SwiGLU {name:24} {us:8.1f} µs  max |diff| {diff:.1e}")
-    except Exception as e:  # noqa: BLE001
-        print(f"quack t={t} gated failed: {type(e).__name__}: {str(e)[:160]}")
+    gate, up = F.linear(x.float(), w.float()).chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    variants = {"F.linear + silu_and_mul": lambda out: out.copy_(silu_and_mul(F.linear(x, w)))}
+    for tuned in (False, True):
+        tag = "tuned" if tuned else "default"
+        variants[f"quack interleaved {tag}"] = lambda out, tuned=tuned: gemm_gated_out(
+            x, w_il.t(), None, out, activation="swiglu", tuned=tuned)
+        variants[f"quack [gate; up] {tag}"] = lambda out, tuned=tuned: gemm_gated_out(
+            x, w.t(), None, out, activation="swiglu", concat_layout="B", tuned=tuned)
+    for name, fn in variants.items():
+        out = torch.empty(t, inter, dtype=bf16, device="cuda")
+        try:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(out)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            err = float(((out.float() - ref).abs() / (ref.abs() + 1)).max())
+            us = triton.testing.do_bench(lambda: fn(out), warmup=25, rep=200) * 1e3  # noqa: B023
+            print(f"quack-gated t={t:5} {name:26} {us:8.1f} µs "
+                  f"{2 * t * 2 * inter * hidden / us / 1e6:7.1f} TFLOP/s  first call {first:6.2f} s"
+                  f"  max err/(|ref|+1) vs fp32 {err:.1e}")
+        except Exception as e:  # noqa: BLE001 (a variant quack refuses is a result too)
+            print(f"quack-gated t={t} {name} failed: {type(e).__name__}: {str(e)[:160]}")
 
 
 def main() -> None:
@@ -348,7 +374,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, nargs=2, default=[32, 8])
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--inter", type=int, default=14336)
-    parts = ["sdpa", "silu", "residual", "kept", "scaled-mm", "autotune", "fa4", "quack"]
+    parts = ["sdpa", "silu", "residual", "kept", "scaled-mm", "autotune", "fa4", "quack",
+             "quack-gated"]
     p.add_argument("--only", nargs="+", choices=parts, default=parts)
     ns = p.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -373,6 +400,8 @@ def main() -> None:
             bench_fa4(t, hq, hk, ns.head_dim)
         if "quack" in ns.only:
             bench_quack(t, *shapes)
+        if "quack-gated" in ns.only:
+            bench_quack_gated(t, shapes[0], ns.inter)
 
 
 if __name__ == "__main__":

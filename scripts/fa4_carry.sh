@@ -7,9 +7,11 @@
 #   there, two calls back to back on one warm machine (it goes back after 30 s idle):
 #          carry [".fa1"]: bash scripts/fa4_carry.sh unpack
 #          carry [".fa2"]: bash scripts/fa4_carry.sh unpack && . scripts/fa4_carry.sh env && ...
-# `env` puts /tmp/site on PYTHONPATH (pip --target skips the .pth that adds CuTe DSL's
-# packages) and keeps FA4's compiled kernels on disk between processes.
-SITE=/tmp/site
+# `env` puts $SITE on PYTHONPATH (pip --target skips the .pth that adds CuTe DSL's
+# packages) and keeps FA4's compiled kernels on disk between processes. The folder's name
+# must be site-packages: quack fingerprints its epilogue functions for its compile cache and
+# treats only code under site-packages as installed (it refuses to fingerprint the rest).
+SITE=/tmp/fa4/site-packages
 if [[ ${1:-} == env ]]; then
   export PYTHONPATH=$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages:$PWD \
     FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1

@@ -12,6 +12,8 @@ The loaders only ``narrow`` what they are given before copying, so a lazy checkp
 
 from __future__ import annotations
 
+import functools
+import os
 from abc import ABC, abstractmethod
 
 import torch
@@ -227,3 +229,44 @@ def swiglu_skinny(gate_up: MergedColumnParallelLinear, down: RowParallelLinear,
     h = bf16_gemm_small_m(x, gate_up.weight, silu_cols=gate_up.output_sizes[0])
     y = bf16_gemm_small_m(h, down.weight, glu=True)
     return down.tp.all_reduce(y) if down.reduce_results else y
+
+
+# Steps with at least this many rows take gate_up and SiLU·mul as one GEMM (``gate_up_swiglu``).
+# H200, Llama-3-8B's gate_up (4,096 → 2 × 14,336), bf16, ``bench_prefill_parts.py --only
+# quack-gated`` (twenty-fifth session), µs against F.linear + silu_and_mul: 1k rows 363.5 /
+# 397.0, 2k 709.8 / 767.2, 4k 1,349.9 / 1,389.6, 16k 5,565.8 / 6,061.5.
+GATED_MIN_TOKENS = 1024
+
+
+@functools.cache
+def _quack_gated(device: torch.device):
+    """quack's ``gemm_gated_out`` (Tri Dao's CuTe DSL GEMMs, the ``quack-kernels`` package that
+    FlashAttention 4 installs) where it was measured: Hopper, ``KESTREL_QUACK`` not 0. Its one
+    kernel (the default config, symbolic in the row count) compiles on first use (~3 s). None
+    elsewhere."""
+    if (device.type != "cuda" or os.environ.get("KESTREL_QUACK", "1") == "0"
+            or torch.cuda.get_device_capability(device)[0] != 9):
+        return None
+    try:
+        from quack.gemm_interface import gemm_gated_out
+    except ImportError:
+        return None
+    return gemm_gated_out
+
+
+def gate_up_swiglu(gate_up: MergedColumnParallelLinear, x: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) · up straight out of gate_up's GEMM: quack applies it in the epilogue to the
+    fp32 accumulator and stores only the product, so the [T, 2 × intermediate] output is
+    neither written nor read again (one rounding instead of two). The weight stays as stored,
+    [gate; up] (``concat_layout``). None for steps under ``GATED_MIN_TOKENS`` rows, quantized or
+    biased layers, other dtypes than bfloat16, inside CUDA graph capture, and where quack is
+    not installed or not measured."""
+    if (x.shape[0] < GATED_MIN_TOKENS or x.dtype != torch.bfloat16 or gate_up.bias is not None
+            or type(gate_up.quant_method) is not UnquantizedLinearMethod):
+        return None
+    gated = _quack_gated(x.device)
+    if gated is None or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    out = x.new_empty(x.shape[0], gate_up.weight.shape[0] // 2)
+    gated(x, gate_up.weight.t(), None, out, activation="swiglu", concat_layout="B", tuned=False)
+    return out

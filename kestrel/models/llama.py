@@ -20,6 +20,7 @@ from kestrel.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
+    gate_up_swiglu,
     swiglu_skinny,
 )
 from kestrel.layers.norm import RMSNorm
@@ -82,7 +83,8 @@ class LlamaMLP(nn.Module):
             cfg.intermediate_size, cfg.hidden_size, False, dtype,
             get_quant_method(quant, LayerPlace(f"{prefix}.down_proj", idx, n)), tp)
         self.act = silu_and_mul_ref
-        # Set by the kernel registry: try swiglu_skinny (the activation inside the two GEMVs).
+        # Set by the kernel registry: try the paths with the activation inside a GEMM
+        # (swiglu_skinny for a few rows, gate_up_swiglu for many).
         self.fold_act = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +92,9 @@ class LlamaMLP(nn.Module):
             y = swiglu_skinny(self.gate_up_proj, self.down_proj, x)
             if y is not None:
                 return y
+            h = gate_up_swiglu(self.gate_up_proj, x)
+            if h is not None:
+                return self.down_proj(h)
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
