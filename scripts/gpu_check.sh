@@ -83,10 +83,11 @@ if has pdl; then  # programmatic dependent launch (kernels/pdl.py): its test, th
   done
 fi
 if has fa4; then  # FlashAttention 4 and quack, unpacked by scripts/fa4_carry.sh (source its
-  # `env` first): their kernels against cuDNN / cuBLAS, then llama3-paper at 32 requests with
-  # FA4 twice (the second run on warm caches: does a chunk after a prefix compile mid-run?)
-  # and once with KESTREL_FA4=0
-  python3 scripts/bench_prefill_parts.py --tokens 4096 16384 --only fa4 quack 2>&1 \
+  # `env` first): FA4 against cuDNN, quack's gated MLP GEMM against cuBLAS + silu_and_mul,
+  # then llama3-paper at 32 requests with FA4 twice (the second run on warm caches: does a
+  # chunk after a prefix compile mid-run?) and once with KESTREL_FA4=0 (quack's GEMM stays;
+  # KESTREL_QUACK=0 turns it off)
+  python3 scripts/bench_prefill_parts.py --tokens 4096 16384 --only fa4 quack-gated 2>&1 \
     | tee "$OUT/fa4_parts.log" | grep -E "^(fa4|quack)"
   i=0
   for fa in 1 1 0; do
