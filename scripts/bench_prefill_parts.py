@@ -5,13 +5,13 @@ input, beta = 1) for less than the add costs in the norm kernel, the last layer'
 for the sampled row only (``forward_kept``) against every row's, the FP8 GEMMs with and
 without fast accumulation beside BF16, BF16 GEMMs from Inductor's autotuned templates
 against cuBLAS, FlashAttention 4 against cuDNN (one prompt's causal attention), and quack's
-CuTe-DSL GEMMs (plain, and gate_up with SwiGLU in the epilogue) against cuBLAS (FA4 and
-quack: ``scripts/fa4_carry.sh``). Picks the defaults in kestrel.attention.triton_backend
+CuTe-DSL GEMMs (plain; gate_up with SwiGLU in the epilogue, BF16 and FP8) against cuBLAS (FA4
+and quack: ``scripts/fa4_carry.sh``). Picks the defaults in kestrel.attention.triton_backend
 and kestrel.kernels.fp8_quant; prints one line per variant with its effective bandwidth or
 rate.
 
     python scripts/bench_prefill_parts.py [--tokens 4096] [--heads 32 8] [--inter 14336]
-        [--only sdpa silu residual kept scaled-mm autotune fa4 quack]
+        [--only sdpa silu residual kept scaled-mm autotune fa4 quack quack-gated quack-fp8]
 """
 
 from __future__ import annotations
@@ -368,6 +368,60 @@ def bench_quack_gated(t: int, hidden: int, inter: int) -> None:
             print(f"quack-gated t={t} {name} failed: {type(e).__name__}: {str(e)[:160]}")
 
 
+def bench_quack_fp8_gated(t: int, hidden: int, inter: int) -> None:
+    """The FP8 recipe's gate_up → SwiGLU → quantize for down_proj: the engine's
+    ``torch._scaled_mm`` (row-wise scales) + ``silu_and_mul_quant_fp8`` (reads the [T, 2I] bf16
+    product), against quack's FP8 GEMM with the row (token) and column (weight) scales and
+    SwiGLU in its epilogue (``norm_act_mod``: acc · colvec · rowvec, gated), storing only the
+    [T, I] bf16 product, then ``per_token_quant_fp8`` of it. Promoted accumulation both ways
+    (``use_fast_accum`` off; quack's SM90 FP8 default). Error: the down_proj input
+    (dequantized) against the float32 SwiGLU of the same FP8 operands."""
+    import triton
+    try:
+        from quack.epilogue.library import norm_act_mod
+    except ImportError as e:
+        print(f"quack: not importable ({e})")
+        return
+    from kestrel.quant.fp8_ops import quantize_rowwise_ref
+    x = torch.randn(t, hidden, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(2 * inter, hidden, dtype=torch.bfloat16, device="cuda") * hidden ** -0.5
+    xq, xs = fp8_quant.per_token_quant_fp8(x, 1200.0)  # [t, H] fp8, [t, 1]
+    wq, ws = quantize_rowwise_ref(w)  # [2I, H] fp8, [2I, 1]
+    gate, up = ((xq.float() @ wq.float().t()) * xs * ws.view(1, -1)).chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    mod = norm_act_mod("swiglu", gated=True, has_c=False, has_rowvec=True, has_colvec=True)
+    post = torch.empty(t, inter, dtype=torch.bfloat16, device="cuda")
+
+    def engine():
+        h = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1),
+                             out_dtype=torch.bfloat16)
+        return fp8_quant.silu_and_mul_quant_fp8(h, 1200.0)
+
+    def quack(vec_2d: bool):
+        rows, cols = (xs.view(1, -1), ws.view(1, -1)) if vec_2d else (xs.view(-1), ws.view(-1))
+        mod(xq, wq.t(), None, out={"mAuxOut": post}, store_d=False, tuned=False,
+            concat_layout=("B", "mRowVecBroadcast"), mColVecBroadcast=rows,
+            mRowVecBroadcast=cols)
+        return fp8_quant.per_token_quant_fp8(post, 1200.0)
+
+    for name, fn in (("_scaled_mm + silu_and_mul_quant", engine),
+                     ("quack gated fp8 + quant", lambda: quack(False)),
+                     ("quack gated fp8 + quant (2-d vecs)", lambda: quack(True))):
+        try:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            q, s = fn()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            err = float(((q.float() * s - ref).abs() / (ref.abs() + 1)).max())
+            us = triton.testing.do_bench(fn, warmup=25, rep=200) * 1e3
+            print(f"quack-fp8 t={t:5} {name:36} {us:8.1f} µs "
+                  f"{2 * t * 2 * inter * hidden / us / 1e6:7.1f} TFLOP/s  first call {first:6.2f} s"
+                  f"  max err/(|ref|+1) {err:.1e}")
+        except Exception as e:  # noqa: BLE001 (a variant quack refuses is a result too)
+            print(f"quack-fp8 t={t} {name} failed: {type(e).__name__}: {str(e)[:300]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192])
@@ -375,7 +429,7 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--inter", type=int, default=14336)
     parts = ["sdpa", "silu", "residual", "kept", "scaled-mm", "autotune", "fa4", "quack",
-             "quack-gated"]
+             "quack-gated", "quack-fp8"]
     p.add_argument("--only", nargs="+", choices=parts, default=parts)
     ns = p.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -402,6 +456,8 @@ def main() -> None:
             bench_quack(t, *shapes)
         if "quack-gated" in ns.only:
             bench_quack_gated(t, shapes[0], ns.inter)
+        if "quack-fp8" in ns.only:
+            bench_quack_fp8_gated(t, shapes[0], ns.inter)
 
 
 if __name__ == "__main__":
