@@ -13,6 +13,7 @@ The loaders only ``narrow`` what they are given before copying, so a lazy checkp
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from abc import ABC, abstractmethod
 
@@ -241,9 +242,9 @@ GATED_MIN_TOKENS = 1024
 @functools.cache
 def _quack_gated(device: torch.device):
     """quack's ``gemm_gated_out`` (Tri Dao's CuTe DSL GEMMs, the ``quack-kernels`` package that
-    FlashAttention 4 installs) where it was measured: Hopper, ``KESTREL_QUACK`` not 0. Its one
-    kernel (the default config, symbolic in the row count) compiles on first use (~3 s). None
-    elsewhere."""
+    FlashAttention 4 installs) where it was measured and passes ``gated_self_check``: Hopper,
+    ``KESTREL_QUACK`` not 0. Its one kernel (the default config, symbolic in the row count)
+    compiles in the check (~3 s; quack keeps it on disk). None elsewhere."""
     if (device.type != "cuda" or os.environ.get("KESTREL_QUACK", "1") == "0"
             or torch.cuda.get_device_capability(device)[0] != 9):
         return None
@@ -251,7 +252,34 @@ def _quack_gated(device: torch.device):
         from quack.gemm_interface import gemm_gated_out
     except ImportError:
         return None
+    failure = gated_self_check(gemm_gated_out, device)
+    if failure is not None:
+        logging.getLogger(__name__).warning(
+            "quack's gated GEMM is installed but failed its check (%s): the MLP keeps F.linear "
+            "+ SiLU·mul (KESTREL_QUACK=0 leaves quack out without the check)", failure)
+        return None
     return gemm_gated_out
+
+
+def gated_self_check(gated, device: torch.device) -> str | None:
+    """Run ``gated`` once as ``gate_up_swiglu`` will, on a small problem, against the float32
+    product: an installed kernel library that fails to compile here (quack refuses, for one,
+    to fingerprint code outside a ``site-packages`` folder) or computes wrongly is left out
+    with a warning instead of failing or corrupting every long prefill. The reason, or None."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(192, 256, generator=gen, device=device).to(torch.bfloat16)
+    w = (torch.randn(2 * 320, 256, generator=gen, device=device) / 16).to(torch.bfloat16)
+    out = torch.full((192, 320), float("nan"), dtype=torch.bfloat16, device=device)
+    try:
+        gated(x, w.t(), None, out, activation="swiglu", concat_layout="B", tuned=False)
+    except Exception as e:  # noqa: BLE001 (any failure of a third-party kernel means: not this one)
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    gate, up = F.linear(x.double(), w.double()).chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    if not torch.allclose(out.double(), want, rtol=2 ** -7, atol=1e-3):
+        err = float((out.double() - want).abs().nan_to_num(float("inf")).max())
+        return f"max |error| {err:.3g} against the float32 product"
+    return None
 
 
 def gate_up_swiglu(gate_up: MergedColumnParallelLinear, x: torch.Tensor) -> torch.Tensor | None:
@@ -264,8 +292,10 @@ def gate_up_swiglu(gate_up: MergedColumnParallelLinear, x: torch.Tensor) -> torc
     if (x.shape[0] < GATED_MIN_TOKENS or x.dtype != torch.bfloat16 or gate_up.bias is not None
             or type(gate_up.quant_method) is not UnquantizedLinearMethod):
         return None
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
     gated = _quack_gated(x.device)
-    if gated is None or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if gated is None:
         return None
     out = x.new_empty(x.shape[0], gate_up.weight.shape[0] // 2)
     gated(x, gate_up.weight.t(), None, out, activation="swiglu", concat_layout="B", tuned=False)

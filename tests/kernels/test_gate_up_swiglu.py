@@ -83,14 +83,38 @@ def test_no_quack_off_hopper() -> None:
     assert linear._quack_gated(torch.device("cpu")) is None
 
 
+def test_self_check_leaves_out_a_failing_or_wrong_kernel() -> None:
+    """An installed kernel that raises (as quack does where it cannot fingerprint its code)
+    or computes wrongly is reported, so the MLP keeps its two steps."""
+    calls: list[int] = []
+    cpu = torch.device("cpu")
+    assert linear.gated_self_check(_quack_reference(calls), cpu) is None and calls
+
+    def raises(*args, **kwargs):
+        raise TypeError("epilogue fn depends on <ContextVar>")
+
+    def gate_times_up(a, b, preact, postact, **kwargs):  # no SiLU
+        gate, up = (a.float() @ b.float()).chunk(2, dim=-1)
+        postact.copy_(gate * up)
+
+    def skips_rows(a, b, preact, postact, **kwargs):
+        _quack_reference([])(a[:-1], b, preact, postact[:-1], **kwargs)
+
+    assert "TypeError: epilogue fn" in linear.gated_self_check(raises, cpu)
+    assert "against the float32 product" in linear.gated_self_check(gate_times_up, cpu)
+    assert "inf" in linear.gated_self_check(skips_rows, cpu)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_quack_gated_gemm_gpu() -> None:
-    """The real kernel (where quack is installed and the GPU is a Hopper) against the float32
-    product, rows not a multiple of its tile; and the MLP takes it."""
-    pytest.importorskip("quack.gemm_interface")
-    if linear._quack_gated(torch.device("cuda")) is None:
+    """The real kernel (where quack is installed and the GPU is a Hopper) passes the engine's
+    check of it, and against the float32 product at rows not a multiple of its tile."""
+    quack = pytest.importorskip("quack.gemm_interface")
+    if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("quack is used on Hopper only")
+    assert linear.gated_self_check(quack.gemm_gated_out, torch.device("cuda")) is None
+    assert linear._quack_gated(torch.device("cuda")) is quack.gemm_gated_out
     gate_up = linear.MergedColumnParallelLinear(1024, [2816] * 2, dtype=torch.bfloat16).cuda()
     gate_up.weight.data.normal_(0, 1024 ** -0.5)
     x = torch.randn(linear.GATED_MIN_TOKENS + 301, 1024, dtype=torch.bfloat16, device="cuda")
