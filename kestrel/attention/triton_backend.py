@@ -26,6 +26,7 @@ Triton is imported lazily (on construction), so this module can be imported, and
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -234,9 +235,12 @@ class TritonAttention(AttentionBackend):
         log-sum-exps. Every shape cuDNN sees is a bucket (``sdpa_bucket``); padded rows come
         after the real ones and are dropped. An FP8 cache (``ks``, ``vs``): every key and
         value comes from the cache, dequantized to q's dtype."""
-        fa4 = _fa4(q.device)
+        fa4 = _working_fa4(q.device)
         if fa4 is not None:
-            return self._fa4_attend(fa4, q, k, v, k_cache, v_cache, meta, seqs, out, ks, vs)
+            try:
+                return self._fa4_attend(fa4, q, k, v, k_cache, v_cache, meta, seqs, out, ks, vs)
+            except Exception as e:  # noqa: BLE001 (see _fa4_failed)
+                _fa4_failed(q.device, e)
         ql = meta.query_lens_cpu
         starts = [sum(ql[:i]) for i in seqs]
         for i, start in zip(seqs, starts):
@@ -269,9 +273,12 @@ class TritonAttention(AttentionBackend):
         already), padded at the end to its bucket; cuDNN writes [T, H, D] order, so the
         transposed rows are contiguous."""
         n = q.shape[0]
-        fa4 = _fa4(q.device)
+        fa4 = _working_fa4(q.device)
         if fa4 is not None:  # only forward's one-prompt step gets here (_sdpa routes first)
-            return fa4(q[None], k[None], v[None], softmax_scale=self.scale, causal=True)[0][0]
+            try:
+                return fa4(q[None], k[None], v[None], softmax_scale=self.scale, causal=True)[0][0]
+            except Exception as e:  # noqa: BLE001 (see _fa4_failed)
+                _fa4_failed(q.device, e)
         m = sdpa_bucket(n, self.sdpa_granule)
         q, k, v = (_pad_rows(x, 0, m - x.shape[0]) for x in (q, k, v))
         return self._attend(q, k, v, causal=True)[0][:, :n].transpose(0, 1).contiguous()
@@ -303,6 +310,27 @@ def sdpa_bucket(n: int, granule: int, down: bool = False) -> int:
 def _pad_rows(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
     """x [n, H, D] with zero rows before and after it (x itself when there are none)."""
     return F.pad(x, (0, 0, 0, 0, before, after)) if before or after else x
+
+
+# Devices where FlashAttention 4 raised: long prompts attend through cuDNN there from then on.
+_FA4_FAILED: set[torch.device] = set()
+
+
+def _working_fa4(device: torch.device):
+    """``_fa4`` unless it has failed on this device."""
+    return None if device in _FA4_FAILED else _fa4(device)
+
+
+def _fa4_failed(device: torch.device, e: Exception) -> None:
+    """An installed FlashAttention 4 that raises (its kernels compile on first use: a CuTe DSL
+    that does not match it fails there) costs a warning, not the server: the step falls back
+    to cuDNN and so does every later one. Running out of memory is not its fault: re-raised."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        raise e
+    _FA4_FAILED.add(device)
+    logging.getLogger(__name__).warning(
+        "FlashAttention 4 failed (%s: %s); long prompts attend through cuDNN from now on "
+        "(KESTREL_FA4=0 skips it)", type(e).__name__, str(e)[:200])
 
 
 @functools.cache

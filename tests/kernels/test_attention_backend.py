@@ -208,6 +208,36 @@ def test_backend_long_queries_through_fa4(dtype: torch.dtype, monkeypatch) -> No
     assert not attend and not merge
 
 
+def test_backend_falls_back_when_fa4_fails(monkeypatch, caplog) -> None:
+    """An installed FlashAttention 4 that raises (as a kernel that does not compile does) costs
+    one warning: that step and every later one attend through SDPA, outputs as the torch
+    backend's; running out of memory is raised, not taken for a broken FA4."""
+    calls: list = []
+
+    def broken(q, k, v, softmax_scale, causal):
+        calls.append(q.shape[1])
+        raise RuntimeError("DSLRuntimeError: cannot compile")
+
+    monkeypatch.setattr(triton_backend, "_fa4", lambda device: broken)
+    monkeypatch.setattr(triton_backend, "_FA4_FAILED", set())
+    attend = _spy(monkeypatch, TritonAttention, "_attend", lambda a, kw: a[2].shape[0])
+    monkeypatch.setattr("kestrel.attention.triton_backend.SDPA_MIN_TOKENS", 8)
+    with caplog.at_level("WARNING", logger="kestrel.attention.triton_backend"):
+        check_backend([40, 9, 23], [0, 37, 0], torch.float32, DEV)
+        check_backend([30], [0], torch.float32, DEV)
+    assert calls == [40] and attend  # FA4 tried once, SDPA attended everything
+    assert [r.message.count("FlashAttention 4 failed") for r in caplog.records] == [1]
+
+    def oom(*a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(triton_backend, "_fa4", lambda device: oom)
+    monkeypatch.setattr(triton_backend, "_FA4_FAILED", set())
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        check_backend([40], [0], torch.float32, DEV)
+    assert not triton_backend._FA4_FAILED
+
+
 def check_kept(q_lens: list[int], prefix_lens: list[int], seqs: list[int] | None,
                dtype: torch.dtype, dev: str, fp8: bool = False) -> None:
     """forward_kept against the torch backend's forward at the kept rows: the last row of each
