@@ -327,12 +327,30 @@ def bench_quack(t: int, hidden: int, q_kv: int, inter: int) -> None:
             print(f"quack t={t} n={n} k={k} failed: {type(e).__name__}: {str(e)[:160]}")
 
 
+def time_variants(tag: str, flops: float, variants: dict, error) -> None:
+    """One line per variant: its first call's seconds (a compile shows there), then
+    ``do_bench``'s µs and TFLOP/s, and ``error(result)``; a variant that raises is a line too
+    (what a third-party kernel refuses is a result)."""
+    import triton
+    for name, fn in variants.items():
+        try:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            result = fn()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            us = triton.testing.do_bench(fn, warmup=25, rep=200) * 1e3
+            print(f"{tag} {name:36} {us:8.1f} µs {flops / us / 1e6:7.1f} TFLOP/s  first call "
+                  f"{first:6.2f} s  max err/(|ref|+1) {error(result):.1e}")
+        except Exception as e:  # noqa: BLE001
+            print(f"{tag} {name} failed: {type(e).__name__}: {str(e)[:300]}")
+
+
 def bench_quack_gated(t: int, hidden: int, inter: int) -> None:
     """gate_up with SwiGLU in quack's epilogue against ``F.linear`` + the engine's
     ``silu_and_mul`` (2.6 ms of a 4k prefill): weights interleaved (g0, u0, g1, ...) and as the
     engine stores them ([gate; up], ``concat_layout``), quack's default config (one compile
     serves every row count) and its autotuned one (tuned per shape)."""
-    import triton
     try:
         from quack.gemm_interface import gemm_gated_out
     except ImportError as e:
@@ -344,28 +362,16 @@ def bench_quack_gated(t: int, hidden: int, inter: int) -> None:
     w_il = w.view(2, inter, hidden).transpose(0, 1).reshape(2 * inter, hidden)  # g0, u0, g1..
     gate, up = F.linear(x.float(), w.float()).chunk(2, dim=-1)
     ref = F.silu(gate) * up
-    variants = {"F.linear + silu_and_mul": lambda out: out.copy_(silu_and_mul(F.linear(x, w)))}
+    out = torch.empty(t, inter, dtype=bf16, device="cuda")
+    variants = {"F.linear + silu_and_mul": lambda: out.copy_(silu_and_mul(F.linear(x, w)))}
     for tuned in (False, True):
         tag = "tuned" if tuned else "default"
-        variants[f"quack interleaved {tag}"] = lambda out, tuned=tuned: gemm_gated_out(
-            x, w_il.t(), None, out, activation="swiglu", tuned=tuned)
-        variants[f"quack [gate; up] {tag}"] = lambda out, tuned=tuned: gemm_gated_out(
-            x, w.t(), None, out, activation="swiglu", concat_layout="B", tuned=tuned)
-    for name, fn in variants.items():
-        out = torch.empty(t, inter, dtype=bf16, device="cuda")
-        try:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn(out)
-            torch.cuda.synchronize()
-            first = time.perf_counter() - t0
-            err = float(((out.float() - ref).abs() / (ref.abs() + 1)).max())
-            us = triton.testing.do_bench(lambda: fn(out), warmup=25, rep=200) * 1e3  # noqa: B023
-            print(f"quack-gated t={t:5} {name:26} {us:8.1f} µs "
-                  f"{2 * t * 2 * inter * hidden / us / 1e6:7.1f} TFLOP/s  first call {first:6.2f} s"
-                  f"  max err/(|ref|+1) vs fp32 {err:.1e}")
-        except Exception as e:  # noqa: BLE001 (a variant quack refuses is a result too)
-            print(f"quack-gated t={t} {name} failed: {type(e).__name__}: {str(e)[:160]}")
+        variants[f"quack interleaved {tag}"] = lambda tuned=tuned: gemm_gated_out(
+            x, w_il.t(), None, out, activation="swiglu", tuned=tuned) or out
+        variants[f"quack [gate; up] {tag}"] = lambda tuned=tuned: gemm_gated_out(
+            x, w.t(), None, out, activation="swiglu", concat_layout="B", tuned=tuned) or out
+    time_variants(f"quack-gated t={t:5}", 2 * t * 2 * inter * hidden, variants,
+                  lambda o: float(((o.float() - ref).abs() / (ref.abs() + 1)).max()))
 
 
 def bench_quack_fp8_gated(t: int, hidden: int, inter: int) -> None:
@@ -376,7 +382,6 @@ def bench_quack_fp8_gated(t: int, hidden: int, inter: int) -> None:
     [T, I] bf16 product, then ``per_token_quant_fp8`` of it. Promoted accumulation both ways
     (``use_fast_accum`` off; quack's SM90 FP8 default). Error: the down_proj input
     (dequantized) against the float32 SwiGLU of the same FP8 operands."""
-    import triton
     try:
         from quack.epilogue.library import norm_act_mod
     except ImportError as e:
@@ -404,22 +409,11 @@ def bench_quack_fp8_gated(t: int, hidden: int, inter: int) -> None:
             mRowVecBroadcast=cols)
         return fp8_quant.per_token_quant_fp8(post, 1200.0)
 
-    for name, fn in (("_scaled_mm + silu_and_mul_quant", engine),
-                     ("quack gated fp8 + quant", lambda: quack(False)),
-                     ("quack gated fp8 + quant (2-d vecs)", lambda: quack(True))):
-        try:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            q, s = fn()
-            torch.cuda.synchronize()
-            first = time.perf_counter() - t0
-            err = float(((q.float() * s - ref).abs() / (ref.abs() + 1)).max())
-            us = triton.testing.do_bench(fn, warmup=25, rep=200) * 1e3
-            print(f"quack-fp8 t={t:5} {name:36} {us:8.1f} µs "
-                  f"{2 * t * 2 * inter * hidden / us / 1e6:7.1f} TFLOP/s  first call {first:6.2f} s"
-                  f"  max err/(|ref|+1) {err:.1e}")
-        except Exception as e:  # noqa: BLE001 (a variant quack refuses is a result too)
-            print(f"quack-fp8 t={t} {name} failed: {type(e).__name__}: {str(e)[:300]}")
+    time_variants(f"quack-fp8 t={t:5}", 2 * t * 2 * inter * hidden, {
+        "_scaled_mm + silu_and_mul_quant": engine,
+        "quack gated fp8 + quant": lambda: quack(False),
+        "quack gated fp8 + quant (2-d vecs)": lambda: quack(True)},
+        lambda qs: float(((qs[0].float() * qs[1] - ref).abs() / (ref.abs() + 1)).max()))
 
 
 def main() -> None:
