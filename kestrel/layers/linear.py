@@ -262,7 +262,7 @@ def _quack_gated(device: torch.device):
 
 
 def gated_self_check(gated, device: torch.device) -> str | None:
-    """Run ``gated`` once as ``gate_up_swiglu`` will, on a small problem, against the float32
+    """Run ``gated`` once as ``gate_up_swiglu`` will, on a small problem, against the float64
     product: an installed kernel library that fails to compile here (quack refuses, for one,
     to fingerprint code outside a ``site-packages`` folder) or computes wrongly is left out
     with a warning instead of failing or corrupting every long prefill. The reason, or None."""
@@ -278,7 +278,7 @@ def gated_self_check(gated, device: torch.device) -> str | None:
     want = F.silu(gate) * up
     if not torch.allclose(out.double(), want, rtol=2 ** -7, atol=1e-3):
         err = float((out.double() - want).abs().nan_to_num(float("inf")).max())
-        return f"max |error| {err:.3g} against the float32 product"
+        return f"max |error| {err:.3g} against the float64 product"
     return None
 
 

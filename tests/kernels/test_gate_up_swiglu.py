@@ -101,7 +101,7 @@ def test_self_check_leaves_out_a_failing_or_wrong_kernel() -> None:
         _quack_reference([])(a[:-1], b, preact, postact[:-1], **kwargs)
 
     assert "TypeError: epilogue fn" in linear.gated_self_check(raises, cpu)
-    assert "against the float32 product" in linear.gated_self_check(gate_times_up, cpu)
+    assert "against the float64 product" in linear.gated_self_check(gate_times_up, cpu)
     assert "inf" in linear.gated_self_check(skips_rows, cpu)
 
 
