@@ -3,7 +3,7 @@
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 |
-#         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab | fa4
+#         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab | fa4 | quack
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). 4k prefills
 # (latency, AB_SHAPE=prefill) rest the GPU ${REST:-2} s before each timed run: a GPU at its
 # power limit runs a ~95 ms prefill slower right after another (PERFORMANCE.md, "Power").
@@ -96,6 +96,24 @@ if has fa4; then  # FlashAttention 4 and quack, unpacked by scripts/fa4_carry.sh
       --num-prompts 32 --max-num-seqs 32 --json "$OUT/tput_fa4_${fa}_$i.json" \
       | grep -E "output tokens/s |TTFT median|start-up"
   done
+fi
+if has quack; then  # quack, unpacked with FA4 (scripts/fa4_carry.sh; source its `env` first):
+  # the gated MLP GEMM's first-use check and GPU tests (with FA4's fallback), the rested 4k
+  # BF16 prefill with it on and off (three alternating rounds), and what quack might take next:
+  # the FP8 recipe's gated GEMM autotuned, the residual add in o_proj's / down's epilogue
+  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gate_up_swiglu.py \
+    tests/kernels/test_attention_backend.py -m gpu 2>&1 | tee "$OUT/quack_tests.log" | tail -n 3
+  c=$(ceil)
+  for round in 1 2 3; do
+    order="1 0"; (( round % 2 )) || order="0 1"
+    for qk in $order; do
+      KESTREL_QUACK=$qk $L8 --batch 1 --input 4096 --output 1 --max-num-seqs 1 \
+        --max-num-batched-tokens 4096 --rest "${REST:-2}" $c \
+        --json "$OUT/prefill_4k_quack${qk}_r$round.json" | grep -E "prefill (time|FLOP)"
+    done
+  done
+  python3 scripts/bench_prefill_parts.py --tokens 4096 --only quack-fp8 residual 2>&1 \
+    | tee "$OUT/quack_parts.log" | grep -E "^(quack|residual)"
 fi
 if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default), the 4k prefill
   # (AB_SHAPE=prefill) or batch-1 decode at 8k or 64k context (AB_SHAPE=decode8k, decode64k;
