@@ -8,6 +8,7 @@ holds only its stage's decoder layers (embedding on the first stage, norm and LM
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ class LlamaAttention(nn.Module):
                  rotary: RotaryEmbedding) -> None:
         super().__init__()
         prefix = f"model.layers.{idx}.self_attn"
-        qm = lambda name: get_quant_method(  # noqa: E731
+        qm = lambda name: get_quant_method(
             quant, LayerPlace(f"{prefix}.{name}", idx, cfg.num_hidden_layers))
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
                                           cfg.num_key_value_heads, cfg.qkv_bias, dtype,
@@ -259,9 +260,9 @@ class LlamaForCausalLM(nn.Module):
 
     # FP8 KV cache scales as FP8 checkpoints store them (one per layer for K, one for V):
     # vLLM's ``self_attn.k_scale`` and compressed-tensors' ``self_attn.k_proj.output_scale``.
-    KV_SCALE_SUFFIXES = {".self_attn.k_scale": "k", ".self_attn.v_scale": "v",
-                         ".self_attn.k_proj.output_scale": "k",
-                         ".self_attn.v_proj.output_scale": "v"}
+    KV_SCALE_SUFFIXES: ClassVar[dict[str, str]] = {".self_attn.k_scale": "k", ".self_attn.v_scale": "v",
+                                                    ".self_attn.k_proj.output_scale": "k",
+                                                    ".self_attn.v_proj.output_scale": "v"}
 
     def _take_kv_scale(self, name: str, tensor: torch.Tensor) -> bool:
         """Keep a checkpoint's KV cache scale (``checkpoint_kv_scales``, every layer's, so each
