@@ -70,7 +70,8 @@ def build_app(engine: AsyncEngine, served_model_name: str | list[str],
     app.include_router(_openai_routes())
     app.include_router(_tokenizer_routes())
     app.include_router(_ops_routes())
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
+                       on_error=metrics.count_error)
     _install_openapi(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest,
                            DetokenizeRequest], names, secured=api_key is not None)
     return app

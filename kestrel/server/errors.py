@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -109,18 +110,42 @@ class _BodyTooLarge(Exception):
 
 
 class GuardMiddleware:
-    """API key check (constant time) and request body size limit, before the app sees anything."""
+    """API key check (constant time) and request body size limit, before the app sees anything;
+    and, seeing every answer go out, the count of error answers by status (``on_error``)."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int,
+                 on_error: Callable[[int], None] | None = None) -> None:
         self.app = app
         # Compare digests: equal length whatever was sent, so timing reveals nothing.
         self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
         self.max_body = max_body_bytes
+        self.on_error = on_error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.on_error is None:
+            await self._guard(scope, receive, send)
+            return
+        on_error, started = self.on_error, False
+
+        async def counting_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] >= 400:
+                    on_error(message["status"])
+            await send(message)
+
+        try:
+            await self._guard(scope, receive, counting_send)
+        except Exception:
+            if not started:  # Starlette's outermost layer answers it with a 500
+                on_error(500)
+            raise
+
+    async def _guard(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.key_digest is not None and scope["path"] not in OPEN_PATHS \
                 and not self._authorized(scope):
             await self._reply(send, 401, "missing or invalid API key: send "

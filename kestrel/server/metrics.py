@@ -83,6 +83,10 @@ class ServerMetrics:
         self.http_errors = Counter("kestrel_http_errors", "Error responses, by status",
                                    ["status"], registry=r)
 
+    def count_error(self, status: int) -> None:
+        """One error answer (4xx, 5xx), whoever sent it: a route, a handler or the guard."""
+        self.http_errors.labels(status=str(status)).inc()
+
     def attach_engine(self, snapshot: Callable[[], EngineSnapshot],
                       healthy: Callable[[], bool]) -> None:
         self.registry.register(_SnapshotCollector(snapshot, healthy))

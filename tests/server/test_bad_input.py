@@ -215,3 +215,35 @@ def test_full_waiting_queue_gets_503_with_retry_after() -> None:
         assert ok.status_code == 200
 
     asyncio.run(_with_app(app, run))
+
+
+def test_error_answers_are_counted_by_status() -> None:
+    """kestrel_http_errors counts every error answer by status, whoever sent it: a missing
+    route (404), a malformed body (400), the guard's size limit (413), an unexpected exception
+    (500, sent by Starlette's outermost layer); good requests count nothing."""
+    from tests.server.conftest import parse_metric
+
+    _, _, app = _tiny_app()
+
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/boom", boom)
+
+    async def run(c: httpx.AsyncClient) -> None:
+        ok = await c.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 1})
+        assert ok.status_code == 200
+        assert "kestrel_http_errors_total{" not in (await c.get("/metrics")).text
+        assert (await c.get("/nope")).status_code == 404
+        assert (await c.post("/v1/completions", content=b"{")).status_code == 400
+        assert (await c.post("/v1/completions", json={"max_tokens": 1})).status_code == 400
+        assert (await c.post("/v1/completions", content=b"x" * (65 << 20))).status_code == 413
+        quiet = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                  base_url="http://t")
+        async with quiet:
+            assert (await quiet.get("/boom")).status_code == 500
+        text = (await c.get("/metrics")).text
+        for status, n in (("400", 2), ("404", 1), ("413", 1), ("500", 1)):
+            assert parse_metric(text, f'kestrel_http_errors_total{{status="{status}"}}') == n
+
+    asyncio.run(_with_app(app, run))
