@@ -88,11 +88,6 @@ def batch_logits(llm: Any, windows: list[list[int]], tag: str = "eval") -> list[
         engine.pool.free(blocks)
 
 
-def window_logits(llm: Any, ids: list[int], tag: str = "eval") -> torch.Tensor:
-    """Logits [len, V] float32 at every position of one window."""
-    return batch_logits(llm, [ids], tag)[0]
-
-
 def batches(windows: list[list[int]], size: int) -> list[list[list[int]]]:
     if size < 1:
         raise ValueError(f"batch size must be >= 1, got {size}")

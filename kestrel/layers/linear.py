@@ -126,7 +126,6 @@ class ColumnParallelLinear(LinearBase):
 
     def __init__(self, input_size, output_size, bias=False, dtype=torch.float32,
                  quant_method=None, tp: TPGroup = SINGLE, gather_output: bool = False) -> None:
-        self.full_output_size = output_size
         self.gather_output = gather_output
         super().__init__(input_size, divide(output_size, tp.size, "output features"), bias, dtype,
                          quant_method, tp)

@@ -113,7 +113,6 @@ class GptqLinearMethod(QuantMethod):
         param("qzeros", (groups, output_size), torch.int32, 1, grouped_dim)
         param("scales", (groups, output_size), torch.float32, 1, grouped_dim)
         param("g_idx", (input_size,), torch.int32, None, 0)
-        layer.gptq_dtype = dtype
         layer.gptq_loaded = set()
         layer.weight_loader = functools.partial(self._weight_loader, layer, layer.weight_loader)
 
