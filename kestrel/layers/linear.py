@@ -265,10 +265,11 @@ def gated_self_check(gated, device: torch.device) -> str | None:
     product: an installed kernel library that fails to compile here (quack refuses, for one,
     to fingerprint code outside a ``site-packages`` folder) or computes wrongly is left out
     with a warning instead of failing or corrupting every long prefill. The reason, or None."""
+    # sizes in whole tiles, as the models' are (an edge case of the kernel is not the question)
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(192, 256, generator=gen, device=device).to(torch.bfloat16)
-    w = (torch.randn(2 * 320, 256, generator=gen, device=device) / 16).to(torch.bfloat16)
-    out = torch.full((192, 320), float("nan"), dtype=torch.bfloat16, device=device)
+    x = torch.randn(256, 512, generator=gen, device=device).to(torch.bfloat16)
+    w = (torch.randn(2 * 512, 512, generator=gen, device=device) / 16 / 2 ** 0.5).to(torch.bfloat16)
+    out = torch.full((256, 512), float("nan"), dtype=torch.bfloat16, device=device)
     try:
         gated(x, w.t(), None, out, activation="swiglu", concat_layout="B", tuned=False)
     except Exception as e:  # noqa: BLE001 (any failure of a third-party kernel means: not this one)
