@@ -87,7 +87,7 @@ if has fa4; then  # FlashAttention 4 and quack, unpacked by scripts/fa4_carry.sh
   # then llama3-paper at 32 requests with FA4 twice (the second run on warm caches: does a
   # chunk after a prefix compile mid-run?) and once with KESTREL_FA4=0 (quack's GEMM stays;
   # KESTREL_QUACK=0 turns it off)
-  python3 scripts/bench_prefill_parts.py --tokens 4096 16384 --only fa4 quack-gated 2>&1 \
+  python3 scripts/bench_cute_kernels.py --tokens 4096 16384 --only fa4 quack-gated 2>&1 \
     | tee "$OUT/fa4_parts.log" | grep -E "^(fa4|quack)"
   i=0
   for fa in 1 1 0; do
@@ -112,7 +112,8 @@ if has quack; then  # quack, unpacked with FA4 (scripts/fa4_carry.sh; source its
         --json "$OUT/prefill_4k_quack${qk}_r$round.json" | grep -E "prefill (time|FLOP)"
     done
   done
-  python3 scripts/bench_prefill_parts.py --tokens 4096 --only quack-fp8 residual 2>&1 \
+  { python3 scripts/bench_cute_kernels.py --tokens 4096 --only quack-fp8
+    python3 scripts/bench_prefill_parts.py --tokens 4096 --only residual; } 2>&1 \
     | tee "$OUT/quack_parts.log" | grep -E "^(quack|residual)"
 fi
 if has ab; then  # batch-1 decode (AB_SHAPE=decode, the default), the 4k prefill

@@ -337,7 +337,7 @@ def _fa4_failed(device: torch.device, e: Exception) -> None:
 def _fa4(device: torch.device):
     """FlashAttention 4's ``flash_attn_func`` where it was measured faster than cuDNN and is
     installed: Hopper, ``KESTREL_FA4`` not 0. H200, one prompt, 32/8 heads, d 128, bf16
-    (``bench_prefill_parts.py --only fa4``, twenty-fourth session): 4k causal 230.6 µs against
+    (``bench_cute_kernels.py --only fa4``, twenty-fourth session): 4k causal 230.6 µs against
     cuDNN's 260.3, 16k 3,124 against 3,352. Its kernels compile on first use (~4 s each;
     ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` keeps them on disk). None elsewhere."""
     if (device.type != "cuda" or os.environ.get("KESTREL_FA4", "1") == "0"

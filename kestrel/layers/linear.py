@@ -232,7 +232,7 @@ def swiglu_skinny(gate_up: MergedColumnParallelLinear, down: RowParallelLinear,
 
 
 # Steps with at least this many rows take gate_up and SiLU·mul as one GEMM (``gate_up_swiglu``).
-# H200, Llama-3-8B's gate_up (4,096 → 2 × 14,336), bf16, ``bench_prefill_parts.py --only
+# H200, Llama-3-8B's gate_up (4,096 → 2 × 14,336), bf16, ``bench_cute_kernels.py --only
 # quack-gated`` (twenty-fifth session), µs against F.linear + silu_and_mul: 1k rows 363.5 /
 # 397.0, 2k 709.8 / 767.2, 4k 1,349.9 / 1,389.6, 16k 5,565.8 / 6,061.5.
 GATED_MIN_TOKENS = 1024
