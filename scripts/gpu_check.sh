@@ -109,8 +109,13 @@ if has quack; then  # quack, unpacked with FA4 (scripts/fa4_carry.sh; source its
     for qk in $order; do
       KESTREL_QUACK=$qk $L8 --batch 1 --input 4096 --output 1 --max-num-seqs 1 \
         --max-num-batched-tokens 4096 --rest "${REST:-2}" $c \
-        --json "$OUT/prefill_4k_quack${qk}_r$round.json" | grep -E "prefill (time|FLOP)"
+        --json "$OUT/prefill_4k_quack${qk}_r$round.json" \
+        | grep -E "prefill (time|FLOP)|start-up|KV sizing"
     done
+  done
+  for m in quack.gemm_interface flash_attn.cute; do  # their share of start-up: the import
+    python3 -c "import time, torch; t = time.perf_counter(); import $m
+print('import $m', round(time.perf_counter() - t, 2), 's')"
   done
   { python3 scripts/bench_cute_kernels.py --tokens 4096 --only quack-fp8
     python3 scripts/bench_prefill_parts.py --tokens 4096 --only residual; } 2>&1 \

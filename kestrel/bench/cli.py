@@ -248,6 +248,7 @@ def run_latency(ns: Any) -> int:
         res = bench_latency(llm, ns.batch, i_len, o_len, ns.bench_iters, ns.warmup, ns.seed,
                             ceilings, ns.rest_s)
     res["startup_s"] = startup
+    res["startup_phases_s"] = getattr(llm.engine.executor, "startup_phases", None)
     res["model"], res["dtype"] = llm.engine.cfg.model, str(llm.engine.cfg.dtype)
     res["quantization"] = llm.engine.cfg.quant.method
     res["kv_cache_dtype"] = llm.engine.cfg.cache.kv_cache_dtype
@@ -285,7 +286,9 @@ def run_throughput(ns: Any) -> int:
     reqs = build_requests(llm, wl, ns.workload_seed, ns.prompt_source, ns.text)
     with heap_frozen():
         res = bench_throughput(llm, reqs)
-    res.update({"startup_s": startup, "workload": wl.name, "num_prompts": wl.num_prompts,
+    res.update({"startup_s": startup,
+                "startup_phases_s": getattr(llm.engine.executor, "startup_phases", None),
+                "workload": wl.name, "num_prompts": wl.num_prompts,
                 "model": llm.engine.cfg.model, "dtype": str(llm.engine.cfg.dtype),
                 "quantization": llm.engine.cfg.quant.method,
                 "kv_cache_dtype": llm.engine.cfg.cache.kv_cache_dtype,

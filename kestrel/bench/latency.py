@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from kestrel.bench.report import startup_rows
 from kestrel.bench.roofline import ceiling_kind, synchronize
 from kestrel.bench.workloads import random_prompts
 from kestrel.config import ModelConfig
@@ -240,8 +241,7 @@ def latency_rows(res: dict) -> list[tuple[str, object]]:
         rows += [("decode bandwidth / copy ceiling", res["decode_bandwidth_fraction"]),
                  (f"prefill FLOP/s / {res['ceiling_matmul_kind']} ceiling",
                   res["prefill_flops_fraction"])]
-    if "startup_s" in res:
-        rows.append(("engine start-up (s)", res["startup_s"]))
+    rows += startup_rows(res)
     if "hf" in res:
         rows += [("HF generate output tokens/s", res["hf"]["tokens_per_s"]),
                  ("speed-up vs HF (tokens/s ratio)", res["speedup_vs_hf"])]

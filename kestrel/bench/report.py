@@ -22,6 +22,17 @@ from typing import Any
 import torch
 
 
+def startup_rows(res: dict) -> list[tuple[str, object]]:
+    """The engine's start-up time, and where it went when the executor says (one process)."""
+    rows: list[tuple[str, object]] = []
+    if "startup_s" in res:
+        rows.append(("engine start-up (s)", res["startup_s"]))
+    if res.get("startup_phases_s"):
+        rows.append(("  model / KV sizing (first forward) / graphs (s)",
+                     " / ".join(f"{v:.1f}" for v in res["startup_phases_s"].values())))
+    return rows
+
+
 def device_name(device: str | torch.device | None = None) -> str:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from kestrel.bench.metrics import RequestRecord, aggregate
+from kestrel.bench.report import startup_rows
 from kestrel.bench.roofline import synchronize
 from kestrel.bench.workloads import Workload, make_prompts
 from kestrel.sampling_params import SamplingParams
@@ -113,8 +114,7 @@ def throughput_rows(res: dict) -> list[tuple[str, object]]:
     if "max_num_batched_tokens" in res:
         rows.append(("step token budget / max sequences",
                      f"{res['max_num_batched_tokens']} / {res['max_num_seqs']}"))
-    if "startup_s" in res:
-        rows.append(("engine start-up (s)", res["startup_s"]))
+    rows += startup_rows(res)
     if "roofline_output_throughput" in res:
         rows += [("roofline estimate output tokens/s", res["roofline_output_throughput"]),
                  ("output tokens/s / estimate", res["roofline_fraction"])]

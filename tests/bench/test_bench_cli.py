@@ -176,6 +176,9 @@ def test_throughput_fields_consistent(tmp_path):
     assert (res["max_num_batched_tokens"], res["max_num_seqs"]) == (TOKEN_BUDGET,
                                                                     EngineArgs.max_num_seqs)
     assert res["startup_s"] > 0
+    phases = res["startup_phases_s"]  # where it went: the phases fit inside it
+    assert list(phases) == ["model", "kv_sizing", "graphs"]
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= res["startup_s"]
 
 
 def test_throughput_sampled_lengths(tmp_path):
