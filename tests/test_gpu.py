@@ -54,6 +54,25 @@ def test_gpu_greedy_equals_cpu_reference(checkpoint):
     assert gpu == cpu
 
 
+def test_default_model_greedy_on_gpu_equals_cpu_reference():
+    """The real default model, chat prompts: the GPU's fast path gives the CPU reference's
+    greedy tokens. Its GGUF reaches the GPU machine only through scripts/model_carry.sh."""
+    from kestrel.loader.pull import (
+        default_gguf_path,
+        default_model_path,
+        pull_default_model,
+        read_marker,
+    )
+
+    if not default_gguf_path().is_file() and read_marker(default_model_path()) is None:
+        pytest.skip("the default model is not on this machine (scripts/model_carry.sh)")
+    path = pull_default_model(progress=False)
+    prompts = ["What is the capital of France?", "Write a haiku about the sea.",
+               "Explain what a hash table is in two sentences.", "List three prime numbers."]
+    cpu = _tokens(path, prompts, device="cpu", dtype="float32")
+    assert _tokens(path, prompts, _uses_fast_path, device="cuda", dtype="float32") == cpu
+
+
 def test_fp8_kv_cache_on_gpu_equals_cpu_reference(checkpoint):
     """FP8 KV cache: the Triton kernels (hardware e4m3 cast, dequantizing attention) in CUDA
     graphs give the torch reference's tokens on CPU, and eager steps the same."""
