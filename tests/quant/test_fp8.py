@@ -115,7 +115,7 @@ def test_pre_ada_gpu_falls_back_to_emulation_with_warning(monkeypatch):
 
 def test_fast_accumulation_reaches_scaled_mm(monkeypatch, tmp_path):
     """``--fp8-fast-accum`` reaches torch._scaled_mm through the config (an FP8 checkpoint's
-    too) and every FP8 method (recipe and per-tensor); off by default. (Its numerics differ on
+    too) and every FP8 method (recipe and per-tensor); on by default. (Its numerics differ on
     Hopper only: the CPU's _scaled_mm sums in float32 either way; GPU:
     test_fast_accumulation_error_on_gpu.)"""
     import argparse
@@ -130,13 +130,13 @@ def test_fast_accumulation_reaches_scaled_mm(monkeypatch, tmp_path):
 
     p = argparse.ArgumentParser()
     add_engine_cli_args(p)
-    for argv, want in (([], False), (["--fp8-fast-accum"], True)):
+    for argv, want in (([], True), (["--no-fp8-fast-accum"], False), (["--fp8-fast-accum"], True)):
         args = engine_args_from_cli(p.parse_args(["--preset", "tiny-llama", "-q", "fp8", *argv]))
         assert args.create_config().quant.fp8_fast_accum is want
     (tmp_path / "config.json").write_text(json.dumps(
         {"quantization_config": {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1000.0}}))
-    q = _quant_config(EngineArgs(model=str(tmp_path), fp8_fast_accum=True), str(tmp_path))
-    assert q.extra["checkpoint_format"] == "fbgemm_fp8" and q.fp8_fast_accum
+    q = _quant_config(EngineArgs(model=str(tmp_path), fp8_fast_accum=False), str(tmp_path))
+    assert q.extra["checkpoint_format"] == "fbgemm_fp8" and not q.fp8_fast_accum
     if not select_fp8_gemm(torch.device("cpu"), torch.float32, 64, 32):
         pytest.skip("torch._scaled_mm with row-wise scales does not run on this CPU build")
     seen, real = [], torch._scaled_mm
