@@ -19,7 +19,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    # SmolLM2-135M's shape with random weights (the real file is too big to carry to the GPU).
+    # SmolLM2-135M's shape with random weights: the real file reaches the GPU machine only when
+    # scripts/model_carry.sh brings it (test_default_model_greedy_on_gpu_equals_cpu_reference).
     return make_hf_checkpoint("smollm2-135m", tmp_path_factory.mktemp("ckpt") / "m", seed=3)
 
 
