@@ -3,13 +3,13 @@ how the SDPA path feeds grouped KV heads to cuDNN, how the fused SiLU-multiply +
 quantization tiles a row, whether the residual add rides in the GEMM's epilogue (cuBLAS's C
 input, beta = 1) for less than the add costs in the norm kernel, the last layer's attention
 for the sampled row only (``forward_kept``) against every row's, the FP8 GEMMs with and
-without fast accumulation beside BF16, BF16 GEMMs from Inductor's autotuned templates
-against cuBLAS. FlashAttention 4's and quack's kernels: ``scripts/bench_cute_kernels.py``.
+without fast accumulation beside BF16, BF16 and FP8 GEMMs from Inductor's autotuned
+templates against cuBLAS. FlashAttention 4's and quack's kernels: ``scripts/bench_cute_kernels.py``.
 Picks the defaults in kestrel.attention.triton_backend and kestrel.kernels.fp8_quant; prints
 one line per variant with its effective bandwidth or rate.
 
     python scripts/bench_prefill_parts.py [--tokens 4096] [--heads 32 8] [--inter 14336]
-        [--only sdpa silu residual kept scaled-mm autotune]
+        [--only sdpa silu residual kept scaled-mm autotune autotune-fp8]
 """
 
 from __future__ import annotations
@@ -248,13 +248,38 @@ def bench_autotune(t: int, hidden: int, q_kv: int, inter: int) -> None:
                   f"{2 * t * n * k / us / 1e6:7.1f} TFLOP/s  max |diff| {diff:.1e}")
 
 
+def bench_autotune_fp8(t: int, hidden: int, q_kv: int, inter: int) -> None:
+    """FP8 [t, k] × [n, k]ᵀ with row-wise scales and fast accumulation, as the engine calls
+    ``_scaled_mm``: cuBLAS (one 128 × 128-tile kernel for every such shape in the twenty-first
+    session's traces) against Inductor's ``max-autotune`` choice, which also times its Triton
+    scaled-mm templates (persistent, TMA) with larger tiles. A faster FP8 GEMM is what issue 6's
+    prefill ratios wait on (PERFORMANCE.md, "Why the FP8 prefill ratios stop")."""
+    fp8 = torch.float8_e4m3fn
+    for n, k in ((q_kv, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter)):
+        xq = torch.randn(t, k, device="cuda").to(fp8)
+        wq = (torch.randn(n, k, device="cuda") * 4).to(fp8)
+        xs, ws = torch.rand(t, 1, device="cuda") + 0.5, torch.rand(1, n, device="cuda") + 0.5
+
+        def gemm(a, b, sa, sb):
+            return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
+                                    use_fast_accum=True)
+        tuned = torch.compile(gemm, mode="max-autotune-no-cudagraphs", dynamic=False)
+        exact = (xq.float() * xs) @ (wq.float() * ws.t()).t()
+        for name, fn in (("cuBLAS", gemm), ("max-autotune", tuned)):
+            out = fn(xq, wq, xs, ws)
+            err = float((out.float() - exact).norm() / exact.norm())
+            us = timed(lambda f=fn: f(xq, wq, xs, ws))  # noqa: B023 (called at once)
+            print(f"autotune-fp8 t={t} n={n:5} k={k:5} {name:13} {us:8.1f} µs "
+                  f"{2 * t * n * k / us / 1e6:7.1f} TFLOP/s  error {err:.2e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--heads", type=int, nargs=2, default=[32, 8])
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--inter", type=int, default=14336)
-    parts = ["sdpa", "silu", "residual", "kept", "scaled-mm", "autotune"]
+    parts = ["sdpa", "silu", "residual", "kept", "scaled-mm", "autotune", "autotune-fp8"]
     p.add_argument("--only", nargs="+", choices=parts, default=parts)
     ns = p.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -275,6 +300,8 @@ def main() -> None:
             bench_scaled_mm(t, *shapes)
         if "autotune" in ns.only:
             bench_autotune(t, *shapes)
+        if "autotune-fp8" in ns.only:
+            bench_autotune_fp8(t, *shapes)
 
 
 if __name__ == "__main__":
