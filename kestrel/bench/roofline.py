@@ -7,7 +7,8 @@ moved in a plain copy, not of a datasheet number.
 - Copy bandwidth: ``dst.copy_(src)`` of a large buffer; bytes read + bytes written per second.
 - Matmul rate: ``2·M·N·K`` FLOPs per second of square products, for float32 (the CPU default
   dtype), bfloat16, fp8 e4m3 with row-wise scales (``torch._scaled_mm``: an [M, 1] scale for
-  the activation rows and a [1, N] scale for the weight rows, as the Llama 3 recipe) and int8
+  the activation rows and a [1, N] scale for the weight rows, as the Llama 3 recipe; fast
+  accumulation, the engine's default since the twenty-sixth session) and int8
   (``torch._int_mm``, int32 accumulation). The best over several sizes and runs is the
   ceiling.
 
@@ -83,7 +84,9 @@ def matmul_call(kind: str, n: int, device: torch.device) -> Callable[[], object]
         a, b = a32.to(fp8), b32.to(fp8).t()  # _scaled_mm wants the second operand column-major
         sa = torch.ones(n, 1, device=device)  # one scale per activation row
         sb = torch.ones(1, n, device=device)  # one scale per weight row (output column)
-        return lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+        # fast accumulation, as the engine's FP8 GEMMs run by default (--fp8-fast-accum)
+        return lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
+                                        use_fast_accum=True)
     if kind == "int8":
         a = a32.clamp(-4, 4).to(torch.int8)
         b = b32.clamp(-4, 4).to(torch.int8).t().contiguous().t()  # column-major, as fp8's
