@@ -6,31 +6,16 @@ from pathlib import Path
 
 import torch
 
-from kestrel.config import ModelConfig
 from kestrel.core.scheduler import ScheduledRequest, SchedulerOutput
-from kestrel.loader.dummy import preset_config
+from kestrel.loader.dummy import save_random_checkpoint
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def make_hf_checkpoint(preset: str, folder: Path, seed: int = 0) -> Path:
-    """A random-weight transformers model of a tiny preset's shape, saved as safetensors.
-
-    Biases and norm weights are randomised too, so a loader that drops them is caught.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    mcfg: ModelConfig = preset_config(preset)
-    hf = mcfg.to_hf()
-    cfg = AutoConfig.for_model(hf.pop("model_type"), **hf)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(folder)
-    return folder
+    """A random-weight transformers model of a tiny preset's shape, saved as safetensors
+    (float32; biases and norm weights randomised too)."""
+    return save_random_checkpoint(preset, folder, seed)
 
 
 def prompt_logits(llm, token_ids: list[int]) -> torch.Tensor:

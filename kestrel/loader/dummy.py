@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,6 +45,27 @@ def preset_config(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+def save_random_checkpoint(preset: str, folder: Path, seed: int = 0,
+                           dtype: torch.dtype = torch.float32, device: str = "cpu") -> Path:
+    """A preset's shape with random weights, written by transformers as a Hugging Face folder
+    (config.json + safetensors): a real file to load, for tests and for timing start-up with a
+    checkpoint's read (presets draw their weights on the device and read nothing). Biases and
+    norm weights are randomised too, so a loader that drops them is caught."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = preset_config(preset).to_hf()
+    cfg = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    return folder
 
 
 @torch.no_grad()
