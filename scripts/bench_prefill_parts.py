@@ -203,7 +203,7 @@ def bench_kept(t: int, hq: int, hk: int, d: int) -> None:
 def bench_scaled_mm(t: int, hidden: int, q_kv: int, inter: int) -> None:
     """[t, k] × [n, k]ᵀ at the 8B's prefill shapes (qkv, o_proj, gate_up, down): BF16
     ``F.linear``, and FP8 through ``_scaled_mm`` with row-wise scales as the engine calls it,
-    fast accumulation off (the default) or on (``--fp8-fast-accum``), each FP8 run with its
+    fast accumulation off (``--no-fp8-fast-accum``) or on (the default), each FP8 run with its
     relative (Frobenius) error against the exact product of its operands. (The twenty-third
     session also timed per-tensor scales and torch's cuBLASLt preference: no faster.)"""
     for n, k in ((q_kv, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter)):
