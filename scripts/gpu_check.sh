@@ -3,7 +3,8 @@
 # call (10 minutes). Usage (on the lent GPU machine, repo root): bash scripts/gpu_check.sh PART...
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 |
-#         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab | fa4 | quack
+#         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab | fa4 | quack |
+#         realmodel
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). 4k prefills
 # (latency, AB_SHAPE=prefill) rest the GPU ${REST:-2} s before each timed run: a GPU at its
 # power limit runs a ~95 ms prefill slower right after another (PERFORMANCE.md, "Power").
@@ -24,6 +25,15 @@ L8="k bench latency --preset llama-3-8b"
 if has tests; then
   python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/quant tests/kernels -m gpu \
     2>&1 | tee "$OUT/tests.log" | tail -n 5
+fi
+if has realmodel; then  # the real default model, carried by scripts/model_carry.sh (source its
+  # `env` first): its GPU tests (greedy = CPU; the FP8 recipe's quality bound), then Figure 26's
+  # analogue on the GPU (BF16 vs the recipe, per-sequence log-likelihood differences, 512 windows)
+  python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py -k default_model 2>&1 \
+    | tee "$OUT/realmodel_tests.log" | tail -n 3
+  k eval compare --device cuda --dtype bfloat16 --quantization fp8 --window 128 \
+    --max-windows 512 --batch-windows 64 --no-progress --plot "$OUT/fig26_gpu.png" \
+    --json "$OUT/eval_fp8_gpu.json" | tail -n 14
 fi
 if has roofline; then
   k bench roofline --json "$OUT/roofline.json" | tee "$OUT/roofline.txt"
