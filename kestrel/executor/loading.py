@@ -12,10 +12,14 @@ from kestrel.loader.hf import iterate_weights
 from kestrel.models.registry import get_model_cls
 from kestrel.parallel.state import TPGroup
 
+GiB = 2**30
+
 
 def build_model(cfg: EngineConfig, backend_cls: type[AttentionBackend], tp: TPGroup,
                 layer_range: tuple[int, int] | None) -> nn.Module:
     cls = get_model_cls(cfg.model_config.architecture)
+    if cfg.device.startswith("cuda"):
+        check_weights_fit(cfg, model_bytes(cfg, cls, backend_cls, tp, layer_range))
     with torch.device(cfg.device):
         model = cls(cfg.model_config, cfg.dtype, backend_cls, cfg.quant, tp, layer_range)
     if cfg.load_format == "dummy":
@@ -25,6 +29,36 @@ def build_model(cfg: EngineConfig, backend_cls: type[AttentionBackend], tp: TPGr
     if backend_cls.name == "triton" and cfg.device.startswith("cuda"):
         use_triton_kernels(model)
     return model.eval()
+
+
+def model_bytes(cfg: EngineConfig, cls: type[nn.Module], backend_cls: type[AttentionBackend],
+                tp: TPGroup, layer_range: tuple[int, int] | None) -> int:
+    """Bytes of this rank's parameters and buffers, counted on a meta-device copy of the model:
+    no memory, and exactly the tensors and dtypes the quantization method creates."""
+    with torch.device("meta"):
+        meta = cls(cfg.model_config, cfg.dtype, backend_cls, cfg.quant, tp, layer_range)
+    return sum(t.numel() * t.element_size() for t in [*meta.parameters(), *meta.buffers()])
+
+
+def check_weights_fit(cfg: EngineConfig, need: int) -> None:
+    """Fail before loading anything, saying what to change, when this rank's weights exceed
+    what ``gpu_memory_utilization`` leaves of the GPU (instead of an allocator error mid-load)."""
+    free, total = torch.cuda.mem_get_info(torch.device(cfg.device))
+    util = cfg.cache.gpu_memory_utilization
+    budget = total * util - (total - free)
+    if need <= budget:
+        return
+    par = cfg.parallel
+    share = (f", TP {par.tensor_parallel_size} x PP {par.pipeline_parallel_size}: this GPU's share"
+             if par.world_size > 1 else "")
+    quant = f", {cfg.quant.method}" if cfg.quant.method else ""
+    raise RuntimeError(
+        f"out of GPU memory for the weights: {cfg.model} ({str(cfg.dtype).removeprefix('torch.')}"
+        f"{quant}{share}) needs {need / GiB:.1f} GiB, and gpu_memory_utilization {util} of this "
+        f"GPU's {total / GiB:.1f} GiB leaves {max(budget, 0) / GiB:.1f} GiB "
+        f"({(total - free) / GiB:.1f} GiB already in use); use --quantization fp8 (FFN weights "
+        f"in one byte), more GPUs (--tensor-parallel-size, --pipeline-parallel-size) or a higher "
+        f"--gpu-memory-utilization")
 
 
 def use_triton_kernels(model: nn.Module) -> None:

@@ -127,7 +127,7 @@ class ModelRunner:
         if self.device.type != "cuda":
             return max(1, self.cfg.cache.cpu_kv_cache_bytes // self.block_bytes())
         free, total = torch.cuda.mem_get_info(self.device)
-        peak = self.profile_peak_activation_bytes()
+        peak = self.profile_or_explain(self.profile_peak_activation_bytes)
         budget = total * self.cfg.cache.gpu_memory_utilization - (total - free) - peak
         n = int(budget // self.block_bytes())
         if n < 1:
@@ -137,6 +137,24 @@ class ModelRunner:
                 f"gpu_memory_utilization {self.cfg.cache.gpu_memory_utilization}; use a smaller "
                 f"max_num_batched_tokens, quantization, or more GPUs (tensor/pipeline parallel)")
         return n
+
+    def profile_or_explain(self, profile: Callable[[], int]) -> int:
+        """``profile()``'s activation peak; when that forward runs out of memory, an error that
+        says how much was in use and what to change instead of the allocator's."""
+        try:
+            return profile()
+        except torch.cuda.OutOfMemoryError as e:
+            self.kv_caches = []
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info(self.device)
+            n = min(self.cfg.scheduler.max_num_batched_tokens,
+                    self.cfg.model_config.max_position_embeddings)
+            raise RuntimeError(
+                f"out of GPU memory in the start-up forward of {n} tokens (the step budget, "
+                f"max_num_batched_tokens), with the weights holding "
+                f"{(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB: lower "
+                f"--max-num-batched-tokens, or leave more memory to activations (--quantization "
+                f"fp8, more GPUs)") from e
 
     def profile_peak_activation_bytes(self) -> int:
         """Run one forward at the full token budget to measure activation memory."""

@@ -74,7 +74,7 @@ class StageRunner:
         if self.cfg.cache.num_blocks is not None or r.device.type != "cuda":
             return r.num_blocks_that_fit()
         free, total = torch.cuda.mem_get_info(r.device)
-        peak = self._profile_peak_bytes()
+        peak = r.profile_or_explain(self._profile_peak_bytes)
         budget = total * self.cfg.cache.gpu_memory_utilization - (total - free) - peak
         return max(0, int(budget // r.block_bytes()))
 
