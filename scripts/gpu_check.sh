@@ -4,7 +4,7 @@
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 |
 #         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab | fa4 | quack |
-#         realmodel
+#         realmodel | startup-read
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). 4k prefills
 # (latency, AB_SHAPE=prefill) rest the GPU ${REST:-2} s before each timed run: a GPU at its
 # power limit runs a ~95 ms prefill slower right after another (PERFORMANCE.md, "Power").
@@ -34,6 +34,18 @@ if has realmodel; then  # the real default model, carried by scripts/model_carry
   k eval compare --device cuda --dtype bfloat16 --quantization fp8 --window 128 \
     --max-windows 512 --batch-windows 64 --no-progress --plot "$OUT/fig26_gpu.png" \
     --json "$OUT/eval_fp8_gpu.json" | tail -n 14
+fi
+if has startup-read; then  # start-up with an 8B checkpoint's read (the presets read nothing):
+  # random weights written once as bf16 safetensors, then the 4k prefill from that folder, with
+  # FA4 / quack as installed and without; the `model` phase of start-up is the read
+  ckpt=${CKPT:-/tmp/ckpt-8b}
+  [[ -f $ckpt/config.json ]] || python3 scripts/save_random_checkpoint.py llama-3-8b "$ckpt"
+  for off in 0 1; do
+    env $( ((off)) && echo KESTREL_FA4=0 KESTREL_QUACK=0) python3 -m kestrel.cli \
+      --log-level WARNING bench latency --model "$ckpt" --batch 1 --input 4096 --output 1 \
+      --max-num-seqs 1 --max-num-batched-tokens 4096 --json "$OUT/startup_read_off$off.json" \
+      | grep -E "prefill time|start-up|KV sizing"
+  done
 fi
 if has roofline; then
   k bench roofline --json "$OUT/roofline.json" | tee "$OUT/roofline.txt"
