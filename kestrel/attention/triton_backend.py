@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kestrel.attention.base import AttentionBackend, AttentionMetadata, KeptRows, register_backend
+from kestrel.kernels.cute import hopper_kernel
 
 # Sequences with at least this many queries in a step (whole prompts, chunks after a cached
 # prefix) attend through cuDNN's SDPA. H200, 32/8 heads, d 128, bf16, `bench_sdpa.py --only
@@ -340,14 +341,7 @@ def _fa4(device: torch.device):
     (``bench_cute_kernels.py --only fa4``, twenty-fourth session): 4k causal 230.6 µs against
     cuDNN's 260.3, 16k 3,124 against 3,352. Its kernels compile on first use (~4 s each;
     ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` keeps them on disk). None elsewhere."""
-    if (device.type != "cuda" or os.environ.get("KESTREL_FA4", "1") == "0"
-            or torch.cuda.get_device_capability(device)[0] != 9):
-        return None
-    try:
-        from flash_attn.cute import flash_attn_func
-    except ImportError:
-        return None
-    return flash_attn_func
+    return hopper_kernel(device, "KESTREL_FA4", "flash_attn.cute", "flash_attn_func")
 
 
 @functools.cache

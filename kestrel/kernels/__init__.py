@@ -8,4 +8,5 @@ Modules:
     paged_attention    decode attention over the paged KV cache (GQA-packed, split-K)
     prefill_attention  varlen causal prefill/extend attention over the paged KV cache
     fused              RMSNorm(+residual), silu_and_mul, rotary (+ KV cache write) in place
+    cute               the gate for optional CuTe DSL kernels (FlashAttention 4, quack) on Hopper
 """

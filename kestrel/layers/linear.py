@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kestrel.kernels.cute import hopper_kernel
 from kestrel.loader.hf import materialize
 from kestrel.parallel.state import SINGLE, TPGroup, divide
 
@@ -244,12 +244,9 @@ def _quack_gated(device: torch.device):
     FlashAttention 4 installs) where it was measured and passes ``gated_self_check``: Hopper,
     ``KESTREL_QUACK`` not 0. Its one kernel (the default config, symbolic in the row count)
     compiles in the check (~3 s; quack keeps it on disk). None elsewhere."""
-    if (device.type != "cuda" or os.environ.get("KESTREL_QUACK", "1") == "0"
-            or torch.cuda.get_device_capability(device)[0] != 9):
-        return None
-    try:
-        from quack.gemm_interface import gemm_gated_out
-    except ImportError:
+    gemm_gated_out = hopper_kernel(device, "KESTREL_QUACK", "quack.gemm_interface",
+                                   "gemm_gated_out")
+    if gemm_gated_out is None:
         return None
     failure = gated_self_check(gemm_gated_out, device)
     if failure is not None:

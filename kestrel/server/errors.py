@@ -114,7 +114,7 @@ class GuardMiddleware:
     and, seeing every answer go out, the count of error answers by status (``on_error``)."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int,
-                 on_error: Callable[[int], None] | None = None) -> None:
+                 on_error: Callable[[int], None]) -> None:
         self.app = app
         # Compare digests: equal length whatever was sent, so timing reveals nothing.
         self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
@@ -124,9 +124,6 @@ class GuardMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
-            return
-        if self.on_error is None:
-            await self._guard(scope, receive, send)
             return
         on_error, started = self.on_error, False
 
