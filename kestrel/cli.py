@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import faulthandler
+import importlib
 import logging
 import signal
 import sys
+
+from kestrel.executor.loading import DoesNotFitError
 
 # Feature modules that contribute subcommands: each has register(subparsers).
 _COMMANDS = ("kestrel.cli_generate", "kestrel.server.cli", "kestrel.bench.cli",
@@ -41,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad input: a clear message, no traceback
         print(f"kestrel: error: {e}", file=sys.stderr)
         return 2
+    except DoesNotFitError as e:  # memory the configuration asks for: what to change, no trace
+        print(f"kestrel: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -8,7 +8,9 @@ import torch
 
 from kestrel import LLM
 from kestrel.attention.base import get_backend_cls
+from kestrel.cli import main
 from kestrel.engine.args import EngineArgs
+from kestrel.executor import model_runner
 from kestrel.executor.loading import check_weights_fit, model_bytes
 from kestrel.models.registry import get_model_cls
 from kestrel.parallel.state import SINGLE
@@ -68,6 +70,23 @@ def test_70b_in_bf16_is_refused_on_one_h200_before_loading(monkeypatch):
     fp8 = EngineArgs(model="llama-3-70b", load_format="dummy", device="cpu", dtype="bfloat16",
                      quantization="fp8").create_config()
     check_weights_fit(fp8, _meta_bytes(fp8))  # 80 GiB: fits
+
+
+def test_cli_prints_the_memory_error_without_a_traceback(monkeypatch, capsys):
+    """The refusal reaches the command line as one message and exit status 1, not a trace."""
+    total = 80 * GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (total - GiB, total))
+
+    def refuse(cfg, *args):  # build_model's check as on a GPU, for a model of 200 GiB
+        check_weights_fit(cfg, 200 * GiB)
+
+    monkeypatch.setattr(model_runner, "build_model", refuse)
+    code = main(["generate", "hi", "--model", "tiny-llama", "--load-format", "dummy",
+                 "--device", "cpu", "--max-tokens", "1"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("kestrel: error: out of GPU memory for the weights: tiny-llama")
+    assert "needs 200.0 GiB" in err and "Traceback" not in err
 
 
 def test_profile_forward_out_of_memory_is_explained(monkeypatch):

@@ -15,6 +15,11 @@ from kestrel.parallel.state import TPGroup
 GiB = 2**30
 
 
+class DoesNotFitError(RuntimeError):
+    """The weights, the KV cache or the start-up forward do not fit the GPU memory given: a
+    configuration to change, not a bug (the CLI prints the message, not a traceback)."""
+
+
 def build_model(cfg: EngineConfig, backend_cls: type[AttentionBackend], tp: TPGroup,
                 layer_range: tuple[int, int] | None) -> nn.Module:
     cls = get_model_cls(cfg.model_config.architecture)
@@ -52,7 +57,7 @@ def check_weights_fit(cfg: EngineConfig, need: int) -> None:
     share = (f", TP {par.tensor_parallel_size} x PP {par.pipeline_parallel_size}: this GPU's share"
              if par.world_size > 1 else "")
     quant = f", {cfg.quant.method}" if cfg.quant.method else ""
-    raise RuntimeError(
+    raise DoesNotFitError(
         f"out of GPU memory for the weights: {cfg.model} ({str(cfg.dtype).removeprefix('torch.')}"
         f"{quant}{share}) needs {need / GiB:.1f} GiB, and gpu_memory_utilization {util} of this "
         f"GPU's {total / GiB:.1f} GiB leaves {max(budget, 0) / GiB:.1f} GiB "

@@ -16,7 +16,7 @@ from kestrel.attention.base import AttentionMetadata, KeptRows, get_backend_cls
 from kestrel.config import EngineConfig
 from kestrel.core.scheduler import SchedulerOutput
 from kestrel.executor.cuda_graph import DecodeGraphs
-from kestrel.executor.loading import build_model
+from kestrel.executor.loading import DoesNotFitError, build_model
 from kestrel.parallel.state import SINGLE, TPGroup
 from kestrel.quant.fp8_ops import FP8_DTYPE, FP8_MAX
 
@@ -131,7 +131,7 @@ class ModelRunner:
         budget = total * self.cfg.cache.gpu_memory_utilization - (total - free) - peak
         n = int(budget // self.block_bytes())
         if n < 1:
-            raise RuntimeError(
+            raise DoesNotFitError(
                 f"out of GPU memory for the KV cache: weights use {(total - free) / 2**30:.1f} GiB, "
                 f"activations {peak / 2**30:.1f} GiB, of {total / 2**30:.1f} GiB x "
                 f"gpu_memory_utilization {self.cfg.cache.gpu_memory_utilization}; use a smaller "
@@ -149,7 +149,7 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             n = min(self.cfg.scheduler.max_num_batched_tokens,
                     self.cfg.model_config.max_position_embeddings)
-            raise RuntimeError(
+            raise DoesNotFitError(
                 f"out of GPU memory in the start-up forward of {n} tokens (the step budget, "
                 f"max_num_batched_tokens), with the weights holding "
                 f"{(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB: lower "
