@@ -207,6 +207,28 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: ``method`` None (off) or "ngram" (prompt lookup); each decoding
+    request's step carries up to ``num_speculative_tokens`` proposals for the target to verify;
+    n-gram proposals match the last ``prompt_lookup_max`` down to ``prompt_lookup_min`` tokens."""
+
+    method: str | None = None
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 3
+    prompt_lookup_min: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in (None, "ngram"):
+            raise ValueError(f"speculative method must be 'ngram' (or none), got {self.method!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got "
+                             f"{self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min ({self.prompt_lookup_min}) <= "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """Which quantization method, and the knobs of the FP8 recipe."""
 
@@ -240,12 +262,20 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+
+    def __post_init__(self) -> None:
+        if self.speculative.method is not None and self.parallel.pipeline_parallel_size > 1:
+            raise ValueError("speculative decoding runs without pipeline parallelism "
+                             "(pipeline_parallel_size 1)")
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
     @property
     def overlap_steps(self) -> bool:
+        if self.speculative.method is not None:
+            return False  # a verified step's accepted count decides where the next one starts
         if self.async_scheduling is not None:
             return self.async_scheduling
         return self.device.startswith("cuda")

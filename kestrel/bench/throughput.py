@@ -65,6 +65,7 @@ def bench_throughput(llm: Any, requests: list[tuple[list[int], int]],
               for _, o in requests]
     stats = llm.engine.stats
     steps0, pre0 = stats.num_steps, stats.num_preemptions
+    drafted0, accepted0 = stats.num_draft_tokens, stats.num_accepted_tokens
     synchronize(device)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -74,6 +75,9 @@ def bench_throughput(llm: Any, requests: list[tuple[list[int], int]],
     res["elapsed_s"] = elapsed
     res["engine_steps"] = stats.num_steps - steps0
     res["preemptions"] = stats.num_preemptions - pre0
+    if llm.engine.cfg.speculative.method is not None:  # guesses verified, and kept
+        res["spec_draft_tokens"] = stats.num_draft_tokens - drafted0
+        res["spec_accepted_tokens"] = stats.num_accepted_tokens - accepted0
     return res
 
 
@@ -115,6 +119,10 @@ def throughput_rows(res: dict) -> list[tuple[str, object]]:
         rows.append(("step token budget / max sequences",
                      f"{res['max_num_batched_tokens']} / {res['max_num_seqs']}"))
     rows += startup_rows(res)
+    if "spec_draft_tokens" in res:
+        drafted, kept = res["spec_draft_tokens"], res["spec_accepted_tokens"]
+        rows.append(("speculative guesses verified / kept",
+                     f"{drafted} / {kept} ({kept / drafted if drafted else 0:.1%})"))
     if "roofline_output_throughput" in res:
         rows += [("roofline estimate output tokens/s", res["roofline_output_throughput"]),
                  ("output tokens/s / estimate", res["roofline_fraction"])]

@@ -202,6 +202,12 @@ class KVCacheManager:
             self._register_later(req, num_computed + num_new)
         return True
 
+    def computed_up_to(self, req: Request, num_tokens: int) -> None:
+        """The request's cache is valid only up to ``num_tokens`` (speculative decoding rejected
+        guesses whose K/V the step wrote): register no block past it in the prefix cache."""
+        if self.pool.enable_prefix_caching:
+            self._register_later(req, num_tokens)
+
     def _register_later(self, req: Request, num_tokens: int) -> None:
         """Register the request's full blocks up to ``num_tokens`` in the prefix cache at the
         next ``flush`` (the next schedule, a lookup, or the request's freeing): hashing a 4k

@@ -13,6 +13,10 @@ so no block it is still computing is freed. ``schedule(max_seqs)`` bounds a micr
 Overlapped steps: a scheduled request counts as computed at once, and a token it samples is
 ``num_pending`` until the engine lands the step. The next step may already extend the request
 by that token: its id is a placeholder (-1) that the runner fills in from the device.
+
+Speculative decoding: a request about to decode its one known token also carries the
+proposer's guesses of the tokens after it (``num_draft``), within the step budget, never at the
+cost of preempting anyone; the engine verifies them and sets how far the request computed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from kestrel.config import SchedulerConfig
 from kestrel.core.block_pool import KVCacheManager
 from kestrel.request import Request, RequestStatus
+from kestrel.spec.proposer import Proposer
 
 
 @dataclass
@@ -34,6 +39,9 @@ class ScheduledRequest:
     block_ids: list[int]  # the request's whole block table
     sample: bool  # this chunk reaches the end of the known tokens: sample the next one
     prompt_logprobs: bool = False  # return logits of every scheduled position
+    # the last num_draft tokens are proposals to verify (logits of every position come back;
+    # the engine, not the sampler, picks the tokens)
+    num_draft: int = 0
 
     @property
     def num_new_tokens(self) -> int:
@@ -57,9 +65,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager,
+                 proposer: Proposer | None = None) -> None:
         self.cfg = cfg
         self.kv = kv
+        self.proposer = proposer
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -109,7 +119,10 @@ class Scheduler:
             if num_new <= 0 or len(req.output_token_ids) + req.num_pending >= req.max_tokens:
                 i += 1  # nothing to compute until its pending token lands (or it is done)
                 continue
-            while not self.kv.allocate_slots(req, num_new):
+            drafts = self._propose(req, min(budget, self.max_chunk) - 1) if num_new == 1 else []
+            if drafts and not self.kv.allocate_slots(req, 1 + len(drafts)):
+                drafts = []  # no block for a guess is worth a preemption
+            while not drafts and not self.kv.allocate_slots(req, num_new):
                 victim = self._pick_victim(
                     [r for r in self.running[i:] if id(r) not in self.in_flight])
                 self._preempt(victim)
@@ -118,10 +131,21 @@ class Scheduler:
                     break
             if req.status is not RequestStatus.RUNNING:
                 break  # it preempted itself: nothing later in the list fits either
-            out.scheduled.append(self._scheduled(req, num_new))
-            budget -= num_new
+            out.scheduled.append(self._scheduled(req, num_new, drafts))
+            budget -= num_new + len(drafts)
             i += 1
         return budget
+
+    def _propose(self, req: Request, room: int) -> list[int]:
+        """Guesses of the tokens after a request's last known one: at most ``room`` and what
+        max_tokens leaves (the verified step appends up to one more than it accepts; max_tokens
+        is within the context, Engine._check_prompt). None for requests whose sampling reads
+        the host's token history (penalties, min_tokens, logprobs)."""
+        if self.proposer is None or req.num_pending or req.params.needs_token_history:
+            return []
+        k = min(self.proposer.cfg.num_speculative_tokens, room,
+                req.max_tokens - len(req.output_token_ids) - 1)
+        return self.proposer.propose(req.all_token_ids, k) if k > 0 else []
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, cap: int) -> None:
         skipped: list[Request] = []
@@ -175,9 +199,15 @@ class Scheduler:
         self.waiting.insert(0, req)
 
     @staticmethod
-    def _scheduled(req: Request, num_new: int) -> ScheduledRequest:
+    def _scheduled(req: Request, num_new: int, drafts: list[int] | None = None
+                   ) -> ScheduledRequest:
         """Describe the request's share and count it computed (and its sample pending)."""
         start = req.num_computed_tokens
+        if drafts:  # its one known token, then the guesses; the engine rolls back what fails
+            req.num_computed_tokens = start + 1 + len(drafts)
+            return ScheduledRequest(req.request_id, req.token_ids_slice(start, start + 1) + drafts,
+                                    start, list(req.block_ids), sample=False,
+                                    num_draft=len(drafts))
         end = start + num_new
         p = req.num_prompt_tokens
         known = req.num_tokens

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from kestrel.config import (KV_CACHE_DTYPES, CacheConfig, EngineConfig, ParallelConfig,
-                            QuantConfig, SchedulerConfig, cpu_has_native_bf16, resolve_dtype)
+                            QuantConfig, SchedulerConfig, SpeculativeConfig,
+                            cpu_has_native_bf16, resolve_dtype)
 from kestrel.loader.dummy import PRESETS, preset_config
 from kestrel.loader.hf import load_model_config, read_config
 
@@ -78,6 +79,10 @@ class EngineArgs:
     attention_backend: str = "auto"
     debug_checks: bool = False
     async_scheduling: bool | None = None
+    speculative_method: str | None = None  # "ngram": prompt lookup
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 3
+    prompt_lookup_min: int = 1
 
     def create_config(self, usage: str = "offline") -> EngineConfig:
         """``usage``: "offline" or "server", which picks the default step token budget
@@ -120,6 +125,8 @@ class EngineArgs:
                                     custom_all_reduce=not self.disable_custom_all_reduce,
                                     pipeline_micro_batches=self.pipeline_micro_batches),
             quant=quant,
+            speculative=SpeculativeConfig(self.speculative_method, self.num_speculative_tokens,
+                                          self.prompt_lookup_max, self.prompt_lookup_min),
         )
 
     def _token_budget(self, max_len: int, device: str, usage: str) -> int:
@@ -273,7 +280,19 @@ def add_engine_cli_args(p: Any) -> None:
     g.add_argument("--attention-backend", default="auto")
     g.add_argument("--debug-checks", action="store_true")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="prepare step N+1 while the device runs step N (default: on for CUDA)")
+                   help="prepare step N+1 while the device runs step N (default: on for CUDA; "
+                        "off with speculative decoding)")
+    s = p.add_argument_group("speculative decoding")
+    s.add_argument("--speculative-method", default=None, choices=["ngram"],
+                   help="ngram: prompt lookup, each decoding request's step also verifies the "
+                        "tokens that followed the latest earlier occurrence of its last few "
+                        "tokens (output distributed exactly as without it)")
+    s.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                   help="proposals verified per request and step")
+    s.add_argument("--prompt-lookup-max", type=int, default=3, metavar="N",
+                   help="longest suffix matched (tokens)")
+    s.add_argument("--prompt-lookup-min", type=int, default=1, metavar="N",
+                   help="shortest suffix matched (tokens)")
 
 
 def engine_args_from_cli(ns: Any) -> EngineArgs:

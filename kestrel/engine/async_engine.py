@@ -52,6 +52,8 @@ class EngineSnapshot:
     prefix_cache_queries: int = 0
     preemptions: int = 0
     steps: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
     time: float = 0.0
 
     @property
@@ -314,7 +316,9 @@ class AsyncEngine:
             waiting=len(e.scheduler.waiting), running=len(e.scheduler.running),
             kv_blocks_total=pool.num_blocks, kv_blocks_used=pool.num_blocks - pool.num_free,
             prefix_cache_hits=pool.hits, prefix_cache_queries=pool.queries,
-            preemptions=e.stats.num_preemptions, steps=e.stats.num_steps, time=time.time())
+            preemptions=e.stats.num_preemptions, steps=e.stats.num_steps,
+            spec_draft_tokens=e.stats.num_draft_tokens,
+            spec_accepted_tokens=e.stats.num_accepted_tokens, time=time.time())
 
     def _die(self, error: BaseException) -> None:
         with self._lock:

@@ -24,6 +24,7 @@ from kestrel.outputs import RequestOutput
 from kestrel.parallel.pipeline import micro_batch_seq_cap
 from kestrel.request import Request, RequestStatus
 from kestrel.sampling_params import SamplingParams
+from kestrel.spec.proposer import make_proposer
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class Engine:
                 f"give the cache more memory")
         self.pool = BlockPool(num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
-        self.scheduler = Scheduler(cfg.scheduler, self.kv)
+        self.scheduler = Scheduler(cfg.scheduler, self.kv, make_proposer(cfg.speculative))
         self.sampler = Sampler(cfg.seed, fast_argmax=select_backend(cfg) == "triton")
         self.requests: dict[str, Request] = {}  # live samples, by their own id
         self.groups: dict[str, RequestGroup] = {}  # live user requests, by the user's id
@@ -249,11 +250,17 @@ class Engine:
         if samp is None and sampled:
             samp = self.sampler(result.sample_logits, sampled)
         touched: dict[str, RequestGroup] = {}
+        verified = {s.request_id: s for s in out.scheduled if s.num_draft}
         for rid, logits in result.prompt_logits.items():
+            if rid in verified:
+                continue
             r = self.requests[rid]
             s = next(x for x in out.scheduled if x.request_id == rid)
             self.groups[r.parent_id].add_prompt_logprobs(r, s.start, logits)
         now = time.monotonic()
+        for rid, s in verified.items():
+            r = self.requests[rid]
+            touched[r.parent_id] = self._append_verified(r, s, result.prompt_logits[rid], now)
         for i, r in enumerate(sampled):
             r.num_pending -= 1
             group = self.groups[r.parent_id]
@@ -271,6 +278,25 @@ class Engine:
                 self.stats.on_finished(g)
         self._check_idle()
         return outputs
+
+    def _append_verified(self, r: Request, s: Any, logits: torch.Tensor, now: float
+                         ) -> RequestGroup:
+        """Speculative decoding: append the proposals the target kept and its own next token,
+        stopping where the request finishes. The cache holds valid K/V for the known token and
+        the kept guesses only: the request counts as computed that far, and no block past it
+        enters the prefix cache (a rejected guess's K/V is overwritten by the next step)."""
+        drafts = s.token_ids[1:]
+        tokens = self.sampler.verify(logits, drafts, r)
+        self.stats.on_verified(len(drafts), len(tokens) - 1)
+        r.num_computed_tokens = s.start + len(tokens)
+        self.kv.computed_up_to(r, r.num_computed_tokens)
+        group = self.groups[r.parent_id]
+        for t in tokens:
+            status = group.append_token(r, t, None, now)
+            if status is not None:
+                self._finish(r, status)
+                break
+        return group
 
     def _finish(self, r: Request, status: RequestStatus) -> None:
         r.finished_time = time.monotonic()

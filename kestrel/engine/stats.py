@@ -24,6 +24,9 @@ class EngineStats:
     # step lands one engine.step() call after it was scheduled, and that is the call that waits.
     landed_prompt_tokens: int = 0
     landed_generation_tokens: int = 0
+    # speculative decoding: proposals verified, and those the target kept
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     def on_schedule(self, out: SchedulerOutput, total_preemptions: int) -> None:
         self.num_steps += 1
@@ -37,6 +40,10 @@ class EngineStats:
         self.landed_prompt_tokens += prompt
         self.landed_generation_tokens += gen
 
+    def on_verified(self, num_draft: int, num_accepted: int) -> None:
+        self.num_draft_tokens += num_draft
+        self.num_accepted_tokens += num_accepted
+
     def on_finished(self, group) -> None:
         self.finished_requests += 1
         for r in group.samples:
@@ -44,6 +51,8 @@ class EngineStats:
 
 
 def _split(out: SchedulerOutput) -> tuple[int, int]:
-    """(prompt tokens, one-token decode steps) of a step."""
-    gen = sum(1 for s in out.scheduled if s.sample and s.num_new_tokens == 1 and s.start > 0)
+    """(prompt tokens, decode tokens) of a step: a decode is a one-token step, or a known token
+    with its proposals (speculative decoding)."""
+    gen = sum(s.num_new_tokens if s.num_draft else 1 for s in out.scheduled
+              if s.num_draft or (s.sample and s.num_new_tokens == 1 and s.start > 0))
     return out.num_batched_tokens - gen, gen

@@ -75,7 +75,8 @@ class PrevTokens:
 @dataclass
 class RunnerOutput:
     sample_logits: torch.Tensor  # [num sampled requests, V] float32, in scheduled order
-    prompt_logits: dict[str, torch.Tensor]  # request id → [chunk len, V] float32
+    # request id → [chunk len, V] float32: prompt logprobs, or a chunk with proposals to verify
+    prompt_logits: dict[str, torch.Tensor]
 
 
 def select_backend(cfg: EngineConfig) -> str:
@@ -285,7 +286,7 @@ class ModelRunner:
         seq_lens = starts + q_lens
         rows, sample_rows, prompt_rows, row_seqs = [], [], {}, []
         for i, s in enumerate(seqs):
-            if s.prompt_logprobs:
+            if s.prompt_logprobs or s.num_draft:  # every position's logits
                 prompt_rows[s.request_id] = (len(rows), len(rows) + s.num_new_tokens)
                 rows.extend(range(qsl[i], qsl[i + 1]))
                 if s.sample:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kestrel.request import Request
+from kestrel.spec.rejection import accept_greedy, accept_sampled
 
 
 @dataclass
@@ -145,6 +146,22 @@ class Sampler:
             picked = _random_sample(sub.softmax(-1), rr, self._generator(dev))
             tokens = picked if rows is None else tokens.index_copy(0, rows, picked)
         return tokens
+
+    def verify(self, logits: torch.Tensor, drafts: list[int], req: Request) -> list[int]:
+        """Speculative decoding: the tokens ``req`` appends after a step that scored its
+        proposals, ``logits`` [k + 1, V] float32 of its known token and the k ``drafts``: the
+        accepted guesses and one token of the target's, drawn as ``sample`` would (temperature,
+        top-k/top-p/min-p, the request's seed). Requests with penalties or min_tokens get no
+        proposals (Scheduler._propose), so none apply here."""
+        if req.params.greedy:
+            return accept_greedy(logits, drafts)
+        p, dev, n = req.params, logits.device, logits.shape[0]
+        filtered = filter_logits(logits / p.temperature,
+                                 torch.full((n,), p.top_k, dtype=torch.long, device=dev),
+                                 torch.full((n,), p.top_p, device=dev),
+                                 torch.full((n,), p.min_p, device=dev))
+        gen = req.generator_on(dev) or self._generator(dev)
+        return accept_sampled(filtered.softmax(-1), drafts, gen)
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         """logits [N, V] float32, one row per request to sample."""

@@ -55,6 +55,10 @@ class _SnapshotCollector(Collector):
             ("kestrel_prefix_cache_hits", "Prompt tokens found in the prefix cache",
              s.prefix_cache_hits),
             ("kestrel_engine_steps", "Engine steps run", s.steps),
+            ("kestrel_spec_decode_num_draft_tokens", "Speculative proposals verified",
+             s.spec_draft_tokens),
+            ("kestrel_spec_decode_num_accepted_tokens", "Speculative proposals the target kept",
+             s.spec_accepted_tokens),
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)

@@ -1,0 +1,133 @@
+"""Speculative decoding in the engine, on the real default model: greedy tokens equal plain
+decoding's, the prefix cache never keeps a rejected guess's K/V, sampled requests finish as
+asked, and the counters add up."""
+
+from __future__ import annotations
+
+import pytest
+
+from kestrel import LLM, SamplingParams
+from kestrel.engine.args import EngineArgs
+from kestrel.request import Request
+
+# output that repeats its input, where prompt lookup finds guesses
+PROMPTS = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):",
+           "Count: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+           "The cat sat on the mat. The cat sat on the mat. The cat"]
+
+
+@pytest.fixture(scope="module")
+def spec_llm(default_model_path):
+    """Blocks of 4 tokens, so that verified steps often end mid-block and a rejected guess's
+    K/V shares a block with kept tokens."""
+    return LLM(str(default_model_path), dtype="float32", device="cpu", debug_checks=True,
+               speculative_method="ngram", num_speculative_tokens=4, block_size=4)
+
+
+def _tokens(llm: LLM, prompts, params) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+def test_greedy_equals_plain_decoding_and_guesses_are_kept(spec_llm, smollm_llm):
+    params = SamplingParams(temperature=0, max_tokens=40)
+    stats = spec_llm.engine.stats
+    d0, a0, steps0 = stats.num_draft_tokens, stats.num_accepted_tokens, stats.num_steps
+    got = _tokens(spec_llm, PROMPTS, params)
+    spec_steps = stats.num_steps - steps0
+    plain_steps0 = smollm_llm.engine.stats.num_steps
+    assert got == _tokens(smollm_llm, PROMPTS, params)
+    assert all(len(t) == 40 for t in got)
+    drafted, accepted = stats.num_draft_tokens - d0, stats.num_accepted_tokens - a0
+    assert 0 < accepted <= drafted
+    assert spec_steps < smollm_llm.engine.stats.num_steps - plain_steps0  # kept guesses save steps
+
+
+def test_prefix_cache_holds_only_verified_tokens(spec_llm, smollm_llm, monkeypatch):
+    """No block enters the prefix cache past what the request has computed (a rejected guess's
+    K/V is not its token's), also when a request finishes right after a rejection (checked as
+    each finished request is freed): requests
+    finished at several lengths, then prompts that continue them, which reuse their blocks from
+    the prefix cache and give the greedy tokens of an engine that never speculated."""
+    lengths = range(36, 44)
+    firsts = spec_llm.generate([PROMPTS[i % 3] for i in range(len(lengths))],
+                               [SamplingParams(temperature=0, max_tokens=n) for n in lengths])
+    follows = [{"prompt_token_ids": o.prompt_token_ids + o.outputs[0].token_ids}
+               for o in firsts]
+    hits0 = spec_llm.engine.pool.hits
+    nxt = SamplingParams(temperature=0, max_tokens=4)
+    got = _tokens(spec_llm, follows, nxt)
+    assert spec_llm.engine.pool.hits - hits0 >= sum(len(f["prompt_token_ids"]) - 8
+                                                    for f in follows)
+    assert got == _tokens(smollm_llm, follows, nxt)
+
+
+def test_a_rejected_guess_never_enters_the_prefix_cache():
+    """A request that ends on the target's own token right after rejecting every guess, that
+    token completing a block: the step wrote a guess's K/V at its position, so that block must
+    not be cached (scripted verification on a random-weight model; EOS id 2)."""
+    llm = LLM("tiny-llama", load_format="dummy", device="cpu", block_size=4, debug_checks=True,
+              speculative_method="ngram", num_speculative_tokens=3)
+    engine = llm.engine
+    real = engine.sampler.verify
+
+    def scripted(logits, drafts, req):
+        if (req.num_tokens + 1) % 4 == 0:  # the token it appends completes a block
+            return [2]
+        return real(logits, drafts, req)
+
+    engine.sampler.verify = scripted
+    prompt = [5, 6, 7, 8, 9] * 3  # guesses from the first step on
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0,
+                                                                      max_tokens=30))[0]
+    tokens = prompt + out.outputs[0].token_ids
+    assert out.outputs[0].finish_reason == "stop" and tokens[-1] == 2 and len(tokens) % 4 == 0
+    probe = Request("probe", tokens, SamplingParams(), 1)
+    cached = engine.pool.find_cached(engine.kv.block_hashes(probe))
+    assert len(cached) == len(tokens) // 4 - 1  # all but the block of the last token
+
+
+def test_sampled_requests_finish_as_asked(spec_llm, smollm_llm):
+    """Seeded sampling through verification: the same seed gives the same tokens, max_tokens
+    and stop strings hold, n samples each run."""
+    params = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=30, seed=5, n=2)
+    a = spec_llm.generate(PROMPTS, params)
+    b = spec_llm.generate(PROMPTS, params)
+    assert [[c.token_ids for c in o.outputs] for o in a] == \
+        [[c.token_ids for c in o.outputs] for o in b]
+    assert all(len(c.token_ids) == 30 for o in a for c in o.outputs)
+    # a stop string inside a run of kept guesses ends the request there, as without them
+    stop = SamplingParams(temperature=0, max_tokens=40, stop=["9,"])
+    got, plain = (llm.generate([PROMPTS[1]], stop)[0].outputs[0] for llm in (spec_llm, smollm_llm))
+    assert (got.text, got.finish_reason, got.token_ids) == \
+        (plain.text, "stop", plain.token_ids)
+
+
+def test_requests_that_read_their_history_are_not_speculated(spec_llm):
+    stats = spec_llm.engine.stats
+    d0 = stats.num_draft_tokens
+    spec_llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=20, logprobs=1))
+    spec_llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=20,
+                                                   repetition_penalty=1.1))
+    assert stats.num_draft_tokens == d0
+
+
+def test_pipeline_parallel_is_refused():
+    with pytest.raises(ValueError, match="pipeline"):
+        EngineArgs(model="tiny-llama", load_format="dummy", device="cpu",
+                   pipeline_parallel_size=2, speculative_method="ngram").create_config()
+
+
+def test_speculative_flags_from_the_command_line():
+    from kestrel.cli import build_parser
+    from kestrel.engine.args import engine_args_from_cli
+
+    ns = build_parser().parse_args(["serve", "--preset", "tiny-llama", "--device", "cpu",
+                                    "--speculative-method", "ngram", "--num-speculative-tokens",
+                                    "6", "--prompt-lookup-max", "4", "--prompt-lookup-min", "2"])
+    cfg = engine_args_from_cli(ns).create_config()
+    assert (cfg.speculative.method, cfg.speculative.num_speculative_tokens,
+            cfg.speculative.prompt_lookup_max, cfg.speculative.prompt_lookup_min) == \
+        ("ngram", 6, 4, 2)
+    assert not cfg.overlap_steps  # a verified step decides where the next one starts
+    assert EngineArgs(model="tiny-llama", load_format="dummy", device="cpu").create_config() \
+        .speculative.method is None

@@ -1,0 +1,98 @@
+"""Prompt-lookup proposals and their verification: greedy keeps what argmax would produce,
+sampling keeps the target's distribution exactly (counted over many draws)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kestrel.config import SpeculativeConfig
+from kestrel.layers.sampler import Sampler
+from kestrel.request import Request
+from kestrel.sampling_params import SamplingParams
+from kestrel.spec.ngram import NgramProposer
+from kestrel.spec.proposer import make_proposer
+from kestrel.spec.rejection import accept_greedy, accept_sampled
+
+
+def _ngram(lo: int = 1, hi: int = 3) -> NgramProposer:
+    return make_proposer(SpeculativeConfig("ngram", 4, hi, lo))
+
+
+def test_ngram_proposes_what_followed_the_latest_match():
+    p = _ngram()
+    # the suffix [7, 8] occurred at 1 and 5; the latest one (5) was followed by 9, 1, 7
+    assert p.propose([0, 7, 8, 2, 3, 7, 8, 9, 1, 7, 8], 3) == [9, 1, 7]
+    assert p.propose([0, 7, 8, 2, 3, 7, 8, 9, 1, 7, 8], 1) == [9]
+    # fewer tokens follow the match than asked for: what there is
+    assert p.propose([5, 6, 5], 4) == [6, 5]
+
+
+def test_ngram_prefers_the_longest_suffix_and_stops_at_min():
+    p = _ngram(lo=1, hi=3)
+    # 3-gram [1, 2, 3] matched at 0 (→ 40) though the 1-gram [3] matched later (→ 50)
+    ids = [1, 2, 3, 40, 9, 3, 50, 1, 2, 3]
+    assert p.propose(ids, 1) == [40]
+    assert _ngram(lo=2, hi=3).propose([4, 3, 50, 1, 3], 2) == []  # only a 1-gram matches
+    assert _ngram().propose([1, 2, 3, 4], 4) == []  # nothing repeats
+    assert _ngram().propose([1], 4) == [] and _ngram().propose([1, 1], 0) == []
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="ngram"):
+        SpeculativeConfig("eagle")
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        SpeculativeConfig("ngram", 0)
+    with pytest.raises(ValueError, match="prompt_lookup_min"):
+        SpeculativeConfig("ngram", 4, 2, 3)
+    assert make_proposer(SpeculativeConfig()) is None
+
+
+def test_greedy_keeps_guesses_while_they_are_the_argmax():
+    logits = torch.randn(4, 50)
+    best = logits.argmax(-1).tolist()
+    assert accept_greedy(logits, best[:3]) == best  # all kept, plus the bonus token
+    wrong = (best[1] + 1) % 50
+    assert accept_greedy(logits, [best[0], wrong, best[2]]) == [best[0], best[1]]
+    assert accept_greedy(logits, [(best[0] + 1) % 50, best[1], best[2]]) == [best[0]]
+
+
+def _counts(samples: list[int], v: int) -> torch.Tensor:
+    return torch.bincount(torch.tensor(samples), minlength=v).double() / len(samples)
+
+
+def test_sampled_verification_keeps_the_target_distribution():
+    """Two guesses against fresh random targets: the first emitted token is distributed as p0,
+    and the second, given the first guess was kept, as p1 (total variation under 0.02 over
+    20k draws; the proposer's guess is a point mass, so without the residual draw the first
+    token would be the guess far too often; the same with p0's least likely token)."""
+    torch.manual_seed(0)
+    v, n = 6, 20000
+    probs = torch.softmax(torch.randn(3, v) * 1.5, -1)
+    drafts = [int(probs[0].argsort()[-2]), int(probs[1].argmax())]  # p0's second choice
+    gen = torch.Generator().manual_seed(1)
+    outs = [accept_sampled(probs, drafts, gen) for _ in range(n)]
+    first = _counts([o[0] for o in outs], v)
+    assert (first - probs[0].double()).abs().sum() / 2 < 0.02
+    kept = [o for o in outs if o[0] == drafts[0]]
+    second = _counts([o[1] for o in kept], v)
+    assert len(kept) > 500 and (second - probs[1].double()).abs().sum() / 2 < 0.05
+    assert all(1 <= len(o) <= 3 for o in outs)
+    rare = [accept_sampled(probs, [int(probs[0].argmin())], gen)[0] for _ in range(n)]
+    assert (_counts(rare, v) - probs[0].double()).abs().sum() / 2 < 0.02
+
+
+def test_a_guess_the_target_excludes_is_never_kept():
+    probs = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    gen = torch.Generator().manual_seed(0)
+    outs = {tuple(accept_sampled(probs, [2], gen)) for _ in range(200)}
+    assert outs == {(0,), (1,)}
+
+
+def test_sampler_verify_applies_the_request_filters():
+    """top_k=1 leaves one token per position: sampled verification then equals greedy."""
+    logits = torch.randn(5, 40)
+    best = logits.argmax(-1).tolist()
+    req = Request("r", [1, 2], SamplingParams(temperature=0.8, top_k=1, seed=3), 16)
+    guesses = best[:2] + [(best[2] + 1) % 40, best[3]]
+    assert Sampler().verify(logits, guesses, req) == best[:3]
