@@ -258,9 +258,12 @@ class Engine:
             s = next(x for x in out.scheduled if x.request_id == rid)
             self.groups[r.parent_id].add_prompt_logprobs(r, s.start, logits)
         now = time.monotonic()
-        for rid, s in verified.items():
-            r = self.requests[rid]
-            touched[r.parent_id] = self._append_verified(r, s, result.prompt_logits[rid], now)
+        if verified:
+            reqs = [self.requests[rid] for rid in verified]
+            accepted = self.sampler.verify([(result.prompt_logits[rid], s.token_ids[1:], r)
+                                            for (rid, s), r in zip(verified.items(), reqs)])
+            for r, s, tokens in zip(reqs, verified.values(), accepted):
+                touched[r.parent_id] = self._append_verified(r, s, tokens, now)
         for i, r in enumerate(sampled):
             r.num_pending -= 1
             group = self.groups[r.parent_id]
@@ -279,15 +282,14 @@ class Engine:
         self._check_idle()
         return outputs
 
-    def _append_verified(self, r: Request, s: Any, logits: torch.Tensor, now: float
+    def _append_verified(self, r: Request, s: Any, tokens: list[int], now: float
                          ) -> RequestGroup:
-        """Speculative decoding: append the proposals the target kept and its own next token,
-        stopping where the request finishes. The cache holds valid K/V for the known token and
-        the kept guesses only: the request counts as computed that far, and no block past it
-        enters the prefix cache (a rejected guess's K/V is overwritten by the next step)."""
-        drafts = s.token_ids[1:]
-        tokens = self.sampler.verify(logits, drafts, r)
-        self.stats.on_verified(len(drafts), len(tokens) - 1)
+        """Speculative decoding: append the guesses the target kept and its own next token
+        (``tokens``), stopping where the request finishes. The cache holds valid K/V for the
+        known token and the kept guesses only: the request counts as computed that far, and no
+        block past it enters the prefix cache (a rejected guess's K/V is overwritten by the
+        next step)."""
+        self.stats.on_verified(s.num_draft, len(tokens) - 1)
         r.num_computed_tokens = s.start + len(tokens)
         self.kv.computed_up_to(r, r.num_computed_tokens)
         group = self.groups[r.parent_id]

@@ -147,21 +147,33 @@ class Sampler:
             tokens = picked if rows is None else tokens.index_copy(0, rows, picked)
         return tokens
 
-    def verify(self, logits: torch.Tensor, drafts: list[int], req: Request) -> list[int]:
-        """Speculative decoding: the tokens ``req`` appends after a step that scored its
-        proposals, ``logits`` [k + 1, V] float32 of its known token and the k ``drafts``: the
-        accepted guesses and one token of the target's, drawn as ``sample`` would (temperature,
-        top-k/top-p/min-p, the request's seed). Requests with penalties or min_tokens get no
-        proposals (Scheduler._propose), so none apply here."""
-        if req.params.greedy:
-            return accept_greedy(logits, drafts)
-        p, dev, n = req.params, logits.device, logits.shape[0]
-        filtered = filter_logits(logits / p.temperature,
-                                 torch.full((n,), p.top_k, dtype=torch.long, device=dev),
-                                 torch.full((n,), p.top_p, device=dev),
-                                 torch.full((n,), p.min_p, device=dev))
-        gen = req.generator_on(dev) or self._generator(dev)
-        return accept_sampled(filtered.softmax(-1), drafts, gen)
+    def verify(self, chunks: list[tuple[torch.Tensor, list[int], Request]]) -> list[list[int]]:
+        """Speculative decoding: per request, the tokens it appends after a step that scored its
+        proposals, from (logits [k + 1, V] float32 of its known token and the k guesses, the
+        guesses, the request): the accepted guesses and one token of the target's, drawn as
+        ``sample`` would (temperature, top-k/top-p/min-p, the request's seed). The greedy
+        requests' argmaxes come back to the host in one copy. Requests with penalties or
+        min_tokens get no proposals (Scheduler._propose), so none apply here."""
+        out: list[list[int]] = [[] for _ in chunks]
+        greedy = [i for i, (_, _, r) in enumerate(chunks) if r.params.greedy]
+        if greedy:
+            best = torch.cat([chunks[i][0] for i in greedy]).argmax(dim=-1).tolist()
+            at = 0
+            for i in greedy:
+                drafts = chunks[i][1]
+                out[i] = accept_greedy(best[at: at + len(drafts) + 1], drafts)
+                at += len(drafts) + 1
+        for i, (logits, drafts, req) in enumerate(chunks):
+            if req.params.greedy:
+                continue
+            p, dev, n = req.params, logits.device, logits.shape[0]
+            filtered = filter_logits(logits / p.temperature,
+                                     torch.full((n,), p.top_k, dtype=torch.long, device=dev),
+                                     torch.full((n,), p.top_p, device=dev),
+                                     torch.full((n,), p.min_p, device=dev))
+            gen = req.generator_on(dev) or self._generator(dev)
+            out[i] = accept_sampled(filtered.softmax(-1), drafts, gen)
+        return out
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         """logits [N, V] float32, one row per request to sample."""

@@ -8,10 +8,9 @@ from __future__ import annotations
 import torch
 
 
-def accept_greedy(logits: torch.Tensor, drafts: list[int]) -> list[int]:
-    """logits [k + 1, V]: the guesses while they equal the argmax, then the argmax (the tokens
-    plain greedy decoding would produce, one step for all of them)."""
-    best = logits.argmax(dim=-1).tolist()
+def accept_greedy(best: list[int], drafts: list[int]) -> list[int]:
+    """``best``: the target's argmax at the k + 1 positions. The guesses while they equal it,
+    then its token (what plain greedy decoding produces, in one step for all of them)."""
     m = 0
     while m < len(drafts) and drafts[m] == best[m]:
         m += 1

@@ -70,10 +70,9 @@ def test_a_rejected_guess_never_enters_the_prefix_cache():
     engine = llm.engine
     real = engine.sampler.verify
 
-    def scripted(logits, drafts, req):
-        if (req.num_tokens + 1) % 4 == 0:  # the token it appends completes a block
-            return [2]
-        return real(logits, drafts, req)
+    def scripted(chunks):  # one request: the token it appends completes a block → EOS
+        _, _, req = chunks[0]
+        return [[2]] if (req.num_tokens + 1) % 4 == 0 else real(chunks)
 
     engine.sampler.verify = scripted
     prompt = [5, 6, 7, 8, 9] * 3  # guesses from the first step on
