@@ -80,6 +80,17 @@ def test_default_model_greedy_on_gpu_equals_cpu_reference(default_model):
     assert _tokens(default_model, prompts, _uses_fast_path, device="cuda", dtype="float32") == cpu
 
 
+def test_default_model_speculative_on_gpu_equals_cpu_reference(default_model):
+    """Prompt lookup on the GPU: verified steps (several query tokens over the paged cache,
+    eager) give the CPU reference's greedy tokens, on prompts whose continuations repeat."""
+    prompts = ["Count: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+               "The cat sat on the mat. The cat sat on the mat. The cat",
+               "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul"]
+    cpu = _tokens(default_model, prompts, device="cpu", dtype="float32")
+    assert _tokens(default_model, prompts, device="cuda", dtype="float32",
+                   speculative_method="ngram") == cpu
+
+
 def test_default_model_fp8_recipe_quality_on_gpu(default_model):
     """Issue 6's quality bound on the GPU's own FP8 path (fast-accumulating _scaled_mm at
     8,192-row forwards, the fused quantization kernels): the recipe against BF16 on the real
