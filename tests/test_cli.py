@@ -53,3 +53,10 @@ def test_quantize_writes_folders_the_engine_loads(tmp_path):
     r = _kestrel("quantize", "--method", "rtn", "--group-size", "48", str(src),
                  str(tmp_path / "bad"))
     assert r.returncode != 0 and "does not divide" in r.stderr
+    # calibrated methods tokenize text: a folder without a tokenizer is refused, as is an
+    # alpha outside [0, 1]
+    for method, extra, msg in (("gptq", (), "has no tokenizer"),
+                               ("smoothquant", (), "has no tokenizer"),
+                               ("smoothquant", ("--alpha", "1.5"), "must be in [0, 1]")):
+        r = _kestrel("quantize", "--method", method, str(src), str(tmp_path / "bad2"), *extra)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -149,10 +149,15 @@ def _quant_config(args: EngineArgs, folder: str | None) -> QuantConfig:
     if method is None and folder is not None:
         if qc:
             from kestrel.quant.fp8_checkpoint import quant_config_from_hf
+            from kestrel.quant.w8a8 import quant_config_from_compressed_int8
 
-            found = quant_config_from_hf(read_config(folder))
+            config = read_config(folder)
+            found = quant_config_from_hf(config)
             if found is not None:
                 return replace(found, fp8_fast_accum=args.fp8_fast_accum)
+            found = quant_config_from_compressed_int8(config)
+            if found is not None:
+                return found
             raise ValueError(f"{folder}: unsupported quantization_config {qc.get('quant_method')!r}")
     return QuantConfig(method=method, fp8_activation_scale_ub=args.fp8_activation_scale_ub,
                        fp8_attention=args.fp8_attention, fp8_skip_layers=args.fp8_skip_layers,

@@ -5,6 +5,9 @@ that the engine (and other engines reading the same formats) loads directly.
     gptq  GPTQ, calibrated on the pydoc text (quant/gptq_solver.py), 2/3/4/8 bits in groups,
           written in the format GPTQ checkpoints ship in (quant/gptq.py)
     rtn   the same format by round-to-nearest: the baseline of the GPTQ paper's tables
+    smoothquant  W8A8 (int8 weights and per-token int8 activations) after SmoothQuant's
+          smoothing, calibrated on the pydoc text, in the compressed-tensors layout
+          (quant/smoothquant.py)
 
 MODEL: a Hugging Face folder or .gguf file; none: the default model.
 """
@@ -16,11 +19,12 @@ from typing import Any
 
 def register(sub: Any) -> None:
     p = sub.add_parser("quantize",
-                       help="write a quantized copy of a model folder (fp8, gptq, rtn)")
+                       help="write a quantized copy of a model folder (fp8, gptq, rtn, "
+                       "smoothquant)")
     p.add_argument("paths", nargs="+", metavar="[MODEL] OUT",
                    help="the model (a Hugging Face folder or .gguf; none: the default model) "
                         "and the output folder")
-    p.add_argument("--method", required=True, choices=["fp8", "gptq", "rtn"])
+    p.add_argument("--method", required=True, choices=["fp8", "gptq", "rtn", "smoothquant"])
     p.add_argument("--fp8-activation-scale-ub", type=float, default=1200.0)
     p.add_argument("--fp8-attention", action="store_true",
                    help="fp8: quantize the attention projections too")
@@ -31,9 +35,14 @@ def register(sub: Any) -> None:
                    help="gptq, rtn: input features per scale (-1: one group per row)")
     p.add_argument("--sym", action="store_true",
                    help="gptq, rtn: symmetric grid (zero at 2^(b-1))")
-    p.add_argument("--calib-windows", type=int, default=128,
-                   help="gptq: calibration windows (from the end of the pydoc text)")
-    p.add_argument("--calib-window", type=int, default=512, help="gptq: tokens per window")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="smoothquant: migration strength, the share of the activations' range "
+                        "moved into the weights (0..1)")
+    p.add_argument("--calib-windows", type=int, default=None,
+                   help="gptq, smoothquant: calibration windows from the end of the pydoc text "
+                        "(default 128 for gptq, 64 for smoothquant)")
+    p.add_argument("--calib-window", type=int, default=512,
+                   help="gptq, smoothquant: tokens per window")
     p.add_argument("--device", default="cpu", help="fp8: where weights are quantized")
     p.set_defaults(func=run)
 
@@ -55,8 +64,14 @@ def run(args: Any) -> int:
         from kestrel.quant.gptq_solver import write_gptq_folder
 
         folder = write_gptq_folder(src, out, bits=args.bits, group_size=args.group_size,
-                                   sym=args.sym, windows=args.calib_windows,
+                                   sym=args.sym, windows=args.calib_windows or 128,
                                    window=args.calib_window)
+    elif args.method == "smoothquant":
+        from kestrel.quant.smoothquant import write_smoothquant_folder
+
+        folder = write_smoothquant_folder(src, out, alpha=args.alpha,
+                                          windows=args.calib_windows or 64,
+                                          window=args.calib_window)
     else:
         from kestrel.quant.gptq import write_rtn_folder
 

@@ -73,23 +73,11 @@ def calibrated_quantize(model, windows: list[list[int]], bits: int, group_size: 
     """GPTQ over every decoder linear of ``model`` (a float LlamaForCausalLM on the CPU), block
     by block on the calibration ``windows`` (token ids). Returns checkpoint module name →
     (codes, zero points, scales); the model's weights end up dequantized."""
-    from kestrel.attention.base import AttentionMetadata
     from kestrel.quant.gptq import dequantize, pack_rows
 
     cfg = model.cfg
     states = [(model.embed_tokens(torch.tensor(ids)), None) for ids in windows]
-
-    def run(layer, x, residual):
-        t = x.shape[0]
-        nb = -(-t // 16)
-        kv = tuple(torch.zeros(nb, 16, cfg.num_key_value_heads, cfg.head_dim) for _ in range(2))
-        meta = AttentionMetadata(
-            slot_mapping=torch.arange(t), query_start_loc=torch.tensor([0, t], dtype=torch.int32),
-            seq_lens=torch.tensor([t], dtype=torch.int32),
-            block_tables=torch.arange(nb, dtype=torch.int32)[None], max_query_len=t,
-            max_seq_len=t, seq_lens_cpu=[t], query_lens_cpu=[t])
-        return layer(torch.arange(t), x, residual, kv, meta)
-
+    run = functools.partial(block_forward, cfg)
     out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for idx, layer in model.layers.items():
         linears = {"self_attn.qkv_proj": layer.self_attn.qkv_proj,
@@ -109,12 +97,58 @@ def calibrated_quantize(model, windows: list[list[int]], bits: int, group_size: 
                                                sym)
             lin.weight.data.copy_(dequantize(pack_rows(codes, bits), zero, scale, bits,
                                              group_size))
-            for part, rows in _hf_parts(name, lin):
+            for part, rows in hf_parts(name, lin):
                 out[f"model.layers.{idx}.{part}"] = (codes[:, rows], zero[:, rows],
                                                      scale[:, rows])
         states = [run(layer, x, residual) for x, residual in states]
         log.info("GPTQ: layer %s of %d", idx, cfg.num_hidden_layers)
     return out
+
+
+def block_forward(cfg, layer, x: torch.Tensor, residual: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder block over one calibration window (one sequence, a fresh cache): the
+    (hidden, residual) pair the next block takes. Calibration runs block by block, so that a
+    block can be changed (quantized, smoothed) before the next one sees its output."""
+    from kestrel.attention.base import AttentionMetadata
+
+    t = x.shape[0]
+    nb = -(-t // 16)
+    kv = tuple(torch.zeros(nb, 16, cfg.num_key_value_heads, cfg.head_dim) for _ in range(2))
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(t), query_start_loc=torch.tensor([0, t], dtype=torch.int32),
+        seq_lens=torch.tensor([t], dtype=torch.int32),
+        block_tables=torch.arange(nb, dtype=torch.int32)[None], max_query_len=t,
+        max_seq_len=t, seq_lens_cpu=[t], query_lens_cpu=[t])
+    return layer(torch.arange(t), x, residual, kv, meta)
+
+
+def calibration_windows(src: Path, windows: int, window: int) -> list[list[int]]:
+    """``windows`` windows of ``window`` tokens from the end of the pydoc text (evaluations
+    read it from the start)."""
+    from kestrel.eval.perplexity import corpus_ids
+    from kestrel.loader.tokenizer import load_tokenizer  # needs gguf: only for text
+
+    if not any((src / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise ValueError(f"{src} has no tokenizer (tokenizer.json or tokenizer.model): the "
+                         "calibration text cannot be tokenized for it")
+    ids = corpus_ids(load_tokenizer(src))
+    if len(ids) < windows * window:
+        raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than "
+                         f"{windows} × {window}")
+    return [ids[len(ids) - (i + 1) * window: len(ids) - i * window] for i in range(windows)]
+
+
+def load_float_model(src: Path):
+    """The folder's model in float32 on the CPU, with the torch reference attention."""
+    import kestrel.attention.torch_ref  # noqa: F401 - registers the "torch" backend
+    from kestrel.attention.base import get_backend_cls
+    from kestrel.loader.hf import iterate_weights, load_model_config
+    from kestrel.models.llama import LlamaForCausalLM
+
+    model = LlamaForCausalLM(load_model_config(src), torch.float32, get_backend_cls("torch"))
+    model.load_weights(iterate_weights(src))
+    return model
 
 
 def _add_xtx(h: torch.Tensor, _module, args) -> None:
@@ -123,7 +157,7 @@ def _add_xtx(h: torch.Tensor, _module, args) -> None:
     h.add_(x.t() @ x)
 
 
-def _hf_parts(name: str, lin) -> list[tuple[str, slice]]:
+def hf_parts(name: str, lin) -> list[tuple[str, slice]]:
     """Our fused module → the checkpoint modules it holds, with their output rows."""
     head, _, last = name.rpartition(".")
     parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -140,28 +174,11 @@ def write_gptq_folder(src_hf_folder: str | Path, out_folder: str | Path, *, bits
                       group_size: int = 128, sym: bool = False, windows: int = 128,
                       window: int = 512, calibration: list[list[int]] | None = None) -> Path:
     """A GPTQ-format copy of a float folder, calibrated on ``windows`` windows of ``window``
-    tokens from the end of the pydoc text (evaluations read it from the start), or on the
-    token windows ``calibration``."""
-    import kestrel.attention.torch_ref  # noqa: F401 - registers the "torch" backend
-    from kestrel.attention.base import get_backend_cls
-    from kestrel.loader.hf import iterate_weights, load_model_config
-    from kestrel.models.llama import LlamaForCausalLM
-
+    tokens from the end of the pydoc text (``calibration_windows``), or on the token windows
+    ``calibration``."""
     src = Path(src_hf_folder)
-    cfg = load_model_config(src)
-    calib = calibration
-    if calib is None:
-        from kestrel.eval.perplexity import corpus_ids
-        from kestrel.loader.tokenizer import load_tokenizer  # needs gguf: only for text
-
-        ids = corpus_ids(load_tokenizer(src))
-        if len(ids) < windows * window:
-            raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than "
-                             f"{windows} × {window}")
-        calib = [ids[len(ids) - (i + 1) * window: len(ids) - i * window]
-                 for i in range(windows)]
-    model = LlamaForCausalLM(cfg, torch.float32, get_backend_cls("torch"))
-    model.load_weights(iterate_weights(src))
+    calib = calibration or calibration_windows(src, windows, window)
+    model = load_float_model(src)
     found = calibrated_quantize(model, calib, bits, group_size, sym)
     return write_gptq_format(src, out_folder, bits, group_size, sym,
                              lambda module, w: found[module])
