@@ -31,9 +31,10 @@ def test_bad_argument_is_a_clear_error():
 
 
 def test_quantize_writes_folders_the_engine_loads(tmp_path):
-    """`kestrel quantize --method fp8|rtn MODEL OUT` on a float folder: the fbgemm_fp8 and GPTQ
-    layouts in config.json, and each folder generates; a group size that does not divide the
-    features is a clear error."""
+    """`kestrel quantize --method fp8|rtn|sparse24 MODEL OUT` on a float folder: the fbgemm_fp8,
+    GPTQ and 2:4 layouts in config.json, and each folder generates; a group size that does not
+    divide the features, a calibrated method without a tokenizer or a bad alpha are clear
+    errors."""
     import json
 
     from kestrel import LLM, SamplingParams
@@ -41,7 +42,9 @@ def test_quantize_writes_folders_the_engine_loads(tmp_path):
 
     src = make_tiny_checkpoint(tmp_path / "float", layers=2, seed=1)
     for method, extra, want in (("fp8", (), "fbgemm_fp8"),
-                                ("rtn", ("--bits", "3", "--group-size", "32"), "gptq")):
+                                ("rtn", ("--bits", "3", "--group-size", "32"), "gptq"),
+                                ("sparse24", ("--sparse-score", "magnitude"),
+                                 "compressed-tensors")):
         out = tmp_path / method
         r = _kestrel("quantize", "--method", method, str(src), str(out), *extra)
         assert r.returncode == 0, r.stderr
@@ -57,6 +60,7 @@ def test_quantize_writes_folders_the_engine_loads(tmp_path):
     # alpha outside [0, 1]
     for method, extra, msg in (("gptq", (), "has no tokenizer"),
                                ("smoothquant", (), "has no tokenizer"),
+                               ("sparse24", (), "has no tokenizer"),
                                ("smoothquant", ("--alpha", "1.5"), "must be in [0, 1]")):
         r = _kestrel("quantize", "--method", method, str(src), str(tmp_path / "bad2"), *extra)
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

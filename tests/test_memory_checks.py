@@ -42,6 +42,7 @@ def dense(tmp_path_factory):
     {"dtype": "bfloat16", "quantization": "fp8-tensor"},
     {"dtype": "bfloat16", "quantization": "int8"},
     {"dtype": "bfloat16", "quantization": "w8a8"},
+    {"dtype": "bfloat16", "quantization": "sparse24"},
 ])
 def test_meta_count_is_what_the_loaded_model_holds(dense, kw):
     """The meta-device count equals the bytes of the model as loaded, for every quantization

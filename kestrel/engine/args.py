@@ -149,13 +149,15 @@ def _quant_config(args: EngineArgs, folder: str | None) -> QuantConfig:
     if method is None and folder is not None:
         if qc:
             from kestrel.quant.fp8_checkpoint import quant_config_from_hf
+            from kestrel.quant.sparse import quant_config_from_sparsity
             from kestrel.quant.w8a8 import quant_config_from_compressed_int8
 
             config = read_config(folder)
             found = quant_config_from_hf(config)
             if found is not None:
                 return replace(found, fp8_fast_accum=args.fp8_fast_accum)
-            found = quant_config_from_compressed_int8(config)
+            found = (quant_config_from_compressed_int8(config)
+                     or quant_config_from_sparsity(config))
             if found is not None:
                 return found
             raise ValueError(f"{folder}: unsupported quantization_config {qc.get('quant_method')!r}")

@@ -8,6 +8,8 @@ that the engine (and other engines reading the same formats) loads directly.
     smoothquant  W8A8 (int8 weights and per-token int8 activations) after SmoothQuant's
           smoothing, calibrated on the pydoc text, in the compressed-tensors layout
           (quant/smoothquant.py)
+    sparse24  2:4 semi-structured sparsity by Wanda's score (or magnitude), a float folder
+          that says so in config.json (quant/sparse.py)
 
 MODEL: a Hugging Face folder or .gguf file; none: the default model.
 """
@@ -19,12 +21,12 @@ from typing import Any
 
 def register(sub: Any) -> None:
     p = sub.add_parser("quantize",
-                       help="write a quantized copy of a model folder (fp8, gptq, rtn, "
-                       "smoothquant)")
+                       help="write a quantized or 2:4-sparse copy of a model folder (fp8, gptq, "
+                       "rtn, smoothquant, sparse24)")
     p.add_argument("paths", nargs="+", metavar="[MODEL] OUT",
                    help="the model (a Hugging Face folder or .gguf; none: the default model) "
                         "and the output folder")
-    p.add_argument("--method", required=True, choices=["fp8", "gptq", "rtn", "smoothquant"])
+    p.add_argument("--method", required=True, choices=["fp8", "gptq", "rtn", "smoothquant", "sparse24"])
     p.add_argument("--fp8-activation-scale-ub", type=float, default=1200.0)
     p.add_argument("--fp8-attention", action="store_true",
                    help="fp8: quantize the attention projections too")
@@ -38,11 +40,14 @@ def register(sub: Any) -> None:
     p.add_argument("--alpha", type=float, default=0.5,
                    help="smoothquant: migration strength, the share of the activations' range "
                         "moved into the weights (0..1)")
+    p.add_argument("--sparse-score", choices=["wanda", "magnitude"], default="wanda",
+                   help="sparse24: which two of every four weights stay (wanda: |W|·‖X‖ over "
+                        "calibration text; magnitude: |W|)")
     p.add_argument("--calib-windows", type=int, default=None,
-                   help="gptq, smoothquant: calibration windows from the end of the pydoc text "
-                        "(default 128 for gptq, 64 for smoothquant)")
+                   help="gptq, smoothquant, sparse24: calibration windows from the end of the "
+                        "pydoc text (default 128 for gptq, 64 for the others)")
     p.add_argument("--calib-window", type=int, default=512,
-                   help="gptq, smoothquant: tokens per window")
+                   help="gptq, smoothquant, sparse24: tokens per window")
     p.add_argument("--device", default="cpu", help="fp8: where weights are quantized")
     p.set_defaults(func=run)
 
@@ -72,6 +77,11 @@ def run(args: Any) -> int:
         folder = write_smoothquant_folder(src, out, alpha=args.alpha,
                                           windows=args.calib_windows or 64,
                                           window=args.calib_window)
+    elif args.method == "sparse24":
+        from kestrel.quant.sparse import write_sparse_folder
+
+        folder = write_sparse_folder(src, out, score=args.sparse_score,
+                                     windows=args.calib_windows or 64, window=args.calib_window)
     else:
         from kestrel.quant.gptq import write_rtn_folder
 
