@@ -14,12 +14,18 @@ a block every linear sees the float block's inputs (not the paper's "true sequen
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 
 import torch
 
+from kestrel.quant.calibrate import (
+    DECODER_LINEARS,
+    calibrated_blocks,
+    calibration_windows,
+    hf_parts,
+    load_float_model,
+)
 from kestrel.quant.gptq import group_grid, to_codes, write_gptq_format
 
 log = logging.getLogger(__name__)
@@ -67,7 +73,6 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int,
             torch.stack(scales).float())
 
 
-@torch.no_grad()
 def calibrated_quantize(model, windows: list[list[int]], bits: int, group_size: int,
                         sym: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """GPTQ over every decoder linear of ``model`` (a float LlamaForCausalLM on the CPU), block
@@ -75,99 +80,23 @@ def calibrated_quantize(model, windows: list[list[int]], bits: int, group_size: 
     (codes, zero points, scales); the model's weights end up dequantized."""
     from kestrel.quant.gptq import dequantize, pack_rows
 
-    cfg = model.cfg
-    states = [(model.embed_tokens(torch.tensor(ids)), None) for ids in windows]
-    run = functools.partial(block_forward, cfg)
     out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    for idx, layer in model.layers.items():
-        linears = {"self_attn.qkv_proj": layer.self_attn.qkv_proj,
-                   "self_attn.o_proj": layer.self_attn.o_proj,
-                   "mlp.gate_up_proj": layer.mlp.gate_up_proj, "mlp.down_proj": layer.mlp.down_proj}
-        hess = {name: torch.zeros(lin.weight.shape[1], lin.weight.shape[1], dtype=torch.float64)
-                for name, lin in linears.items()}
-
-        handles = [lin.register_forward_pre_hook(functools.partial(_add_xtx, hess[name]))
-                   for name, lin in linears.items()]
-        for x, residual in states:
-            run(layer, x, residual)
-        for hd in handles:
-            hd.remove()
-        for name, lin in linears.items():
-            codes, zero, scale = gptq_quantize(lin.weight.float(), hess[name], bits, group_size,
-                                               sym)
+    for idx, _, found in calibrated_blocks(model, windows, DECODER_LINEARS, _add_xtx):
+        for name, (lin, hess) in zip(DECODER_LINEARS, found):
+            codes, zero, scale = gptq_quantize(lin.weight.float(), hess, bits, group_size, sym)
             lin.weight.data.copy_(dequantize(pack_rows(codes, bits), zero, scale, bits,
                                              group_size))
             for part, rows in hf_parts(name, lin):
                 out[f"model.layers.{idx}.{part}"] = (codes[:, rows], zero[:, rows],
                                                      scale[:, rows])
-        states = [run(layer, x, residual) for x, residual in states]
-        log.info("GPTQ: layer %s of %d", idx, cfg.num_hidden_layers)
+        log.info("GPTQ: layer %s of %d", idx, model.cfg.num_hidden_layers)
     return out
 
 
-def block_forward(cfg, layer, x: torch.Tensor, residual: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoder block over one calibration window (one sequence, a fresh cache): the
-    (hidden, residual) pair the next block takes. Calibration runs block by block, so that a
-    block can be changed (quantized, smoothed) before the next one sees its output."""
-    from kestrel.attention.base import AttentionMetadata
-
-    t = x.shape[0]
-    nb = -(-t // 16)
-    kv = tuple(torch.zeros(nb, 16, cfg.num_key_value_heads, cfg.head_dim) for _ in range(2))
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(t), query_start_loc=torch.tensor([0, t], dtype=torch.int32),
-        seq_lens=torch.tensor([t], dtype=torch.int32),
-        block_tables=torch.arange(nb, dtype=torch.int32)[None], max_query_len=t,
-        max_seq_len=t, seq_lens_cpu=[t], query_lens_cpu=[t])
-    return layer(torch.arange(t), x, residual, kv, meta)
-
-
-def calibration_windows(src: Path, windows: int, window: int) -> list[list[int]]:
-    """``windows`` windows of ``window`` tokens from the end of the pydoc text (evaluations
-    read it from the start)."""
-    from kestrel.eval.perplexity import corpus_ids
-    from kestrel.loader.tokenizer import load_tokenizer  # needs gguf: only for text
-
-    if not any((src / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        raise ValueError(f"{src} has no tokenizer (tokenizer.json or tokenizer.model): the "
-                         "calibration text cannot be tokenized for it")
-    ids = corpus_ids(load_tokenizer(src))
-    if len(ids) < windows * window:
-        raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than "
-                         f"{windows} × {window}")
-    return [ids[len(ids) - (i + 1) * window: len(ids) - i * window] for i in range(windows)]
-
-
-def load_float_model(src: Path):
-    """The folder's model in float32 on the CPU, with the torch reference attention."""
-    import kestrel.attention.torch_ref  # noqa: F401 - registers the "torch" backend
-    from kestrel.attention.base import get_backend_cls
-    from kestrel.loader.hf import iterate_weights, load_model_config
-    from kestrel.models.llama import LlamaForCausalLM
-
-    model = LlamaForCausalLM(load_model_config(src), torch.float32, get_backend_cls("torch"))
-    model.load_weights(iterate_weights(src))
-    return model
-
-
-def _add_xtx(h: torch.Tensor, _module, args) -> None:
-    """A linear layer's forward pre-hook: H += XᵀX of its input."""
-    x = args[0].reshape(-1, args[0].shape[-1]).double()
-    h.add_(x.t() @ x)
-
-
-def hf_parts(name: str, lin) -> list[tuple[str, slice]]:
-    """Our fused module → the checkpoint modules it holds, with their output rows."""
-    head, _, last = name.rpartition(".")
-    parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-    if last not in parts:
-        return [(name, slice(None))]
-    sizes, start, res = lin.output_sizes, 0, []
-    for part, size in zip(parts[last], sizes):
-        res.append((f"{head}.{part}", slice(start, start + size)))
-        start += size
-    return res
+def _add_xtx(h: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """H += XᵀX of a linear layer's inputs X [T, K]."""
+    x = x.double()
+    return x.t() @ x if h is None else h.add_(x.t() @ x)
 
 
 def write_gptq_folder(src_hf_folder: str | Path, out_folder: str | Path, *, bits: int = 4,

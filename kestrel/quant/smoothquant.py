@@ -15,20 +15,19 @@ are. The result is written as a compressed-tensors W8A8 folder (quant/w8a8.py ru
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from pathlib import Path
 
 import torch
 
-from kestrel.quant.fp8_checkpoint import LINEAR_WEIGHT, ShardWriter, copy_side_files
-from kestrel.quant.gptq_solver import (
-    block_forward,
+from kestrel.quant.calibrate import (
+    calibrated_blocks,
     calibration_windows,
     hf_parts,
     load_float_model,
 )
+from kestrel.quant.fp8_checkpoint import LINEAR_WEIGHT, ShardWriter, copy_side_files
 from kestrel.quant.int8 import quantize_rows_int8
 from kestrel.quant.w8a8 import COMPRESSED
 
@@ -52,31 +51,19 @@ def smooth_model(model, windows: list[list[int]], alpha: float) -> None:
     model computes the same function, with flatter inputs to qkv_proj and gate_up_proj."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"SmoothQuant alpha (migration strength) must be in [0, 1], got {alpha}")
-    run = functools.partial(block_forward, model.cfg)
-    states = [(model.embed_tokens(torch.tensor(ids)), None) for ids in windows]
-    for idx, layer in model.layers.items():
-        targets = [(getattr(layer, norm), layer.get_submodule(proj)) for norm, proj in SMOOTHED]
-        amax = [torch.zeros(lin.weight.shape[1]) for _, lin in targets]
-        hooks = [lin.register_forward_pre_hook(functools.partial(_track_amax, a))
-                 for (_, lin), a in zip(targets, amax)]
-        try:
-            for x, residual in states:
-                run(layer, x, residual)
-        finally:
-            for h in hooks:
-                h.remove()
-        for (norm, lin), a in zip(targets, amax):
-            s = smoothing_factors(a, lin.weight, alpha)
-            norm.weight.div_(s.to(norm.weight.dtype))
-            lin.weight.mul_(s.to(lin.weight.dtype))
-        states = [run(layer, x, residual) for x, residual in states]
+    projs = tuple(proj for _, proj in SMOOTHED)
+    for idx, layer, found in calibrated_blocks(model, windows, projs, _amax):
+        for (norm, _), (lin, amax) in zip(SMOOTHED, found):
+            s = smoothing_factors(amax, lin.weight, alpha)
+            getattr(layer, norm).weight.div_(s)
+            lin.weight.mul_(s)
         log.info("SmoothQuant: layer %s of %d", idx, model.cfg.num_hidden_layers)
 
 
-def _track_amax(amax: torch.Tensor, _module, args) -> None:
-    """A linear layer's forward pre-hook: the running per-channel max of |input|."""
-    x = args[0].reshape(-1, args[0].shape[-1])
-    torch.maximum(amax, x.abs().amax(dim=0).float(), out=amax)
+def _amax(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """The running per-channel max of |x| over inputs x [T, K]."""
+    m = x.abs().amax(dim=0).float()
+    return m if acc is None else torch.maximum(acc, m, out=acc)
 
 
 def write_smoothquant_folder(src_hf_folder: str | Path, out_folder: str | Path, *,

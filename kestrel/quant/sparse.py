@@ -119,32 +119,18 @@ def quant_config_from_sparsity(config: dict[str, Any]) -> QuantConfig | None:
 def wanda_prune(model, windows: list[list[int]]) -> None:
     """Prune every decoder linear of ``model`` (float, CPU) to 2:4 by |W_ij|·‖X_j‖, block by
     block, each block's inputs coming through the blocks pruned before it."""
-    from kestrel.quant.gptq_solver import block_forward
+    from kestrel.quant.calibrate import DECODER_LINEARS, calibrated_blocks
 
-    run = functools.partial(block_forward, model.cfg)
-    states = [(model.embed_tokens(torch.tensor(ids)), None) for ids in windows]
-    names = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-    for idx, layer in model.layers.items():
-        lins = [layer.get_submodule(n) for n in names]
-        sq = [torch.zeros(lin.weight.shape[1], dtype=torch.float64) for lin in lins]
-        hooks = [lin.register_forward_pre_hook(functools.partial(_add_sq, s))
-                 for lin, s in zip(lins, sq)]
-        try:
-            for x, residual in states:
-                run(layer, x, residual)
-        finally:
-            for h in hooks:
-                h.remove()
-        for lin, s in zip(lins, sq):
-            lin.weight.copy_(prune_2_4(lin.weight, lin.weight.abs() * s.sqrt().float()[None]))
-        states = [run(layer, x, residual) for x, residual in states]
+    for idx, _, found in calibrated_blocks(model, windows, DECODER_LINEARS, _sum_sq):
+        for lin, sq in found:
+            lin.weight.copy_(prune_2_4(lin.weight, lin.weight.abs() * sq.sqrt().float()[None]))
         log.info("Wanda 2:4: layer %s of %d", idx, model.cfg.num_hidden_layers)
 
 
-def _add_sq(acc: torch.Tensor, _module, args) -> None:
-    """A linear layer's forward pre-hook: Σ x_j² per input channel."""
-    x = args[0].reshape(-1, args[0].shape[-1]).double()
-    acc.add_((x * x).sum(0))
+def _sum_sq(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """Σ x_j² per input channel over inputs x [T, K]."""
+    s = (x.double() ** 2).sum(0)
+    return s if acc is None else acc.add_(s)
 
 
 def write_sparse_folder(src_hf_folder: str | Path, out_folder: str | Path, *,
@@ -153,8 +139,8 @@ def write_sparse_folder(src_hf_folder: str | Path, out_folder: str | Path, *,
     """A 2:4-sparse float copy of a float folder (``score``: wanda, calibrated on
     ``calibration`` or pydoc windows, or magnitude), its config.json saying so."""
     from kestrel.loader.hf import iterate_weights
+    from kestrel.quant.calibrate import calibration_windows, hf_parts, load_float_model
     from kestrel.quant.fp8_checkpoint import LINEAR_WEIGHT, ShardWriter, copy_side_files
-    from kestrel.quant.gptq_solver import calibration_windows, hf_parts, load_float_model
 
     src, out = Path(src_hf_folder), Path(out_folder)
     if out.resolve() == src.resolve():

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kestrel import LLM
-from kestrel.quant.gptq_solver import block_forward, load_float_model
+from kestrel.quant.calibrate import block_forward, load_float_model
 from kestrel.quant.smoothquant import smooth_model, write_smoothquant_folder
 from kestrel.quant.w8a8 import w8a8_matmul
 from tests.helpers import prompt_logits
@@ -103,7 +103,7 @@ def test_smoothquant_beats_plain_w8a8_on_the_default_model(default_model_path, t
     on pydoc text, SmoothQuant (α 0.5, calibrated on the text's end) about a third of that."""
     from kestrel.eval.compare import compare_models
     from kestrel.eval.perplexity import corpus_ids, eval_engine_kwargs, token_windows
-    from kestrel.quant.gptq_solver import calibration_windows
+    from kestrel.quant.calibrate import calibration_windows
 
     out = write_smoothquant_folder(default_model_path, tmp_path / "sq", alpha=0.5,
                                    calibration=calibration_windows(default_model_path, 4, 256))

@@ -80,7 +80,7 @@ def test_wanda_beats_magnitude_on_the_default_model(default_model_path, tmp_path
     (the Wanda paper's finding; docs/QUANTIZATION.md has the figures)."""
     from kestrel.eval.compare import compare_models
     from kestrel.eval.perplexity import corpus_ids, eval_engine_kwargs, token_windows
-    from kestrel.quant.gptq_solver import calibration_windows
+    from kestrel.quant.calibrate import calibration_windows
 
     out = write_sparse_folder(default_model_path, tmp_path / "wanda",
                               calibration=calibration_windows(default_model_path, 4, 256))
