@@ -21,41 +21,19 @@ decoder blocks, never the embedding or the LM head.
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from torch import nn
 
 from kestrel.config import QuantConfig
-from kestrel.layers.linear import QuantMethod, set_param_dims
+from kestrel.layers.linear import QuantMethod
 from kestrel.quant.base import LayerPlace, register_quant
+from kestrel.quant.w8a8 import (
+    _SCALE_FLOOR,
+    INT8_MAX,
+    W8A8LinearMethod,
+    int8_matmul,
+)
 
-INT8_MAX = 127
 DEFAULT_THRESHOLD = 6.0
-_SCALE_FLOOR = 1e-12  # an all-zero row quantizes to zeros with this scale
-
-
-def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [R, C] float → (int8 codes [R, C], float32 scales [R, 1]): absmax per row, rounded
-    half to even (torch.round)."""
-    wf = w.float()
-    scale = (wf.abs().amax(dim=1, keepdim=True) / INT8_MAX).clamp_min(_SCALE_FLOOR)
-    q = torch.round(wf / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
-
-
-def int8_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-    """xq [T, K] int8 · wq [N, K]ᵀ int8 → exact sums [T, N] (int32 on CUDA, float64 on CPU).
-
-    torch._int_mm on CUDA wants more than 16 rows and K, N multiples of 8: fewer rows are
-    padded with zeros; other K, N take the float64 route there too."""
-    t, k = xq.shape
-    n = wq.shape[0]
-    if xq.is_cuda and k % 8 == 0 and n % 8 == 0:
-        rows = max(t, 17)
-        a = xq if rows == t else torch.cat([xq, xq.new_zeros(rows - t, k)])
-        return torch._int_mm(a, wq.t())[:t]
-    return xq.double() @ wq.double().t()
 
 
 def llm_int8_matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
@@ -74,57 +52,21 @@ def llm_int8_matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     return y.to(x.dtype)
 
 
-class Int8LinearMethod(QuantMethod):
-    """int8 ``weight`` [out, in] + float32 ``weight_scale`` [out, 1] (a buffer: quantized on
-    load, shard by shard as the checkpoint's float rows arrive; the float copy never lives on
-    the device whole). Activations are quantized per call (``llm_int8_matmul``)."""
+class Int8LinearMethod(W8A8LinearMethod):
+    """W8A8's storage and loading (int8 ``weight`` + float32 ``weight_scale`` per row, float
+    checkpoint rows quantized as they load); the product keeps the outlier columns in float
+    (``llm_int8_matmul``)."""
 
     cuda_graphs = False  # the outlier columns are found on the host
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD, prefix: str = "") -> None:
         if not threshold > 0:
             raise ValueError(f"int8 outlier threshold must be > 0, got {threshold}")
+        super().__init__(serialized=False, prefix=prefix)
         self.threshold = threshold
-        self.prefix = prefix
 
-    def create_weights(self, layer, input_size, output_size, dtype) -> None:
-        weight = nn.Parameter(torch.zeros(output_size, input_size, dtype=torch.int8),
-                              requires_grad=False)
-        set_param_dims(weight, 0, 1)
-        layer.register_parameter("weight", weight)
-        layer.register_buffer("weight_scale", torch.ones(output_size, 1, dtype=torch.float32))
-        layer.int8_loaded = False
-        # LinearBase hands ``layer.weight_loader`` to every parameter after this returns; ours
-        # quantizes whole checkpoint rows, then lets the class's loader cut this rank's shard.
-        layer.weight_loader = functools.partial(self._weight_loader, layer, layer.weight_loader)
-
-    def _weight_loader(self, layer, default, param, loaded: torch.Tensor, shard_id=None) -> None:
-        if param is not layer.weight:
-            return default(param, loaded, shard_id)
-        if not loaded.dtype.is_floating_point:
-            raise ValueError(f"{self.prefix}.weight: int8 quantizes float checkpoints, got "
-                             f"{loaded.dtype}")
-        q, s = quantize_rows_int8(loaded.to(layer.weight.device))
-        default(layer.weight, q, shard_id)
-        scale = layer.weight_scale
-        set_param_dims(scale, 0, None)  # a buffer loses attributes when the module moves
-        default(scale, s, shard_id)
-        layer.int8_loaded = True
-
-    @torch.no_grad()
-    def process_weights_after_loading(self, layer) -> None:
-        if not layer.int8_loaded:  # random init (dummy weights): codes drawn ~N(0, 2)
-            q, s = quantize_rows_int8(layer.weight.float() * 0.01)
-            layer.weight.data.copy_(q)
-            layer.weight_scale.data.copy_(s)
-            layer.int8_loaded = True
-
-    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = llm_int8_matmul(x.reshape(-1, x.shape[-1]), layer.weight, layer.weight_scale,
-                            self.threshold)
-        y = y.reshape(*lead, y.shape[-1])
-        return y if bias is None else y + bias
+    def matmul(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return llm_int8_matmul(x, layer.weight, layer.weight_scale, self.threshold)
 
 
 @register_quant("int8")

@@ -28,8 +28,7 @@ from kestrel.quant.calibrate import (
     load_float_model,
 )
 from kestrel.quant.fp8_checkpoint import LINEAR_WEIGHT, ShardWriter, copy_side_files
-from kestrel.quant.int8 import quantize_rows_int8
-from kestrel.quant.w8a8 import COMPRESSED
+from kestrel.quant.w8a8 import COMPRESSED, quantize_rows_int8
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,34 @@ from kestrel.config import QuantConfig
 from kestrel.layers.linear import QuantMethod, set_param_dims
 from kestrel.quant.base import LayerPlace, register_quant
 from kestrel.quant.fp8 import HF_PARTS
-from kestrel.quant.int8 import int8_matmul, quantize_rows_int8
 
 COMPRESSED = "compressed-tensors"
 _SHARDS = {"qkv_proj": {"q", "k", "v"}, "gate_up_proj": {0, 1}}  # the loader's shard ids
+INT8_MAX = 127
+_SCALE_FLOOR = 1e-12  # an all-zero row quantizes to zeros with this scale
+
+
+def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [R, C] float → (int8 codes [R, C], float32 scales [R, 1]): absmax per row, rounded
+    half to even (torch.round)."""
+    wf = w.float()
+    scale = (wf.abs().amax(dim=1, keepdim=True) / INT8_MAX).clamp_min(_SCALE_FLOOR)
+    q = torch.round(wf / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def int8_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """xq [T, K] int8 · wq [N, K]ᵀ int8 → exact sums [T, N] (int32 on CUDA, float64 on CPU).
+
+    torch._int_mm on CUDA wants more than 16 rows and K, N multiples of 8: fewer rows are
+    padded with zeros; other K, N take the float64 route there too."""
+    t, k = xq.shape
+    n = wq.shape[0]
+    if xq.is_cuda and k % 8 == 0 and n % 8 == 0:
+        rows = max(t, 17)
+        a = xq if rows == t else torch.cat([xq, xq.new_zeros(rows - t, k)])
+        return torch._int_mm(a, wq.t())[:t]
+    return xq.double() @ wq.double().t()
 
 
 def w8a8_matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -73,7 +97,8 @@ class W8A8LinearMethod(QuantMethod):
         if param is layer.weight:
             name = self._name(shard_id, "weight")
             if self.serialized != (loaded.dtype == torch.int8):
-                want = "int8 (a W8A8 checkpoint)" if self.serialized else "float"
+                want = ("int8 (a W8A8 checkpoint)" if self.serialized
+                        else "float (this method quantizes float checkpoints)")
                 raise ValueError(f"{name}: dtype {loaded.dtype}, expected {want}")
             if self.serialized:
                 default(layer.weight, loaded, shard_id)
@@ -113,9 +138,13 @@ class W8A8LinearMethod(QuantMethod):
                 raise ValueError("checkpoint is missing "
                                  + ", ".join(self._name(s, suffix) for s in missing))
 
+    def matmul(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] → [T, N]."""
+        return w8a8_matmul(x, layer.weight, layer.weight_scale)
+
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = w8a8_matmul(x.reshape(-1, x.shape[-1]), layer.weight, layer.weight_scale)
+        y = self.matmul(layer, x.reshape(-1, x.shape[-1]))
         y = y.reshape(*lead, y.shape[-1])
         return y if bias is None else y + bias
 

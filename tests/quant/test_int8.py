@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from kestrel.config import QuantConfig
-from kestrel.quant.int8 import (
-    INT8_MAX,
-    Int8LinearMethod,
-    int8_matmul,
-    llm_int8_matmul,
-    quantize_rows_int8,
-)
+from kestrel.quant.int8 import Int8LinearMethod, llm_int8_matmul
+from kestrel.quant.w8a8 import INT8_MAX, int8_matmul, quantize_rows_int8
 
 
 def _operands(t: int, k: int, n: int, seed: int):

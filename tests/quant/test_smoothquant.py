@@ -42,7 +42,7 @@ def test_w8a8_matmul_within_the_rounding_bound():
     x = torch.randn(9, 64) * torch.rand(9, 1) * 4
     x[:, 3] *= 30  # an outlier channel
     w = torch.randn(24, 64)
-    from kestrel.quant.int8 import quantize_rows_int8
+    from kestrel.quant.w8a8 import quantize_rows_int8
 
     wq, ws = quantize_rows_int8(w)
     y = w8a8_matmul(x, wq, ws)
@@ -147,7 +147,7 @@ def test_w8a8_matmul_on_gpu_equals_cpu(rows):
     same scaling follows."""
     torch.manual_seed(rows)
     x = torch.randn(rows, 256) * 3
-    from kestrel.quant.int8 import quantize_rows_int8
+    from kestrel.quant.w8a8 import quantize_rows_int8
 
     wq, ws = quantize_rows_int8(torch.randn(512, 256))
     cpu = w8a8_matmul(x, wq, ws)
