@@ -200,3 +200,16 @@ def test_llm_int8_on_gpu_equals_cpu_and_decodes_eagerly(checkpoint):
         assert llm.engine.executor.runner.graphs is None
 
     assert _tokens(checkpoint, prompts, eager, device="cuda", **kw) == cpu
+
+
+def test_w8a8_on_gpu_equals_cpu_in_cuda_graphs(checkpoint):
+    """-q w8a8: the per-token activation quantization and torch._int_mm's exact sums run inside
+    the decode CUDA graphs (nothing reads back to the host) and give the CPU's tokens."""
+    prompts = _prompts(3)
+    kw = {"dtype": "float32", "quantization": "w8a8"}
+    cpu = _tokens(checkpoint, prompts, device="cpu", **kw)
+
+    def graphs(llm):
+        assert llm.engine.executor.runner.graphs is not None
+
+    assert _tokens(checkpoint, prompts, graphs, device="cuda", **kw) == cpu
