@@ -52,6 +52,20 @@ def test_tp2_overlapped_steps_match_one_process(tiny4, tiny_ref):
         close_checked(llm)
 
 
+def test_tp2_speculative_decoding_matches_one_process(tiny4, tiny_ref):
+    """Prompt lookup under TP: every rank runs the verified step (rank 0 alone verifies and
+    sends the tokens on); greedy tokens equal one process's without speculation."""
+    repeating = [[5, 6, 7, 8, 9] * 4, [11, 12] * 8]
+    llm = LLM(str(tiny4), debug_checks=True, tensor_parallel_size=2,
+              speculative_method="ngram", max_num_seqs=4)
+    try:
+        got = greedy_tokens(llm, repeating)
+        assert llm.engine.stats.num_accepted_tokens > 0
+        assert got == greedy_tokens(tiny_ref[0], repeating)
+    finally:
+        close_checked(llm)
+
+
 @pytest.mark.parametrize("micro_batches", [2, None])
 def test_pp_matches_one_process_and_serves_a_stream(tiny4, tiny_ref, micro_batches):
     """PP=2 with chunked prefill (48-token budget) and a small KV pool: the same tokens and
