@@ -128,3 +128,17 @@ def test_speculative_flags_from_the_command_line():
     assert not cfg.overlap_steps  # a verified step decides where the next one starts
     assert EngineArgs(model="tiny-llama", load_format="dummy", device="cpu").create_config() \
         .speculative.method is None
+
+
+def test_preemption_under_a_tight_cache_loses_nothing():
+    """A pool too small for every request at once: guesses are dropped before anyone is
+    preempted for them, preempted requests recompute, and every request gets the tokens a
+    plain engine with the same pool gives (random-weight model; block invariants checked)."""
+    prompts = [{"prompt_token_ids": [3 + i, 5, 7, 9, 11] * 6} for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=40)
+    kw = {"load_format": "dummy", "device": "cpu", "block_size": 4, "num_kv_blocks": 40,
+          "max_model_len": 128, "max_num_seqs": 6, "debug_checks": True}
+    spec = LLM("tiny-llama", speculative_method="ngram", **kw)
+    got = _tokens(spec, prompts, params)
+    assert spec.engine.stats.num_preemptions > 0 and spec.engine.stats.num_accepted_tokens > 0
+    assert got == _tokens(LLM("tiny-llama", **kw), prompts, params)
