@@ -289,6 +289,10 @@ def add_engine_cli_args(p: Any) -> None:
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="prepare step N+1 while the device runs step N (default: on for CUDA; "
                         "off with speculative decoding)")
+    _speculative_args(p)
+
+
+def _speculative_args(p: Any) -> None:
     s = p.add_argument_group("speculative decoding")
     s.add_argument("--speculative-method", default=None, choices=["ngram"],
                    help="ngram: prompt lookup, each decoding request's step also verifies the "

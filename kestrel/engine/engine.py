@@ -14,7 +14,7 @@ import torch
 
 from kestrel.config import EngineConfig
 from kestrel.core.block_pool import BlockPool, KVCacheManager
-from kestrel.core.scheduler import Scheduler, SchedulerOutput
+from kestrel.core.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from kestrel.engine.detokenizer import byte_table
 from kestrel.engine.group import RequestGroup
 from kestrel.engine.stats import EngineStats
@@ -282,7 +282,7 @@ class Engine:
         self._check_idle()
         return outputs
 
-    def _append_verified(self, r: Request, s: Any, tokens: list[int], now: float
+    def _append_verified(self, r: Request, s: ScheduledRequest, tokens: list[int], now: float
                          ) -> RequestGroup:
         """Speculative decoding: append the guesses the target kept and its own next token
         (``tokens``), stopping where the request finishes. The cache holds valid K/V for the

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from kestrel.loader.hf import iterate_weights, read_config
 from kestrel.quant.calibrate import (
     calibrated_blocks,
     calibration_windows,
@@ -76,7 +77,7 @@ def write_smoothquant_folder(src_hf_folder: str | Path, out_folder: str | Path, 
         raise ValueError(f"{out}: output folder must differ from the source folder")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"SmoothQuant alpha (migration strength) must be in [0, 1], got {alpha}")
-    config = json.loads((src / "config.json").read_text())
+    config = read_config(src)
     if config.get("quantization_config"):
         raise ValueError(f"{src}: already quantized")
     model = load_float_model(src)
@@ -84,8 +85,6 @@ def write_smoothquant_folder(src_hf_folder: str | Path, out_folder: str | Path, 
     replaced = _smoothed_tensors(model)
     out.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out, 5 << 30)
-    from kestrel.loader.hf import iterate_weights
-
     for name, tensor in iterate_weights(src):
         if name in replaced:  # a norm keeps the checkpoint's dtype; int8 codes stay int8
             t = replaced.pop(name)

@@ -138,7 +138,7 @@ def write_sparse_folder(src_hf_folder: str | Path, out_folder: str | Path, *,
                         calibration: list[list[int]] | None = None) -> Path:
     """A 2:4-sparse float copy of a float folder (``score``: wanda, calibrated on
     ``calibration`` or pydoc windows, or magnitude), its config.json saying so."""
-    from kestrel.loader.hf import iterate_weights
+    from kestrel.loader.hf import iterate_weights, read_config
     from kestrel.quant.calibrate import calibration_windows, hf_parts, load_float_model
     from kestrel.quant.fp8_checkpoint import LINEAR_WEIGHT, ShardWriter, copy_side_files
 
@@ -147,7 +147,7 @@ def write_sparse_folder(src_hf_folder: str | Path, out_folder: str | Path, *,
         raise ValueError(f"{out}: output folder must differ from the source folder")
     if score not in ("wanda", "magnitude"):
         raise ValueError(f"2:4 pruning score must be wanda or magnitude, got {score!r}")
-    config = json.loads((src / "config.json").read_text())
+    config = read_config(src)
     if config.get("quantization_config"):
         raise ValueError(f"{src}: already quantized or sparse")
     model = load_float_model(src)
