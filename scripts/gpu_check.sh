@@ -4,7 +4,7 @@
 #   PART: tests | roofline | profile | profile-prefill | kernels | splits | latency | fp8gemm |
 #         sweep | sweep-tp2 | hf | decode64 | decode16k | throughput | throughput-fp8 |
 #         throughput-kvfp8 | budget | long | fig27 | fp8-70b | serve | pdl | ab | fa4 | quack |
-#         realmodel | startup-read
+#         realmodel | startup-read | spec | w8a8
 # Parts after `roofline` reuse $OUT/roofline.json (measured first if missing). 4k prefills
 # (latency, AB_SHAPE=prefill) rest the GPU ${REST:-2} s before each timed run: a GPU at its
 # power limit runs a ~95 ms prefill slower right after another (PERFORMANCE.md, "Power").
@@ -34,6 +34,29 @@ if has realmodel; then  # the real default model, carried by scripts/model_carry
   k eval compare --device cuda --dtype bfloat16 --quantization fp8 --window 128 \
     --max-windows 512 --batch-windows 64 --no-progress --plot "$OUT/fig26_gpu.png" \
     --json "$OUT/eval_fp8_gpu.json" | tail -n 14
+fi
+if has spec; then  # speculative decoding with prompt lookup on the real default model (carried
+  # by scripts/model_carry.sh): pydoc continuations, 1 and 64 requests, plain then ngram (K = 4)
+  for n in 1 64; do
+    for s in "" "--speculative-method ngram --num-speculative-tokens 4"; do
+      tag=$(echo "n${n}${s:+_ngram}" | tr -c 'a-z0-9\n' '_')
+      k bench throughput --prompt-source text --input-len 512 --output-len 128 --num-prompts $n \
+        --max-num-seqs $n $s --json "$OUT/spec_${tag}.json" 2>&1 | tee "$OUT/spec_${tag}.log" \
+        | grep -E "^output tokens|TPOT|guesses|start-up" | head -n 5
+    done
+  done
+fi
+if has w8a8; then  # W8A8 (int8 x int8 products through torch._int_mm) against BF16 and the FP8
+  # recipe's every-layer form: batch-1 decode and the 4k prefill, llama-3-8b preset
+  c=$(ceil)
+  for q in "" "--quantization w8a8" "--quantization fp8 --fp8-attention --no-fp8-skip-layers"; do
+    tag=$(echo "bf16${q}" | tr -c 'a-z0-9\n' '_' | tr -s _)
+    $L8 --batch 1 --input 128 --output 128 $q --max-num-seqs 1 $c \
+      --json "$OUT/w8a8_decode_b1_${tag}.json" | grep -E "time per output|bandwidth /"
+    $L8 --batch 1 --input 4096 --output 1 $q --max-num-seqs 1 --max-num-batched-tokens 4096 \
+      --rest "${REST:-2}" $c --json "$OUT/w8a8_prefill_4k_${tag}.json" \
+      | grep -E "prefill time|prefill FLOP/s /"
+  done
 fi
 if has startup-read; then  # start-up with an 8B checkpoint's read (the presets read nothing):
   # random weights written once as bf16 safetensors, then the 4k prefill from that folder, with

@@ -9,12 +9,14 @@ from types import SimpleNamespace
 import torch
 
 from kestrel.core.scheduler import ScheduledRequest, SchedulerOutput
-from kestrel.executor.model_runner import ModelRunner, PrevTokens
+from kestrel.executor.model_runner import ModelRunner, PrevTokens, verifies_as_decode
 
 
-def _prepare(out: SchedulerOutput, prev: PrevTokens | None = None):
+def _prepare(out: SchedulerOutput, prev: PrevTokens | None = None, flat: bool = False):
+    """``flat``: as when decode graphs can serve the step's rows (ModelRunner.flat_drafts)."""
     runner = SimpleNamespace(block_size=4, device=torch.device("cpu"))
     runner._upload = lambda arrays: ModelRunner._upload(runner, arrays)
+    runner.flat_drafts = lambda seqs, n: flat and verifies_as_decode(seqs)
     return ModelRunner.prepare(runner, out, prev)
 
 
@@ -78,3 +80,28 @@ def test_kept_rows_name_the_sequences_they_end():
     assert batch.keep.rows.tolist() == [4, 5, 6] and batch.keep.seqs_cpu is None
     batch = _prepare(SchedulerOutput([steps[0]]), PrevTokens({"a": 0}, torch.tensor([55])))
     assert batch.keep is None  # decode: every row is read
+
+
+def test_a_verified_step_as_decode_rows():
+    """Request a verifies two guesses at positions 6..8 (blocks [3, 8, 2]), b has none: four
+    decode rows, each with its request's block table and its context up to itself; the slots
+    and logits rows are those of the varlen layout."""
+    out = SchedulerOutput([ScheduledRequest("a", [11, 12, 13], 6, [3, 8, 2], False,
+                                            num_draft=2),
+                           ScheduledRequest("b", [21], 2, [6], True)])
+    varlen, flat = _prepare(out), _prepare(out, flat=True)
+    assert not varlen.meta.is_decode_only and flat.meta.is_decode_only
+    assert flat.meta.query_start_loc.tolist() == [0, 1, 2, 3, 4]
+    assert flat.meta.seq_lens.tolist() == [7, 8, 9, 3]
+    assert flat.meta.block_tables.tolist() == [[3, 8, 2]] * 3 + [[6, 0, 0]]
+    assert flat.meta.slot_mapping.tolist() == varlen.meta.slot_mapping.tolist() == [34, 35, 8, 26]
+    assert flat.logits_indices.tolist() == varlen.logits_indices.tolist() == [0, 1, 2, 3]
+    assert flat.prompt_rows == varlen.prompt_rows == {"a": (0, 3)}
+    assert flat.sample_rows == varlen.sample_rows == [3]
+    assert flat.keep is None
+
+
+def test_steps_with_a_prompt_chunk_keep_the_varlen_layout():
+    out = SchedulerOutput([ScheduledRequest("a", [11, 12], 6, [3, 8], False, num_draft=1),
+                           ScheduledRequest("p", [1, 2, 3], 0, [5], True)])
+    assert not _prepare(out, flat=True).meta.is_decode_only

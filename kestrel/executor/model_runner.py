@@ -99,6 +99,14 @@ def select_backend(cfg: EngineConfig) -> str:
     return "torch"
 
 
+def verifies_as_decode(seqs: list) -> bool:
+    """A step of decoding requests only (each chunk its last token and its proposals), some
+    with proposals to verify."""
+    return (any(s.num_draft for s in seqs)
+            and all(not s.prompt_logprobs and s.num_new_tokens == 1 + s.num_draft
+                    and (s.sample or s.num_draft) for s in seqs))
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, tp: TPGroup = SINGLE,
                  layer_range: tuple[int, int] | None = None) -> None:
@@ -250,8 +258,10 @@ class ModelRunner:
             log.info("decode runs eagerly: %s cannot be captured in CUDA graphs",
                      ", ".join(sorted(eager)))
             return
-        sc = self.cfg.scheduler
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, sc.max_num_seqs, sc.max_model_len,
+        sc, spec = self.cfg.scheduler, self.cfg.speculative
+        # a verified step's rows are decode rows of their own (prepare's flat_drafts)
+        rows = sc.max_num_seqs * (1 + (spec.num_speculative_tokens if spec.method else 0))
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, rows, sc.max_model_len,
                                    self.block_size, self.device,
                                    self.cfg.model_config.hidden_size, self.cfg.dtype,
                                    get_backend_cls(self.backend_name).decode_len_breaks)
@@ -301,6 +311,10 @@ class ModelRunner:
                                "tokens were given")
         src = np.array([prev.rows[seqs[i].request_id] for i in seq_of[holes]] if holes.size
                        else [], dtype=np.int64)
+        if self.flat_drafts(seqs, pos.size):  # each token a decode row: its own context
+            table, seq_lens = table[seq_of], pos + 1
+            q_lens = np.ones(pos.size, dtype=np.int64)
+            qsl = np.arange(pos.size + 1, dtype=np.int64)
         i32 = np.int32
         n = ids.size
         ips = np.zeros((3, n + n % 2), dtype=np.int64)  # rows of whole 16-byte units (_upload)
@@ -325,6 +339,16 @@ class ModelRunner:
         return ForwardBatch(ids_t, pos_t, meta, rows_t, sample_rows, sample_t, prompt_rows,
                             id_pos_slot, row_seqs_t, row_seqs if last_rows_only else None)
 
+    def flat_drafts(self, seqs: list, num_tokens: int) -> bool:
+        """Whether this step runs as a decode batch of one row per token (row j of a request:
+        its block table, its context up to and including token j): attention computes the
+        same, and the decode CUDA graphs serve it instead of an eager varlen forward (a 135M
+        model's verified step took 4.9 ms eagerly against 0.86 for a plain step, H200). Only
+        where a graph fits the rows: each row reads its request's whole context, so eager long
+        contexts keep the varlen path."""
+        return (self.graphs is not None and self.graphs.can_run(num_tokens)
+                and verifies_as_decode(seqs))
+
     def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """Several small int64 / int32 arrays in one host→device copy (pinned and non-blocking
         on CUDA, so preparing a step never waits for the device), each in the dtype the
@@ -348,19 +372,24 @@ class ModelRunner:
                 for p, off in zip(parts, starts)]
 
     def use_graph(self, batch: ForwardBatch) -> bool:
-        """A captured graph serves decode batches that sample every row and fit the largest
-        graph. Depends on the SchedulerOutput alone, so every rank decides alike."""
-        return (self.graphs is not None and batch.meta.is_decode_only and not batch.prompt_rows
-                and len(batch.sample_rows) == batch.meta.num_seqs
+        """A captured graph serves decode batches that want the logits of every row (a graph
+        computes them all) and fit the largest graph. Depends on the SchedulerOutput alone, so
+        every rank decides alike."""
+        return (self.graphs is not None and batch.meta.is_decode_only
+                and batch.logits_indices.numel() == batch.meta.num_seqs
                 and self.graphs.can_run(batch.meta.num_seqs))
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, prev: PrevTokens | None = None) -> RunnerOutput:
         batch = self.prepare(out, prev)
         if self.use_graph(batch):
-            return RunnerOutput(self.graphs.run(batch.id_pos_slot, batch.meta), {})
-        hidden, _ = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta,
-                               keep=batch.keep)
-        logits = self.model.compute_logits(batch.logits_hidden(hidden))
+            logits = self.graphs.run(batch.id_pos_slot, batch.meta)
+            if not batch.prompt_rows:  # plain decode: every row sampled, in order
+                return RunnerOutput(logits, {})
+            logits = logits.clone()  # the graph's buffer: the next replay overwrites it
+        else:
+            hidden, _ = self.model(batch.input_ids, batch.positions, self.kv_caches,
+                                   batch.meta, keep=batch.keep)
+            logits = self.model.compute_logits(batch.logits_hidden(hidden))
         prompt = {rid: logits[a:b] for rid, (a, b) in batch.prompt_rows.items()}
         return RunnerOutput(logits.index_select(0, batch.sample_rows_dev), prompt)

@@ -76,7 +76,8 @@ def _skinny_kernel(
     W_EVICT: tl.constexpr,  # eviction policy of weight loads: "" or "evict_first"
     BROADCAST_X: tl.constexpr,
     PREFETCH: tl.constexpr,  # FMA: tiles loaded a step ahead (SkinnyConfig.prefetch)
-    SCALED: tl.constexpr,  # fp8 operands with row scales; False: plain x·wᵀ
+    SCALED: tl.constexpr,  # fp8 (or INT8: int8) operands with row scales; False: plain x·wᵀ
+    INT8: tl.constexpr,
     DOT_F32: tl.constexpr,  # unscaled dot in float32, IEEE (float32 operands; see _launch)
     GLU: tl.constexpr,  # x is [silu(gate) | up], multiplied as loaded (skinny_loops._load_x)
     SILU: tl.constexpr,
@@ -104,7 +105,7 @@ def _skinny_kernel(
     pdl_wait(PDL)
     if USE_DOT:
         acc = dot_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_M, BLOCK_N,
-                       BLOCK_K, EVEN_K, W_EVICT, SCALED, DOT_F32, GLU, DT, HW)
+                       BLOCK_K, EVEN_K, W_EVICT, SCALED, DOT_F32, GLU, DT, HW, INT8)
     else:
         acc = fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N, BLOCK_K,
                        EVEN_K, W_EVICT, BROADCAST_X, PREFETCH, GLU, DT, HW, AHEAD)
@@ -196,7 +197,8 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
         EVEN_K=k % cfg.block_k == 0, SPLIT=split > 1, DT=dt,
         W_EVICT="evict_first" if cfg.evict_first else "", BROADCAST_X=cfg.broadcast_x,
-        PREFETCH=cfg.prefetch, AHEAD=run_ahead(cfg, k), SCALED=scaled, DOT_F32=dot_f32, GLU=glu,
+        PREFETCH=cfg.prefetch, AHEAD=run_ahead(cfg, k), SCALED=scaled,
+        INT8=w.dtype == torch.int8, DOT_F32=dot_f32, GLU=glu,
         SILU=silu_cols > 0,
         HW=_compiled(), RELEASE_LATE=silu_cols > 0 and split == 1, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

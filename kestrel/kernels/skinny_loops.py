@@ -119,29 +119,34 @@ def _fma_prefetched(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_K: tl.
 
 
 @triton.jit
-def _dot_step(acc, x, w, BLOCK_K: tl.constexpr, SCALED: tl.constexpr, DOT_F32: tl.constexpr):
-    if SCALED:  # fp8: promoted to float32 every BLOCK_K products
-        return tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=BLOCK_K)
-    if DOT_F32:  # float32 operands, no TF32 rounding (FMA, not tensor cores)
-        return tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
-    return tl.dot(w, tl.trans(x), acc)  # 16-bit MMA, float32 accumulation
+def _dot_step(acc, x, w, BLOCK_K: tl.constexpr, SCALED: tl.constexpr, DOT_F32: tl.constexpr,
+              INT8: tl.constexpr):
+    if INT8:  # exact int32 sums of one K step, then float32 (one return: Triton types them all)
+        acc = acc + tl.dot(w, tl.trans(x), out_dtype=tl.int32).to(tl.float32)
+    elif SCALED:  # fp8: promoted to float32 every BLOCK_K products
+        acc = tl.dot(w, tl.trans(x), acc, max_num_imprecise_acc=BLOCK_K)
+    elif DOT_F32:  # float32 operands, no TF32 rounding (FMA, not tensor cores)
+        acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(w, tl.trans(x), acc)  # 16-bit MMA, float32 accumulation
+    return acc
 
 
 @triton.jit
 def dot_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
               W_EVICT: tl.constexpr, SCALED: tl.constexpr, DOT_F32: tl.constexpr,
-              GLU: tl.constexpr, DT: tl.constexpr, HW: tl.constexpr):
+              GLU: tl.constexpr, DT: tl.constexpr, HW: tl.constexpr, INT8: tl.constexpr):
     """x_ptrs [BLOCK_M, BLOCK_K], w_ptrs [BLOCK_N, BLOCK_K] → w·xᵀ as [BLOCK_N, BLOCK_M]; the
-    first K step's weights are ``w_first``."""
+    first K step's weights are ``w_first``; ``INT8``: int8 tiles."""
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
-    acc = _dot_step(acc, x, w_first, BLOCK_K, SCALED, DOT_F32)
+    acc = _dot_step(acc, x, w_first, BLOCK_K, SCALED, DOT_F32, INT8)
     for _ in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         offs_k += BLOCK_K
         w = load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
         x = _load_x(x_ptrs, offs_k, K, EVEN_K, GLU, DT, HW)
-        acc = _dot_step(acc, x, w, BLOCK_K, SCALED, DOT_F32)
+        acc = _dot_step(acc, x, w, BLOCK_K, SCALED, DOT_F32, INT8)
     return acc

@@ -29,6 +29,7 @@ COMPRESSED = "compressed-tensors"
 _SHARDS = {"qkv_proj": {"q", "k", "v"}, "gate_up_proj": {0, 1}}  # the loader's shard ids
 INT8_MAX = 127
 _SCALE_FLOOR = 1e-12  # an all-zero row quantizes to zeros with this scale
+SMALL_M = 16  # rows up to which the GPU path streams the weights (decode) instead of a GEMM
 
 
 def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +55,27 @@ def int8_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     return xq.double() @ wq.double().t()
 
 
-def w8a8_matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+def w8a8_matmul_ref(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """x [T, K] float, wq [N, K] int8, w_scale [N, 1] float32 → [T, N] in x's dtype: each token
     row quantized by its own absmax, one exact int8 product, rescaled."""
     xq, x_scale = quantize_rows_int8(x)
     return (int8_matmul(xq, wq).float() * x_scale * w_scale.t()).to(x.dtype)
+
+
+def w8a8_matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``w8a8_matmul_ref``'s function; on CUDA through kestrel.kernels.int8_w8a8 (one kernel
+    quantizes x, then up to SMALL_M rows a skinny GEMM, more torch._int_mm and one scaling
+    kernel)."""
+    t, k = x.shape
+    n = wq.shape[0]
+    if not x.is_cuda or k % 8 or n % 8:
+        return w8a8_matmul_ref(x, wq, w_scale)
+    from kestrel.kernels.int8_w8a8 import int8_gemm_small_m, per_token_quant_int8, scale_int32
+
+    xq, x_scale = per_token_quant_int8(x)
+    if t <= SMALL_M:
+        return int8_gemm_small_m(xq, x_scale, wq, w_scale, x.dtype)
+    return scale_int32(torch._int_mm(xq, wq.t()), x_scale, w_scale, x.dtype)
 
 
 class W8A8LinearMethod(QuantMethod):

@@ -30,6 +30,7 @@ from kestrel.kernels import (
     fp8_gemm,
     fp8_quant,
     fused,
+    int8_w8a8,
     paged_attention,
     rotary,
     skinny_config,
@@ -37,7 +38,8 @@ from kestrel.kernels import (
 from kestrel.kernels.prefill_attention import gather_kv, merge_attention, prefill_attention
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-         torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", FP8_DTYPE: "fp8e4nv"}
+         torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.int8: "i8",
+         FP8_DTYPE: "fp8e4nv"}
 OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
 
@@ -128,6 +130,14 @@ def _representative_calls() -> None:
                 skinny_config.SkinnyConfig(4, 32, 1, ahead=4),  # K 128: one group of four
                 skinny_config.SkinnyConfig(16, 64, 2, use_dot=True)):
         fp8_gemm.fp8_gemm_small_m(xq, xs, wq, ws.view(-1), torch.bfloat16, config=cfg)
+    int8_w8a8.per_token_quant_int8(a.bfloat16(), max_one_pass=64)
+    xq, xs = int8_w8a8.per_token_quant_int8(torch.randn(2, 128, generator=g))
+    wq, ws = int8_w8a8.per_token_quant_int8(torch.randn(32, 128, generator=g))
+    for cfg in (skinny_config.SkinnyConfig(4, 64),
+                skinny_config.SkinnyConfig(16, 64, 2, use_dot=True)):
+        int8_w8a8.int8_gemm_small_m(xq, xs, wq, ws, torch.bfloat16, config=cfg)
+    int8_w8a8.scale_int32(torch.ones(3, 5, dtype=torch.int32), torch.ones(3, 1),
+                          torch.ones(5, 1), torch.bfloat16)
 
 
 def _attention_calls(dt: torch.dtype, fp8: bool, g: torch.Generator) -> None:
@@ -172,7 +182,8 @@ def test_every_kernel_compiles_for_sm90(monkeypatch) -> None:
     names = {fn.__name__ for fn, *_ in specs}
     assert {"_rotary_cache_kernel", "_decode_kernel", "_prefill_kernel", "_merge_kernel",
             "_gather_kv_kernel",
-            "_per_token_quant_kernel", "_skinny_kernel", "_rms_norm_quant_kernel"} <= names
+            "_per_token_quant_kernel", "_skinny_kernel", "_rms_norm_quant_kernel",
+            "_per_token_int8_kernel", "_scale_int32_kernel"} <= names
     late = {consts[(triton.JITFunction(fn).arg_names.index("RELEASE_LATE"),)]
             for fn, _, consts, _ in specs if fn.__name__ == "_skinny_kernel"}
     assert late == {True, False}  # both PDL release points are compiled and checked
@@ -211,7 +222,9 @@ for job in json.loads(sys.stdin.read()):
         else:
             print("ok")
     except Exception as e:
-        print("FAILED", job["name"], consts, type(e).__name__, str(e)[:800])
+        while e.__cause__ is not None:  # the innermost error says what failed
+            e = e.__cause__
+        print("FAILED", job["name"], consts, type(e).__name__, str(e)[-800:])
 """
 
 

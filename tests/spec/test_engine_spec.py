@@ -8,6 +8,7 @@ import pytest
 
 from kestrel import LLM, SamplingParams
 from kestrel.engine.args import EngineArgs
+from kestrel.executor.model_runner import verifies_as_decode
 from kestrel.request import Request
 
 # output that repeats its input, where prompt lookup finds guesses
@@ -142,3 +143,30 @@ def test_preemption_under_a_tight_cache_loses_nothing():
     got = _tokens(spec, prompts, params)
     assert spec.engine.stats.num_preemptions > 0 and spec.engine.stats.num_accepted_tokens > 0
     assert got == _tokens(LLM("tiny-llama", **kw), prompts, params)
+
+
+def test_verified_steps_as_rows_of_decode_give_the_same_tokens(spec_llm, smollm_llm,
+                                                               monkeypatch):
+    """On a GPU a step of decoding requests with guesses runs as a decode batch of one row per
+    token (ModelRunner.flat_drafts, so the decode CUDA graphs serve it). Forced here without
+    graphs: each row attends to its own context and greedy tokens still equal plain
+    decoding's."""
+    runner = spec_llm.engine.executor.runner
+    metas = []
+    real_prepare = runner.prepare
+
+    def prepare(out, prev=None):
+        batch = real_prepare(out, prev)
+        metas.append((out, batch.meta))
+        return batch
+
+    monkeypatch.setattr(runner, "flat_drafts", lambda seqs, n: verifies_as_decode(seqs))
+    monkeypatch.setattr(runner, "prepare", prepare)
+    params = SamplingParams(temperature=0, max_tokens=40)
+    assert _tokens(spec_llm, PROMPTS, params) == _tokens(smollm_llm, PROMPTS, params)
+    flat = [(out, m) for out, m in metas if any(s.num_draft for s in out.scheduled)
+            and m.is_decode_only]
+    assert flat, "no verified step ran as decode rows"
+    for out, meta in flat:
+        lens = [s.start + j + 1 for s in out.scheduled for j in range(s.num_new_tokens)]
+        assert meta.seq_lens.tolist() == lens and meta.num_seqs == out.num_batched_tokens
