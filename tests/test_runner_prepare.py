@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import torch
 
 from kestrel.core.scheduler import ScheduledRequest, SchedulerOutput
+from kestrel.executor.cuda_graph import capture_sizes
 from kestrel.executor.model_runner import ModelRunner, PrevTokens, verifies_as_decode
 
 
@@ -105,3 +106,11 @@ def test_steps_with_a_prompt_chunk_keep_the_varlen_layout():
     out = SchedulerOutput([ScheduledRequest("a", [11, 12], 6, [3, 8], False, num_draft=1),
                            ScheduledRequest("p", [1, 2, 3], 0, [5], True)])
     assert not _prepare(out, flat=True).meta.is_decode_only
+
+
+def test_graph_sizes_reach_the_largest_batch():
+    """Every batch up to max rows has a graph: 5 rows pad to 8 (not eager past 4)."""
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(5) == [1, 2, 4, 8]
+    assert capture_sizes(256)[-1] == 256 and capture_sizes(320)[-2:] == [288, 320]
+    assert capture_sizes(5000)[-1] == 1024

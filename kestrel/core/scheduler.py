@@ -95,6 +95,8 @@ class Scheduler:
         req.status = status
         self.kv.free(req)
         self.kv.forget(req)
+        if self.proposer is not None:
+            self.proposer.release(req.request_id)
 
     def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
         """One step's work; ``max_seqs`` caps how many requests it takes (a micro-batch)."""
@@ -145,7 +147,7 @@ class Scheduler:
             return []
         k = min(self.proposer.cfg.num_speculative_tokens, room,
                 req.max_tokens - len(req.output_token_ids) - 1)
-        return self.proposer.propose(req.all_token_ids, k) if k > 0 else []
+        return self.proposer.propose(req, k) if k > 0 else []
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, cap: int) -> None:
         skipped: list[Request] = []

@@ -25,9 +25,12 @@ from kestrel.attention.base import AttentionMetadata
 log = logging.getLogger(__name__)
 
 
-def capture_sizes(max_num_seqs: int) -> list[int]:
+def capture_sizes(max_rows: int) -> list[int]:
+    """Padded batch sizes to capture: up to the first that holds ``max_rows`` (at most 1024;
+    larger batches run eagerly)."""
     sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 1025, 32))
-    return [s for s in sizes if s <= max_num_seqs] or [1]
+    return [s for s in sizes if s < max_rows] + [next((s for s in sizes if s >= max_rows),
+                                                     sizes[-1])]
 
 
 class DecodeGraphs:
@@ -46,7 +49,7 @@ class DecodeGraphs:
         # attention backend's decode_len_breaks below max_model_len, then max_model_len
         self.bounds = {bs: sorted({b for b in len_breaks(bs) if b < max_model_len})
                        + [max_model_len] for bs in self.sizes}
-        i32 = dict(dtype=torch.int32, device=device)
+        i32 = {"dtype": torch.int32, "device": device}
         # input ids, positions and slot mapping as rows of one buffer: one copy stages them
         self.id_pos_slot = torch.zeros(3, n, dtype=torch.int64, device=device)
         self.input_ids, self.positions, self.slot_mapping = self.id_pos_slot

@@ -6,14 +6,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from kestrel.config import SpeculativeConfig
+from kestrel.request import Request
 
 _PROPOSERS: dict[str, type[Proposer]] = {}
 
 
 class Proposer(ABC):
-    """Contract: ``propose(token_ids, max_k)`` returns at most ``max_k`` token ids that may
-    follow ``token_ids`` (the request's prompt and output so far), [] for no guess. It runs on
-    the host, between steps, for every request about to decode, so it must be cheap."""
+    """Contract: ``propose(req, max_k)`` returns at most ``max_k`` token ids that may follow
+    the request's tokens so far (prompt and output), [] for no guess. It runs on the host,
+    between steps, for every request about to decode, so it must be cheap: a proposer may keep
+    what it learnt of a request (its tokens only grow) until ``release(request_id)``, which the
+    scheduler calls when the request leaves."""
 
     name: str
 
@@ -21,7 +24,10 @@ class Proposer(ABC):
         self.cfg = cfg
 
     @abstractmethod
-    def propose(self, token_ids: list[int], max_k: int) -> list[int]: ...
+    def propose(self, req: Request, max_k: int) -> list[int]: ...
+
+    def release(self, request_id: str) -> None:
+        """Forget a request that finished or was aborted (default: nothing kept)."""
 
 
 def register_proposer(cls: type[Proposer]) -> type[Proposer]:

@@ -41,6 +41,7 @@ def test_greedy_equals_plain_decoding_and_guesses_are_kept(spec_llm, smollm_llm)
     drafted, accepted = stats.num_draft_tokens - d0, stats.num_accepted_tokens - a0
     assert 0 < accepted <= drafted
     assert spec_steps < smollm_llm.engine.stats.num_steps - plain_steps0  # kept guesses save steps
+    assert not spec_llm.engine.scheduler.proposer._seen  # finished requests were released
 
 
 def test_prefix_cache_reuse_after_speculation(spec_llm, smollm_llm):

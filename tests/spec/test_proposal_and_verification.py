@@ -3,6 +3,7 @@ sampling keeps the target's distribution exactly (counted over many draws)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,32 +11,59 @@ from kestrel.config import SpeculativeConfig
 from kestrel.layers.sampler import Sampler
 from kestrel.request import Request
 from kestrel.sampling_params import SamplingParams
-from kestrel.spec.ngram import NgramProposer
+from kestrel.spec.ngram import ngram_lookup
 from kestrel.spec.proposer import make_proposer
 from kestrel.spec.rejection import accept_greedy, accept_sampled
 
 
-def _ngram(lo: int = 1, hi: int = 3) -> NgramProposer:
-    return make_proposer(SpeculativeConfig("ngram", 4, hi, lo))
+def _look(ids: list[int], k: int, lo: int = 1, hi: int = 3) -> list[int]:
+    return ngram_lookup(np.asarray(ids, dtype=np.int64), k, lo, hi)
+
+
+def _brute_force(ids: list[int], k: int, lo: int, hi: int) -> list[int]:
+    """The definition: longest suffix first, its latest earlier occurrence."""
+    for n in range(hi, lo - 1, -1):
+        for s in range(len(ids) - n - 1, -1, -1):
+            if ids[s: s + n] == ids[-n:]:
+                return ids[s + n: s + n + k]
+    return []
 
 
 def test_ngram_proposes_what_followed_the_latest_match():
-    p = _ngram()
     # the suffix [7, 8] occurred at 1 and 5; the latest one (5) was followed by 9, 1, 7
-    assert p.propose([0, 7, 8, 2, 3, 7, 8, 9, 1, 7, 8], 3) == [9, 1, 7]
-    assert p.propose([0, 7, 8, 2, 3, 7, 8, 9, 1, 7, 8], 1) == [9]
+    assert _look([0, 7, 8, 2, 3, 7, 8, 9, 1, 7, 8], 3) == [9, 1, 7]
+    assert _look([0, 7, 8, 2, 3, 7, 8, 9, 1, 7, 8], 1) == [9]
     # fewer tokens follow the match than asked for: what there is
-    assert p.propose([5, 6, 5], 4) == [6, 5]
+    assert _look([5, 6, 5], 4) == [6, 5]
 
 
 def test_ngram_prefers_the_longest_suffix_and_stops_at_min():
-    p = _ngram(lo=1, hi=3)
     # 3-gram [1, 2, 3] matched at 0 (→ 40) though the 1-gram [3] matched later (→ 50)
-    ids = [1, 2, 3, 40, 9, 3, 50, 1, 2, 3]
-    assert p.propose(ids, 1) == [40]
-    assert _ngram(lo=2, hi=3).propose([4, 3, 50, 1, 3], 2) == []  # only a 1-gram matches
-    assert _ngram().propose([1, 2, 3, 4], 4) == []  # nothing repeats
-    assert _ngram().propose([1], 4) == [] and _ngram().propose([1, 1], 0) == []
+    assert _look([1, 2, 3, 40, 9, 3, 50, 1, 2, 3], 1) == [40]
+    assert _look([4, 3, 50, 1, 3], 2, lo=2) == []  # only a 1-gram matches
+    assert _look([1, 2, 3, 4], 4) == []  # nothing repeats
+    assert _look([1], 4) == [] and _look([1, 1], 0) == []
+
+
+@pytest.mark.parametrize("lo, hi", [(1, 1), (1, 3), (2, 4), (3, 3)])
+def test_ngram_lookup_is_the_brute_force_search(lo, hi):
+    g = torch.Generator().manual_seed(lo * 10 + hi)
+    for _ in range(300):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        ids = torch.randint(0, 4, (n,), generator=g).tolist()  # 4 symbols: many repeats
+        k = int(torch.randint(0, 5, (1,), generator=g))
+        assert _look(ids, k, lo, hi) == _brute_force(ids, k, lo, hi), (ids, k)
+
+
+def test_the_proposer_extends_its_copy_of_a_request_and_forgets_it():
+    p = make_proposer(SpeculativeConfig("ngram", 4, 3, 1))
+    req = Request("r", [5, 6, 7, 5], SamplingParams(), 200)
+    assert p.propose(req, 2) == [6, 7]
+    for t in [6, 7, 9] + list(range(100, 180)):  # grows past the buffer's first size
+        req.output_token_ids.append(t)
+        assert p.propose(req, 3) == _brute_force(req.all_token_ids, 3, 1, 3)
+    p.release("r")
+    assert "r" not in p._seen
 
 
 def test_config_is_validated():
