@@ -74,7 +74,7 @@ def use_triton_kernels(model: nn.Module) -> None:
     from kestrel.quant.fp8_fused import (
         fp8_norm_input,
         fp8_norm_mlp,
-        rowwise_fp8,
+        row_quantized,
         uses_fp8_producers,
     )
 
@@ -84,7 +84,7 @@ def use_triton_kernels(model: nn.Module) -> None:
         elif isinstance(m, LlamaMLP):
             m.act, m.fold_act = fused.silu_and_mul, True
         elif isinstance(m, LlamaDecoderLayer):  # FP8 activations quantized by their producers
-            if rowwise_fp8(m.self_attn.qkv_proj) is not None:
+            if row_quantized(m.self_attn.qkv_proj) is not None:
                 m.norm_input = fp8_norm_input
             if uses_fp8_producers(m.mlp):
                 m.norm_mlp = fp8_norm_mlp

@@ -13,7 +13,8 @@ phase 1 writes each piece's amax (and, fused with SwiGLU, the activation in the 
 phase 2 reduces the row's amaxes to its scale and quantizes its piece. Both give the same bits:
 a max does not depend on the order it is taken in.
 The rounding primitives (e4m3 codes, bf16 rounding points, the reciprocal division) are in
-``kestrel.kernels.rounding``.
+``kestrel.kernels.rounding``. With ``int8=True`` the same kernels emit W8A8's int8 codes and
+scales instead (amax / 127, no bound; kestrel.quant.w8a8.quantize_rows_int8).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from kestrel.kernels.pdl import pdl_args, pdl_enter
 from kestrel.kernels.rounding import (
     DTYPE_CODES,
     hw_fp8_cast,
-    quantize_e4m3_rcp,
     round_dtype,
-    scale_of,
+    row_codes,
+    row_scale,
     silu_rounded,
 )
 from kestrel.quant.fp8_ops import FP8_DTYPE
@@ -56,7 +57,7 @@ def _load_act(x_row, n_cols, offs, mask, SILU: tl.constexpr, DT: tl.constexpr,
 @triton.jit
 def _per_token_quant_kernel(
     x_ptr,  # [T, N] (SILU: [T, 2N] gate | up)
-    q_ptr,  # [T, N] uint8 (e4m3 bits)
+    q_ptr,  # [T, N] uint8 (e4m3 or int8 bits)
     s_ptr,  # [T] float32
     n_cols,
     stride_x,
@@ -67,6 +68,7 @@ def _per_token_quant_kernel(
     HW_CAST: tl.constexpr,
     BLOCK: tl.constexpr,
     ONE_PASS: tl.constexpr,
+    INT8: tl.constexpr,  # int8 codes (W8A8) instead of e4m3: rounding.row_codes
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -77,22 +79,22 @@ def _per_token_quant_kernel(
         offs = tl.arange(0, BLOCK)
         mask = offs < n_cols
         v = _load_act(x_row, n_cols, offs, mask, SILU, DT, HW_CAST)
-        scale = scale_of(tl.max(tl.abs(v), axis=0), scale_ub)
+        scale = row_scale(tl.max(tl.abs(v), axis=0), scale_ub, INT8)
         rcp = tl.math.div_rn(1.0, scale)
-        tl.store(q_row + offs, quantize_e4m3_rcp(v, scale, rcp, HW_CAST), mask=mask)
+        tl.store(q_row + offs, row_codes(v, scale, rcp, HW_CAST, INT8), mask=mask)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             v = _load_act(x_row, n_cols, offs, offs < n_cols, SILU, DT, HW_CAST)
             amax = tl.maximum(amax, tl.abs(v))
-        scale = scale_of(tl.max(amax, axis=0), scale_ub)
+        scale = row_scale(tl.max(amax, axis=0), scale_ub, INT8)
         rcp = tl.math.div_rn(1.0, scale)
         for start in range(0, n_cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < n_cols
             v = _load_act(x_row, n_cols, offs, mask, SILU, DT, HW_CAST)
-            tl.store(q_row + offs, quantize_e4m3_rcp(v, scale, rcp, HW_CAST), mask=mask)
+            tl.store(q_row + offs, row_codes(v, scale, rcp, HW_CAST, INT8), mask=mask)
     tl.store(s_ptr + row, scale)
 
 
@@ -125,7 +127,7 @@ def _chunk_amax_kernel(
 def _chunk_quant_kernel(
     a_ptr,  # [T, N] the values to quantize: x, or phase 1's activation
     amax_ptr,  # [T, C] float32 from phase 1
-    q_ptr,  # [T, N] uint8 (e4m3 bits)
+    q_ptr,  # [T, N] uint8 (e4m3 or int8 bits)
     s_ptr,  # [T] float32
     n_cols,
     stride_a,
@@ -134,6 +136,7 @@ def _chunk_quant_kernel(
     HW_CAST: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_C: tl.constexpr,  # next power of two of C
+    INT8: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Phase 2 of a split row: program (row, c) reduces the row's C chunk amaxes to its scale
@@ -143,12 +146,12 @@ def _chunk_quant_kernel(
     n_chunks = tl.num_programs(1)
     chunks = tl.arange(0, BLOCK_C)
     parts = tl.load(amax_ptr + row * n_chunks + chunks, mask=chunks < n_chunks, other=0.0)
-    scale = scale_of(tl.max(parts, axis=0), scale_ub)
+    scale = row_scale(tl.max(parts, axis=0), scale_ub, INT8)
     rcp = tl.math.div_rn(1.0, scale)
     offs = c * CHUNK + tl.arange(0, CHUNK)
     mask = offs < n_cols
     v = tl.load(a_ptr + row * stride_a + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(q_ptr + row * stride_q + offs, quantize_e4m3_rcp(v, scale, rcp, HW_CAST),
+    tl.store(q_ptr + row * stride_q + offs, row_codes(v, scale, rcp, HW_CAST, INT8),
              mask=mask)
     tl.store(s_ptr + row, scale, mask=c == 0)
 
@@ -158,7 +161,7 @@ def _rms_norm_quant_kernel(
     x_ptr,  # [T, H]
     res_ptr,  # [T, H] residual in (unused if not HAS_RES)
     w_ptr,  # [H]
-    q_ptr,  # [T, H] uint8 (e4m3 bits)
+    q_ptr,  # [T, H] uint8 (e4m3 or int8 bits)
     s_ptr,  # [T] float32
     res_out_ptr,  # [T, H] x + residual (unused if not HAS_RES)
     n_cols,
@@ -172,6 +175,7 @@ def _rms_norm_quant_kernel(
     DT: tl.constexpr,
     HW_CAST: tl.constexpr,
     BLOCK: tl.constexpr,
+    INT8: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
@@ -189,9 +193,9 @@ def _rms_norm_quant_kernel(
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # cast back, then scale (HF order)
     v = round_dtype(w * round_dtype(x * rstd, DT, HW_CAST), DT, HW_CAST)
-    scale = scale_of(tl.max(tl.abs(v), axis=0), scale_ub)
+    scale = row_scale(tl.max(tl.abs(v), axis=0), scale_ub, INT8)
     rcp = tl.math.div_rn(1.0, scale)
-    tl.store(q_ptr + row * stride_q + offs, quantize_e4m3_rcp(v, scale, rcp, HW_CAST),
+    tl.store(q_ptr + row * stride_q + offs, row_codes(v, scale, rcp, HW_CAST, INT8),
              mask=mask)
     tl.store(s_ptr + row, scale)
 
@@ -213,7 +217,7 @@ def _warps(block: int) -> int:
 
 
 def _launch_split(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, n_cols: int, silu: bool,
-                  scale_ub: float | None, chunk: int) -> None:
+                  scale_ub: float | None, chunk: int, int8: bool) -> None:
     """The two phases of split rows (module docstring)."""
     t, n_chunks = x.shape[0], triton.cdiv(n_cols, chunk)
     amax = torch.empty(t, n_chunks, dtype=torch.float32, device=x.device)
@@ -225,11 +229,19 @@ def _launch_split(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, n_cols: int
     _chunk_quant_kernel[grid](
         act, amax, q, s, n_cols, act.stride(0), q.stride(0), _ub(scale_ub),
         HW_CAST=hw_fp8_cast(x.device), CHUNK=chunk, BLOCK_C=triton.next_power_of_2(n_chunks),
-        num_warps=_warps(chunk), **pdl_args(x.device))
+        INT8=int8, num_warps=_warps(chunk), **pdl_args(x.device))
+
+
+def _codes(q: torch.Tensor, int8: bool) -> torch.Tensor:
+    """The kernels' code bytes as what they are."""
+    return q.view(torch.int8 if int8 else FP8_DTYPE)
 
 
 def _launch_rowwise(x: torch.Tensor, n_cols: int, silu: bool, scale_ub: float | None,
-                    max_one_pass: int, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                    max_one_pass: int, chunk: int | None, int8: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantization of x's rows (``silu``: of silu(gate)·up), e4m3 or ``int8``
+    codes; checked inputs (``_rows``). ``chunk`` as in per_token_quant_fp8."""
     t = x.shape[0]
     q = torch.empty(t, n_cols, dtype=torch.uint8, device=x.device)
     s = torch.empty(t, 1, dtype=torch.float32, device=x.device)
@@ -238,9 +250,9 @@ def _launch_rowwise(x: torch.Tensor, n_cols: int, silu: bool, scale_ub: float | 
     elif chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two, got {chunk}")
     if t == 0 or n_cols == 0:
-        return q.view(FP8_DTYPE), s
+        return _codes(q, int8), s
     if n_cols > chunk:
-        _launch_split(x, q, s, n_cols, silu, scale_ub, chunk)
+        _launch_split(x, q, s, n_cols, silu, scale_ub, chunk, int8)
     else:
         block = triton.next_power_of_2(n_cols)
         one_pass = block <= max_one_pass
@@ -248,27 +260,28 @@ def _launch_rowwise(x: torch.Tensor, n_cols: int, silu: bool, scale_ub: float | 
         _per_token_quant_kernel[(t,)](
             x, q, s, n_cols, x.stride(0), q.stride(0), _ub(scale_ub),
             SILU=silu, DT=DTYPE_CODES[x.dtype], HW_CAST=hw_fp8_cast(x.device), BLOCK=block,
-            ONE_PASS=one_pass, num_warps=_warps(block), **pdl_args(x.device),
+            ONE_PASS=one_pass, INT8=int8, num_warps=_warps(block), **pdl_args(x.device),
         )
-    return q.view(FP8_DTYPE), s
+    return _codes(q, int8), s
 
 
 def per_token_quant_fp8(
     x: torch.Tensor, scale_ub: float | None = None, *, max_one_pass: int = _MAX_ONE_PASS,
-    chunk: int | None = None,
+    chunk: int | None = None, int8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, N] (fp32/bf16/fp16) → (fp8 [T, N], scale [T, 1] float32), one scale per token.
 
     ``chunk`` (a power of two): split rows longer than it into pieces of that many columns;
     None: _CHUNK for up to _SPLIT_MAX_ROWS rows, else one program per row (tests force both).
+    ``int8``: int8 codes and W8A8's scales (``scale_ub`` unused).
     """
     x = _rows(x, "per_token_quant_fp8")
-    return _launch_rowwise(x, x.shape[1], False, scale_ub, max_one_pass, chunk)
+    return _launch_rowwise(x, x.shape[1], False, scale_ub, max_one_pass, chunk, int8)
 
 
 def silu_and_mul_quant_fp8(
     x: torch.Tensor, scale_ub: float | None = None, *, max_one_pass: int = _MAX_ONE_PASS,
-    chunk: int | None = None,
+    chunk: int | None = None, int8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, 2I] gate | up → silu(gate)·up as (fp8 [T, I], scale [T, 1]); ``chunk`` as in
     per_token_quant_fp8. One row per program: the [T, I] float activation never reaches
@@ -276,14 +289,15 @@ def silu_and_mul_quant_fp8(
     x = _rows(x, "silu_and_mul_quant_fp8")
     if x.shape[1] % 2:
         raise ValueError(f"silu_and_mul_quant_fp8 needs an even last dimension, got {x.shape[1]}")
-    return _launch_rowwise(x, x.shape[1] // 2, True, scale_ub, max_one_pass, chunk)
+    return _launch_rowwise(x, x.shape[1] // 2, True, scale_ub, max_one_pass, chunk, int8)
 
 
 def rms_norm_quant_fp8(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-    scale_ub: float | None = None,
+    scale_ub: float | None = None, *, int8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x + residual) → RMSNorm → (fp8 [T, H], scale [T, 1], new residual [T, H]).
+    """(x + residual) → RMSNorm → (fp8 [T, H], scale [T, 1], new residual [T, H]); ``int8``:
+    int8 codes with W8A8's scales instead (no bound).
 
     The new residual is x itself when no residual is given, as in ``rms_norm_ref``. One program
     per row even for one token: a 4096-wide row is a small job for one SM.
@@ -302,7 +316,7 @@ def rms_norm_quant_fp8(
             x, r, weight, q, s, res_out, h, x.stride(0), r.stride(0), q.stride(0),
             res_out.stride(0), eps, _ub(scale_ub),
             HAS_RES=residual is not None, DT=DTYPE_CODES[x.dtype],
-            HW_CAST=hw_fp8_cast(x.device), BLOCK=block, num_warps=_warps(block),
+            HW_CAST=hw_fp8_cast(x.device), BLOCK=block, INT8=int8, num_warps=_warps(block),
             **pdl_args(x.device),
         )
-    return q.view(FP8_DTYPE), s, res_out
+    return _codes(q, int8), s, res_out

@@ -2,6 +2,7 @@
 scaled back to the activation dtype.
 
     per_token_quant_int8(x)            ~ kestrel.quant.w8a8.quantize_rows_int8
+    (and fused with RMSNorm or SwiGLU: fp8_quant's kernels with ``int8=True``)
     scale_int32(acc, xs, ws, dtype)    ~ (acc.float() * xs * wsᵀ).to(dtype)
     int8_gemm_small_m(xq, xs, wq, ws)  ~ the same of xq·wqᵀ, reading each weight byte once
 
@@ -12,10 +13,9 @@ row and one write of its codes; the scaling one read of the int32 sums and one w
 output; decode rows (up to 16) go through fp8_gemm's skinny kernel on int8 tiles instead of a
 cuBLAS GEMM padded to 17 rows.
 
-Rounding as the reference's: the quotient x / scale correctly rounded (Markstein's correction
-of x·(1/scale), ``rounding.quantize_e4m3_rcp``'s method), then to the nearest integer, ties to
-even (torch.round), through float32 addition of 1.5·2²³; outputs rounded half to even with
-``round_dtype`` (the interpreter truncates casts).
+Rounding as the reference's (``rounding.row_codes``: the correctly rounded quotient, then the
+nearest integer, ties to even); outputs rounded half to even with ``round_dtype`` (the
+interpreter truncates casts).
 """
 
 from __future__ import annotations
@@ -25,52 +25,11 @@ import triton
 import triton.language as tl
 
 from kestrel.kernels.fp8_gemm import _compiled, _launch, _out_tensor
+from kestrel.kernels.fp8_quant import _MAX_ONE_PASS, _rows, per_token_quant_fp8
 from kestrel.kernels.rounding import DTYPE_CODES, round_dtype
 from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_model, sm_count
 
-_MAX_ONE_PASS = 16384  # longest row held in registers at once
-_RINT = tl.constexpr(12582912.0)  # 1.5·2²³: float32 addition rounds to integers there
-_INT8_MAX = tl.constexpr(127.0)
-_FLOOR = tl.constexpr(1e-12)  # quant.w8a8._SCALE_FLOOR
 _TILE = 64  # scale_int32: outputs per program are _TILE × 2·_TILE
-
-
-@triton.jit
-def _int8_codes(v, scale, rcp):
-    """round(v / scale) clamped to ±127, as int8; ``rcp`` = div_rn(1, scale)."""
-    q = v * rcp
-    q = tl.fma(tl.fma(-q, scale, v), rcp, q)  # the correctly rounded quotient
-    q = (q + _RINT) - _RINT
-    return tl.minimum(tl.maximum(q, -_INT8_MAX), _INT8_MAX).to(tl.int8)
-
-
-@triton.jit
-def _per_token_int8_kernel(x_ptr, q_ptr, s_ptr, n_cols, stride_x, stride_q,
-                           BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
-    q_row = q_ptr + row * stride_q
-    if ONE_PASS:
-        offs = tl.arange(0, BLOCK)
-        mask = offs < n_cols
-        v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), axis=0), _INT8_MAX), _FLOOR)
-        rcp = tl.math.div_rn(1.0, scale)
-        tl.store(q_row + offs, _int8_codes(v, scale, rcp), mask=mask)
-    else:
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            v = tl.load(x_row + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(v))
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), _INT8_MAX), _FLOOR)
-        rcp = tl.math.div_rn(1.0, scale)
-        for start in range(0, n_cols, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < n_cols
-            v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_row + offs, _int8_codes(v, scale, rcp), mask=mask)
-    tl.store(s_ptr + row, scale)
 
 
 @triton.jit
@@ -87,24 +46,13 @@ def _scale_int32_kernel(acc_ptr, xs_ptr, ws_ptr, out_ptr, M, N, DT: tl.constexpr
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def per_token_quant_int8(x: torch.Tensor, *, max_one_pass: int = _MAX_ONE_PASS
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_quant_int8(x: torch.Tensor, *, max_one_pass: int = _MAX_ONE_PASS,
+                         chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, K] float → (int8 codes [T, K], float32 scales [T, 1]): one scale per row, its
-    absmax / 127 (``max_one_pass``: rows longer than it are read twice; tests force it)."""
-    if x.dim() != 2 or x.dtype not in DTYPE_CODES:
-        raise ValueError(f"per_token_quant_int8: expected a [T, K] float tensor, got "
-                         f"{tuple(x.shape)} {x.dtype}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    t, k = x.shape
-    q = torch.empty(t, k, dtype=torch.int8, device=x.device)
-    s = torch.empty(t, 1, dtype=torch.float32, device=x.device)
-    if t and k:
-        block = triton.next_power_of_2(k)
-        one_pass = block <= max_one_pass
-        block = block if one_pass else triton.next_power_of_2(max_one_pass)
-        _per_token_int8_kernel[(t,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block,
-                                     ONE_PASS=one_pass, num_warps=max(1, min(16, block // 256)))
-    return q, s
+    absmax / 127; fp8_quant's per-token kernels with int8 codes (``max_one_pass``, ``chunk``
+    as there: split rows for decode, two passes for long ones; tests force both)."""
+    x = _rows(x, "per_token_quant_int8")
+    return per_token_quant_fp8(x, None, max_one_pass=max_one_pass, chunk=chunk, int8=True)
 
 
 def scale_int32(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,

@@ -25,6 +25,11 @@ from kestrel.quant.fp8_ops import AMAX_FLOOR, FP8_MAX, INV_FP8_MAX
 _FLOOR = tl.constexpr(AMAX_FLOOR)  # kernels may only read constexpr globals
 _MAX = tl.constexpr(FP8_MAX)
 _INV_MAX = tl.constexpr(INV_FP8_MAX)
+# kestrel.quant.w8a8's INT8_MAX and _SCALE_FLOOR (that module imports the layers; the tests
+# hold the kernels to its quantize_rows_int8 bit for bit)
+_INT8_MAX = tl.constexpr(127.0)
+_INT8_FLOOR = tl.constexpr(1e-12)
+_RINT = tl.constexpr(12582912.0)  # 1.5·2²³
 
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -98,6 +103,33 @@ def quantize_e4m3_rcp(v, scale, rcp, HW_CAST: tl.constexpr):
     y = tl.fma(tl.fma(-q, scale, v), rcp, q).to(tl.uint32, bitcast=True)
     sign = v.to(tl.uint32, bitcast=True) & 0x80000000
     return _e4m3((y | sign).to(tl.float32, bitcast=True), HW_CAST)
+
+
+@triton.jit
+def row_scale(amax, scale_ub, INT8: tl.constexpr):
+    """A row's scale from its amax: e4m3's (``scale_of``), or ``INT8``: max(amax / 127, 1e-12),
+    as kestrel.quant.w8a8.quantize_rows_int8 (no bound: ``scale_ub`` unused)."""
+    if INT8:
+        scale = tl.maximum(tl.math.div_rn(amax, _INT8_MAX), _INT8_FLOOR)
+    else:
+        scale = scale_of(amax, scale_ub)
+    return scale
+
+
+@triton.jit
+def row_codes(v, scale, rcp, HW_CAST: tl.constexpr, INT8: tl.constexpr):
+    """v / scale as one byte per value (uint8 bits), given ``rcp = div_rn(1, scale)``: e4m3
+    (``quantize_e4m3_rcp``), or ``INT8``: the correctly rounded quotient (the same correction)
+    rounded to the nearest integer, ties to even as torch.round (float32 addition of 1.5·2²³
+    rounds there), clamped to ±127."""
+    if INT8:
+        q = v * rcp
+        q = tl.fma(tl.fma(-q, scale, v), rcp, q)
+        q = tl.minimum(tl.maximum((q + _RINT) - _RINT, -_INT8_MAX), _INT8_MAX)
+        codes = q.to(tl.int8).to(tl.uint8, bitcast=True)
+    else:
+        codes = quantize_e4m3_rcp(v, scale, rcp, HW_CAST)
+    return codes
 
 
 @triton.jit

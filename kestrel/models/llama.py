@@ -55,7 +55,7 @@ class LlamaAttention(nn.Module):
                 meta: AttentionMetadata, keep: KeptRows | None = None) -> torch.Tensor:
         """x [T, H] → [T, H]; with ``keep``, every row's K/V is cached, but only the kept
         rows are attended for and go through o_proj: [N, H]."""
-        qkv = self.qkv_proj(x)  # [T, q + 2kv]; x may be an Fp8Input (fp8_fused.fp8_norm_input)
+        qkv = self.qkv_proj(x)  # [T, q + 2kv]; x may be an QuantInput (fp8_fused.fp8_norm_input)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         t = qkv.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)

@@ -35,7 +35,7 @@ from kestrel.quant.fp8_ops import (  # noqa: F401
     FP8_MAX,
     INV_FP8_MAX,
     SMALL_M_MAX,
-    Fp8Input,
+    QuantInput,
     cast_fp8,
     dequantize,
     fp8_matmul,
@@ -229,9 +229,9 @@ class Fp8LinearMethod(QuantMethod):
             scale = (amax.clamp(AMAX_FLOOR, ub) * INV_FP8_MAX).expand(x.shape[0], 1).contiguous()
         return cast_fp8(xf / scale), scale
 
-    def apply(self, layer, x: torch.Tensor | Fp8Input,
+    def apply(self, layer, x: torch.Tensor | QuantInput,
               bias: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(x, Fp8Input):  # the producer quantized it already (fused kernel)
+        if isinstance(x, QuantInput):  # the producer quantized it already (fused kernel)
             return self.apply_quantized(layer, x.q, x.scale, bias)
         lead = x.shape[:-1]
         xq, xs = self.quantize_input(x.reshape(-1, x.shape[-1]))

@@ -30,14 +30,15 @@ _CHUNK_ELEMS = 1 << 24  # float32 temporaries of weight (de)quantization stay un
 SMALL_M_MAX = 16
 
 
-class Fp8Input(NamedTuple):
+class QuantInput(NamedTuple):
     """An activation its producer already quantized (fused RMSNorm / SwiGLU + quantize).
 
-    Handed to an FP8 layer's forward in place of the float tensor: the layer's own forward (bias,
-    all-reduce, gather) runs unchanged while ``Fp8LinearMethod.apply`` skips the quantize pass.
+    Handed to a row-wise FP8 or a W8A8 layer's forward in place of the float tensor: the layer's
+    own forward (bias, all-reduce, gather) runs unchanged while its method's ``apply`` skips the
+    quantize pass.
     """
 
-    q: torch.Tensor  # fp8 [T, in]
+    q: torch.Tensor  # [T, in] fp8 codes (FP8 layers) or int8 codes (W8A8)
     scale: torch.Tensor  # float32 [T, 1]
 
 # ----------------------------------------------------------------------------- references

@@ -58,6 +58,7 @@ class Int8LinearMethod(W8A8LinearMethod):
     (``llm_int8_matmul``)."""
 
     cuda_graphs = False  # the outlier columns are found on the host
+    takes_codes = False  # the outlier columns need the float input
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD, prefix: str = "") -> None:
         if not threshold > 0:

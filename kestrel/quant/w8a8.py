@@ -24,6 +24,7 @@ from kestrel.config import QuantConfig
 from kestrel.layers.linear import QuantMethod, set_param_dims
 from kestrel.quant.base import LayerPlace, register_quant
 from kestrel.quant.fp8 import HF_PARTS
+from kestrel.quant.fp8_ops import QuantInput
 
 COMPRESSED = "compressed-tensors"
 _SHARDS = {"qkv_proj": {"q", "k", "v"}, "gate_up_proj": {0, 1}}  # the loader's shard ids
@@ -59,29 +60,47 @@ def w8a8_matmul_ref(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) ->
     """x [T, K] float, wq [N, K] int8, w_scale [N, 1] float32 → [T, N] in x's dtype: each token
     row quantized by its own absmax, one exact int8 product, rescaled."""
     xq, x_scale = quantize_rows_int8(x)
-    return (int8_matmul(xq, wq).float() * x_scale * w_scale.t()).to(x.dtype)
+    return _scaled_product_ref(xq, x_scale, wq, w_scale, x.dtype)
+
+
+def _scaled_product_ref(xq, x_scale, wq, w_scale, out_dtype: torch.dtype) -> torch.Tensor:
+    return (int8_matmul(xq, wq).float() * x_scale * w_scale.t()).to(out_dtype)
+
+
+def scaled_int8_product(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
+                        w_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """(xq · wqᵀ) · x_scale · w_scaleᵀ in out_dtype from int8 codes: on CUDA up to SMALL_M rows
+    a skinny GEMM that streams the weights, more torch._int_mm and one scaling kernel
+    (kestrel.kernels.int8_w8a8); elsewhere the reference's exact sums."""
+    t, k = xq.shape
+    n = wq.shape[0]
+    if not xq.is_cuda or k % 8 or n % 8:
+        return _scaled_product_ref(xq, x_scale, wq, w_scale, out_dtype)
+    from kestrel.kernels.int8_w8a8 import int8_gemm_small_m, scale_int32
+
+    if t <= SMALL_M:
+        return int8_gemm_small_m(xq, x_scale, wq, w_scale, out_dtype)
+    return scale_int32(torch._int_mm(xq, wq.t()), x_scale, w_scale, out_dtype)
 
 
 def w8a8_matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """``w8a8_matmul_ref``'s function; on CUDA through kestrel.kernels.int8_w8a8 (one kernel
-    quantizes x, then up to SMALL_M rows a skinny GEMM, more torch._int_mm and one scaling
-    kernel)."""
-    t, k = x.shape
-    n = wq.shape[0]
-    if not x.is_cuda or k % 8 or n % 8:
+    """``w8a8_matmul_ref``'s function; on CUDA x is quantized by one Triton kernel (the same
+    codes and scales) and multiplied by ``scaled_int8_product``."""
+    if not x.is_cuda:
         return w8a8_matmul_ref(x, wq, w_scale)
-    from kestrel.kernels.int8_w8a8 import int8_gemm_small_m, per_token_quant_int8, scale_int32
+    from kestrel.kernels.int8_w8a8 import per_token_quant_int8
 
     xq, x_scale = per_token_quant_int8(x)
-    if t <= SMALL_M:
-        return int8_gemm_small_m(xq, x_scale, wq, w_scale, x.dtype)
-    return scale_int32(torch._int_mm(xq, wq.t()), x_scale, w_scale, x.dtype)
+    return scaled_int8_product(xq, x_scale, wq, w_scale, x.dtype)
 
 
 class W8A8LinearMethod(QuantMethod):
     """int8 ``weight`` [out, in] + float32 ``weight_scale`` [out, 1]. ``serialized``: both come
     from the checkpoint (a parameter each, every shard checked); else float rows arrive and are
-    quantized as they load (``weight_scale`` a buffer)."""
+    quantized as they load (``weight_scale`` a buffer). ``takes_codes``: a fused RMSNorm or
+    SwiGLU may hand it int8 codes and scales (a QuantInput) instead of its float input."""
+
+    takes_codes = True
 
     def __init__(self, serialized: bool = False, prefix: str = "") -> None:
         self.serialized = serialized
@@ -100,6 +119,7 @@ class W8A8LinearMethod(QuantMethod):
         else:
             layer.register_buffer("weight_scale", scale)
         layer.w8a8_shards = {"weight": set(), "weight_scale": set()}
+        layer.w8a8_out_dtype = dtype  # of outputs computed from a QuantInput
         layer.weight_loader = functools.partial(self._weight_loader, layer, layer.weight_loader)
 
     def _name(self, shard_id: Any, suffix: str) -> str:
@@ -159,7 +179,12 @@ class W8A8LinearMethod(QuantMethod):
         """x [T, K] → [T, N]."""
         return w8a8_matmul(x, layer.weight, layer.weight_scale)
 
-    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer, x: torch.Tensor | QuantInput,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, QuantInput):  # int8 codes from a fused producer (quant.fp8_fused)
+            y = scaled_int8_product(x.q, x.scale, layer.weight, layer.weight_scale,
+                                    layer.w8a8_out_dtype)
+            return y if bias is None else y + bias
         lead = x.shape[:-1]
         y = self.matmul(layer, x.reshape(-1, x.shape[-1]))
         y = y.reshape(*lead, y.shape[-1])

@@ -131,6 +131,9 @@ def _representative_calls() -> None:
                 skinny_config.SkinnyConfig(16, 64, 2, use_dot=True)):
         fp8_gemm.fp8_gemm_small_m(xq, xs, wq, ws.view(-1), torch.bfloat16, config=cfg)
     int8_w8a8.per_token_quant_int8(a.bfloat16(), max_one_pass=64)
+    int8_w8a8.per_token_quant_int8(a, chunk=64)
+    fp8_quant.silu_and_mul_quant_fp8(a, int8=True)
+    fp8_quant.rms_norm_quant_fp8(a, torch.ones(256), 1e-5, residual=a.clone(), int8=True)
     xq, xs = int8_w8a8.per_token_quant_int8(torch.randn(2, 128, generator=g))
     wq, ws = int8_w8a8.per_token_quant_int8(torch.randn(32, 128, generator=g))
     for cfg in (skinny_config.SkinnyConfig(4, 64),
@@ -183,7 +186,7 @@ def test_every_kernel_compiles_for_sm90(monkeypatch) -> None:
     assert {"_rotary_cache_kernel", "_decode_kernel", "_prefill_kernel", "_merge_kernel",
             "_gather_kv_kernel",
             "_per_token_quant_kernel", "_skinny_kernel", "_rms_norm_quant_kernel",
-            "_per_token_int8_kernel", "_scale_int32_kernel"} <= names
+            "_scale_int32_kernel"} <= names
     late = {consts[(triton.JITFunction(fn).arg_names.index("RELEASE_LATE"),)]
             for fn, _, consts, _ in specs if fn.__name__ == "_skinny_kernel"}
     assert late == {True, False}  # both PDL release points are compiled and checked

@@ -12,7 +12,7 @@ from kestrel.config import QuantConfig
 from kestrel.kernels.fp8_quant import silu_and_mul_quant_fp8
 from kestrel.quant import fp8_ops
 from kestrel.quant.fp8 import Fp8LinearMethod, quantize_rowwise_ref
-from kestrel.quant.fp8_ops import Fp8Input
+from kestrel.quant.fp8_ops import QuantInput
 from tests.quant.test_fp8_gemm import HAS_CUDA, interpreter_only
 
 
@@ -57,7 +57,7 @@ def test_fused_input_norm_quantizes_for_fp8_qkv(h, first):
     res = None if first else res
     want_in, want_res = norm_input_ref(layer.input_layernorm, layer.self_attn.qkv_proj, x, res)
     got_in, got_res = fp8_norm_input(layer.input_layernorm, layer.self_attn.qkv_proj, x, res)
-    assert isinstance(got_in, Fp8Input) and torch.equal(got_res, want_res)
+    assert isinstance(got_in, QuantInput) and torch.equal(got_res, want_res)
     want = layer.self_attn.qkv_proj(want_in)
     got = layer.self_attn.qkv_proj(got_in)
     torch.testing.assert_close(got, want, rtol=0, atol=0.02 * float(want.abs().max()))
@@ -83,7 +83,7 @@ def test_fused_swiglu_quant_gives_down_proj_the_codes_it_would_compute(h):
     codes = (q.float() - qr.float()).abs() / qr.float().abs().clamp(min=2.0 ** -9)
     assert float(codes.max()) <= 0.125  # at most one e4m3 step (3 mantissa bits)
     want = down(act)
-    torch.testing.assert_close(down(Fp8Input(q, s)), want, rtol=0,
+    torch.testing.assert_close(down(QuantInput(q, s)), want, rtol=0,
                                atol=1e-3 * float(want.abs().max()))
 
 

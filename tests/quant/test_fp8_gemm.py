@@ -20,8 +20,8 @@ from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_mode
 from kestrel.layers.linear import ColumnParallelLinear, RowParallelLinear
 from kestrel.parallel.state import TPGroup
 from kestrel.quant.fp8 import (
-    Fp8Input,
     Fp8LinearMethod,
+    QuantInput,
     dequantize,
     fp8_matmul,
     fp8_matmul_emulated,
@@ -219,12 +219,12 @@ def _fp8_layer(cls, bias: bool, **kw):
 
 @pytest.mark.parametrize("cls", [ColumnParallelLinear, RowParallelLinear])
 def test_prequantized_input_keeps_the_layer_forward(cls):
-    """layer(Fp8Input(q, s)) == layer(x) when (q, s) is x's quantization: bias, all-reduce."""
+    """layer(QuantInput(q, s)) == layer(x) when (q, s) is x's quantization: bias, all-reduce."""
     kw = {"tp": _DoublingTP()} if cls is RowParallelLinear else {}
     layer = _fp8_layer(cls, bias=True, **kw)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(8))
     q, s = quantize_rowwise_ref(x, layer.quant_method.activation_scale_ub)
-    assert torch.equal(layer(Fp8Input(q, s)), layer(x))
+    assert torch.equal(layer(QuantInput(q, s)), layer(x))
     if cls is RowParallelLinear:
         plain = fp8_matmul_emulated(q, s, layer.weight, layer.weight_scale, torch.float32)
         torch.testing.assert_close(layer(x), 2 * plain + layer.bias, rtol=1e-5, atol=1e-5)

@@ -11,8 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kestrel.kernels.fp8_quant import rms_norm_quant_fp8, silu_and_mul_quant_fp8
 from kestrel.kernels.int8_w8a8 import int8_gemm_small_m, per_token_quant_int8, scale_int32
 from kestrel.kernels.skinny_config import SkinnyConfig
+from kestrel.layers.activation import silu_and_mul_ref
+from kestrel.layers.norm import rms_norm_ref
 from kestrel.quant.w8a8 import quantize_rows_int8, w8a8_matmul, w8a8_matmul_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,6 +45,34 @@ def test_per_token_quant_is_the_reference_bit_for_bit(dtype, one_pass):
     assert torch.equal(s, s_ref)
     assert torch.equal(q, q_ref)
     assert q[2, :8].tolist() == [0, 2, 2, 4, 4, 6, 6, 8]  # ties to even, as torch.round
+
+
+def test_split_rows_give_the_same_codes():
+    """Decode rows split over programs (fp8_quant's two phases) quantize as whole rows do."""
+    x = _rows(3, 300, 6, torch.bfloat16)
+    q, s = per_token_quant_int8(x, chunk=64)
+    q_ref, s_ref = quantize_rows_int8(x.cpu())
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
+
+
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_fused_producers_emit_the_reference_codes(chunk):
+    """RMSNorm (with the residual add) and SwiGLU quantize their output to int8 as W8A8's
+    reference quantizes theirs: the same codes, scales and residual."""
+    x = _rows(4, 128, 7, torch.bfloat16)
+    res = _rows(4, 128, 8, torch.bfloat16)
+    w = (torch.rand(128, generator=torch.Generator().manual_seed(9)) + 0.5).bfloat16().to(DEV)
+    q, s, new_res = rms_norm_quant_fp8(x, w, 1e-5, res, int8=True)
+    h, res_ref = rms_norm_ref(x.cpu(), w.cpu(), 1e-5, res.cpu())
+    q_ref, s_ref = quantize_rows_int8(h)
+    assert q.dtype == torch.int8 and torch.equal(new_res.cpu(), res_ref)
+    # the kernel sums the squares in another order: a normed value may move by a bf16 step
+    assert (q.cpu().int() - q_ref.int()).abs().max() <= 1
+    torch.testing.assert_close(s.cpu(), s_ref, rtol=1e-2, atol=0)
+    gate_up = _rows(4, 256, 10, torch.bfloat16) / 16  # silu of -1000s overflows exp
+    q, s = silu_and_mul_quant_fp8(gate_up, int8=True, chunk=chunk)
+    q_ref, s_ref = quantize_rows_int8(silu_and_mul_ref(gate_up.cpu()))
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -97,5 +128,35 @@ def test_bad_operands_are_refused():
                           torch.ones(8, 1))
     with pytest.raises(ValueError, match="int32"):
         scale_int32(torch.zeros(2, 2), torch.ones(2, 1), torch.ones(2, 1), torch.float32)
-    with pytest.raises(ValueError, match="T, K"):
+    with pytest.raises(ValueError, match="per_token_quant_int8: expected"):
         per_token_quant_int8(torch.zeros(2, 2, 2))
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="a CPU model through the interpreted kernels")
+def test_w8a8_layers_take_codes_from_the_fused_norm_and_swiglu(h):
+    """Installed by use_triton_kernels on GPUs: input_layernorm hands qkv_proj int8 codes, and
+    post_attention_layernorm and SwiGLU hand them to gate_up and down (fp8_fused's hooks with
+    int8 codes); outputs as the unfused path's (the codes may move by one where the norm sums
+    in another order). LLM.int8() layers keep their float input."""
+    from kestrel.config import QuantConfig
+    from kestrel.models.llama import norm_input_ref, norm_mlp_ref
+    from kestrel.quant.fp8_fused import fp8_norm_input, fp8_norm_mlp, row_quantized
+    from kestrel.quant.fp8_ops import QuantInput
+
+    cfg = h.tiny_config(2)
+    model = h.build(cfg, QuantConfig(method="w8a8"), h.hf_weights(cfg, seed=0, std=0.05))
+    layer = model.layers["1"]
+    gen = torch.Generator().manual_seed(11)
+    x, res = torch.randn(2, 6, cfg.hidden_size, generator=gen)
+    want, want_res = norm_mlp_ref(layer.post_attention_layernorm, layer.mlp, x, res)
+    got, got_res = fp8_norm_mlp(layer.post_attention_layernorm, layer.mlp, x, res)
+    assert torch.equal(got_res, want_res)
+    torch.testing.assert_close(got, want, rtol=0, atol=0.02 * float(want.abs().max()))
+    qkv = layer.self_attn.qkv_proj
+    got_in, _ = fp8_norm_input(layer.input_layernorm, qkv, x, res)
+    want_in, _ = norm_input_ref(layer.input_layernorm, qkv, x, res)
+    assert isinstance(got_in, QuantInput) and got_in.q.dtype == torch.int8
+    want = qkv(want_in)
+    torch.testing.assert_close(qkv(got_in), want, rtol=0, atol=0.02 * float(want.abs().max()))
+    llm_int8 = h.build(cfg, QuantConfig(method="int8"), h.hf_weights(cfg, seed=0, std=0.05))
+    assert row_quantized(llm_int8.layers["1"].self_attn.qkv_proj) is None
