@@ -210,12 +210,15 @@ class ParallelConfig:
 class SpeculativeConfig:
     """Speculative decoding: ``method`` None (off) or "ngram" (prompt lookup); each decoding
     request's step carries up to ``num_speculative_tokens`` proposals for the target to verify;
-    n-gram proposals match the last ``prompt_lookup_max`` down to ``prompt_lookup_min`` tokens."""
+    n-gram proposals match the last ``prompt_lookup_max`` down to ``prompt_lookup_min`` tokens.
+    ``disable_batch_size``: no proposals in a step while at least that many requests run (a
+    batch large enough to use the GPU's compute pays more for the extra rows than it saves)."""
 
     method: str | None = None
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
+    disable_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in (None, "ngram"):
@@ -223,6 +226,9 @@ class SpeculativeConfig:
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got "
                              f"{self.num_speculative_tokens}")
+        if self.disable_batch_size is not None and self.disable_batch_size < 1:
+            raise ValueError(f"speculative disable_batch_size must be >= 1, got "
+                             f"{self.disable_batch_size}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError(f"need 1 <= prompt_lookup_min ({self.prompt_lookup_min}) <= "
                              f"prompt_lookup_max ({self.prompt_lookup_max})")

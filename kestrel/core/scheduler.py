@@ -145,6 +145,9 @@ class Scheduler:
         the host's token history (penalties, min_tokens, logprobs)."""
         if self.proposer is None or req.num_pending or req.params.needs_token_history:
             return []
+        off = self.proposer.cfg.disable_batch_size
+        if off is not None and len(self.running) >= off:
+            return []
         k = min(self.proposer.cfg.num_speculative_tokens, room,
                 req.max_tokens - len(req.output_token_ids) - 1)
         return self.proposer.propose(req, k) if k > 0 else []

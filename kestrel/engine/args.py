@@ -83,6 +83,7 @@ class EngineArgs:
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
+    speculative_disable_batch_size: int | None = None
 
     def create_config(self, usage: str = "offline") -> EngineConfig:
         """``usage``: "offline" or "server", which picks the default step token budget
@@ -126,7 +127,8 @@ class EngineArgs:
                                     pipeline_micro_batches=self.pipeline_micro_batches),
             quant=quant,
             speculative=SpeculativeConfig(self.speculative_method, self.num_speculative_tokens,
-                                          self.prompt_lookup_max, self.prompt_lookup_min),
+                                          self.prompt_lookup_max, self.prompt_lookup_min,
+                                          self.speculative_disable_batch_size),
         )
 
     def _token_budget(self, max_len: int, device: str, usage: str) -> int:
@@ -304,6 +306,9 @@ def _speculative_args(p: Any) -> None:
                    help="longest suffix matched (tokens)")
     s.add_argument("--prompt-lookup-min", type=int, default=1, metavar="N",
                    help="shortest suffix matched (tokens)")
+    s.add_argument("--speculative-disable-batch-size", type=int, default=None, metavar="N",
+                   help="propose nothing in a step while at least N requests run (large "
+                        "batches pay more for the verified rows than they save)")
 
 
 def engine_args_from_cli(ns: Any) -> EngineArgs:

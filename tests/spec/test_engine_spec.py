@@ -122,11 +122,12 @@ def test_speculative_flags_from_the_command_line():
 
     ns = build_parser().parse_args(["serve", "--preset", "tiny-llama", "--device", "cpu",
                                     "--speculative-method", "ngram", "--num-speculative-tokens",
-                                    "6", "--prompt-lookup-max", "4", "--prompt-lookup-min", "2"])
+                                    "6", "--prompt-lookup-max", "4", "--prompt-lookup-min", "2",
+                                    "--speculative-disable-batch-size", "32"])
     cfg = engine_args_from_cli(ns).create_config()
     assert (cfg.speculative.method, cfg.speculative.num_speculative_tokens,
-            cfg.speculative.prompt_lookup_max, cfg.speculative.prompt_lookup_min) == \
-        ("ngram", 6, 4, 2)
+            cfg.speculative.prompt_lookup_max, cfg.speculative.prompt_lookup_min,
+            cfg.speculative.disable_batch_size) == ("ngram", 6, 4, 2, 32)
     assert not cfg.overlap_steps  # a verified step decides where the next one starts
     assert EngineArgs(model="tiny-llama", load_format="dummy", device="cpu").create_config() \
         .speculative.method is None
@@ -171,3 +172,15 @@ def test_verified_steps_as_rows_of_decode_give_the_same_tokens(spec_llm, smollm_
     for out, meta in flat:
         lens = [s.start + j + 1 for s in out.scheduled for j in range(s.num_new_tokens)]
         assert meta.seq_lens.tolist() == lens and meta.num_seqs == out.num_batched_tokens
+
+
+@pytest.mark.parametrize("disable_at", [2, 4])
+def test_no_guesses_while_the_batch_is_large(default_model_path, smollm_llm, disable_at):
+    """--speculative-disable-batch-size: three requests running together get guesses only
+    when the bound is above three; the tokens are plain decoding's either way."""
+    llm = LLM(str(default_model_path), dtype="float32", device="cpu",
+              speculative_method="ngram", speculative_disable_batch_size=disable_at)
+    params = SamplingParams(temperature=0, max_tokens=24)
+    assert _tokens(llm, PROMPTS, params) == _tokens(smollm_llm, PROMPTS, params)
+    drafted = llm.engine.stats.num_draft_tokens
+    assert (drafted > 0) == (disable_at > 3)

@@ -73,6 +73,8 @@ def test_config_is_validated():
         SpeculativeConfig("ngram", 0)
     with pytest.raises(ValueError, match="prompt_lookup_min"):
         SpeculativeConfig("ngram", 4, 2, 3)
+    with pytest.raises(ValueError, match="disable_batch_size"):
+        SpeculativeConfig("ngram", disable_batch_size=0)
     assert make_proposer(SpeculativeConfig()) is None
 
 
