@@ -143,10 +143,11 @@ def _sum_splits_kernel(p_ptr, out_ptr, numel, n_cols, silu_cols, SPLIT_K: tl.con
 
 
 def _operands(xq, x_scale, wq, w_scale, out_dtype):
-    """Validate; return K-contiguous fp8 operands and flat float32 scales."""
-    if xq.dtype != FP8_DTYPE or wq.dtype != FP8_DTYPE:
-        raise ValueError(f"fp8_gemm_small_m: operands must be {FP8_DTYPE}, got {xq.dtype} and "
-                         f"{wq.dtype}")
+    """Validate; return K-contiguous 8-bit operands (both fp8, or both int8) and flat float32
+    scales."""
+    if xq.dtype != wq.dtype or xq.dtype not in (FP8_DTYPE, torch.int8):
+        raise ValueError(f"fp8_gemm_small_m: operands must be {FP8_DTYPE} (or both int8), got "
+                         f"{xq.dtype} and {wq.dtype}")
     if xq.dim() != 2 or wq.dim() != 2 or xq.shape[1] != wq.shape[1]:
         raise ValueError(f"fp8_gemm_small_m: shapes {tuple(xq.shape)} × {tuple(wq.shape)}ᵀ "
                          "do not multiply ([M, K] and [N, K] expected)")
@@ -230,7 +231,8 @@ def fp8_gemm_small_m(
     out_dtype: torch.dtype = torch.bfloat16, config: SkinnyConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """xq [M, K] fp8, x_scale [M, 1], wq [N, K] fp8, w_scale [N, 1] (or [1, N]) → [M, N].
+    """xq [M, K] fp8, x_scale [M, 1], wq [N, K] fp8, w_scale [N, 1] (or [1, N]) → [M, N]; or
+    both operands int8 (W8A8's codes: kernels/int8_w8a8.int8_gemm_small_m).
 
     Computes ``fp8_matmul_emulated``'s function with float32 accumulation; ``config``
     overrides ``default_config`` (tests, tuning); ``out``: a contiguous [M, N] tensor of

@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.fp8_gemm import _compiled, _launch, _out_tensor
+from kestrel.kernels.fp8_gemm import _compiled, fp8_gemm_small_m
 from kestrel.kernels.fp8_quant import _MAX_ONE_PASS, _rows, per_token_quant_fp8
 from kestrel.kernels.rounding import DTYPE_CODES, round_dtype
-from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_model, sm_count
+from kestrel.kernels.skinny_config import SkinnyConfig
 
 _TILE = 64  # scale_int32: outputs per program are _TILE × 2·_TILE
 
@@ -82,20 +82,7 @@ def int8_gemm_small_m(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
     fp8_gemm_small_m's kernel and configs (one byte per weight either way) on int8 tiles, the
     products summed in float32 (exact up to 2²⁴) or, in its tensor-core dot, in int32 per K
     step. CUDA-graph safe."""
-    if xq.dtype != torch.int8 or wq.dtype != torch.int8 or xq.dim() != 2 or wq.dim() != 2 \
-            or xq.shape[1] != wq.shape[1]:
-        raise ValueError(f"int8_gemm_small_m: expected int8 [M, K] and [N, K], got "
-                         f"{tuple(xq.shape)} {xq.dtype} and {tuple(wq.shape)} {wq.dtype}")
-    if x_scale.numel() != xq.shape[0] or w_scale.numel() != wq.shape[0]:
-        raise ValueError(f"int8_gemm_small_m: scales {tuple(x_scale.shape)} and "
-                         f"{tuple(w_scale.shape)}, expected one per row of x and of w")
-    (m, k), n = xq.shape, wq.shape[0]
-    out = _out_tensor("int8_gemm_small_m", None, m, n, out_dtype, xq.device)
-    if m == 0 or n == 0 or k == 0:
-        return out.zero_()
-    dev = xq.device
-    cfg = config or default_config(m, n, k, sm_count(dev.type, dev.index),
-                                   gpu=gpu_model(dev.type, dev.index))
-    xs = x_scale.reshape(-1).float().contiguous()
-    ws = w_scale.reshape(-1).float().contiguous()
-    return _launch(xq.contiguous(), xs, wq.contiguous(), ws, out, cfg, scaled=True)
+    if xq.dtype != torch.int8 or wq.dtype != torch.int8:
+        raise ValueError(f"int8_gemm_small_m: operands must be int8, got {xq.dtype} and "
+                         f"{wq.dtype}")
+    return fp8_gemm_small_m(xq, x_scale, wq, w_scale, out_dtype, config)
