@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kestrel.request import Request
-from kestrel.spec.rejection import accept_greedy, accept_sampled
+from kestrel.spec.rejection import accept_greedy, accept_sampled_batch
 
 
 @dataclass
@@ -152,7 +152,8 @@ class Sampler:
         proposals, from (logits [k + 1, V] float32 of its known token and the k guesses, the
         guesses, the request): the accepted guesses and one token of the target's, drawn as
         ``sample`` would (temperature, top-k/top-p/min-p, the request's seed). The greedy
-        requests' argmaxes come back to the host in one copy. Requests with penalties or
+        requests' argmaxes come back to the host in one copy, the sampled requests' decisions
+        in another (accept_sampled_batch). Requests with penalties or
         min_tokens get no proposals (Scheduler._propose), so none apply here."""
         out: list[list[int]] = [[] for _ in chunks]
         greedy = [i for i, (_, _, r) in enumerate(chunks) if r.params.greedy]
@@ -163,16 +164,24 @@ class Sampler:
                 drafts = chunks[i][1]
                 out[i] = accept_greedy(best[at: at + len(drafts) + 1], drafts)
                 at += len(drafts) + 1
-        for i, (logits, drafts, req) in enumerate(chunks):
-            if req.params.greedy:
-                continue
-            p, dev, n = req.params, logits.device, logits.shape[0]
-            filtered = filter_logits(logits / p.temperature,
-                                     torch.full((n,), p.top_k, dtype=torch.long, device=dev),
-                                     torch.full((n,), p.top_p, device=dev),
-                                     torch.full((n,), p.min_p, device=dev))
-            gen = req.generator_on(dev) or self._generator(dev)
-            out[i] = accept_sampled(filtered.softmax(-1), drafts, gen)
+        rand = [i for i, (_, _, r) in enumerate(chunks) if not r.params.greedy]
+        if rand:  # every sampled request's rows filtered together, accepted in one pass
+            dev = chunks[rand[0]][0].device
+            reqs = [chunks[i][2] for i in rand]
+            sizes = [chunks[i][0].shape[0] for i in rand]
+
+            def per_row(field: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                return _on(dev, [getattr(r.params, field) for r, n in zip(reqs, sizes)
+                                 for _ in range(n)], dtype)
+
+            logits = torch.cat([chunks[i][0] for i in rand])
+            probs = filter_logits(logits / per_row("temperature")[:, None],
+                                  per_row("top_k", torch.long), per_row("top_p"),
+                                  per_row("min_p")).softmax(-1)
+            gens = [r.generator_on(dev) or self._generator(dev) for r in reqs]
+            for i, toks in zip(rand, accept_sampled_batch(probs, [chunks[i][1] for i in rand],
+                                                          gens)):
+                out[i] = toks
         return out
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:

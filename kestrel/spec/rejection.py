@@ -5,6 +5,8 @@ request's rows: row j scores the position that guess j claims, row k the one aft
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -17,20 +19,52 @@ def accept_greedy(best: list[int], drafts: list[int]) -> list[int]:
     return drafts[:m] + [best[m]]
 
 
-def accept_sampled(probs: torch.Tensor, drafts: list[int], gen: torch.Generator | None
-                   ) -> list[int]:
-    """probs [k + 1, V], the target's sampling distributions (temperature and filters applied):
-    each guess kept with probability p_j(d_j) until one is rejected; that position is drawn from
-    p_j without d_j (renormalised by the exponential race), or the position after the last
-    guess from p_k when all are kept."""
-    k = len(drafts)
-    d = torch.tensor(drafts, device=probs.device)
-    p_guess = probs[:k].gather(1, d[:, None])[:, 0]
-    u = torch.rand(k, device=probs.device, generator=gen)
-    kept = (u < p_guess).tolist()
-    m = kept.index(False) if False in kept else k
-    row = probs[m].clone()
-    if m < k:
-        row[drafts[m]] = 0.0
-    noise = torch.empty_like(row).exponential_(generator=gen)
-    return drafts[:m] + [int((row / noise).argmax())]
+def accept_sampled_batch(probs: torch.Tensor, drafts: list[list[int]],
+                         gens: list[torch.Generator | None]) -> list[list[int]]:
+    """probs [R, V]: the target's sampling distributions (temperature and filters applied) of
+    several requests end to end, k_i + 1 rows each for its guesses ``drafts[i]``. Per request,
+    each guess is kept with probability p_j(d_j) until one is rejected; that position is drawn
+    from p_j without d_j (renormalised by the exponential race), or the position after the last
+    guess from p_k when all are kept. Decided on the device for all requests at once, one copy
+    to the host; ``gens[i]``: the request's generator (requests may share one)."""
+    dev = probs.device
+    ks = [len(d) for d in drafts]
+    width = max(ks) + 1  # a column past every request's last guess, never kept
+    padded = torch.zeros(len(drafts), width, dtype=torch.long)
+    for i, d in enumerate(drafts):
+        padded[i, :len(d)] = torch.tensor(d, dtype=torch.long)
+    tokens = padded.to(dev)
+    starts = torch.tensor(list(itertools.accumulate([0] + [k + 1 for k in ks[:-1]])),
+                          device=dev)
+    k_dev = torch.tensor(ks, device=dev)
+    cols = torch.arange(width, device=dev)
+    rows = (starts[:, None] + cols[None]).clamp_max(probs.shape[0] - 1)
+    p_guess = probs[rows, tokens]  # [n, width]; columns past a request's guesses are masked
+    kept = (cols[None] < k_dev[:, None]) & (_draw(gens, width, dev, uniform=True) < p_guess)
+    m = kept.long().cumprod(1).sum(1)  # guesses kept before the first rejection
+    final = probs[starts + m]  # [n, V]: the rows the requests' own tokens are drawn from
+    drop = tokens.gather(1, m[:, None])  # the rejected guess, drawn from p without it
+    final = final.scatter(1, drop, torch.where((m < k_dev)[:, None], 0.0, final.gather(1, drop)))
+    own = (final / _draw(gens, probs.shape[1], dev, uniform=False)).argmax(-1)
+    m_host, own_host = torch.stack([m, own]).tolist()
+    return [d[:mi] + [t] for d, mi, t in zip(drafts, m_host, own_host)]
+
+
+def _draw(gens: list[torch.Generator | None], cols: int, dev: torch.device,
+          uniform: bool) -> torch.Tensor:
+    """[n, cols] uniforms (or unit exponentials), row i from ``gens[i]``: one draw per distinct
+    generator (requests sharing one are drawn together)."""
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(gens):
+        groups.setdefault(id(g), []).append(i)
+    out = None
+    for idx in groups.values():
+        block = torch.empty(len(idx), cols, device=dev)
+        block = (block.uniform_(generator=gens[idx[0]]) if uniform
+                 else block.exponential_(generator=gens[idx[0]]))
+        if len(idx) == len(gens):
+            return block
+        if out is None:
+            out = torch.empty(len(gens), cols, device=dev)
+        out[torch.tensor(idx, device=dev)] = block
+    return out

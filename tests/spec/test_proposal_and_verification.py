@@ -13,7 +13,7 @@ from kestrel.request import Request
 from kestrel.sampling_params import SamplingParams
 from kestrel.spec.ngram import ngram_lookup
 from kestrel.spec.proposer import make_proposer
-from kestrel.spec.rejection import accept_greedy, accept_sampled
+from kestrel.spec.rejection import accept_greedy, accept_sampled_batch
 
 
 def _look(ids: list[int], k: int, lo: int = 1, hi: int = 3) -> list[int]:
@@ -98,22 +98,46 @@ def test_sampled_verification_keeps_the_target_distribution():
     probs = torch.softmax(torch.randn(3, v) * 1.5, -1)
     drafts = [int(probs[0].argsort()[-2]), int(probs[1].argmax())]  # p0's second choice
     gen = torch.Generator().manual_seed(1)
-    outs = [accept_sampled(probs, drafts, gen) for _ in range(n)]
+    outs = accept_sampled_batch(probs.repeat(n, 1), [drafts] * n, [gen] * n)
     first = _counts([o[0] for o in outs], v)
     assert (first - probs[0].double()).abs().sum() / 2 < 0.02
     kept = [o for o in outs if o[0] == drafts[0]]
     second = _counts([o[1] for o in kept], v)
     assert len(kept) > 500 and (second - probs[1].double()).abs().sum() / 2 < 0.05
     assert all(1 <= len(o) <= 3 for o in outs)
-    rare = [accept_sampled(probs, [int(probs[0].argmin())], gen)[0] for _ in range(n)]
+    rare = [o[0] for o in accept_sampled_batch(probs[:2].repeat(n, 1),
+                                               [[int(probs[0].argmin())]] * n, [gen] * n)]
     assert (_counts(rare, v) - probs[0].double()).abs().sum() / 2 < 0.02
 
 
 def test_a_guess_the_target_excludes_is_never_kept():
     probs = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
     gen = torch.Generator().manual_seed(0)
-    outs = {tuple(accept_sampled(probs, [2], gen)) for _ in range(200)}
+    outs = {tuple(o) for o in accept_sampled_batch(probs.repeat(200, 1), [[2]] * 200,
+                                                    [gen] * 200)}
     assert outs == {(0,), (1,)}
+
+
+def test_a_batch_of_requests_is_decided_row_by_row():
+    """Requests of 1, 3 and 2 guesses end to end, with certain outcomes: a guess of
+    probability one is kept, one of probability zero rejected (the position then takes the
+    other token of its row), and a request's own generator makes its draws repeatable."""
+    def one_hot(tok: int, v: int = 4) -> list[float]:
+        return [1.0 if t == tok else 0.0 for t in range(v)]
+
+    probs = torch.tensor([one_hot(1), one_hot(2),  # r0: guess 1 kept, then 2
+                          one_hot(3), [0.0, 0.0, 0.5, 0.5], one_hot(0), one_hot(1),  # r1
+                          one_hot(2), one_hot(0), one_hot(3)])  # r2: guesses 2, 1
+    drafts = [[1], [3, 2, 1], [2, 1]]
+    shared = torch.Generator().manual_seed(5)
+    seeded = [torch.Generator().manual_seed(9) for _ in range(2)]
+    got = accept_sampled_batch(probs, drafts, [shared, seeded[0], shared])
+    assert got[0] == [1, 2]
+    assert got[1][:1] == [3] and got[1][1] in (2, 3) and got[1][1:] in ([2, 0], [3])
+    assert got[2] == [2, 0]  # guess 1 has probability 0 at its row: the row's other token
+    again = accept_sampled_batch(probs, drafts, [torch.Generator().manual_seed(5), seeded[1],
+                                                 torch.Generator().manual_seed(5)])
+    assert again == got
 
 
 def test_sampler_verify_greedy_and_filtered_requests_together():
