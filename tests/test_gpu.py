@@ -55,6 +55,35 @@ def test_gpu_greedy_equals_cpu_reference(checkpoint):
     assert gpu == cpu
 
 
+def test_verified_steps_run_in_the_decode_graphs(checkpoint):
+    """Prompt lookup on prompts that repeat a block: steps that verify guesses run as decode
+    rows in the CUDA graphs (ModelRunner.flat_drafts), and give plain greedy decoding's
+    tokens."""
+    g = torch.Generator().manual_seed(7)
+    prompts = [{"prompt_token_ids": torch.randint(0, 49152, (40,), generator=g).repeat(4)
+                .tolist()} for _ in range(3)]
+    plain = _tokens(checkpoint, prompts, device="cuda", dtype="float32")
+    seen = {"graph": 0, "eager": 0}
+
+    def count_verified_steps(llm: LLM) -> None:
+        runner = llm.engine.executor.runner
+        use_graph = runner.use_graph
+
+        def counted(batch) -> bool:
+            graph = use_graph(batch)
+            if batch.prompt_rows:  # a step with guesses to verify
+                seen["graph" if graph else "eager"] += 1
+            return graph
+
+        runner.use_graph = counted
+        seen["stats"] = llm.engine.stats
+
+    spec = _tokens(checkpoint, prompts, count_verified_steps, device="cuda", dtype="float32",
+                   speculative_method="ngram")
+    assert spec == plain
+    assert seen["stats"].num_draft_tokens > 0 and seen["graph"] > 0
+
+
 @pytest.fixture(scope="module")
 def default_model():
     """The real default model's folder. Its GGUF reaches the GPU machine only through
