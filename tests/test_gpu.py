@@ -110,8 +110,9 @@ def test_default_model_greedy_on_gpu_equals_cpu_reference(default_model):
 
 
 def test_default_model_speculative_on_gpu_equals_cpu_reference(default_model):
-    """Prompt lookup on the GPU: verified steps (several query tokens over the paged cache,
-    eager) give the CPU reference's greedy tokens, on prompts whose continuations repeat."""
+    """Prompt lookup on the GPU: verified steps (decode rows in the CUDA graphs, or several
+    query tokens over the paged cache when a prompt chunk shares the step) give the CPU
+    reference's greedy tokens, on prompts whose continuations repeat."""
     prompts = ["Count: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
                "The cat sat on the mat. The cat sat on the mat. The cat",
                "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul"]
