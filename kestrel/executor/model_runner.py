@@ -344,8 +344,8 @@ class ModelRunner:
         its block table, its context up to and including token j): attention computes the
         same, and the decode CUDA graphs serve it instead of an eager varlen forward (a 135M
         model's verified step took 4.9 ms eagerly against 0.86 for a plain step, H200). Only
-        where a graph fits the rows: each row reads its request's whole context, so eager long
-        contexts keep the varlen path."""
+        where a graph fits the rows: without one the varlen path is the cheaper, as it reads
+        each request's context once where the rows read it once each."""
         return (self.graphs is not None and self.graphs.can_run(num_tokens)
                 and verifies_as_decode(seqs))
 
