@@ -84,16 +84,16 @@ def test_scale_int32_is_the_reference(out_dtype):
     assert torch.equal(got, (acc.float() * xs * ws.t()).to(out_dtype))
 
 
-@pytest.mark.parametrize("config", [SkinnyConfig(4, 64), SkinnyConfig(4, 64, 2),
-                                    SkinnyConfig(16, 64, 2, use_dot=True), None],
-                         ids=["fma", "fma-split", "dot-split", "default"])
-@pytest.mark.parametrize("rows", [1, 5])
-def test_skinny_int8_gemm_is_the_exact_product(config, rows):
+_FMA, _FMA_SPLIT = SkinnyConfig(4, 64), SkinnyConfig(4, 64, 2)
+_DOT_SPLIT = SkinnyConfig(16, 64, 2, use_dot=True)  # tensor-core dot: several rows
+
+
+@pytest.mark.parametrize("rows, config", [(1, _FMA), (1, _FMA_SPLIT), (1, None), (5, _FMA),
+                                          (5, _FMA_SPLIT), (5, _DOT_SPLIT), (5, None)])
+def test_skinny_int8_gemm_is_the_exact_product(rows, config):
     """The int8 products summed in float32 (exact below 2²⁴: K 192 here) or int32, scaled
     (split-K scales each split's sum): the float64 reference within float32 rounding of the
-    terms' magnitude."""
-    if config is not None and config.use_dot and rows == 1:
-        pytest.skip("the dot config is for several rows")
+    terms' magnitude. ``None``: the default config for the shape."""
     xq, xs = quantize_rows_int8(_rows(rows, 192, 3, torch.float32).cpu())
     g = torch.Generator().manual_seed(4)
     wq, ws = quantize_rows_int8(torch.randn(40, 192, generator=g))
