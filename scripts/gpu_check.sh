@@ -36,18 +36,28 @@ if has realmodel; then  # the real default model, carried by scripts/model_carry
     --json "$OUT/eval_fp8_gpu.json" | tail -n 14
 fi
 if has spec; then  # speculative decoding with prompt lookup on the real default model (carried
-  # by scripts/model_carry.sh): pydoc continuations, 1 and 64 requests, plain then ngram (K = 4)
-  for n in 1 64; do
+  # by scripts/model_carry.sh): pydoc continuations, 1, 8 and 64 requests, plain then ngram
+  # (K = 4), after one discarded run (a fresh process's first prefill compiles kernels); then
+  # where a step's time goes (random 135M, repeated prompts: scripts/profile_spec.py)
+  k bench throughput --prompt-source text --input-len 512 --output-len 8 --num-prompts 1 \
+    > /dev/null 2>&1
+  for n in 1 8 64; do
     for s in "" "--speculative-method ngram --num-speculative-tokens 4"; do
       tag=$(echo "n${n}${s:+_ngram}" | tr -c 'a-z0-9\n' '_')
       k bench throughput --prompt-source text --input-len 512 --output-len 128 --num-prompts $n \
         --max-num-seqs $n $s --json "$OUT/spec_${tag}.json" 2>&1 | tee "$OUT/spec_${tag}.log" \
-        | grep -E "^output tokens|TPOT|guesses|start-up" | head -n 5
+        | grep -E "output tokens/s|TPOT|guesses" | head -n 4
+    done
+  done
+  for n in 1 64; do
+    for s in "" --ngram; do
+      python3 scripts/profile_spec.py --requests $n $s 2>&1 | tee -a "$OUT/profile_spec.log" \
+        | tail -n 5
     done
   done
 fi
-if has w8a8; then  # W8A8 (int8 x int8 products through torch._int_mm) against BF16 and the FP8
-  # recipe's every-layer form: batch-1 decode and the 4k prefill, llama-3-8b preset
+if has w8a8; then  # W8A8 (kernels/int8_w8a8.py) against BF16 and the FP8 recipe's every-layer
+  # form: batch-1 decode and the 4k prefill, llama-3-8b preset
   c=$(ceil)
   for q in "" "--quantization w8a8" "--quantization fp8 --fp8-attention --no-fp8-skip-layers"; do
     tag=$(echo "bf16${q}" | tr -c 'a-z0-9\n' '_' | tr -s _)
