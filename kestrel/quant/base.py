@@ -10,8 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 from kestrel.config import QuantConfig
-from kestrel.layers.linear import QuantMethod
+from kestrel.layers.linear import QuantMethod, set_param_dims
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,24 @@ class LayerPlace:
         if ".mlp." in self.prefix:
             return "mlp"
         return "other"
+
+
+def register_rowwise_weight(layer: nn.Module, weight_dtype: torch.dtype, output_size: int,
+                            input_size: int, scale_fill: float, serialized: bool) -> None:
+    """An 8-bit ``weight`` [out, in] and its float32 ``weight_scale`` [out, 1], one scale per
+    output row (row-wise FP8, W8A8): the scale a parameter when the checkpoint carries it
+    (``serialized``), else a buffer the method fills as float rows are quantized on load."""
+    weight = nn.Parameter(torch.zeros(output_size, input_size, dtype=weight_dtype),
+                          requires_grad=False)
+    set_param_dims(weight, 0, 1)
+    layer.register_parameter("weight", weight)
+    scale = torch.full((output_size, 1), scale_fill, dtype=torch.float32)
+    if serialized:
+        scale = nn.Parameter(scale, requires_grad=False)
+        set_param_dims(scale, 0, None)
+        layer.register_parameter("weight_scale", scale)
+    else:
+        layer.register_buffer("weight_scale", scale)
 
 
 QuantFactory = Callable[[QuantConfig, LayerPlace], "QuantMethod | None"]

@@ -22,11 +22,10 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from kestrel.config import QuantConfig
 from kestrel.layers.linear import QuantMethod, set_param_dims
-from kestrel.quant.base import LayerPlace, register_quant
+from kestrel.quant.base import LayerPlace, register_quant, register_rowwise_weight
 
 # The numerics live in fp8_ops; their names stay importable from here.
 from kestrel.quant.fp8_ops import (  # noqa: F401
@@ -100,17 +99,8 @@ class Fp8LinearMethod(QuantMethod):
         self.fast_accum = fast_accum
 
     def create_weights(self, layer, input_size, output_size, dtype) -> None:
-        weight = nn.Parameter(torch.zeros(output_size, input_size, dtype=FP8_DTYPE),
-                              requires_grad=False)
-        set_param_dims(weight, 0, 1)
-        layer.register_parameter("weight", weight)
-        scale = torch.full((output_size, 1), DUMMY_SCALE, dtype=torch.float32)
-        if self.serialized:
-            scale = nn.Parameter(scale, requires_grad=False)
-            set_param_dims(scale, 0, None)
-            layer.register_parameter("weight_scale", scale)
-        else:
-            layer.register_buffer("weight_scale", scale)
+        register_rowwise_weight(layer, FP8_DTYPE, output_size, input_size, DUMMY_SCALE,
+                                self.serialized)
         layer.fp8_out_dtype = dtype
         layer.fp8_state = _LoadState()
         layer.fp8_use_scaled_mm = False

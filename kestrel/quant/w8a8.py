@@ -18,11 +18,10 @@ import functools
 from typing import Any
 
 import torch
-from torch import nn
 
 from kestrel.config import QuantConfig
 from kestrel.layers.linear import QuantMethod, set_param_dims
-from kestrel.quant.base import LayerPlace, register_quant
+from kestrel.quant.base import LayerPlace, register_quant, register_rowwise_weight
 from kestrel.quant.fp8 import HF_PARTS
 from kestrel.quant.fp8_ops import QuantInput
 
@@ -107,17 +106,8 @@ class W8A8LinearMethod(QuantMethod):
         self.prefix = prefix
 
     def create_weights(self, layer, input_size, output_size, dtype) -> None:
-        weight = nn.Parameter(torch.zeros(output_size, input_size, dtype=torch.int8),
-                              requires_grad=False)
-        set_param_dims(weight, 0, 1)
-        layer.register_parameter("weight", weight)
-        scale = torch.ones(output_size, 1, dtype=torch.float32)
-        if self.serialized:
-            scale = nn.Parameter(scale, requires_grad=False)
-            set_param_dims(scale, 0, None)
-            layer.register_parameter("weight_scale", scale)
-        else:
-            layer.register_buffer("weight_scale", scale)
+        register_rowwise_weight(layer, torch.int8, output_size, input_size, 1.0,
+                                self.serialized)
         layer.w8a8_shards = {"weight": set(), "weight_scale": set()}
         layer.w8a8_out_dtype = dtype  # of outputs computed from a QuantInput
         layer.weight_loader = functools.partial(self._weight_loader, layer, layer.weight_loader)

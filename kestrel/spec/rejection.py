@@ -30,13 +30,12 @@ def accept_sampled_batch(probs: torch.Tensor, drafts: list[list[int]],
     dev = probs.device
     ks = [len(d) for d in drafts]
     width = max(ks) + 1  # a column past every request's last guess, never kept
-    padded = torch.zeros(len(drafts), width, dtype=torch.long)
-    for i, d in enumerate(drafts):
-        padded[i, :len(d)] = torch.tensor(d, dtype=torch.long)
-    tokens = padded.to(dev)
-    starts = torch.tensor(list(itertools.accumulate([0] + [k + 1 for k in ks[:-1]])),
-                          device=dev)
-    k_dev = torch.tensor(ks, device=dev)
+    starts = itertools.accumulate([0] + [k + 1 for k in ks[:-1]])
+    # per request: its guesses padded to width, its first row, its guess count; one upload
+    host = torch.tensor([d + [0] * (width - len(d)) + [s, len(d)]
+                         for d, s in zip(drafts, starts)], dtype=torch.long)
+    tokens, starts, k_dev = host.to(dev).split([width, 1, 1], dim=1)
+    starts, k_dev = starts[:, 0], k_dev[:, 0]
     cols = torch.arange(width, device=dev)
     rows = (starts[:, None] + cols[None]).clamp_max(probs.shape[0] - 1)
     p_guess = probs[rows, tokens]  # [n, width]; columns past a request's guesses are masked
