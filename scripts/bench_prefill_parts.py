@@ -4,12 +4,15 @@ quantization tiles a row, whether the residual add rides in the GEMM's epilogue 
 input, beta = 1) for less than the add costs in the norm kernel, the last layer's attention
 for the sampled row only (``forward_kept``) against every row's, the FP8 GEMMs with and
 without fast accumulation beside BF16, BF16 and FP8 GEMMs from Inductor's autotuned
-templates against cuBLAS. FlashAttention 4's and quack's kernels: ``scripts/bench_cute_kernels.py``.
+templates against cuBLAS, FBGEMM's CUTLASS row-wise FP8 GEMM (the Llama 3 paper's, from the
+``fbgemm-gpu-genai`` wheel) against cuBLAS's, W8A8's int8 GEMM (``torch._int_mm`` then the
+scaling kernel) against BF16 and against Inductor's autotuned int8 GEMM with the scaling fused
+into its epilogue. FlashAttention 4's and quack's kernels: ``scripts/bench_cute_kernels.py``.
 Picks the defaults in kestrel.attention.triton_backend and kestrel.kernels.fp8_quant; prints
 one line per variant with its effective bandwidth or rate.
 
     python scripts/bench_prefill_parts.py [--tokens 4096] [--heads 32 8] [--inter 14336]
-        [--only sdpa silu residual kept scaled-mm autotune autotune-fp8]
+        [--only sdpa silu residual kept scaled-mm autotune autotune-fp8 fbgemm int8]
 """
 
 from __future__ import annotations
@@ -273,13 +276,85 @@ def bench_autotune_fp8(t: int, hidden: int, q_kv: int, inter: int) -> None:
                   f"{2 * t * n * k / us / 1e6:7.1f} TFLOP/s  error {err:.2e}")
 
 
+def bench_fbgemm(t: int, hidden: int, q_kv: int, inter: int) -> None:
+    """FP8 [t, k] × [n, k]ᵀ with row-wise scales: torch's ``_scaled_mm`` (cuBLAS, one 128 × 128
+    tile kernel) against FBGEMM's ``f8f8bf16_rowwise`` (CUTLASS, tiles picked per shape), each
+    with fast accumulation off and on, with its error against the exact product; then one
+    layer's four GEMMs 32 times back to back (a prefill's sustained clocks) per kernel."""
+    import fbgemm_gpu.experimental.gen_ai  # noqa: F401 (registers torch.ops.fbgemm)
+
+    fp8, shapes = torch.float8_e4m3fn, ((q_kv, hidden), (hidden, hidden), (2 * inter, hidden),
+                                        (hidden, inter))
+    kernels = {
+        "cublas": lambda a, b, sa, sb, f: torch._scaled_mm(
+            a, b.t(), scale_a=sa.view(-1, 1), scale_b=sb.view(1, -1), out_dtype=torch.bfloat16,
+            use_fast_accum=f),
+        "fbgemm": lambda a, b, sa, sb, f: torch.ops.fbgemm.f8f8bf16_rowwise(
+            a, b, sa, sb, use_fast_accum=f),
+    }
+    operands = []
+    for n, k in shapes:
+        xq = torch.randn(t, k, device="cuda").to(fp8)
+        wq = (torch.randn(n, k, device="cuda") * 4).to(fp8)
+        xs, ws = torch.rand(t, device="cuda") + 0.5, torch.rand(n, device="cuda") + 0.5
+        operands.append((xq, wq, xs, ws))
+        exact = (xq.float() * xs[:, None]) @ (wq.float() * ws[:, None]).t()
+        for name, gemm in kernels.items():
+            for fast in (False, True):
+                err = float((gemm(xq, wq, xs, ws, fast).float() - exact).norm() / exact.norm())
+                us = timed(lambda g=gemm, f=fast: g(xq, wq, xs, ws, f))  # noqa: B023
+                print(f"fbgemm t={t} n={n:5} k={k:5} {name:7} fast_accum={fast!s:5} {us:8.1f} µs "
+                      f"{2 * t * n * k / us / 1e6:7.1f} TFLOP/s  error {err:.2e}")
+    flop = 32 * sum(2 * t * n * k for n, k in shapes)
+    for name, gemm in kernels.items():
+        def layers(g=gemm):
+            for _ in range(32):
+                for ops in operands:
+                    g(*ops, True)
+        us = timed(layers, reps=5)
+        print(f"fbgemm t={t} 32 layers' GEMMs {name:7} fast_accum=True {us / 1e3:8.2f} ms "
+              f"{flop / us / 1e6:7.1f} TFLOP/s")
+
+
+def bench_int8(t: int, hidden: int, q_kv: int, inter: int) -> None:
+    """W8A8's prefill GEMM [t, k] × [n, k]ᵀ of int8 codes with row scales: BF16 ``F.linear``
+    (the baseline), ``torch._int_mm`` alone, the engine's ``_int_mm`` + ``scale_int32`` (the
+    int32 product makes a round trip through memory), and Inductor's ``max-autotune`` of the
+    same function, which may fuse the scaling into a Triton GEMM's epilogue."""
+    from kestrel.kernels.int8_w8a8 import scale_int32
+
+    def engine(a, b, sa, sb):
+        return scale_int32(torch._int_mm(a, b.t()), sa, sb, torch.bfloat16)
+
+    def fused(a, b, sa, sb):
+        return (torch._int_mm(a, b.t()).float() * sa * sb.t()).to(torch.bfloat16)
+    tuned = torch.compile(fused, mode="max-autotune-no-cudagraphs", dynamic=False)
+    for n, k in ((q_kv, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter)):
+        x = torch.randn(t, k, dtype=torch.bfloat16, device="cuda")
+        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+        xq = torch.randint(-127, 128, (t, k), dtype=torch.int8, device="cuda")
+        wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+        xs, ws = torch.rand(t, 1, device="cuda") * 1e-3, torch.rand(n, 1, device="cuda") * 1e-3
+        want = engine(xq, wq, xs, ws).float()
+        for name, fn in (("bf16 F.linear", lambda: F.linear(x, w)),  # noqa: B023
+                         ("_int_mm", lambda: torch._int_mm(xq, wq.t())),  # noqa: B023
+                         ("_int_mm + scale_int32", lambda: engine(xq, wq, xs, ws)),  # noqa: B023
+                         ("max-autotune fused", lambda: tuned(xq, wq, xs, ws))):  # noqa: B023
+            diff = "" if "scale" not in name and "fused" not in name else \
+                f"  max |diff| {float((fn().float() - want).abs().max()):.1e}"
+            us = timed(fn)
+            print(f"int8 t={t} n={n:5} k={k:5} {name:22} {us:8.1f} µs "
+                  f"{2 * t * n * k / us / 1e6:7.1f} TOP/s{diff}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--heads", type=int, nargs=2, default=[32, 8])
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--inter", type=int, default=14336)
-    parts = ["sdpa", "silu", "residual", "kept", "scaled-mm", "autotune", "autotune-fp8"]
+    parts = ["sdpa", "silu", "residual", "kept", "scaled-mm", "autotune", "autotune-fp8",
+             "fbgemm", "int8"]
     p.add_argument("--only", nargs="+", choices=parts, default=parts)
     ns = p.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -302,6 +377,10 @@ def main() -> None:
             bench_autotune(t, *shapes)
         if "autotune-fp8" in ns.only:
             bench_autotune_fp8(t, *shapes)
+        if "fbgemm" in ns.only:
+            bench_fbgemm(t, *shapes)
+        if "int8" in ns.only:
+            bench_int8(t, *shapes)
 
 
 if __name__ == "__main__":

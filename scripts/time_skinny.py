@@ -1,5 +1,6 @@
 """The skinny GEMM at batch 1 with its default (tuned) configs on llama-3-8b's decode shapes:
-FP8 FFN at TP=1, BF16 linears at TP=1 and one rank's at TP=2; µs and share of the copy rate.
+FP8 FFN at TP=1, W8A8's int8 linears at TP=1, BF16 linears at TP=1 and one rank's at TP=2; µs
+and share of the copy rate.
 For A/B runs of the kernel (the same script in another tree, same call).
 
     python scripts/time_skinny.py [--rep 50] [--ahead 2 4]   # one GPU
@@ -28,13 +29,22 @@ from tests.quant.skinny_timing import (
     weights,
     with_activation,
     with_activation_bf16,
+    with_activation_int8,
 )
 
 H, Q, KV, FFN = 4096, 4096, 1024, 14336  # llama-3-8b
-CASES = [("fp8 gate_up", 2 * FFN, H, 1), ("fp8 down", H, FFN, 1)] + [
-    (f"bf16 tp{tp} {name}", n, k, 2) for tp in (1, 2) for name, n, k in (
-        ("qkv", (Q + 2 * KV) // tp, H), ("o_proj", H, Q // tp), ("gate_up", 2 * FFN // tp, H),
-        ("down", H, FFN // tp))]
+
+
+def linears(tp: int) -> tuple:
+    """(name, N, K) of one rank's attention and FFN linears at tensor parallelism ``tp``."""
+    return (("qkv", (Q + 2 * KV) // tp, H), ("o_proj", H, Q // tp),
+            ("gate_up", 2 * FFN // tp, H), ("down", H, FFN // tp))
+
+
+CASES = [("fp8 gate_up", 2 * FFN, H, "fp8"), ("fp8 down", H, FFN, "fp8")] + [
+    (f"int8 {name}", n, k, "int8") for name, n, k in linears(1)] + [
+    (f"bf16 tp{tp} {name}", n, k, "bf16") for tp in (1, 2) for name, n, k in linears(tp)]
+ACTIVATION = {"fp8": with_activation, "int8": with_activation_int8, "bf16": with_activation_bf16}
 
 
 def main() -> None:
@@ -45,9 +55,11 @@ def main() -> None:
     copy = copy_bandwidth()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"{torch.cuda.get_device_name()}  copy {copy:.0f} GB/s")
-    for label, n, k, elem in CASES:
-        op = weights(n, k, l2, with_bf16=elem == 2, with_fp8=elem == 1)
-        op = with_activation(op, 1) if elem == 1 else with_activation_bf16(op, 1)
+    for label, n, k, kind in CASES:
+        elem = 2 if kind == "bf16" else 1
+        op = weights(n, k, l2, with_bf16=kind == "bf16", with_fp8=kind == "fp8",
+                     with_int8=kind == "int8")
+        op = ACTIVATION[kind](op, 1)
         cfg = default_config(1, n, k, sm_count("cuda", 0), elem_bytes=elem,
                              gpu=gpu_model("cuda", 0))
         variants = [cfg] + [dataclasses.replace(cfg, prefetch=False, ahead=a)

@@ -16,6 +16,9 @@ Two inner products, picked by the config (``default_config``: by M; the loops li
       = w · xᵀ, so the weight slice fills the MMA's 64-row side and x pads only to 16 rows.
       fp8 MMAs on Hopper accumulate in reduced precision; promoting to float32 after every
       BLOCK_K (``max_num_imprecise_acc``) limits that to BLOCK_K products per partial sum.
+int8 operands (W8A8) are summed exactly in int32 either way; one row of them goes through
+``dp4a`` on 32-bit words of four codes (``dp4a_loop``: int8 → float conversions, a quarter of
+the FMA rate, held that GEMV to 2/3 of fp8's bandwidth).
 Split-K writes float32 partials [S, M, N]; a second kernel sums them in a fixed order (the
 result does not depend on scheduling, unlike atomics). Outputs are rounded half-to-even
 explicitly (``round_dtype``), as torch casts, also under the interpreter (which truncates).
@@ -38,7 +41,7 @@ import triton.language as tl
 from kestrel.kernels.pdl import pdl_args, pdl_enter, pdl_release, pdl_wait
 from kestrel.kernels.rounding import DTYPE_CODES, round_dtype, silu_rounded
 from kestrel.kernels.skinny_config import SkinnyConfig, default_config, gpu_model, sm_count
-from kestrel.kernels.skinny_loops import dot_loop, fma_loop, load_w
+from kestrel.kernels.skinny_loops import dot_loop, dp4a_loop, fma_loop, load_w, word_ptrs
 from kestrel.quant.fp8_ops import FP8_DTYPE
 
 _SUM_BLOCK = 1024  # outputs per program of the split-K reduction
@@ -78,6 +81,7 @@ def _skinny_kernel(
     PREFETCH: tl.constexpr,  # FMA: tiles loaded a step ahead (SkinnyConfig.prefetch)
     SCALED: tl.constexpr,  # fp8 (or INT8: int8) operands with row scales; False: plain x·wᵀ
     INT8: tl.constexpr,
+    DP4A: tl.constexpr,  # INT8, one row, in whole 32-bit words: skinny_loops.dp4a_loop
     DOT_F32: tl.constexpr,  # unscaled dot in float32, IEEE (float32 operands; see _launch)
     GLU: tl.constexpr,  # x is [silu(gate) | up], multiplied as loaded (skinny_loops._load_x)
     SILU: tl.constexpr,
@@ -96,25 +100,35 @@ def _skinny_kernel(
     rows_m = tl.minimum(offs_m, M - 1).to(tl.int64)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    offs_k = k_lo + tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
-    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    if DP4A:  # int8 read as 32-bit words: offsets and K count words
+        k_end = K // 4
+        offs_k = k_lo // 4 + tl.arange(0, BLOCK_K // 4)
+        w_ptrs = word_ptrs(w_ptr, rows_n, stride_wn, offs_k)  # [BLOCK_N, BLOCK_K / 4]
+        x_ptrs = word_ptrs(x_ptr, rows_m, stride_xm, offs_k)  # [1, BLOCK_K / 4]
+    else:
+        k_end = K
+        offs_k = k_lo + tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+        x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     # Every split has at least one K step. Its weights are loaded before waiting for the kernel
     # that writes x: under PDL they stream while that kernel still runs.
-    w_first = load_w(w_ptrs, offs_k, K, EVEN_K, W_EVICT)
+    w_first = load_w(w_ptrs, offs_k, k_end, EVEN_K, W_EVICT)
     pdl_wait(PDL)
-    if USE_DOT:
+    if DP4A:
+        acc = dp4a_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, k_end, BLOCK_K, EVEN_K,
+                        W_EVICT, HW)
+    elif USE_DOT:
         acc = dot_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_M, BLOCK_N,
                        BLOCK_K, EVEN_K, W_EVICT, SCALED, DOT_F32, GLU, DT, HW, INT8)
     else:
         acc = fma_loop(x_ptrs, w_ptrs, w_first, offs_k, k_lo, k_hi, K, BLOCK_N, BLOCK_K,
-                       EVEN_K, W_EVICT, BROADCAST_X, PREFETCH, GLU, DT, HW, AHEAD)
+                       EVEN_K, W_EVICT, BROADCAST_X, PREFETCH, GLU, DT, HW, AHEAD, INT8)
     if RELEASE_LATE:
         pdl_release(PDL)
     if SCALED:
         ws = tl.load(ws_ptr + rows_n)
         xs = tl.load(xs_ptr + rows_m)
-        y = acc * ws[:, None] * xs[None, :]  # [BLOCK_N, BLOCK_M]
+        y = acc * xs[None, :] * ws[:, None]  # [BLOCK_N, BLOCK_M], the references' order
     else:
         y = acc
     mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
@@ -199,7 +213,7 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
         EVEN_K=k % cfg.block_k == 0, SPLIT=split > 1, DT=dt,
         W_EVICT="evict_first" if cfg.evict_first else "", BROADCAST_X=cfg.broadcast_x,
         PREFETCH=cfg.prefetch, AHEAD=run_ahead(cfg, k), SCALED=scaled,
-        INT8=w.dtype == torch.int8, DOT_F32=dot_f32, GLU=glu,
+        INT8=w.dtype == torch.int8, DP4A=_dp4a_fits(x, w, cfg), DOT_F32=dot_f32, GLU=glu,
         SILU=silu_cols > 0,
         HW=_compiled(), RELEASE_LATE=silu_cols > 0 and split == 1, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -211,6 +225,14 @@ def _launch(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor
             HW=_compiled(), BLOCK=_SUM_BLOCK, num_warps=4,
             **pdl_args(x.device))
     return out
+
+
+def _dp4a_fits(x: torch.Tensor, w: torch.Tensor, cfg: SkinnyConfig) -> bool:
+    """int8 operands of one row per program that read as whole 32-bit words (else the FMA
+    loop's int32 products, the same sums)."""
+    return (w.dtype == torch.int8 and not cfg.use_dot and cfg.block_k % 4 == 0
+            and all(t.shape[1] % 4 == 0 and t.stride(0) % 4 == 0 and t.data_ptr() % 4 == 0
+                    for t in (x, w)))
 
 
 def run_ahead(cfg: SkinnyConfig, k: int) -> int:

@@ -19,8 +19,10 @@ import triton
 import triton.testing
 
 from kestrel.kernels.fp8_gemm import bf16_gemm_small_m, fp8_gemm_small_m
+from kestrel.kernels.int8_w8a8 import int8_gemm_small_m
 from kestrel.kernels.skinny_config import SkinnyConfig, split_to_fill
 from kestrel.quant.fp8_ops import fp8_matmul_emulated, quantize_rowwise_ref
+from kestrel.quant.w8a8 import quantize_rows_int8
 
 DEVICE = "cuda"  # a CPU dry run of the code paths may set "cpu" (TRITON_INTERPRET=1)
 SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336)}  # Llama 3 8B, name → (N, K)
@@ -79,8 +81,9 @@ def correct(y: torch.Tensor, ref: torch.Tensor) -> bool:
         1e-2 * float(ref.abs().max())
 
 
-def weights(n: int, k: int, l2_bytes: int, with_bf16: bool, with_fp8: bool = True) -> dict:
-    """Weight copies, fp8 (and bf16), each set ≥ 4× L2 (as 32 layers would stream them)."""
+def weights(n: int, k: int, l2_bytes: int, with_bf16: bool, with_fp8: bool = True,
+            with_int8: bool = False) -> dict:
+    """Weight copies, fp8 (and bf16, int8), each set ≥ 4× L2 (as 32 layers would stream them)."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     w = 0.02 * torch.randn(n, k, device=DEVICE, generator=gen, dtype=torch.bfloat16)
     n_fp8, n_bf16 = (max(2, triton.cdiv(4 * l2_bytes, n * k * b)) for b in (1, 2))
@@ -88,6 +91,9 @@ def weights(n: int, k: int, l2_bytes: int, with_bf16: bool, with_fp8: bool = Tru
     if with_fp8:
         wq, ws = quantize_rowwise_ref(w)
         op.update(ws=ws, wq=[wq] + [wq.clone() for _ in range(n_fp8 - 1)])
+    if with_int8:  # one byte a weight, as fp8: as many copies
+        wi, wis = quantize_rows_int8(w)
+        op.update(wis=wis, wi=[wi] + [wi.clone() for _ in range(n_fp8 - 1)])
     return op
 
 
@@ -102,6 +108,18 @@ def with_activation(op: dict, m: int) -> dict:
         return fp8_gemm_small_m(xq, xs, op["wq"][i], op["ws"], torch.bfloat16, config=cfg)
     return {**op, "x": x, "xq": xq, "xs": xs, "ref": ref, "skinny": skinny,
             "copies": len(op["wq"])}
+
+
+def with_activation_int8(op: dict, m: int) -> dict:
+    """``op`` (int8 weights) plus x [M, K]'s int8 codes, the float32 reference output and
+    ``skinny(i, config)``: W8A8's skinny GEMM (int8_gemm_small_m) on weight copy i."""
+    x = torch.randn(m, op["wi"][0].shape[1], device=DEVICE, dtype=torch.bfloat16)
+    xq, xs = quantize_rows_int8(x)
+    ref = (xq.float() @ op["wi"][0].float().T) * xs * op["wis"].T
+
+    def skinny(i: int, cfg: SkinnyConfig) -> torch.Tensor:
+        return int8_gemm_small_m(xq, xs, op["wi"][i], op["wis"], torch.bfloat16, config=cfg)
+    return {**op, "x": x, "ref": ref, "skinny": skinny, "copies": len(op["wi"])}
 
 
 def with_activation_bf16(op: dict, m: int) -> dict:

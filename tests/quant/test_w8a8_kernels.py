@@ -16,7 +16,12 @@ from kestrel.kernels.int8_w8a8 import int8_gemm_small_m, per_token_quant_int8, s
 from kestrel.kernels.skinny_config import SkinnyConfig
 from kestrel.layers.activation import silu_and_mul_ref
 from kestrel.layers.norm import rms_norm_ref
-from kestrel.quant.w8a8 import quantize_rows_int8, w8a8_matmul, w8a8_matmul_ref
+from kestrel.quant.w8a8 import (
+    quantize_rows_int8,
+    scaled_int8_product,
+    w8a8_matmul,
+    w8a8_matmul_ref,
+)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.gpu if DEV == "cuda" else []
@@ -85,23 +90,33 @@ def test_scale_int32_is_the_reference(out_dtype):
 
 
 _FMA, _FMA_SPLIT = SkinnyConfig(4, 64), SkinnyConfig(4, 64, 2)
-_DOT_SPLIT = SkinnyConfig(16, 64, 2, use_dot=True)  # tensor-core dot: several rows
+_DOT, _DOT_SPLIT = SkinnyConfig(16, 64, use_dot=True), SkinnyConfig(16, 64, 2, use_dot=True)
 
 
 @pytest.mark.parametrize("rows, config", [(1, _FMA), (1, _FMA_SPLIT), (1, None), (5, _FMA),
-                                          (5, _FMA_SPLIT), (5, _DOT_SPLIT), (5, None)])
-def test_skinny_int8_gemm_is_the_exact_product(rows, config):
-    """The int8 products summed in float32 (exact below 2²⁴: K 192 here) or int32, scaled
-    (split-K scales each split's sum): the float64 reference within float32 rounding of the
-    terms' magnitude. ``None``: the default config for the shape."""
+                                          (5, _FMA_SPLIT), (5, _DOT), (5, _DOT_SPLIT),
+                                          (5, None), (1, SkinnyConfig(4, 128))])
+@pytest.mark.parametrize("words", [True, False])
+def test_skinny_int8_gemm_is_the_exact_product(rows, config, words):
+    """The int8 products summed exactly in int32, then scaled: the reference bit for bit in
+    one pass over K; split-K scales each split's sum, so there the float64 reference within
+    float32 rounding of the terms' magnitude. ``None``: the default config for the shape.
+    One row per program reads whole 32-bit words (dp4a); ``words=False`` puts x at an odd
+    address and stride, which takes the FMA loop's int32 products instead. K = 192 leaves a
+    partial last step for 128-byte steps."""
     xq, xs = quantize_rows_int8(_rows(rows, 192, 3, torch.float32).cpu())
+    x_dev = xq.to(DEV)
+    if not words:
+        x_dev = torch.zeros(rows, 193, dtype=torch.int8, device=DEV)[:, 1:].copy_(x_dev)
     g = torch.Generator().manual_seed(4)
     wq, ws = quantize_rows_int8(torch.randn(40, 192, generator=g))
-    got = int8_gemm_small_m(xq.to(DEV), xs.to(DEV), wq.to(DEV), ws.to(DEV), torch.float32,
+    got = int8_gemm_small_m(x_dev, xs.to(DEV), wq.to(DEV), ws.to(DEV), torch.float32,
                             config=config).cpu()
     want = (xq.double() @ wq.double().t()) * xs.double() * ws.double().t()
     size = (xq.double().abs() @ wq.double().abs().t()) * xs.double() * ws.double().t()
     assert ((got.double() - want).abs() <= 4 * 2**-24 * size).all()
+    if config is not None and config.split_k == 1:
+        assert torch.equal(got, scaled_int8_product(xq, xs, wq, ws, torch.float32))
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the GPU path of w8a8_matmul runs on CUDA tensors")
