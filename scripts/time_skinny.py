@@ -61,7 +61,7 @@ def main() -> None:
                      with_int8=kind == "int8")
         op = ACTIVATION[kind](op, 1)
         cfg = default_config(1, n, k, sm_count("cuda", 0), elem_bytes=elem,
-                             gpu=gpu_model("cuda", 0))
+                             gpu=gpu_model("cuda", 0), int8=kind == "int8")
         variants = [cfg] + [dataclasses.replace(cfg, prefetch=False, ahead=a)
                             for a in args.ahead if a != cfg.ahead]
         for c in variants:

@@ -267,7 +267,8 @@ def fp8_gemm_small_m(
         return out.zero_()
     dev = xq.device
     cfg = config or default_config(m, n, k, sm_count(dev.type, dev.index),
-                                   gpu=gpu_model(dev.type, dev.index))
+                                   gpu=gpu_model(dev.type, dev.index),
+                                   int8=wq.dtype == torch.int8)
     return _launch(xq, xs, wq, ws, out, cfg, scaled=True)
 
 

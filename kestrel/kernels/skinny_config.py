@@ -1,7 +1,7 @@
 """Tiles and launch settings of the skinny GEMM (``fp8_gemm``), tuned per GPU and shape.
 
 ``default_config`` answers "which config for this (rows, N, K) on this GPU": a tuned entry from
-``TUNED`` (fp8 weights) or ``TUNED_16BIT`` (bf16/fp16), keyed by GPU model or SM count, else a
+``TUNED`` (fp8 weights; int8 ``TUNED_INT8`` first) or ``TUNED_16BIT`` (bf16/fp16), keyed by GPU model or SM count, else a
 rule. ``beats_cublas`` says where the 16-bit kernel replaces F.linear in the unquantized layers.
 The tables are looked up at call time, so tests patch them here.
 """
@@ -126,6 +126,16 @@ TUNED: dict[tuple[int, int, int, int], SkinnyConfig] = {
     ("H100", 1, 4096, 14336): SkinnyConfig(4, 1024, 1, num_warps=2, evict_first=True, ahead=2),
 }
 
+# W8A8's int8 weights, where one row runs dp4a (fp8_gemm's docstring) and wants other tiles
+# than fp8's FMA loop; looked up before ``TUNED``, which serves the rest (its dot configs fit
+# int8's tensor-core dot as well). H200, a sweep of 17 tiles with the default split
+# (twenty-ninth session, call 3), then `scripts/time_skinny.py` (call 6): qkv 9.29 -> 7.47 µs,
+# down 19.82 -> 15.23 (91% of the copy rate); W8A8 batch-1 decode 2.590 -> 2.579 ms.
+TUNED_INT8: dict[tuple[int | str, int, int, int], SkinnyConfig] = {
+    ("H200", 1, 6144, 4096): SkinnyConfig(4, 2048, 1),
+    ("H200", 1, 4096, 14336): SkinnyConfig(4, 2048, 1),
+}
+
 # The same for 16-bit weights (``bf16_gemm_small_m``), lines that ``bench_fp8_gemm.py
 # --sweep-bf16`` prints; block_k in elements. Only shapes where the tuned kernel beat cuBLAS
 # (F.linear) belong here: unquantized linear layers run it exactly for these (``beats_cublas``).
@@ -201,17 +211,19 @@ def _tuned(table: dict, gpu: str | None, num_sms: int, m: int, n: int, k: int
 
 
 def default_config(m: int, n: int, k: int, num_sms: int, elem_bytes: int = 1,
-                   gpu: str | None = None) -> SkinnyConfig:
+                   gpu: str | None = None, int8: bool = False) -> SkinnyConfig:
     """The tuned config of this shape on this GPU (``gpu``: its model, or None) if its table
     has one (``elem_bytes``, bytes per weight element: 1 fp8 → ``TUNED``, 2 bf16/fp16 →
-    ``TUNED_16BIT``, 4: none), else a rule that is a starting point for Hopper.
+    ``TUNED_16BIT``, 4: none; ``int8``: ``TUNED_INT8`` first), else a rule that is a starting
+    point for Hopper.
 
     M == 1: FMA, 16 columns × 512 bytes of K per step (4 × 16-byte loads and 64 accumulators per
     thread at 4 warps); M > 1: tensor cores, 64 columns (one wgmma side) × 256 K. K is split
     until there are about 4 (FMA) or 2 (dot) programs per SM to keep enough bytes in flight,
     with at least 2 K steps per split. Wider weights take block_k / elem_bytes elements.
     """
-    tuned = _tuned(_tuned_table(elem_bytes), gpu, num_sms, m, n, k)
+    tuned = (int8 and _tuned(TUNED_INT8, gpu, num_sms, m, n, k)) \
+        or _tuned(_tuned_table(elem_bytes), gpu, num_sms, m, n, k)
     if tuned is not None:
         return tuned
     if m == 1:

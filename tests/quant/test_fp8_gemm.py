@@ -179,6 +179,17 @@ def test_a_gpu_models_entry_wins_over_its_sm_counts(monkeypatch):
     assert skinny_config.gpu_model("cpu", None) is None
 
 
+def test_int8_takes_its_own_entries_before_fp8s(monkeypatch):
+    fp8, int8 = SkinnyConfig(block_n=32, block_k=64), SkinnyConfig(block_n=4, block_k=128)
+    monkeypatch.setitem(skinny_config.TUNED, (132, 1, 40, 160), fp8)
+    monkeypatch.setitem(skinny_config.TUNED, (132, 1, 48, 160), fp8)
+    monkeypatch.setitem(skinny_config.TUNED_INT8, ("H200", 1, 40, 160), int8)
+    assert default_config(1, 40, 160, 132, gpu="H200", int8=True) is int8
+    assert default_config(1, 40, 160, 132, gpu="H200") is fp8
+    assert default_config(1, 40, 160, 132, gpu="H100", int8=True) is fp8
+    assert default_config(1, 48, 160, 132, gpu="H200", int8=True) is fp8  # no int8 entry
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 
