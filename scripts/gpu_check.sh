@@ -23,7 +23,8 @@ ceil() { [[ -f $OUT/roofline.json ]] || k bench roofline --json "$OUT/roofline.j
 L8="k bench latency --preset llama-3-8b"
 
 if has tests; then
-  python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/quant tests/kernels -m gpu \
+  python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/quant tests/kernels \
+    tests/spec -m gpu \
     2>&1 | tee "$OUT/tests.log" | tail -n 5
 fi
 if has realmodel; then  # the real default model, carried by scripts/model_carry.sh (source its

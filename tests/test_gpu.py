@@ -84,6 +84,34 @@ def test_verified_steps_run_in_the_decode_graphs(checkpoint):
     assert seen["stats"].num_draft_tokens > 0 and seen["graph"] > 0
 
 
+def test_sampled_requests_with_speculation_on_gpu(checkpoint):
+    """Sampled (seeded, filtered) requests verified together on the device, in the decode
+    graphs: each finishes with the tokens asked for, guesses are verified, and the same seeds
+    give the same tokens in a second engine."""
+    g = torch.Generator().manual_seed(8)
+    prompts = [{"prompt_token_ids": torch.randint(0, 49152, (30,), generator=g).repeat(4)
+                .tolist()} for _ in range(4)]
+    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50 * (i + 1), seed=11 + i,
+                             max_tokens=24, ignore_eos=True) for i in range(4)]
+
+    def run() -> tuple[list[list[int]], int]:
+        llm = LLM(str(checkpoint), gpu_memory_utilization=0.3, max_num_seqs=8, device="cuda",
+                  dtype="float32", speculative_method="ngram")
+        try:
+            _uses_fast_path(llm)
+            outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            return outs, llm.engine.stats.num_draft_tokens
+        finally:
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    first, drafted = run()
+    assert drafted > 0 and [len(t) for t in first] == [24] * 4
+    assert all(0 <= t < 49152 for toks in first for t in toks)
+    assert run()[0] == first
+
+
 @pytest.fixture(scope="module")
 def default_model():
     """The real default model's folder. Its GGUF reaches the GPU machine only through

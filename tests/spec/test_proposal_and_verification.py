@@ -15,6 +15,11 @@ from kestrel.spec.ngram import ngram_lookup
 from kestrel.spec.proposer import make_proposer
 from kestrel.spec.rejection import accept_greedy, accept_sampled_batch
 
+# The device verification runs on: the batched acceptance's gathers, draws and one host copy
+# on CUDA tensors with CUDA generators, as the engine runs it there.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
 
 def _look(ids: list[int], k: int, lo: int = 1, hi: int = 3) -> list[int]:
     return ngram_lookup(np.asarray(ids, dtype=np.int64), k, lo, hi)
@@ -88,7 +93,8 @@ def _counts(samples: list[int], v: int) -> torch.Tensor:
     return torch.bincount(torch.tensor(samples), minlength=v).double() / len(samples)
 
 
-def test_sampled_verification_keeps_the_target_distribution():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_sampled_verification_keeps_the_target_distribution(dev):
     """Two guesses against fresh random targets: the first emitted token is distributed as p0,
     and the second, given the first guess was kept, as p1 (total variation under 0.02 over
     20k draws; the proposer's guess is a point mass, so without the residual draw the first
@@ -97,15 +103,17 @@ def test_sampled_verification_keeps_the_target_distribution():
     v, n = 6, 20000
     probs = torch.softmax(torch.randn(3, v) * 1.5, -1)
     drafts = [int(probs[0].argsort()[-2]), int(probs[1].argmax())]  # p0's second choice
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    probs = probs.to(dev)
     outs = accept_sampled_batch(probs.repeat(n, 1), [drafts] * n, [gen] * n)
     first = _counts([o[0] for o in outs], v)
+    probs = probs.cpu()
     assert (first - probs[0].double()).abs().sum() / 2 < 0.02
     kept = [o for o in outs if o[0] == drafts[0]]
     second = _counts([o[1] for o in kept], v)
     assert len(kept) > 500 and (second - probs[1].double()).abs().sum() / 2 < 0.05
     assert all(1 <= len(o) <= 3 for o in outs)
-    rare = [o[0] for o in accept_sampled_batch(probs[:2].repeat(n, 1),
+    rare = [o[0] for o in accept_sampled_batch(probs[:2].repeat(n, 1).to(dev),
                                                [[int(probs[0].argmin())]] * n, [gen] * n)]
     assert (_counts(rare, v) - probs[0].double()).abs().sum() / 2 < 0.02
 
@@ -118,7 +126,8 @@ def test_a_guess_the_target_excludes_is_never_kept():
     assert outs == {(0,), (1,)}
 
 
-def test_a_batch_of_requests_is_decided_row_by_row():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_a_batch_of_requests_is_decided_row_by_row(dev):
     """Requests of 1, 3 and 2 guesses end to end, with certain outcomes: a guess of
     probability one is kept, one of probability zero rejected (the position then takes the
     other token of its row), and a request's own generator makes its draws repeatable."""
@@ -127,16 +136,17 @@ def test_a_batch_of_requests_is_decided_row_by_row():
 
     probs = torch.tensor([one_hot(1), one_hot(2),  # r0: guess 1 kept, then 2
                           one_hot(3), [0.0, 0.0, 0.5, 0.5], one_hot(0), one_hot(1),  # r1
-                          one_hot(2), one_hot(0), one_hot(3)])  # r2: guesses 2, 1
+                          one_hot(2), one_hot(0), one_hot(3)]).to(dev)  # r2: guesses 2, 1
     drafts = [[1], [3, 2, 1], [2, 1]]
-    shared = torch.Generator().manual_seed(5)
-    seeded = [torch.Generator().manual_seed(9) for _ in range(2)]
+
+    def gen(seed: int) -> torch.Generator:
+        return torch.Generator(device=dev).manual_seed(seed)
+    shared, seeded = gen(5), [gen(9) for _ in range(2)]
     got = accept_sampled_batch(probs, drafts, [shared, seeded[0], shared])
     assert got[0] == [1, 2]
     assert got[1][:1] == [3] and got[1][1] in (2, 3) and got[1][1:] in ([2, 0], [3])
     assert got[2] == [2, 0]  # guess 1 has probability 0 at its row: the row's other token
-    again = accept_sampled_batch(probs, drafts, [torch.Generator().manual_seed(5), seeded[1],
-                                                 torch.Generator().manual_seed(5)])
+    again = accept_sampled_batch(probs, drafts, [gen(5), seeded[1], gen(5)])
     assert again == got
 
 
