@@ -62,7 +62,8 @@ def main() -> None:
     timed(engine.executor, "execute", sync=True)
     timed(engine, "_update", sync=True)
     gen = torch.Generator().manual_seed(0)
-    blocks = torch.randint(100, 40000, (a.requests, 100), generator=gen)
+    vocab = engine.cfg.model_config.vocab_size
+    blocks = torch.randint(min(100, vocab // 2), vocab, (a.requests, 100), generator=gen)
     prompts = [{"prompt_token_ids": b.repeat(5).tolist()} for b in blocks]
     params = SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=True)
     llm.generate(prompts, params)  # warm-up: kernels compiled, caches filled

@@ -3,10 +3,10 @@ guess that what followed them then follows now. No draft model; it pays where ou
 its input (editing, summarising, code, retrieval answers).
 
 The proposer runs for every decoding request at every step, so it keeps each request's tokens
-in a numpy buffer it extends with the new ones only, and searches in one vectorised pass: the
-positions holding the last token, narrowed by the tokens before it. Rebuilding the token list
-per step cost ~90 µs a request (5.7 ms a step at 64 requests, against 2.8 ms for the step on
-an H200).
+as int32 bytes it extends with the new ones only, and searches them with ``bytes.rfind`` (a
+C substring search from the end): ~1.3 µs a request at 600 tokens where numpy's vectorised
+pass took ~11 and rebuilding the token list ~90 (at 64 requests the proposer's host time is
+part of every step: 2.2 ms of scheduling against a 2.8 ms forward on an H200).
 """
 
 from __future__ import annotations
@@ -16,27 +16,27 @@ import numpy as np
 from kestrel.request import Request
 from kestrel.spec.proposer import Proposer, register_proposer
 
+_TOKEN = np.dtype(np.int32)  # token ids as 4-byte words (vocabularies are far below 2^31)
 
-def ngram_lookup(ids: np.ndarray, max_k: int, lo: int, hi: int) -> list[int]:
-    """The tokens after the latest earlier occurrence of the longest suffix of ``ids`` (``hi``
-    down to ``lo`` tokens) that occurred before, at most ``max_k`` of them; [] for none."""
-    n_ids = ids.size
+
+def ngram_lookup(data: bytes | bytearray, max_k: int, lo: int, hi: int) -> list[int]:
+    """``data``: tokens as int32 bytes. The tokens after the latest earlier occurrence of the
+    longest suffix (``hi`` down to ``lo`` tokens) that occurred before, at most ``max_k`` of
+    them; [] for none."""
+    size = _TOKEN.itemsize
+    n_ids = len(data) // size
     if max_k < 1 or n_ids <= lo:
         return []
-    # ends[j]: positions e < n_ids - 1 where ids[e - j .. e] equals the suffix's last j + 1
-    ends = np.flatnonzero(ids[:-1] == ids[-1])
-    best = ends if lo == 1 else None
-    for j in range(1, min(hi, n_ids - 1)):
-        ends = ends[ends >= j]
-        ends = ends[ids[ends - j] == ids[-1 - j]]
-        if not ends.size:
-            break
-        if j + 1 >= lo:
-            best = ends
-    if best is None or not best.size:
-        return []
-    after = int(best[-1]) + 1
-    return ids[after: after + max_k].tolist()
+    before_last = (n_ids - 1) * size  # an occurrence ends before the last token
+    for n in range(min(hi, n_ids - 1), lo - 1, -1):
+        pattern = data[(n_ids - n) * size:]
+        start = data.rfind(pattern, 0, before_last)
+        while start > 0 and start % size:  # matched across token boundaries: look earlier
+            start = data.rfind(pattern, 0, start + len(pattern) - 1)
+        if start >= 0:
+            after = start // size + n
+            return np.frombuffer(data, _TOKEN, min(max_k, n_ids - after), after * size).tolist()
+    return []
 
 
 @register_proposer
@@ -45,7 +45,7 @@ class NgramProposer(Proposer):
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        self._seen: dict[str, tuple[np.ndarray, int]] = {}  # request id → (buffer, tokens in it)
+        self._seen: dict[str, bytearray] = {}  # request id → its tokens so far, int32 bytes
 
     def propose(self, req: Request, max_k: int) -> list[int]:
         return ngram_lookup(self._tokens(req), max_k, self.cfg.prompt_lookup_min,
@@ -54,15 +54,10 @@ class NgramProposer(Proposer):
     def release(self, request_id: str) -> None:
         self._seen.pop(request_id, None)
 
-    def _tokens(self, req: Request) -> np.ndarray:
-        """The request's tokens so far, from its buffer extended by the ones added since."""
-        buf, have = self._seen.get(req.request_id, (np.empty(0, np.int64), 0))
-        total = req.num_tokens
-        if total > buf.size:  # doubling: appends cost amortised O(1)
-            grown = np.empty(max(64, 2 * total), np.int64)
-            grown[:have] = buf[:have]
-            buf = grown
+    def _tokens(self, req: Request) -> bytearray:
+        """The request's tokens so far, its bytes extended by the ones added since."""
+        data = self._seen.setdefault(req.request_id, bytearray())
+        have, total = len(data) // _TOKEN.itemsize, req.num_tokens
         if total > have:
-            buf[have:total] = req.token_ids_slice(have, total)
-        self._seen[req.request_id] = (buf, total)
-        return buf[:total]
+            data += np.asarray(req.token_ids_slice(have, total), _TOKEN).tobytes()
+        return data

@@ -22,7 +22,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
 
 
 def _look(ids: list[int], k: int, lo: int = 1, hi: int = 3) -> list[int]:
-    return ngram_lookup(np.asarray(ids, dtype=np.int64), k, lo, hi)
+    return ngram_lookup(np.asarray(ids, dtype=np.int32).tobytes(), k, lo, hi)
 
 
 def _brute_force(ids: list[int], k: int, lo: int, hi: int) -> list[int]:
@@ -48,6 +48,9 @@ def test_ngram_prefers_the_longest_suffix_and_stops_at_min():
     assert _look([4, 3, 50, 1, 3], 2, lo=2) == []  # only a 1-gram matches
     assert _look([1, 2, 3, 4], 4) == []  # nothing repeats
     assert _look([1], 4) == [] and _look([1, 1], 0) == []
+    # as bytes, [0] (00 00 00 00) occurs three times inside 7, 2^24 (07 00 00 00 00 00 00 01)
+    # after the token 0: not token matches
+    assert _look([0, 7, 1 << 24, 0], 2, hi=1) == [7, 1 << 24]
 
 
 @pytest.mark.parametrize("lo, hi", [(1, 1), (1, 3), (2, 4), (3, 3)])
@@ -55,7 +58,8 @@ def test_ngram_lookup_is_the_brute_force_search(lo, hi):
     g = torch.Generator().manual_seed(lo * 10 + hi)
     for _ in range(300):
         n = int(torch.randint(1, 40, (1,), generator=g))
-        ids = torch.randint(0, 4, (n,), generator=g).tolist()  # 4 symbols: many repeats
+        # 4 symbols: many repeats; 0 and 256 also match across token boundaries as bytes
+        ids = torch.tensor([0, 1, 256, 3])[torch.randint(0, 4, (n,), generator=g)].tolist()
         k = int(torch.randint(0, 5, (1,), generator=g))
         assert _look(ids, k, lo, hi) == _brute_force(ids, k, lo, hi), (ids, k)
 
