@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from kestrel.sampling_params import SamplingParams
+from kestrel.structured import StructuredOutput
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutput"]
 __version__ = "0.1.0"
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kestrel.sampling_params import SamplingParams
+from kestrel.structured import Matcher
 
 
 class RequestStatus(enum.Enum):
@@ -53,6 +54,7 @@ class Request:
     stop_reason: int | str | None = None
     # sampling state kept across steps
     generator: torch.Generator | None = None
+    grammar: Matcher | None = None  # structured output: where its tokens are in the grammar
     logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
     # metrics

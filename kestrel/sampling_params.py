@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kestrel.structured import StructuredOutput
+
 _GREEDY_EPS = 1e-5
 
 
@@ -35,6 +37,7 @@ class SamplingParams:
     # one when the request finishes (LLM.generate), sparing the host a RequestOutput per
     # running request per step: 16 ms a step at 256 requests of ~300 tokens (CPU-measured)
     output_kind: str = "cumulative"
+    structured: StructuredOutput | None = None  # tokens constrained to a schema / regex / grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -70,9 +73,13 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop),
              "stop strings must be non-empty strings"),
             (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed}"),
+            (self.structured is None or isinstance(self.structured, StructuredOutput),
+             "structured must be a kestrel.structured.StructuredOutput"),
+            (self.structured is None or self.min_tokens == 0,
+             "min_tokens cannot be combined with structured output (its grammar ends the text)"),
             (self.output_kind in ("cumulative", "delta", "final_only"),
-             f"output_kind must be 'cumulative', 'delta' or 'final_only', "
-             f"got {self.output_kind!r}"),
+             (f"output_kind must be 'cumulative', 'delta' or 'final_only', "
+              f"got {self.output_kind!r}")),
         ]
         for ok, msg in checks:
             if not ok:
@@ -86,11 +93,13 @@ class SamplingParams:
 
     @property
     def needs_token_history(self) -> bool:
-        """Sampling reads earlier tokens on the host (penalties, min_tokens) or returns logprobs:
-        such requests cannot sample a step before the previous step's token is known."""
+        """Sampling reads earlier tokens on the host (penalties, min_tokens, a grammar's state)
+        or returns logprobs: such requests cannot sample a step before the previous step's
+        token is known."""
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0 or self.min_tokens > 0
-                or self.logprobs is not None or self.prompt_logprobs is not None)
+                or self.logprobs is not None or self.prompt_logprobs is not None
+                or self.structured is not None)
 
     def clone(self, **changes) -> SamplingParams:
         from dataclasses import replace

@@ -25,6 +25,7 @@ from kestrel.parallel.pipeline import micro_batch_seq_cap
 from kestrel.request import Request, RequestStatus
 from kestrel.sampling_params import SamplingParams
 from kestrel.spec.proposer import make_proposer
+from kestrel.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Engine:
                         and getattr(self.executor, "supports_overlap", False))
         self._pending: _Launched | None = None
         self._num_history_groups = 0  # live groups whose sampling needs the host-known tokens
+        self._grammar_compiler: GrammarCompiler | None = None
         if tokenizer is not None:  # the detokenizers' byte table, built before any request
             byte_table(tokenizer, skip_special_tokens=True)
         eos = cfg.model_config.eos_token_id
@@ -101,12 +103,25 @@ class Engine:
             samples.append(Request(rid, ids, params, max_tokens, self.eos_token_ids, arrival,
                                    priority, text, request_id, i,
                                    first_sibling=samples[0] if samples else None))
+        if params.structured is not None:
+            for r in samples:
+                r.grammar = self._grammars().matcher(params.structured)
         self.groups[request_id] = RequestGroup(request_id, text, ids, params, samples,
                                                self.tokenizer)
         self._num_history_groups += params.needs_token_history
         for r in samples:
             self.requests[r.request_id] = r
             self.scheduler.add(r)
+
+    def _grammars(self) -> GrammarCompiler:
+        """The structured-output compiler, made on the first request that asks for one."""
+        if self._grammar_compiler is None:
+            if self.tokenizer is None:
+                raise ValueError("structured output needs the model's tokenizer; this model "
+                                 "has none")
+            self._grammar_compiler = GrammarCompiler(
+                self.tokenizer, self.cfg.model_config.vocab_size, self.eos_token_ids)
+        return self._grammar_compiler
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> int:
         """Reject prompts that cannot run; return max_tokens bounded by the context."""

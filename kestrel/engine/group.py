@@ -61,6 +61,12 @@ class RequestGroup:
         if stop_tok:
             r.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
+        if r.grammar is not None:
+            if not r.grammar.accept(token):  # it allowed no token at all: a dead end
+                r.stop_reason = "grammar"
+                return RequestStatus.FINISHED_STOPPED
+            if r.grammar.done:  # the grammar took its stop token (also under ignore_eos)
+                return RequestStatus.FINISHED_STOPPED
         if len(r.output_token_ids) >= r.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None

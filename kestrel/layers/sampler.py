@@ -13,6 +13,7 @@ import torch
 
 from kestrel.request import Request
 from kestrel.spec.rejection import accept_greedy, accept_sampled_batch
+from kestrel.structured import constrain_logits
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """Next tokens [N] on the logits' device, without waiting for the device."""
         logits = _block_stop_tokens(apply_penalties(logits, reqs), reqs)
+        logits = constrain_logits(logits, [r.grammar for r in reqs])
         if self.fast_argmax and logits.is_cuda:
             from kestrel.kernels.argmax import argmax_rows
 

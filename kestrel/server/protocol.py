@@ -53,6 +53,30 @@ class StreamOptions(StrictModel):
     continuous_usage_stats: bool = False
 
 
+class JsonSchema(StrictModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(StrictModel):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(StrictModel):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(StrictModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat,
+                           Field(discriminator="type")]
+
+
 class SamplingFields(StrictModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -74,6 +98,12 @@ class SamplingFields(StrictModel):
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # structured output (kestrel.structured): OpenAI's response_format, or vLLM's guided_*
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[_Text], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(SamplingFields):

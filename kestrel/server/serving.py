@@ -25,6 +25,7 @@ from kestrel.sampling_params import SamplingParams
 from kestrel.server.errors import APIError, bad_request, engine_error
 from kestrel.server.metrics import ServerMetrics
 from kestrel.server.protocol import MAX_CHOICES, SamplingFields, error_body
+from kestrel.structured import StructuredOutput
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -94,9 +95,25 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         if value is not None:
             kw[name] = value
     try:
+        kw["structured"] = structured_output(req)
         return SamplingParams(**kw)
     except ValueError as e:
         raise bad_request(str(e)) from None
+
+
+def structured_output(req: SamplingFields) -> StructuredOutput | None:
+    """response_format or one guided_* field → the request's constraint (None: free text)."""
+    fmt = req.response_format
+    given = {"json": req.guided_json, "regex": req.guided_regex, "choice": req.guided_choice,
+             "grammar": req.guided_grammar}
+    if fmt is not None and fmt.type == "json_object":
+        given["json_object"] = True
+    elif fmt is not None and fmt.type == "json_schema":
+        if given["json"] is not None:
+            raise ValueError("give a JSON schema in response_format or in guided_json, not both")
+        given["json"] = fmt.json_schema.schema_
+    given = {k: v for k, v in given.items() if v is not None}
+    return StructuredOutput(**given) if given else None
 
 
 async def start_requests(state: ServerState, base_id: str, prompts: Sequence[str | list[int]],

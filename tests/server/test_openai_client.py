@@ -6,6 +6,8 @@ whole answer, and n, stop, seed, logprobs and usage must behave as OpenAI docume
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -185,3 +187,32 @@ def test_metrics_exported(default_server: Server, client: openai.OpenAI) -> None
                  "kestrel_num_preemptions_total"):
         assert parse_metric(text, name) >= 0, name
     assert parse_metric(text, "kestrel_prefix_cache_hit_rate") > 0  # the prompts repeat
+
+
+def test_structured_outputs(client: openai.OpenAI) -> None:
+    """response_format (json_schema, json_object) and vLLM's guided_* fields through the client;
+    a constraint that does not compile is a 400 naming it."""
+    person = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+              "properties": {"name": {"type": "string", "maxLength": 12},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 150}}}
+    ask = [{"role": "user", "content": "Describe a person as JSON."}]
+    resp = client.chat.completions.create(
+        model=MODEL, messages=ask, max_tokens=80, temperature=0,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": person, "strict": True}})
+    value = json.loads(resp.choices[0].message.content)
+    assert set(value) == {"name", "age"} and isinstance(value["age"], int)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Return {\"ok\": true} as JSON."}],
+        max_tokens=40, temperature=0, stream=True, response_format={"type": "json_object"}))
+    assert isinstance(json.loads(streamed), dict)
+    picks = client.completions.create(model=MODEL, prompt="Yes or no?", max_tokens=5, n=4,
+                                      seed=2, temperature=1.0,
+                                      extra_body={"guided_choice": ["yes", "no"]})
+    assert all(c.text in ("yes", "no") and c.finish_reason == "stop" for c in picks.choices)
+    with pytest.raises(openai.BadRequestError, match="invalid regex"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=5,
+                                  extra_body={"guided_regex": "(unclosed"})
+    with pytest.raises(openai.BadRequestError, match="exactly one"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=5,
+                                  extra_body={"guided_regex": "a+", "guided_choice": ["b"]})
