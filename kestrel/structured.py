@@ -66,7 +66,11 @@ class GrammarCompiler:
     """One engine's compiler: its tokenizer's vocabulary, compiled grammars cached by source."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
-        import xgrammar
+        try:
+            import xgrammar
+        except ImportError:  # a bare install elsewhere (e.g. a GPU machine without internet)
+            raise ValueError("structured output needs the xgrammar package (pip install "
+                             "xgrammar)") from None
 
         self.xgr = xgrammar
         self.vocab_size = vocab_size
