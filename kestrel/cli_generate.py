@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from kestrel.engine.args import add_engine_cli_args, engine_args_from_cli
 from kestrel.sampling_params import SamplingParams
+from kestrel.structured import StructuredOutput
 
 
 def register(sub: Any) -> None:
@@ -33,11 +35,34 @@ def _sampling_args(p: Any) -> None:
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--sampling-seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[])
+    s = p.add_argument_group("structured output (one of)")
+    s.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                   help="JSON matching this schema: a file, inline JSON, or 'object' (any object)")
+    s.add_argument("--regex", default=None, help="text matching this regular expression")
+    s.add_argument("--choice", action="append", default=None,
+                   help="one of these strings (repeat the flag)")
+    s.add_argument("--grammar", default=None, help="an EBNF grammar: a file, or inline")
 
 
 def _params(ns: Any) -> SamplingParams:
     return SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p,
-                          top_k=ns.top_k, min_p=ns.min_p, seed=ns.sampling_seed, stop=ns.stop)
+                          top_k=ns.top_k, min_p=ns.min_p, seed=ns.sampling_seed, stop=ns.stop,
+                          structured=_structured(ns))
+
+
+def _structured(ns: Any) -> StructuredOutput | None:
+    def text(value: str) -> str:  # a file's contents, or the value itself
+        path = Path(value)
+        return path.read_text() if len(value) < 4096 and path.is_file() else value
+
+    given = {"regex": ns.regex, "choice": ns.choice,
+             "grammar": ns.grammar and text(ns.grammar)}
+    if ns.json_schema == "object":
+        given["json_object"] = True
+    elif ns.json_schema:
+        given["json"] = text(ns.json_schema)
+    given = {k: v for k, v in given.items() if v}
+    return StructuredOutput(**given) if given else None
 
 
 def _llm(ns: Any):

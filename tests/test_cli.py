@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -16,6 +17,21 @@ def test_generate_on_default_model(default_model_path):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "finish=length" in r.stderr or "finish=stop" in r.stderr
+
+
+def test_generate_with_structured_output(default_model_path, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "required": ["city"], "additionalProperties": false, '
+                      '"properties": {"city": {"enum": ["Paris", "Rome"]}}}')
+    r = _kestrel("generate", "The capital of France as JSON:", "--json-schema", str(schema),
+                 "--max-tokens", "32")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) in ({"city": "Paris"}, {"city": "Rome"}), r.stdout
+    r = _kestrel("generate", "Yes or no?", "--choice", "yes", "--choice", "no",
+                 "--temperature", "1", "--max-tokens", "4")
+    assert r.returncode == 0 and r.stdout.strip() in ("yes", "no"), r.stderr
+    r = _kestrel("generate", "hi", "--regex", "(unclosed")
+    assert r.returncode != 0 and "invalid regex" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_chat_streams_a_reply(default_model_path):
