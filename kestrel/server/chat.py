@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
@@ -30,23 +32,44 @@ from kestrel.server.serving import (
     start_requests,
     usage,
 )
+from kestrel.server.tools import ToolMode, tool_mode
 
 
-def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages → the plain role/content dicts chat templates expect."""
-    # Chat templates predate the "developer" role: it is a system message to them.
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in messages]
+def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages → the plain role/content dicts chat templates expect (with an assistant's
+    tool calls, their arguments parsed as Hugging Face templates take them, and a tool
+    answer's call id)."""
+    conv = []
+    for m in messages:
+        # Chat templates predate the "developer" role: it is a system message to them.
+        turn: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                                "content": m.text()}
+        if getattr(m, "tool_calls", None):
+            turn["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                for c in m.tool_calls]
+        if getattr(m, "tool_call_id", None):
+            turn["tool_call_id"] = m.tool_call_id
+        conv.append(turn)
+    return conv
 
 
-def render_chat(engine: Any, conv: list[dict[str, str]], add_generation_prompt: bool
-                ) -> list[int]:
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def render_chat(engine: Any, conv: list[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Runs on the engine thread: the tokenizer is the engine's."""
     tok = engine.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
         raise ValueError("this model has no chat template: use /v1/completions")
     try:
-        ids = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
+        ids = tok.apply_chat_template(conv, tools=tools,
+                                      add_generation_prompt=add_generation_prompt,
                                       tokenize=True)
     except Exception as e:  # noqa: BLE001 - template errors are about the conversation given
         raise ValueError(f"the chat template rejected these messages: {e}") from None
@@ -56,10 +79,12 @@ def render_chat(engine: Any, conv: list[dict[str, str]], add_generation_prompt: 
 
 
 async def chat_prompt(state: ServerState, messages: list[ChatMessage],
-                      add_generation_prompt: bool) -> list[int]:
+                      add_generation_prompt: bool, tools: list[dict[str, Any]] | None = None
+                      ) -> list[int]:
     conv = conversation(messages)
     try:
-        return await state.engine.call(lambda e: render_chat(e, conv, add_generation_prompt))
+        return await state.engine.call(
+            lambda e: render_chat(e, conv, add_generation_prompt, tools))
     except Exception as e:  # noqa: BLE001 - mapped to the answer the client gets
         raise engine_error(e) from None
 
@@ -73,28 +98,44 @@ async def create_chat_completion(request: Request) -> Any:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
     k = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens, k)
-    ids = await chat_prompt(state, req.messages, req.add_generation_prompt)
+    mode = tool_mode(req)
+    params = sampling_params(req, max_tokens, k, structured=mode and mode.structured())
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] \
+        if req.tools and req.tool_choice != "none" else None
+    ids = await chat_prompt(state, req.messages, req.add_generation_prompt, tools)
     rid = new_id("chatcmpl")
     started = await start_requests(state, rid, [ids], params)
-    view = _ChatView(state, rid, model, req)
+    view = _ChatView(state, rid, model, req, mode)
     if req.stream:
         return StreamingResponse(_stream(state, view, started), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     out = (await collect(request, state, started))[0]
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": view.logprobs(c),
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-               for c in out.outputs]
+    choices = []
+    for c in out.outputs:
+        message, finish = view.answer(c)
+        choices.append({"index": c.index, "message": {"role": "assistant", **message},
+                        "logprobs": view.logprobs(c), "finish_reason": finish,
+                        "stop_reason": c.stop_reason})
     return JSONResponse({"id": rid, "object": "chat.completion", "created": view.created,
                          "model": model, "choices": choices, "usage": count_usage([out])})
 
 
 class _ChatView:
-    def __init__(self, state: ServerState, rid: str, model: str, req: ChatCompletionRequest
-                 ) -> None:
-        self.state, self.rid, self.model, self.req = state, rid, model, req
+    def __init__(self, state: ServerState, rid: str, model: str, req: ChatCompletionRequest,
+                 mode: ToolMode | None) -> None:
+        self.state, self.rid, self.model, self.req, self.mode = state, rid, model, req, mode
         self.created = int(time.time())
+
+    def answer(self, c: CompletionOutput) -> tuple[dict[str, Any], str | None]:
+        """A finished choice's message fields and finish_reason: its text, or its tool calls
+        (finish_reason "tool_calls" for ``required``, "stop" for a named function, as OpenAI
+        and vLLM answer)."""
+        calls = self.mode.calls(c.text) if self.mode is not None else None
+        if calls is None:
+            return {"content": c.text}, c.finish_reason
+        finish = "tool_calls" if self.mode.required and c.finish_reason == "stop" \
+            else c.finish_reason
+        return {"content": None, "tool_calls": calls}, finish
 
     def logprobs(self, c: CompletionOutput) -> dict[str, Any] | None:
         """``c``'s tokens (all of them, or a stream's delta) with their logprob entries."""
@@ -129,6 +170,7 @@ async def _stream(state: ServerState, view: _ChatView, started: list[tuple[str, 
     ended: set[int] = set()  # choices whose finish_reason was sent
     prompt_tokens = 0
     opts = view.req.stream_options
+    texts = [""] * n  # tool calls: each choice's answer so far
     try:
         for i in range(n):
             yield sse(view.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -141,9 +183,17 @@ async def _stream(state: ServerState, view: _ChatView, started: list[tuple[str, 
                     continue  # nothing new (a finished sample recurs while its siblings run)
                 if c.finish_reason is not None:
                     ended.add(c.index)
-                choice = {"index": c.index, "delta": {"content": c.text} if c.text else {},
-                          "logprobs": view.logprobs(c),
-                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                delta, finish = {"content": c.text} if c.text else {}, c.finish_reason
+                if view.mode is not None:  # the calls go out whole, when the answer is
+                    texts[c.index] += c.text
+                    delta = {}
+                    if finish is not None:
+                        message, finish = view.answer(replace(c, text=texts[c.index]))
+                        delta = {"tool_calls": [{"index": j, **call} for j, call in enumerate(
+                            message["tool_calls"])]} if message["content"] is None \
+                            else {"content": message["content"]}
+                choice = {"index": c.index, "delta": delta, "logprobs": view.logprobs(c),
+                          "finish_reason": finish, "stop_reason": c.stop_reason}
                 completion += len(c.token_ids)
                 live = (usage(prompt_tokens, completion)
                         if opts and opts.continuous_usage_stats else None)

@@ -146,10 +146,22 @@ class UserMessage(_Message):
     content: _Content
 
 
+class ToolCallFunction(StrictModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(StrictModel):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class AssistantMessage(_Message):
     role: Literal["assistant"]
     content: _Content | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ToolMessage(_Message):
@@ -162,6 +174,27 @@ ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMes
                         Field(discriminator="role")]
 
 
+class FunctionDef(StrictModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None
+
+
+class Tool(StrictModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -172,6 +205,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(StrictModel):

@@ -77,8 +77,10 @@ def new_id(prefix: str) -> str:
 
 
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
-    """Request fields → SamplingParams; its checks give the 400 messages."""
+                    prompt_logprobs: int | None = None,
+                    structured: StructuredOutput | None = None) -> SamplingParams:
+    """Request fields → SamplingParams; its checks give the 400 messages. ``structured``: the
+    constraint of a tool call (server/tools.py) in place of the request's own."""
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     kw: dict[str, Any] = {"n": req.n, "max_tokens": max_tokens, "logprobs": logprobs,
@@ -95,7 +97,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         if value is not None:
             kw[name] = value
     try:
-        kw["structured"] = structured_output(req)
+        kw["structured"] = structured or structured_output(req)
         return SamplingParams(**kw)
     except ValueError as e:
         raise bad_request(str(e)) from None

@@ -95,7 +95,13 @@ CASES: list[tuple[str, str, Any, int, str, dict[str, str] | None]] = [
      None),
     ("chat-max_completion_tokens-negative", CHAT, _chat(max_completion_tokens=-5), 400,
      "max_completion_tokens", None),
-    ("chat-tools-unsupported", CHAT, _chat(tools=[]), 400, "unknown field 'tools'", None),
+    ("chat-tools-empty", CHAT, _chat(tools=[]), 400, "tools", None),
+    ("chat-tool-choice-auto", CHAT, _chat(tools=[{"type": "function", "function": {
+        "name": "f"}}]), 400, "tool_choice 'auto'", None),
+    ("chat-tool-choice-without-tools", CHAT, _chat(tool_choice="required"), 400,
+     "tool_choice needs tools", None),
+    ("chat-bad-json-schema", CHAT, _chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": 5}}}), 400, "invalid json", None),
     ("detokenize-negative-id", "/detokenize", {"tokens": [-1]}, 400, "token ids", None),
     ("tokenize-nothing", "/tokenize", {}, 400, "prompt", None),
 ]

@@ -216,3 +216,57 @@ def test_structured_outputs(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="exactly one"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=5,
                                   extra_body={"guided_regex": "a+", "guided_choice": ["b"]})
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 20},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "additionalProperties": False,
+                                       "required": ["zone"],
+                                       "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}
+
+
+def test_tool_calls(client: openai.OpenAI) -> None:
+    """A named function's arguments and 'required' calls come back as tool_calls whose
+    arguments parse and fit the schemas, streamed or not; the conversation continues with the
+    call and the tool's answer; 'auto' and unknown names are 400s."""
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    resp = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=60,
+                                          temperature=0, tools=[WEATHER, TIME],
+                                          tool_choice=named)
+    choice = resp.choices[0]
+    (call,) = choice.message.tool_calls
+    assert choice.message.content is None and choice.finish_reason == "stop"
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert isinstance(args["city"], str) and set(args) <= {"city", "unit"}
+    chunks = list(client.chat.completions.create(model=MODEL, messages=ask, max_tokens=60,
+                                                 temperature=0, tools=[WEATHER, TIME],
+                                                 tool_choice=named, stream=True))
+    streamed = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls or [])]
+    assert [(t.function.name, t.function.arguments) for t in streamed] == \
+        [("get_weather", call.function.arguments)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+    req = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=120, n=2, seed=4,
+                                         temperature=1.0, tools=[WEATHER, TIME],
+                                         tool_choice="required", parallel_tool_calls=False)
+    for c in req.choices:
+        assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
+        f = c.message.tool_calls[0].function
+        assert f.name in ("get_weather", "get_time") and isinstance(json.loads(f.arguments), dict)
+
+    follow = client.chat.completions.create(model=MODEL, max_tokens=16, temperature=0,
+                                            tools=[WEATHER], tool_choice="none", messages=ask + [
+        {"role": "assistant", "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 21}'}])
+    assert follow.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="auto"):
+        client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER])
+    with pytest.raises(openai.BadRequestError, match="not in tools"):
+        client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER], tool_choice={
+            "type": "function", "function": {"name": "nope"}})
