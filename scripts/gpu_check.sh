@@ -28,7 +28,8 @@ if has tests; then
     2>&1 | tee "$OUT/tests.log" | tail -n 5
 fi
 if has realmodel; then  # the real default model, carried by scripts/model_carry.sh (source its
-  # `env` first): its GPU tests (greedy = CPU; the FP8 recipe's quality bound), then Figure 26's
+  # `env` first): its GPU tests (greedy = CPU; the FP8 recipe's quality bound; structured
+  # outputs, with the xgrammar wheel model_carry.sh carries), then Figure 26's
   # analogue on the GPU (BF16 vs the recipe, per-sequence log-likelihood differences, 512 windows)
   python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py -k default_model 2>&1 \
     | tee "$OUT/realmodel_tests.log" | tail -n 3

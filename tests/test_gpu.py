@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import json
+import re
 
 import pytest
 import torch
@@ -110,6 +112,40 @@ def test_sampled_requests_with_speculation_on_gpu(checkpoint):
     assert drafted > 0 and [len(t) for t in first] == [24] * 4
     assert all(0 <= t < 49152 for toks in first for t in toks)
     assert run()[0] == first
+
+
+def test_default_model_structured_output_on_gpu_equals_cpu(default_model):
+    """Grammar masks on CUDA logits (bitmask unpacked on the device), in the decode graphs:
+    greedy tokens equal the CPU reference's, and every answer fits its constraint. Needs
+    xgrammar (carried in scripts/model_carry.sh's .m1) and a tokenizer: the real model's."""
+    pytest.importorskip("xgrammar")
+    from kestrel.structured import StructuredOutput
+
+    specs = [StructuredOutput(regex=r"[a-z]{3,8}-[0-9]{2}"),
+             StructuredOutput(choice=["alpha", "beta", "gamma delta"]),
+             StructuredOutput(json={"type": "object", "required": ["n"],
+                                    "additionalProperties": False,
+                                    "properties": {"n": {"type": "integer", "minimum": 0,
+                                                         "maximum": 99}}})]
+    prompts = _prompts(3)
+    params = [SamplingParams(temperature=0, max_tokens=24, structured=s) for s in specs]
+
+    def run(**kw) -> list:
+        llm = LLM(str(default_model), gpu_memory_utilization=0.3, max_num_seqs=8,
+                  dtype="float32", **kw)
+        try:
+            return [o.outputs[0] for o in llm.generate(prompts, params)]
+        finally:
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    gpu, cpu = run(device="cuda"), run(device="cpu")
+    assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
+    assert re.fullmatch(r"[a-z]{3,8}-[0-9]{2}", gpu[0].text), gpu[0].text
+    assert gpu[1].text in ("alpha", "beta", "gamma delta")
+    if gpu[2].finish_reason == "stop":
+        assert 0 <= json.loads(gpu[2].text)["n"] <= 99
 
 
 @pytest.fixture(scope="module")
