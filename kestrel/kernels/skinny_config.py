@@ -1,8 +1,8 @@
 """Tiles and launch settings of the skinny GEMM (``fp8_gemm``), tuned per GPU and shape.
 
 ``default_config`` answers "which config for this (rows, N, K) on this GPU": a tuned entry from
-``TUNED`` (fp8 weights; int8 ``TUNED_INT8`` first) or ``TUNED_16BIT`` (bf16/fp16), keyed by GPU model or SM count, else a
-rule. ``beats_cublas`` says where the 16-bit kernel replaces F.linear in the unquantized layers.
+``TUNED`` (fp8 weights; int8 ``TUNED_INT8`` first) or ``TUNED_16BIT`` (bf16/fp16), keyed by
+GPU model or SM count, else a rule. ``beats_cublas`` says where the 16-bit kernel replaces F.linear in the unquantized layers.
 The tables are looked up at call time, so tests patch them here.
 """
 
@@ -129,8 +129,9 @@ TUNED: dict[tuple[int, int, int, int], SkinnyConfig] = {
 # W8A8's int8 weights, where one row runs dp4a (fp8_gemm's docstring) and wants other tiles
 # than fp8's FMA loop; looked up before ``TUNED``, which serves the rest (its dot configs fit
 # int8's tensor-core dot as well). H200, a sweep of 17 tiles with the default split
-# (twenty-ninth session, call 3), then `scripts/time_skinny.py` (call 6): qkv 9.29 -> 7.47 µs,
-# down 19.82 -> 15.23 (91% of the copy rate); W8A8 batch-1 decode 2.590 -> 2.579 ms.
+# (twenty-ninth session, call 3), then `scripts/time_skinny.py` (calls 4 -> 6, two machines):
+# qkv 9.29 -> 7.47 µs, down 19.82 -> 15.23 (91% of the copy rate). End to end not shown: W8A8
+# batch-1 decode 1.50x -> 1.49x BF16 across those calls, within their spread.
 TUNED_INT8: dict[tuple[int | str, int, int, int], SkinnyConfig] = {
     ("H200", 1, 6144, 4096): SkinnyConfig(4, 2048, 1),
     ("H200", 1, 4096, 14336): SkinnyConfig(4, 2048, 1),

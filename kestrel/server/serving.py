@@ -97,7 +97,10 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         if value is not None:
             kw[name] = value
     try:
-        kw["structured"] = structured or structured_output(req)
+        own = structured_output(req)
+        if structured is not None and own is not None:
+            raise ValueError("tool_choice cannot be combined with response_format or guided_*")
+        kw["structured"] = structured or own
         return SamplingParams(**kw)
     except ValueError as e:
         raise bad_request(str(e)) from None

@@ -66,12 +66,6 @@ def tool_mode(req: ChatCompletionRequest) -> ToolMode | None:
         raise bad_request("tool_choice 'auto' needs a parser of the model's own tool-call "
                           "format, which this server does not have: name a function or use "
                           "'required'", "tool_choice")
-    fmt = req.response_format
-    if (fmt is not None and fmt.type != "text") or any(
-            v is not None for v in (req.guided_json, req.guided_regex, req.guided_choice,
-                                    req.guided_grammar)):
-        raise bad_request("tool_choice cannot be combined with response_format or guided_*",
-                          "tool_choice")
     schemas = {t.function.name: t.function.parameters or {"type": "object"} for t in tools}
     if isinstance(choice, NamedToolChoice):
         name = choice.function.name

@@ -100,6 +100,9 @@ CASES: list[tuple[str, str, Any, int, str, dict[str, str] | None]] = [
         "name": "f"}}]), 400, "tool_choice 'auto'", None),
     ("chat-tool-choice-without-tools", CHAT, _chat(tool_choice="required"), 400,
      "tool_choice needs tools", None),
+    ("chat-tool-choice-and-guided", CHAT, _chat(tools=[{"type": "function", "function": {
+        "name": "f"}}], tool_choice="required", guided_regex="a+"), 400,
+     "cannot be combined", None),
     ("chat-bad-json-schema", CHAT, _chat(response_format={"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": 5}}}), 400, "invalid json", None),
     ("detokenize-negative-id", "/detokenize", {"tokens": [-1]}, 400, "token ids", None),
